@@ -1,0 +1,336 @@
+"""Array libraries: namespace resolution, dtype and device rules, in-place kernels.
+
+Everything the solvers do to arrays goes through the standard array API
+(``array_api_compat.array_namespace``).  The standard has no ``out=`` argument,
+so the few operations that run on every iteration over arrays of size n are
+collected in :class:`Kernels`, which writes into preallocated buffers with the
+library's own ``out=`` support (NumPy, CuPy, PyTorch) and falls back to plain
+array API assignment for any other conforming library (e.g. array-api-strict).
+
+Nothing here imports torch or cupy at module import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import array_api_compat
+from array_api_compat import (
+    is_array_api_strict_namespace,
+    is_cupy_namespace,
+    is_numpy_namespace,
+    is_torch_namespace,
+)
+
+__all__ = [
+    "BackendInfo",
+    "Kernels",
+    "backends",
+    "library_name",
+    "namespace_of",
+    "resolve_namespace",
+    "solve_dtype",
+    "working_dtype",
+]
+
+#: Library names accepted by ``backend=`` and by the problem constructors.
+LIBRARIES = ("numpy", "cupy", "torch", "array_api_strict")
+
+
+def namespace_of(*arrays):
+    """Array API namespace of ``arrays`` (a thin wrapper of array-api-compat).
+
+    Raises
+    ------
+    TypeError
+        If the arrays are not array API arrays or come from different libraries.
+    """
+    try:
+        return array_api_compat.array_namespace(*arrays)
+    except TypeError as exc:
+        kinds = ", ".join(sorted({type(a).__module__ + "." + type(a).__name__ for a in arrays}))
+        raise TypeError(f"expected arrays of one array API library (NumPy, CuPy, PyTorch, ...), got {kinds}") from exc
+
+
+def resolve_namespace(backend):
+    """Array API namespace for a library name or module.
+
+    Parameters
+    ----------
+    backend : str or module
+        One of ``"numpy"``, ``"cupy"``, ``"torch"``, ``"array_api_strict"``, or a
+        module (``numpy``, ``torch``, an array-api-compat namespace, ...).
+
+    Returns
+    -------
+    module
+        An array API conforming namespace (array-api-compat's wrapper where one exists).
+
+    Raises
+    ------
+    ValueError
+        If ``backend`` is not a known library name.
+    ImportError
+        If the library is not installed.
+    """
+    if not isinstance(backend, str):
+        name = getattr(backend, "__name__", "")
+        for lib in LIBRARIES:
+            if name == lib or name.endswith("." + lib):
+                return resolve_namespace(lib)
+        return backend
+    if backend not in LIBRARIES:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, LIBRARIES))} or a module, got {backend!r}")
+    if backend == "array_api_strict":
+        return importlib.import_module("array_api_strict")
+    try:
+        importlib.import_module(backend)
+    except ImportError as exc:
+        raise ImportError(f"backend {backend!r} is not installed ({exc}); see the README for the extras") from exc
+    return importlib.import_module(f"array_api_compat.{backend}")
+
+
+def library_name(xp) -> str:
+    """Short name of the library behind namespace ``xp`` (e.g. ``"torch"``)."""
+    if is_numpy_namespace(xp):
+        return "numpy"
+    if is_torch_namespace(xp):
+        return "torch"
+    if is_cupy_namespace(xp):
+        return "cupy"
+    if is_array_api_strict_namespace(xp):
+        return "array_api_strict"
+    return getattr(xp, "__name__", repr(xp))
+
+
+def _real_float_dtypes(xp, device):
+    info = xp.__array_namespace_info__()
+    try:
+        return info.dtypes(device=device, kind="real floating")
+    except TypeError:  # older namespaces without the device argument
+        return info.dtypes(kind="real floating")
+
+
+def working_dtype(xp, x):
+    """Floating dtype the solver works in for an input array ``x``.
+
+    Rule: a real floating ``x`` keeps its dtype; a boolean or integer ``x`` is
+    promoted to the library's default real floating dtype on ``x``'s device
+    (float64 for NumPy, CuPy and array-api-strict; ``torch.get_default_dtype()``
+    for PyTorch).  Complex inputs are rejected.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` has a complex (or otherwise non-real) dtype.
+    """
+    if xp.isdtype(x.dtype, "real floating"):
+        return x.dtype
+    if xp.isdtype(x.dtype, ("integral", "bool")):
+        info = xp.__array_namespace_info__()
+        try:
+            return info.default_dtypes(device=array_api_compat.device(x))["real floating"]
+        except TypeError:
+            return info.default_dtypes()["real floating"]
+    raise TypeError(f"x0 must have a real floating, integer or boolean dtype, got {x.dtype}")
+
+
+def solve_dtype(xp, device):
+    """Dtype for the small (m+1)x(m+1) Anderson system: float64 where the device has it, else float32."""
+    dtypes = _real_float_dtypes(xp, device)
+    return dtypes["float64"] if "float64" in dtypes else dtypes["float32"]
+
+
+def is_accelerator(xp, device) -> bool:
+    """True when ``device`` is not host memory (a CUDA/ROCm/... device)."""
+    name = library_name(xp)
+    if name == "cupy":
+        return True
+    if name == "torch":
+        return device.type != "cpu"
+    return False
+
+
+class Kernels:
+    """In-place array operations used inside the solver loops.
+
+    All arguments are 2-D ``(B, n)`` or 3-D ``(B, k, n)`` arrays of one dtype on one
+    device; ``out`` arguments are preallocated and are written, never reallocated,
+    for NumPy, CuPy and PyTorch.  Other array API libraries get the same results
+    through assignment (which allocates a temporary).
+    """
+
+    def __init__(self, xp):
+        self.xp = xp
+        self.lib = library_name(xp)
+        if self.lib in ("numpy", "cupy"):
+            self._raw = importlib.import_module(self.lib)
+        elif self.lib == "torch":
+            self._raw = importlib.import_module("torch")
+        else:
+            self._raw = None
+
+    def sub(self, out, a, b):
+        """``out[...] = a - b``."""
+        if self._raw is not None:
+            self._raw.subtract(a, b, out=out) if self.lib != "torch" else self._raw.sub(a, b, out=out)
+        else:
+            out[...] = a - b
+
+    def copy(self, out, a):
+        """``out[...] = a``."""
+        if self.lib == "torch":
+            out.copy_(a)
+        elif self._raw is not None:
+            self._raw.copyto(out, a)
+        else:
+            out[...] = a
+
+    def add_scaled(self, out, a, alpha, b):
+        """``out[...] = a + alpha * b`` for a Python float ``alpha``."""
+        if self.lib == "torch":
+            self._raw.add(a, b, alpha=alpha, out=out)
+        elif self._raw is not None:
+            self._raw.multiply(b, alpha, out=out)
+            self._raw.add(out, a, out=out)
+        else:
+            out[...] = a + alpha * b
+
+    def copy_rows_where(self, out, a, mask):
+        """``out[i] = a[i]`` for the rows ``i`` where the boolean ``mask`` (shape ``(B,)``) is true."""
+        m = mask[:, None]
+        if self.lib == "torch":
+            self._raw.where(m, a, out, out=out)
+        elif self._raw is not None:
+            self._raw.copyto(out, a, where=m)
+        else:
+            out[...] = self.xp.where(m, a, out)
+
+    def matvec(self, out, A, v):
+        """``out[b, :] = A[b] @ v[b]`` with ``A`` of shape ``(B, k, n)``, ``v`` ``(B, n)``, ``out`` ``(B, k)``."""
+        if self._raw is not None:
+            self._raw.matmul(A, v[:, :, None], out=out[:, :, None])
+        else:
+            out[...] = (A @ v[:, :, None])[:, :, 0]
+
+    def vecmat(self, out, w, A):
+        """``out[b, :] = w[b] @ A[b]`` with ``w`` of shape ``(B, k)``, ``A`` ``(B, k, n)``, ``out`` ``(B, n)``."""
+        if self._raw is not None:
+            self._raw.matmul(w[:, None, :], A, out=out[:, None, :])
+        else:
+            out[...] = (w[:, None, :] @ A)[:, 0, :]
+
+    def sqnorm(self, a):
+        """Squared Euclidean norm of each row of ``a`` (shape ``(B, n)``), shape ``(B,)``."""
+        return (a[:, None, :] @ a[:, :, None])[:, 0, 0]
+
+    def solve(self, A, b):
+        """Batched solve of ``A[i] @ x[i] = b[i]`` (``A``: ``(B, k, k)``, ``b``: ``(B, k)``).
+
+        Never raises for a singular system and never synchronises with the host on
+        GPUs: rows whose system is singular come back non-finite, which the caller
+        treats as a failed extrapolation.
+        """
+        xp = self.xp
+        if self.lib == "torch":
+            return self._raw.linalg.solve_ex(A, b)[0]
+        if self.lib == "cupy":  # cuSOLVER path: no singularity check, no synchronisation
+            return xp.linalg.solve(A, b[:, :, None])[:, :, 0]
+        try:
+            return xp.linalg.solve(A, b[:, :, None])[:, :, 0]
+        except Exception:  # LinAlgError from a singular row: redo row by row, NaN for the singular ones
+            rows = []
+            for i in range(A.shape[0]):
+                try:
+                    rows.append(xp.linalg.solve(A[i, ...], b[i, :, None])[:, 0])
+                except Exception:
+                    rows.append(xp.full(b.shape[1:], float("nan"), dtype=b.dtype, device=array_api_compat.device(b)))
+            return xp.stack(rows)
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """One array library on one device, as reported by :func:`backends`.
+
+    Attributes
+    ----------
+    library : str
+        ``"numpy"``, ``"torch"``, ``"cupy"`` or ``"array_api_strict"``.
+    device : str
+        ``"cpu"`` or ``"cuda:<i>"``.
+    usable : bool
+        True when an array could be created and computed on there.
+    detail : str
+        Version and device name, or why it is not usable.
+    """
+
+    library: str
+    device: str
+    usable: bool
+    detail: str
+
+
+def _probe_cupy():
+    try:
+        cupy = importlib.import_module("cupy")
+    except Exception as exc:  # ImportError, or a broken CUDA runtime raising at import
+        return [BackendInfo("cupy", "cuda", False, f"not importable: {exc}")]
+    try:
+        if not cupy.cuda.is_available():
+            return [BackendInfo("cupy", "cuda", False, f"cupy {cupy.__version__}: no usable CUDA device")]
+        out = []
+        for i in range(cupy.cuda.runtime.getDeviceCount()):
+            with cupy.cuda.Device(i):
+                float((cupy.arange(4, dtype=cupy.float32) ** 2).sum())  # creating and computing really works
+                name = cupy.cuda.runtime.getDeviceProperties(i)["name"].decode()
+            out.append(BackendInfo("cupy", f"cuda:{i}", True, f"cupy {cupy.__version__}, {name}"))
+        return out
+    except Exception as exc:
+        return [BackendInfo("cupy", "cuda", False, f"cupy {cupy.__version__}: {type(exc).__name__}: {exc}")]
+
+
+def _probe_torch():
+    try:
+        torch = importlib.import_module("torch")
+    except Exception as exc:
+        return [BackendInfo("torch", "cpu", False, f"not importable: {exc}")]
+    out = [BackendInfo("torch", "cpu", True, f"torch {torch.__version__}")]
+    if not torch.cuda.is_available():
+        out.append(BackendInfo("torch", "cuda", False, f"torch {torch.__version__}: no usable CUDA device"))
+        return out
+    for i in range(torch.cuda.device_count()):
+        try:
+            float((torch.arange(4.0, device=f"cuda:{i}") ** 2).sum())
+            out.append(BackendInfo("torch", f"cuda:{i}", True, f"torch {torch.__version__}, {torch.cuda.get_device_name(i)}"))
+        except Exception as exc:
+            out.append(BackendInfo("torch", f"cuda:{i}", False, f"{type(exc).__name__}: {exc}"))
+    return out
+
+
+def backends(usable_only: bool = False) -> list[BackendInfo]:
+    """Array libraries and devices that fixedpoint can solve on, here and now.
+
+    A library counts as usable on a device only if an array can really be created
+    and computed on there: CuPy imports without a GPU, but is reported usable only
+    when a CUDA device works.  Imports torch and cupy when they are installed.
+
+    Parameters
+    ----------
+    usable_only : bool, default False
+        Leave out the entries that are not usable.
+
+    Returns
+    -------
+    list of BackendInfo
+    """
+    import numpy
+
+    found = [BackendInfo("numpy", "cpu", True, f"numpy {numpy.__version__}")]
+    found += _probe_torch() + _probe_cupy()
+    try:
+        strict = importlib.import_module("array_api_strict")
+        found.append(BackendInfo("array_api_strict", "cpu", True, f"array-api-strict {strict.__version__}"))
+    except ImportError as exc:
+        found.append(BackendInfo("array_api_strict", "cpu", False, f"not importable: {exc}"))
+    return [b for b in found if b.usable or not usable_only]

@@ -1,0 +1,239 @@
+"""The iteration loop shared by forward iteration and Anderson acceleration.
+
+A method supplies a *stepper* (see :class:`Stepper`) that owns its buffers and
+computes the next iterate; this module owns everything else: input checks, the
+batch layout, calling ``g`` and checking what it returns, residuals and the
+stopping test, per-sample convergence and freezing, the best iterate, the
+residual history, callbacks, ``check_every`` host synchronisation, the
+``backend=`` bridge and the result.
+
+Internally every problem is a batch: ``x0`` of any shape is viewed as ``(B, n)``
+with ``B = 1`` unless ``batch=True``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import array_api_compat
+import numpy as np
+
+from .backend import Kernels, is_accelerator, library_name, namespace_of, resolve_namespace, solve_dtype, working_dtype
+from .checks import check_choice, check_int, check_real
+from .interop import convert, to_numpy, wrap_map
+from .result import FixedPointResult
+
+__all__ = ["IterationInfo", "Stepper", "run", "COMMON_DEFAULTS"]
+
+#: Options every method takes, with their defaults.
+COMMON_DEFAULTS = dict(
+    tol=1e-5, max_iter=1000, stop_mode="rel", batch=False, check_every=None, callback=None, backend=None
+)
+
+#: ε in the relative residual ‖g(x) − x‖ / (‖g(x)‖ + ε).
+REL_EPS = 1e-12
+
+
+@dataclass
+class IterationInfo:
+    """What a ``callback`` receives after each evaluation of ``g``.
+
+    The arrays are views into the solver's buffers, valid only during the call;
+    they belong to the library the solver runs in (see ``backend=``).  Reading
+    their values on a GPU synchronises with the host.
+
+    Attributes
+    ----------
+    iteration : int
+        0-based index k of the iterate x_k that was just evaluated.
+    x : array, shape of x0
+        The iterate x_k.
+    residual : array of float64, shape (B,)
+        Its residual in the solve's ``stop_mode`` (NaN for samples already stopped).
+    active : array of bool, shape (B,)
+        Samples still iterating after this step.
+    """
+
+    iteration: int
+    x: Any
+    residual: Any
+    active: Any
+
+
+class Stepper:
+    """Interface of a method's per-iteration work (forward iteration, Anderson).
+
+    ``__init__(xp, kern, B, n, dtype, device, fdtype)`` preallocates the buffers;
+    ``residual_buffer(k)`` returns the ``(B, n)`` buffer where the loop writes
+    f_k = g(x_k) − x_k; ``observe(k, gx)`` records g(x_k) and returns ‖f_k‖² as a
+    ``(B,)`` float array of dtype ``fdtype``; ``step(k, x, gx, active, out)``
+    writes x_{k+1} into ``out``.  ``n_restarts`` is a ``(B,)`` integer array or None.
+    """
+
+    n_restarts = None
+
+
+def _check_common(opts):
+    tol = check_real("tol", opts["tol"], 0.0, None, low_open=True)
+    max_iter = check_int("max_iter", opts["max_iter"], 1)
+    stop_mode = check_choice("stop_mode", opts["stop_mode"], ("rel", "abs"))
+    if opts["check_every"] is not None:
+        check_int("check_every", opts["check_every"], 1)
+    if opts["callback"] is not None and not callable(opts["callback"]):
+        raise TypeError(f"callback must be callable or None, got {opts['callback']!r}")
+    if not isinstance(opts["batch"], bool):
+        raise TypeError(f"batch must be True or False, got {opts['batch']!r}")
+    return tol, max_iter, stop_mode
+
+
+def _checked_call(g, x_view, shape, dtype, device, lib):
+    y = g(x_view)
+    try:
+        ylib = library_name(array_api_compat.array_namespace(y))
+    except TypeError:
+        raise TypeError(f"g must return an array of the same library as its input ({lib}), got {type(y).__name__}") from None
+    if ylib != lib:
+        raise TypeError(f"g must return an array of the same library as its input ({lib}), got a {ylib} array")
+    if tuple(y.shape) != tuple(shape):
+        raise ValueError(f"g must return an array of the input's shape {tuple(shape)}, got shape {tuple(y.shape)}")
+    if y.dtype != dtype:
+        raise TypeError(f"g must return the input's dtype {dtype}, got {y.dtype} (cast inside g, e.g. with astype)")
+    if array_api_compat.device(y) != device:
+        raise ValueError(f"g must return an array on the input's device {device}, got one on {array_api_compat.device(y)}")
+    return y
+
+
+def run(method, make_stepper, g, x0, opts):
+    """Solve x = g(x) with the stepper ``make_stepper`` builds; see :func:`fixedpoint.solve`.
+
+    ``opts`` holds the common options (:data:`COMMON_DEFAULTS`) plus the method's own,
+    already validated by the method.
+    """
+    tol, max_iter, stop_mode = _check_common(opts)
+    if not callable(g):
+        raise TypeError(f"g must be callable, got {g!r}")
+    caller_xp = namespace_of(x0)
+    caller_lib = library_name(caller_xp)
+    caller_device = array_api_compat.device(x0)
+    caller_dtype = working_dtype(caller_xp, x0)
+    if opts["backend"] is not None and library_name(resolve_namespace(opts["backend"])) != caller_lib:
+        xp = resolve_namespace(opts["backend"])
+        x0 = convert(x0, xp)
+        g = wrap_map(g, caller_lib, xp, caller_device=caller_device, caller_dtype=caller_dtype)
+    else:
+        xp = caller_xp
+    lib = library_name(xp)
+    device = array_api_compat.device(x0)
+    dtype = working_dtype(xp, x0)
+    shape = tuple(x0.shape)
+    if any(s == 0 for s in shape):
+        raise ValueError(f"x0 must not be empty, got shape {shape}")
+    if opts["batch"]:
+        if len(shape) < 1:
+            raise ValueError("batch=True needs x0 with a leading batch axis, got a 0-d array")
+        B = shape[0]
+    else:
+        B = 1
+    n = 1
+    for s in shape:
+        n *= s
+    n //= B
+    if not bool(xp.all(xp.isfinite(x0))):
+        raise ValueError("x0 contains NaN or Inf")
+
+    check_every = opts["check_every"] or (10 if is_accelerator(xp, device) else 1)
+    callback = opts["callback"]
+    fdt = solve_dtype(xp, device)
+    kern = Kernels(xp)
+    stepper = make_stepper(xp, kern, B, n, dtype, device, fdt)
+
+    # Buffers: two iterates (swapped each step), the best iterate, small per-sample state.
+    x_cur = xp.reshape(xp.astype(x0, dtype, copy=True), (B, n))
+    x_next = xp.empty_like(x_cur)
+    best_x = xp.asarray(x_cur, copy=True)
+    best_r = xp.full((B,), float("inf"), dtype=fdt, device=device)
+    active = xp.ones((B,), dtype=xp.bool, device=device)
+    converged = xp.zeros((B,), dtype=xp.bool, device=device)
+    failed = xp.zeros((B,), dtype=xp.bool, device=device)
+    n_iter = xp.zeros((B,), dtype=xp.int64, device=device)
+    nan = xp.full((B,), float("nan"), dtype=fdt, device=device)
+    hist = xp.empty((check_every, B), dtype=fdt, device=device)
+    hist_host = []
+    freeze = B > 1
+
+    status = None
+    n_fev = 0
+    pending = 0  # history rows on the device not yet copied to hist_host
+    t0 = time.perf_counter()
+    try:
+        for k in range(max_iter):
+            gx = _checked_call(g, xp.reshape(x_cur, shape), shape, dtype, device, lib)
+            gx = xp.reshape(gx, (B, n))
+            n_fev += 1
+            f = stepper.residual_buffer(k)
+            kern.sub(f, gx, x_cur)
+            r = xp.sqrt(stepper.observe(k, gx))
+            if stop_mode == "rel":
+                r = r / (xp.sqrt(xp.astype(kern.sqnorm(gx), fdt)) + REL_EPS)
+            finite = xp.isfinite(r)
+            improved = active & finite & (r < best_r)
+            best_r = xp.where(improved, r, best_r)
+            kern.copy_rows_where(best_x, x_cur, improved)
+            hist[pending, ...] = xp.where(active, r, nan)
+            pending += 1
+            n_iter = n_iter + xp.astype(active, xp.int64)
+            now_conv = active & finite & (r <= tol)
+            now_failed = active & ~finite
+            converged = converged | now_conv
+            failed = failed | now_failed
+            active = active & ~(now_conv | now_failed)
+            stepper.step(k, x_cur, gx, active, x_next)
+            if freeze:
+                kern.copy_rows_where(x_next, x_cur, ~active)
+            if callback is not None and callback(IterationInfo(k, xp.reshape(x_cur, shape), hist[pending - 1, ...], active)):
+                status = "stopped"
+            x_cur, x_next = x_next, x_cur
+            if status is not None or (k + 1) % check_every == 0 or k + 1 == max_iter:
+                hist_host.append(np.array(to_numpy(hist[:pending, ...]), dtype=np.float64))
+                pending = 0
+                if status is not None or not bool(xp.any(active)):
+                    break
+    except BaseException as exc:
+        if pending:
+            hist_host.append(np.array(to_numpy(hist[:pending, ...]), dtype=np.float64))
+        result = _result(method, xp, caller_lib, caller_device, caller_dtype, shape, opts, best_x, best_r, converged,
+                         failed, n_iter, n_fev, hist_host, stepper, t0, "error", B)
+        exc.fixedpoint_result = result
+        raise
+    return _result(method, xp, caller_lib, caller_device, caller_dtype, shape, opts, best_x, best_r, converged, failed,
+                   n_iter, n_fev, hist_host, stepper, t0, status, B)
+
+
+def _result(method, xp, caller_lib, caller_device, caller_dtype, shape, opts, best_x, best_r, converged, failed,
+            n_iter, n_fev, hist_host, stepper, t0, status, B):
+    x = xp.reshape(best_x, shape)
+    if library_name(xp) != caller_lib:
+        x = convert(x, caller_lib, device=caller_device, dtype=caller_dtype)
+    conv = to_numpy(converged).astype(bool)
+    fail = to_numpy(failed).astype(bool)
+    sample_status = np.where(conv, "converged", np.where(fail, "nonfinite", "max_iter"))
+    if status is None:
+        status = "converged" if conv.all() else ("nonfinite" if fail.any() else "max_iter")
+    elif status == "stopped":
+        sample_status = np.where(conv | fail, sample_status, "stopped")
+    history = np.concatenate(hist_host) if hist_host else np.empty((0, B))
+    restarts = to_numpy(stepper.n_restarts).astype(np.int64) if stepper.n_restarts is not None else np.zeros(B, np.int64)
+    residual = to_numpy(best_r).astype(np.float64)
+    iters = to_numpy(n_iter).astype(np.int64)
+    wall = time.perf_counter() - t0
+    if not opts["batch"]:
+        conv, sample_status, iters, residual, restarts = (
+            bool(conv[0]), str(sample_status[0]), int(iters[0]), float(residual[0]), int(restarts[0]))
+        history = history[:, 0]
+    return FixedPointResult(
+        x=x, converged=conv, status=status, sample_status=sample_status, n_iter=iters, n_fev=n_fev,
+        residual=residual, residual_history=history, n_restarts=restarts, wall_time=wall, method=method,
+        options={key: val for key, val in opts.items() if key != "callback"},
+    )

@@ -1,0 +1,58 @@
+"""The :class:`Problem` record and the array placement shared by the problem constructors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..backend import resolve_namespace
+
+__all__ = ["Problem", "placed"]
+
+
+@dataclass
+class Problem:
+    """A fixed-point problem x = g(x).
+
+    Attributes
+    ----------
+    name : str
+        Short description with its parameters.
+    g : callable
+        The map, for arrays of shape ``(n,)`` or ``(B, n)`` of the problem's library,
+        dtype and device.
+    x0 : array, shape (n,)
+        The customary initial guess.
+    solution : array, shape (n,), or None
+        The exact fixed point of the discrete problem, computed independently of
+        fixedpoint's solvers (direct solve, Newton's method or closed form) in
+        float64 and cast to the problem's dtype; None where there is none.
+    xp : namespace
+        The array API namespace of the arrays.
+    params : dict
+        The parameters the problem was built with.
+    """
+
+    name: str
+    g: Callable
+    x0: Any
+    solution: Any
+    xp: Any
+    params: dict = field(default_factory=dict)
+
+
+def placed(a, backend, dtype, device):
+    """Host float64 NumPy array ``a`` as an array of ``backend`` with ``dtype`` on ``device``.
+
+    ``dtype=None`` means the library's default real floating dtype.  Returns the
+    namespace too.
+    """
+    xp = resolve_namespace(backend)
+    kw = {} if device is None else {"device": device}
+    out = xp.asarray(np.ascontiguousarray(a, dtype=np.float64), **kw)
+    if dtype is None:
+        info = xp.__array_namespace_info__()
+        dtype = info.default_dtypes(**kw)["real floating"]
+    return xp.astype(out, dtype), xp

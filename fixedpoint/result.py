@@ -1,0 +1,85 @@
+"""The result type shared by every solver."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FixedPointResult", "STATUSES"]
+
+#: Possible values of :attr:`FixedPointResult.status`, with their meaning.
+STATUSES = {
+    "converged": "every sample reached the tolerance",
+    "max_iter": "the iteration limit was reached before every sample converged",
+    "nonfinite": "g returned NaN or Inf for some sample; the best finite iterate is returned",
+    "stopped": "the callback asked to stop",
+    "error": "g or the callback raised; the exception carries this result as .fixedpoint_result",
+}
+
+
+@dataclass
+class FixedPointResult:
+    """Outcome of a fixed-point solve.  Not converging is a status, not an exception.
+
+    In batch mode (``batch=True``) the per-sample fields are NumPy arrays of shape
+    ``(B,)``; otherwise they are Python scalars.
+
+    Attributes
+    ----------
+    x : array
+        The solution: for each sample the iterate with the smallest residual seen
+        (the converged iterate when it converged).  Same library, device, shape as
+        ``x0``, and ``x0``'s floating dtype (see :func:`fixedpoint.backend.working_dtype`).
+    converged : bool or ndarray of bool, shape (B,)
+        Whether the residual of ``x`` is at most ``tol``.
+    status : str
+        One of :data:`STATUSES`: ``"converged"`` if all samples converged,
+        else ``"nonfinite"`` if any sample met a NaN/Inf, else the reason the loop ended.
+    sample_status : ndarray of str, shape (B,), or str
+        ``"converged"``, ``"max_iter"`` or ``"nonfinite"`` for each sample.
+    n_iter : int or ndarray of int, shape (B,)
+        Evaluations of ``g`` each sample took until it converged (or stopped).
+    n_fev : int
+        Evaluations of ``g`` done in all (one per iteration, whole batch at once).
+        May exceed ``max(n_iter)`` by up to ``check_every - 1``.
+    residual : float or ndarray of float64, shape (B,)
+        Residual of ``x`` in the solve's ``stop_mode`` (dimensionless for "rel",
+        units of x for "abs").
+    residual_history : ndarray of float64, shape (n_fev,) or (n_fev, B)
+        Residual of every iterate, on the host; NaN after a sample stopped.
+    n_restarts : int or ndarray of int, shape (B,)
+        Anderson history restarts triggered by the safeguards (0 for forward iteration).
+    wall_time : float
+        Seconds spent in the solve, measured on the host after the final synchronisation.
+    method : str
+        ``"anderson"`` or ``"forward"``.
+    options : dict
+        The options the solve ran with, defaults filled in.
+    """
+
+    x: Any
+    converged: Any
+    status: str
+    sample_status: Any
+    n_iter: Any
+    n_fev: int
+    residual: Any
+    residual_history: np.ndarray
+    n_restarts: Any
+    wall_time: float
+    method: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def success(self) -> bool:
+        """True when every sample converged."""
+        return self.status == "converged"
+
+    def __repr__(self) -> str:
+        res = np.max(self.residual) if np.size(self.residual) else float("nan")
+        return (
+            f"FixedPointResult(method={self.method!r}, status={self.status!r}, n_fev={self.n_fev}, "
+            f"max residual={res:.3e}, restarts={int(np.sum(self.n_restarts))}, wall_time={self.wall_time:.3g}s)"
+        )
