@@ -12,6 +12,7 @@ Nothing here imports torch or cupy at module import time.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 
@@ -171,10 +172,22 @@ class Kernels:
         else:
             self._raw = None
 
+    def solver_context(self):
+        """Context in which the solver runs: ``torch.no_grad()`` for PyTorch (the solve is not
+        differentiated through; gradients come from implicit differentiation); for NumPy, floating
+        point warnings off (the solver detects non-finite values itself); else nothing."""
+        if self.lib == "torch":
+            return self._raw.no_grad()
+        if self.lib == "numpy":
+            return self._raw.errstate(all="ignore")
+        return contextlib.nullcontext()
+
     def sub(self, out, a, b):
         """``out[...] = a - b``."""
-        if self._raw is not None:
-            self._raw.subtract(a, b, out=out) if self.lib != "torch" else self._raw.sub(a, b, out=out)
+        if self.lib == "torch":
+            self._raw.sub(a, b, out=out)
+        elif self._raw is not None:
+            self._raw.subtract(a, b, out=out)
         else:
             out[...] = a - b
 

@@ -111,129 +111,136 @@ def run(method, make_stepper, g, x0, opts):
     ``opts`` holds the common options (:data:`COMMON_DEFAULTS`) plus the method's own,
     already validated by the method.
     """
-    tol, max_iter, stop_mode = _check_common(opts)
-    if not callable(g):
-        raise TypeError(f"g must be callable, got {g!r}")
-    caller_xp = namespace_of(x0)
-    caller_lib = library_name(caller_xp)
-    caller_device = array_api_compat.device(x0)
-    caller_dtype = working_dtype(caller_xp, x0)
-    if opts["backend"] is not None and library_name(resolve_namespace(opts["backend"])) != caller_lib:
-        xp = resolve_namespace(opts["backend"])
-        x0 = convert(x0, xp)
-        g = wrap_map(g, caller_lib, xp, caller_device=caller_device, caller_dtype=caller_dtype)
-    else:
-        xp = caller_xp
-    lib = library_name(xp)
-    device = array_api_compat.device(x0)
-    dtype = working_dtype(xp, x0)
-    shape = tuple(x0.shape)
-    if any(s == 0 for s in shape):
-        raise ValueError(f"x0 must not be empty, got shape {shape}")
-    if opts["batch"]:
-        if len(shape) < 1:
+    loop = _Loop(method, make_stepper, g, x0, opts)
+    with loop.kern.solver_context():
+        return loop.run()
+
+
+class _Loop:
+    """State of one solve: set up from the inputs, iterated by :meth:`run`, summarised by :meth:`result`."""
+
+    def __init__(self, method, make_stepper, g, x0, opts):
+        self.method, self.opts = method, opts
+        self.tol, self.max_iter, self.stop_mode = _check_common(opts)
+        if not callable(g):
+            raise TypeError(f"g must be callable, got {g!r}")
+        caller_xp = namespace_of(x0)
+        self.caller_lib = library_name(caller_xp)
+        self.caller_device = array_api_compat.device(x0)
+        self.caller_dtype = working_dtype(caller_xp, x0)
+        if opts["backend"] is not None and library_name(resolve_namespace(opts["backend"])) != self.caller_lib:
+            xp = resolve_namespace(opts["backend"])
+            x0 = convert(x0, xp)
+            g = wrap_map(g, self.caller_lib, xp, caller_device=self.caller_device, caller_dtype=self.caller_dtype)
+        else:
+            xp = caller_xp
+        self.xp, self.g, self.lib = xp, g, library_name(xp)
+        self.device = device = array_api_compat.device(x0)
+        self.dtype = dtype = working_dtype(xp, x0)
+        self.shape = shape = tuple(x0.shape)
+        if any(s == 0 for s in shape):
+            raise ValueError(f"x0 must not be empty, got shape {shape}")
+        if opts["batch"] and len(shape) < 1:
             raise ValueError("batch=True needs x0 with a leading batch axis, got a 0-d array")
-        B = shape[0]
-    else:
-        B = 1
-    n = 1
-    for s in shape:
-        n *= s
-    n //= B
-    if not bool(xp.all(xp.isfinite(x0))):
-        raise ValueError("x0 contains NaN or Inf")
+        self.B = B = shape[0] if opts["batch"] else 1
+        n = 1
+        for s in shape:
+            n *= s
+        self.n = n = n // B
+        if not bool(xp.all(xp.isfinite(x0))):
+            raise ValueError("x0 contains NaN or Inf")
+        self.check_every = opts["check_every"] or (10 if is_accelerator(xp, device) else 1)
+        self.fdt = fdt = solve_dtype(xp, device)
+        self.kern = Kernels(xp)
+        with self.kern.solver_context():
+            self.stepper = make_stepper(xp, self.kern, B, n, dtype, device, fdt)
+            # Two iterates (swapped each step), the best iterate, small per-sample state.
+            self.x_cur = xp.reshape(xp.astype(x0, dtype, copy=True), (B, n))
+            self.x_next = xp.empty_like(self.x_cur)
+            self.best_x = xp.asarray(self.x_cur, copy=True)
+        self.best_r = xp.full((B,), float("inf"), dtype=fdt, device=device)
+        self.active = xp.ones((B,), dtype=xp.bool, device=device)
+        self.converged = xp.zeros((B,), dtype=xp.bool, device=device)
+        self.failed = xp.zeros((B,), dtype=xp.bool, device=device)
+        self.n_iter = xp.zeros((B,), dtype=xp.int64, device=device)
+        self.nan = xp.full((B,), float("nan"), dtype=fdt, device=device)
+        self.hist = xp.empty((self.check_every, B), dtype=fdt, device=device)
+        self.hist_host = []
+        self.pending = 0  # rows of self.hist not yet copied to hist_host
+        self.n_fev = 0
 
-    check_every = opts["check_every"] or (10 if is_accelerator(xp, device) else 1)
-    callback = opts["callback"]
-    fdt = solve_dtype(xp, device)
-    kern = Kernels(xp)
-    stepper = make_stepper(xp, kern, B, n, dtype, device, fdt)
+    def _flush_history(self):
+        if self.pending:
+            self.hist_host.append(np.array(to_numpy(self.hist[: self.pending, ...]), dtype=np.float64))
+            self.pending = 0
 
-    # Buffers: two iterates (swapped each step), the best iterate, small per-sample state.
-    x_cur = xp.reshape(xp.astype(x0, dtype, copy=True), (B, n))
-    x_next = xp.empty_like(x_cur)
-    best_x = xp.asarray(x_cur, copy=True)
-    best_r = xp.full((B,), float("inf"), dtype=fdt, device=device)
-    active = xp.ones((B,), dtype=xp.bool, device=device)
-    converged = xp.zeros((B,), dtype=xp.bool, device=device)
-    failed = xp.zeros((B,), dtype=xp.bool, device=device)
-    n_iter = xp.zeros((B,), dtype=xp.int64, device=device)
-    nan = xp.full((B,), float("nan"), dtype=fdt, device=device)
-    hist = xp.empty((check_every, B), dtype=fdt, device=device)
-    hist_host = []
-    freeze = B > 1
+    def run(self):
+        xp, kern, stepper, shape, B, n = self.xp, self.kern, self.stepper, self.shape, self.B, self.n
+        callback, tol, freeze = self.opts["callback"], self.tol, B > 1
+        status = None
+        self.t0 = time.perf_counter()
+        try:
+            for k in range(self.max_iter):
+                x = self.x_cur
+                gx = xp.reshape(_checked_call(self.g, xp.reshape(x, shape), shape, self.dtype, self.device, self.lib), (B, n))
+                self.n_fev += 1
+                kern.sub(stepper.residual_buffer(k), gx, x)
+                r = xp.sqrt(stepper.observe(k, gx))
+                if self.stop_mode == "rel":
+                    r = r / (xp.sqrt(xp.astype(kern.sqnorm(gx), self.fdt)) + REL_EPS)
+                active = self.active
+                finite = xp.isfinite(r)
+                improved = active & finite & (r < self.best_r)
+                self.best_r = xp.where(improved, r, self.best_r)
+                kern.copy_rows_where(self.best_x, x, improved)
+                self.hist[self.pending, ...] = xp.where(active, r, self.nan)
+                self.pending += 1
+                self.n_iter = self.n_iter + xp.astype(active, xp.int64)
+                now_conv = active & finite & (r <= tol)
+                now_failed = active & ~finite
+                self.converged = self.converged | now_conv
+                self.failed = self.failed | now_failed
+                self.active = active = active & ~(now_conv | now_failed)
+                stepper.step(k, x, gx, active, self.x_next)
+                if freeze:
+                    kern.copy_rows_where(self.x_next, x, ~active)
+                if callback is not None and callback(IterationInfo(k, xp.reshape(x, shape), self.hist[self.pending - 1, ...], active)):
+                    status = "stopped"
+                self.x_cur, self.x_next = self.x_next, x
+                if status is not None or (k + 1) % self.check_every == 0 or k + 1 == self.max_iter:
+                    self._flush_history()
+                    if status is not None or not bool(xp.any(active)):
+                        break
+        except BaseException as exc:
+            self._flush_history()
+            exc.fixedpoint_result = self.result("error")
+            raise
+        return self.result(status)
 
-    status = None
-    n_fev = 0
-    pending = 0  # history rows on the device not yet copied to hist_host
-    t0 = time.perf_counter()
-    try:
-        for k in range(max_iter):
-            gx = _checked_call(g, xp.reshape(x_cur, shape), shape, dtype, device, lib)
-            gx = xp.reshape(gx, (B, n))
-            n_fev += 1
-            f = stepper.residual_buffer(k)
-            kern.sub(f, gx, x_cur)
-            r = xp.sqrt(stepper.observe(k, gx))
-            if stop_mode == "rel":
-                r = r / (xp.sqrt(xp.astype(kern.sqnorm(gx), fdt)) + REL_EPS)
-            finite = xp.isfinite(r)
-            improved = active & finite & (r < best_r)
-            best_r = xp.where(improved, r, best_r)
-            kern.copy_rows_where(best_x, x_cur, improved)
-            hist[pending, ...] = xp.where(active, r, nan)
-            pending += 1
-            n_iter = n_iter + xp.astype(active, xp.int64)
-            now_conv = active & finite & (r <= tol)
-            now_failed = active & ~finite
-            converged = converged | now_conv
-            failed = failed | now_failed
-            active = active & ~(now_conv | now_failed)
-            stepper.step(k, x_cur, gx, active, x_next)
-            if freeze:
-                kern.copy_rows_where(x_next, x_cur, ~active)
-            if callback is not None and callback(IterationInfo(k, xp.reshape(x_cur, shape), hist[pending - 1, ...], active)):
-                status = "stopped"
-            x_cur, x_next = x_next, x_cur
-            if status is not None or (k + 1) % check_every == 0 or k + 1 == max_iter:
-                hist_host.append(np.array(to_numpy(hist[:pending, ...]), dtype=np.float64))
-                pending = 0
-                if status is not None or not bool(xp.any(active)):
-                    break
-    except BaseException as exc:
-        if pending:
-            hist_host.append(np.array(to_numpy(hist[:pending, ...]), dtype=np.float64))
-        result = _result(method, xp, caller_lib, caller_device, caller_dtype, shape, opts, best_x, best_r, converged,
-                         failed, n_iter, n_fev, hist_host, stepper, t0, "error", B)
-        exc.fixedpoint_result = result
-        raise
-    return _result(method, xp, caller_lib, caller_device, caller_dtype, shape, opts, best_x, best_r, converged, failed,
-                   n_iter, n_fev, hist_host, stepper, t0, status, B)
-
-
-def _result(method, xp, caller_lib, caller_device, caller_dtype, shape, opts, best_x, best_r, converged, failed,
-            n_iter, n_fev, hist_host, stepper, t0, status, B):
-    x = xp.reshape(best_x, shape)
-    if library_name(xp) != caller_lib:
-        x = convert(x, caller_lib, device=caller_device, dtype=caller_dtype)
-    conv = to_numpy(converged).astype(bool)
-    fail = to_numpy(failed).astype(bool)
-    sample_status = np.where(conv, "converged", np.where(fail, "nonfinite", "max_iter"))
-    if status is None:
-        status = "converged" if conv.all() else ("nonfinite" if fail.any() else "max_iter")
-    elif status == "stopped":
-        sample_status = np.where(conv | fail, sample_status, "stopped")
-    history = np.concatenate(hist_host) if hist_host else np.empty((0, B))
-    restarts = to_numpy(stepper.n_restarts).astype(np.int64) if stepper.n_restarts is not None else np.zeros(B, np.int64)
-    residual = to_numpy(best_r).astype(np.float64)
-    iters = to_numpy(n_iter).astype(np.int64)
-    wall = time.perf_counter() - t0
-    if not opts["batch"]:
-        conv, sample_status, iters, residual, restarts = (
-            bool(conv[0]), str(sample_status[0]), int(iters[0]), float(residual[0]), int(restarts[0]))
-        history = history[:, 0]
-    return FixedPointResult(
-        x=x, converged=conv, status=status, sample_status=sample_status, n_iter=iters, n_fev=n_fev,
-        residual=residual, residual_history=history, n_restarts=restarts, wall_time=wall, method=method,
-        options={key: val for key, val in opts.items() if key != "callback"},
-    )
+    def result(self, status):
+        """The :class:`FixedPointResult` of what has been computed so far."""
+        xp = self.xp
+        x = xp.reshape(self.best_x, self.shape)
+        if self.lib != self.caller_lib:
+            x = convert(x, self.caller_lib, device=self.caller_device, dtype=self.caller_dtype)
+        conv = to_numpy(self.converged).astype(bool)
+        fail = to_numpy(self.failed).astype(bool)
+        sample_status = np.where(conv, "converged", np.where(fail, "nonfinite", "max_iter"))
+        if status is None:
+            status = "converged" if conv.all() else ("nonfinite" if fail.any() else "max_iter")
+        elif status == "stopped":
+            sample_status = np.where(conv | fail, sample_status, "stopped")
+        history = np.concatenate(self.hist_host) if self.hist_host else np.empty((0, self.B))
+        restarts = self.stepper.n_restarts
+        restarts = to_numpy(restarts).astype(np.int64) if restarts is not None else np.zeros(self.B, np.int64)
+        residual = to_numpy(self.best_r).astype(np.float64)
+        iters = to_numpy(self.n_iter).astype(np.int64)
+        wall = time.perf_counter() - self.t0
+        if not self.opts["batch"]:
+            conv, sample_status, iters = bool(conv[0]), str(sample_status[0]), int(iters[0])
+            residual, restarts, history = float(residual[0]), int(restarts[0]), history[:, 0]
+        return FixedPointResult(
+            x=x, converged=conv, status=status, sample_status=sample_status, n_iter=iters, n_fev=self.n_fev,
+            residual=residual, residual_history=history, n_restarts=restarts, wall_time=wall, method=self.method,
+            options={key: val for key, val in self.opts.items() if key != "callback"},
+        )

@@ -31,7 +31,8 @@ def linear_contraction(n=100, rho=0.9, *, seed=0, backend="numpy", dtype=None, d
     Returns
     -------
     Problem
-        ``g`` accepts x of shape (n,) or (B, n); ``x0`` is zeros; ``solution`` is x*.
+        ``g`` accepts x of shape (n,) or (B, n); ``x0`` is zeros; ``solution`` is x*;
+        ``params["A"]``, ``params["b"]`` are A and b (NumPy float64).
     """
     n = check_int("n", n, 1)
     rho = check_real("rho", rho, 0.0, 1.0, high_open=True)
@@ -48,4 +49,4 @@ def linear_contraction(n=100, rho=0.9, *, seed=0, backend="numpy", dtype=None, d
         return x @ at + bb
 
     return Problem(f"linear contraction (n={n}, rho={rho:g})", g, xp.zeros_like(bb), placed(exact, backend, at.dtype, device)[0],
-                   xp, dict(n=n, rho=rho, seed=seed))
+                   xp, dict(n=n, rho=rho, seed=seed, A=a, b=b))

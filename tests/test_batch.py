@@ -1,0 +1,69 @@
+"""Batch mode: per-sample weights, flags, counts, best iterates; converged samples frozen."""
+
+import numpy as np
+import pytest
+
+import fixedpoint
+from fixedpoint import problems
+
+
+@pytest.mark.parametrize("method", ["anderson", "forward"])
+def test_batch_equals_independent_solves(backend, method):
+    p = problems.tanh_layer(d=12, batch=5, rho=0.95, seed=1, backend=backend.xp, dtype=backend.xp.float64,
+                            device=backend.device)
+    res = fixedpoint.solve(p.g, p.x0, method=method, batch=True, tol=1e-11)
+    assert res.status == "converged" and res.converged.shape == (5,) and res.converged.all()
+    assert res.residual_history.shape == (res.n_fev, 5) and res.n_fev == res.n_iter.max()
+    full = backend.numpy(res.x)
+    for i in range(5):
+        def gi(z, i=i):
+            zz = backend.xp.concat([p.x0[:i, ...], z[None, :], p.x0[i + 1:, ...]], axis=0)
+            return p.g(zz)[i, ...]
+
+        one = fixedpoint.solve(gi, p.x0[i, ...], method=method, tol=1e-11)
+        assert one.n_iter == res.n_iter[i]
+        np.testing.assert_allclose(full[i], backend.numpy(one.x), rtol=1e-9, atol=1e-12)
+
+
+def test_converged_samples_are_frozen():
+    target = np.array([1.0, 2.0, 3.0])
+    rates = np.array([0.0, 0.5, 0.9])  # sample 0 converges at once, sample 2 slowly
+    seen = []
+
+    def g(x):
+        return target[:, None] + rates[:, None] * (x - target[:, None])
+
+    res = fixedpoint.forward_iteration(g, np.zeros((3, 4)), batch=True, tol=1e-8, stop_mode="abs",
+                                       callback=lambda info: seen.append(np.array(info.x)))
+    assert res.converged.all()
+    assert res.n_iter[0] < res.n_iter[1] < res.n_iter[2] == res.n_fev
+    seen = np.array(seen)
+    k0 = res.n_iter[0]
+    assert np.all(seen[k0:, 0] == seen[k0 - 1, 0])  # sample 0 no longer moves once converged
+    assert np.isnan(res.residual_history[k0:, 0]).all() and np.isfinite(res.residual_history[:k0, 0]).all()
+    np.testing.assert_allclose(res.x, np.broadcast_to(target[:, None], (3, 4)), atol=1e-8)
+
+
+def test_nonfinite_sample_does_not_spoil_the_others():
+    p = problems.tanh_layer(d=8, batch=3, rho=0.9)
+    calls = [0]
+
+    def g(z):
+        calls[0] += 1
+        out = p.g(z)
+        if calls[0] > 3:
+            out[1] = np.nan
+        return out
+
+    res = fixedpoint.anderson(g, p.x0, batch=True, tol=1e-10)
+    assert res.status == "nonfinite"
+    assert list(res.sample_status) == ["converged", "nonfinite", "converged"]
+    assert np.isfinite(res.x).all() and np.isfinite(res.residual[1])
+    clean = fixedpoint.anderson(p.g, p.x0, batch=True, tol=1e-10)
+    np.testing.assert_allclose(res.x[[0, 2]], clean.x[[0, 2]], rtol=1e-12)
+    assert res.n_iter[1] == 4
+
+
+def test_batch_needs_a_batch_axis():
+    with pytest.raises(ValueError, match="batch"):
+        fixedpoint.solve(lambda x: x, np.asarray(1.0), batch=True)
