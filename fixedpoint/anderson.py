@@ -15,7 +15,8 @@ The weights come from the (m+1)×(m+1) bordered system of the normal equations
 and by Al Dajani & Keyes, arXiv 2410.19460).  H is kept across iterations: each
 iteration adds one row, ⟨F, f_k⟩, in one matrix-vector product over the ring
 buffer, so AA's own work per iteration is O(m·n): that product, the combination
-Σ α_j g_j, and O(n) copies; the m×m solve is in float64.
+Σ α_j g_j (over 2m stored vectors when β < 1), and O(n) copies; the small
+solve is in float64 (float32 on a device without float64).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class AndersonHistory(Stepper):
         self.onehot_b = [slots == s for s in range(m)]
         self.onehot = [xp.astype(h, fdtype) for h in self.onehot_b]
         self.eye = xp.eye(m, dtype=fdtype, device=device)
-        self.zero_col = xp.zeros((B, 1), dtype=fdtype, device=device)
+        self.A = xp.zeros((B, m + 1, m + 1), dtype=fdtype, device=device)  # the bordered system
         rhs = xp.zeros((B, m + 1), dtype=fdtype, device=device)
         rhs[:, 0] = 1.0
         self.rhs = rhs
@@ -94,7 +95,7 @@ class AndersonHistory(Stepper):
         return self.R[:, self.m + k % self.m, :]
 
     def observe(self, k, gx):
-        """Store g_k, add the Gram row ⟨f_j, f_k⟩; return ‖f_k‖² per sample, shape (B,)."""
+        """Store g_k and add the Gram row ⟨f_j, f_k⟩; return ‖f_k‖ per sample, shape (B,), dtype ``fdtype``."""
         xp, s = self.xp, k % self.m
         self.kern.copy(self.R[:, s, :], gx)
         self.kern.matvec(self.row, self.R[:, self.m:, :], self.R[:, self.m + s, :])
@@ -102,38 +103,39 @@ class AndersonHistory(Stepper):
         self.G[:, s, :] = row
         self.G[:, :, s] = row
         self.valid[:, s] = True
-        r2 = row[:, s]
-        self.r = xp.sqrt(r2)
-        return r2
+        self.r = xp.sqrt(row[:, s])
+        return self.r
 
     def weights(self, k, active):
         """Mixing weights α, shape (B, m), with the restart safeguards applied.
 
-        A sample restarts (history cleared to the current iterate, plain step
-        α = e_k) when the weights are non-finite or exceed ``restart_weight`` in
-        magnitude, or when ‖f_k‖ exceeds ``restart_growth`` times the smallest
-        residual since its last restart.
+        Solves the bordered system of the module docstring with H normalised by its
+        largest valid diagonal entry (so "relative" λ is added to a unit-scale
+        diagonal).  Slots outside a sample's current history get a decoupled unit
+        row and column, hence α_j = 0 exactly.  A sample restarts (history cleared
+        to the current iterate, plain step α = e_k) when a weight is non-finite or
+        exceeds ``restart_weight`` in magnitude, or when ‖f_k‖ exceeds
+        ``restart_growth`` times its smallest residual norm since the last restart.
         """
-        xp, s = self.xp, k % self.m
-        v = self.valid
+        xp, s, v = self.xp, k % self.m, self.valid
         vf = xp.astype(v, self.fdtype)
-        diag = xp.linalg.diagonal(self.G)
-        scale = xp.max(xp.where(v, diag, 0.0), axis=1)
-        scale = xp.where(xp.isfinite(scale) & (scale > 0.0), scale, 1.0)
+        scale = xp.max(xp.where(v, xp.linalg.diagonal(self.G), 0.0), axis=1)
+        scale = xp.where(scale > 0.0, scale, 1.0)
         reg = self.lam if self.relative else self.lam / scale[:, None]
-        vv = v[:, :, None] & v[:, None, :]
-        H = xp.where(vv, self.G / scale[:, None, None], 0.0) + self.eye * (vf * reg + (1.0 - vf))[:, None, :]
-        top = xp.concat([self.zero_col, vf], axis=1)[:, None, :]
-        A = xp.concat([top, xp.concat([vf[:, :, None], H], axis=2)], axis=1)
-        alpha = xp.where(v, self.kern.solve(A, self.rhs)[:, 1:], 0.0)
-        bad = ~xp.all(xp.isfinite(alpha), axis=1) | (xp.max(xp.abs(alpha), axis=1) > self.restart_weight)
-        restart = active & (bad | (self.r > self.restart_growth * self.ref_r))
-        plain = restart[:, None] | (k < self.delay)
-        alpha = xp.where(plain, self.onehot[s], alpha)
+        H = xp.where(v[:, :, None] & v[:, None, :], self.G, 0.0) / scale[:, None, None]
+        A = self.A
+        A[:, 1:, 1:] = H + self.eye * (1.0 - vf * (1.0 - reg))[:, None, :]
+        A[:, 0, 1:] = vf
+        A[:, 1:, 0] = vf
+        alpha = self.kern.solve(A, self.rhs)[:, 1:]
+        ok = (xp.max(xp.abs(alpha), axis=1) <= self.restart_weight) & (self.r <= self.restart_growth * self.ref_r)
+        restart = active & ~ok  # NaN weights fail the comparison, hence restart
         self.valid = xp.where(restart[:, None], self.onehot_b[s], v)
         self.ref_r = xp.where(restart, self.r, xp.minimum(self.ref_r, self.r))
         self.n_restarts = self.n_restarts + xp.astype(restart, xp.int64)
-        return alpha
+        if k < self.delay:
+            return xp.broadcast_to(self.onehot[s], alpha.shape)
+        return xp.where(restart[:, None], self.onehot[s], alpha)
 
     def combine(self, alpha, out):
         """x_{k+1} = Σ_j α_j [g_j − (1 − β) f_j] into ``out`` (shape (B, n))."""
@@ -170,7 +172,9 @@ def anderson(g, x0, *, m=5, beta=1.0, lam=1e-5, lam_mode="relative", delay=0, re
         Integer and boolean inputs are promoted to the library's default float
         dtype (:func:`fixedpoint.backend.working_dtype`).
     m : int, default 5
-        Window (memory): the number of past residuals combined, >= 1.
+        Window (memory): the number of past residuals combined, >= 1 (Walker &
+        Ni's m counts differences, i.e. their m is this m − 1); ``m=1`` is forward
+        iteration damped by β.
     beta : float, default 1.0
         Mixing β in (0, 1].
     lam : float, default 1e-5
@@ -182,10 +186,12 @@ def anderson(g, x0, *, m=5, beta=1.0, lam=1e-5, lam_mode="relative", delay=0, re
         as in arXiv 2410.19460.
     delay : int, default 0
         Number of first iterations that take plain mixing steps
-        x_{k+1} = x_k + β f_k before extrapolating (the history is still recorded).
+        x_{k+1} = x_k + β f_k before extrapolating (the history is still
+        recorded).  The first step is always plain, so ``delay=1`` is the same as 0.
     restart_growth : float, default 1e4
-        Restart the history of a sample whose residual norm exceeds this factor
-        times its smallest residual norm since the last restart.
+        Restart the history of a sample whose residual norm ‖f_k‖₂ (whatever
+        ``stop_mode``) exceeds this factor times its smallest ‖f_j‖₂ since the
+        last restart.
     restart_weight : float, default 1e6
         Restart when a mixing weight is non-finite or larger than this in magnitude.
     tol, max_iter, stop_mode, batch, check_every, callback, backend

@@ -17,6 +17,7 @@ import importlib
 from dataclasses import dataclass
 
 import array_api_compat
+import numpy as np
 from array_api_compat import (
     is_array_api_strict_namespace,
     is_cupy_namespace,
@@ -35,6 +36,8 @@ __all__ = [
     "working_dtype",
 ]
 
+_NUMPY_IS_STANDARD = np.lib.NumpyVersion(np.__version__) >= "2.1.0"
+
 #: Library names accepted by ``backend=`` and by the problem constructors.
 LIBRARIES = ("numpy", "cupy", "torch", "array_api_strict")
 
@@ -48,10 +51,19 @@ def namespace_of(*arrays):
         If the arrays are not array API arrays or come from different libraries.
     """
     try:
-        return array_api_compat.array_namespace(*arrays)
+        xp = array_api_compat.array_namespace(*arrays)
     except TypeError as exc:
         kinds = ", ".join(sorted({type(a).__module__ + "." + type(a).__name__ for a in arrays}))
         raise TypeError(f"expected arrays of one array API library (NumPy, CuPy, PyTorch, ...), got {kinds}") from exc
+    return _native_numpy(xp)
+
+
+def _native_numpy(xp):
+    """NumPy >= 2.1 implements the array API standard itself: use it directly and skip the
+    compatibility wrappers, whose Python overhead dominates solves of small problems."""
+    if is_numpy_namespace(xp) and _NUMPY_IS_STANDARD:
+        return np
+    return xp
 
 
 def resolve_namespace(backend):
@@ -85,6 +97,8 @@ def resolve_namespace(backend):
         raise ValueError(f"backend must be one of {', '.join(map(repr, LIBRARIES))} or a module, got {backend!r}")
     if backend == "array_api_strict":
         return importlib.import_module("array_api_strict")
+    if backend == "numpy":
+        return _native_numpy(array_api_compat.array_namespace(np.empty(0)))
     try:
         importlib.import_module(backend)
     except ImportError as exc:
@@ -250,6 +264,8 @@ class Kernels:
             return self._raw.linalg.solve_ex(A, b)[0]
         if self.lib == "cupy":  # cuSOLVER path: no singularity check, no synchronisation
             return xp.linalg.solve(A, b[:, :, None])[:, :, 0]
+        if self.lib == "numpy":
+            xp = np  # the wrapped namespace's solve adds tens of microseconds of checks
         try:
             return xp.linalg.solve(A, b[:, :, None])[:, :, 0]
         except Exception:  # LinAlgError from a singular row: redo row by row, NaN for the singular ones

@@ -20,7 +20,7 @@ class _ForwardStepper(Stepper):
         return self.f
 
     def observe(self, k, gx):
-        return self.xp.astype(self.kern.sqnorm(self.f), self.fdtype)
+        return self.xp.sqrt(self.xp.astype(self.kern.sqnorm(self.f), self.fdtype))
 
     def step(self, k, x, gx, active, out):
         if self.damping == 1.0:
@@ -33,9 +33,9 @@ def forward_iteration(g, x0, *, damping=1.0, tol=1e-5, max_iter=1000, stop_mode=
                       check_every=None, callback=None, backend=None):
     """Solve x = g(x) by forward (Picard) iteration, x_{k+1} = (1 − ω) x_k + ω g(x_k).
 
-    Converges linearly, with rate the spectral radius of the Jacobian of the damped
-    map at the fixed point, when that is below 1 (Banach fixed-point theorem for a
-    contraction).
+    Converges for any x0 when the damped map is a contraction (Banach fixed-point
+    theorem), and locally, at a linear rate equal to the spectral radius of the
+    damped map's Jacobian at the fixed point, whenever that radius is below 1.
 
     Parameters
     ----------

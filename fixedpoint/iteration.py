@@ -32,6 +32,9 @@ COMMON_DEFAULTS = dict(
     tol=1e-5, max_iter=1000, stop_mode="rel", batch=False, check_every=None, callback=None, backend=None
 )
 
+_INACTIVE = -1.0  # history entry of a sample that had stopped (residuals are >= 0 or NaN)
+_INF = float("inf")
+
 #: ε in the relative residual ‖g(x) − x‖ / (‖g(x)‖ + ε).
 REL_EPS = 1e-12
 
@@ -50,8 +53,10 @@ class IterationInfo:
         0-based index k of the iterate x_k that was just evaluated.
     x : array, shape of x0
         The iterate x_k.
-    residual : array of float64, shape (B,)
-        Its residual in the solve's ``stop_mode`` (NaN for samples already stopped).
+    residual : array, shape (B,)
+        Its residual in the solve's ``stop_mode``, in the small-system dtype
+        (float64 where the device has it); for a sample that has stopped, the
+        residual of its frozen iterate.
     active : array of bool, shape (B,)
         Samples still iterating after this step.
     """
@@ -67,7 +72,7 @@ class Stepper:
 
     ``__init__(xp, kern, B, n, dtype, device, fdtype)`` preallocates the buffers;
     ``residual_buffer(k)`` returns the ``(B, n)`` buffer where the loop writes
-    f_k = g(x_k) − x_k; ``observe(k, gx)`` records g(x_k) and returns ‖f_k‖² as a
+    f_k = g(x_k) − x_k; ``observe(k, gx)`` records g(x_k) and returns ‖f_k‖₂ as a
     ``(B,)`` float array of dtype ``fdtype``; ``step(k, x, gx, active, out)``
     writes x_{k+1} into ``out``.  ``n_restarts`` is a ``(B,)`` integer array or None.
     """
@@ -160,10 +165,9 @@ class _Loop:
             self.best_x = xp.asarray(self.x_cur, copy=True)
         self.best_r = xp.full((B,), float("inf"), dtype=fdt, device=device)
         self.active = xp.ones((B,), dtype=xp.bool, device=device)
-        self.converged = xp.zeros((B,), dtype=xp.bool, device=device)
-        self.failed = xp.zeros((B,), dtype=xp.bool, device=device)
-        self.n_iter = xp.zeros((B,), dtype=xp.int64, device=device)
-        self.nan = xp.full((B,), float("nan"), dtype=fdt, device=device)
+        # Residual history: one row per iteration, _INACTIVE for samples that had stopped.  Per-sample
+        # convergence, failure and iteration counts are derived from it on the host (see result()).
+        self.inactive = xp.full((B,), _INACTIVE, dtype=fdt, device=device)
         self.hist = xp.empty((self.check_every, B), dtype=fdt, device=device)
         self.hist_host = []
         self.pending = 0  # rows of self.hist not yet copied to hist_host
@@ -176,7 +180,7 @@ class _Loop:
 
     def run(self):
         xp, kern, stepper, shape, B, n = self.xp, self.kern, self.stepper, self.shape, self.B, self.n
-        callback, tol, freeze = self.opts["callback"], self.tol, B > 1
+        callback, tol, freeze, rel = self.opts["callback"], self.tol, B > 1, self.stop_mode == "rel"
         status = None
         self.t0 = time.perf_counter()
         try:
@@ -185,26 +189,20 @@ class _Loop:
                 gx = xp.reshape(_checked_call(self.g, xp.reshape(x, shape), shape, self.dtype, self.device, self.lib), (B, n))
                 self.n_fev += 1
                 kern.sub(stepper.residual_buffer(k), gx, x)
-                r = xp.sqrt(stepper.observe(k, gx))
-                if self.stop_mode == "rel":
+                r = stepper.observe(k, gx)
+                if rel:
                     r = r / (xp.sqrt(xp.astype(kern.sqnorm(gx), self.fdt)) + REL_EPS)
                 active = self.active
-                finite = xp.isfinite(r)
-                improved = active & finite & (r < self.best_r)
+                improved = active & (r < self.best_r)  # False for NaN
                 self.best_r = xp.where(improved, r, self.best_r)
                 kern.copy_rows_where(self.best_x, x, improved)
-                self.hist[self.pending, ...] = xp.where(active, r, self.nan)
+                self.hist[self.pending, ...] = xp.where(active, r, self.inactive)
                 self.pending += 1
-                self.n_iter = self.n_iter + xp.astype(active, xp.int64)
-                now_conv = active & finite & (r <= tol)
-                now_failed = active & ~finite
-                self.converged = self.converged | now_conv
-                self.failed = self.failed | now_failed
-                self.active = active = active & ~(now_conv | now_failed)
+                self.active = active = active & (r > tol) & (r < _INF)  # converged or non-finite: stop
                 stepper.step(k, x, gx, active, self.x_next)
                 if freeze:
                     kern.copy_rows_where(self.x_next, x, ~active)
-                if callback is not None and callback(IterationInfo(k, xp.reshape(x, shape), self.hist[self.pending - 1, ...], active)):
+                if callback is not None and callback(IterationInfo(k, xp.reshape(x, shape), r, active)):
                     status = "stopped"
                 self.x_cur, self.x_next = self.x_next, x
                 if status is not None or (k + 1) % self.check_every == 0 or k + 1 == self.max_iter:
@@ -223,18 +221,21 @@ class _Loop:
         x = xp.reshape(self.best_x, self.shape)
         if self.lib != self.caller_lib:
             x = convert(x, self.caller_lib, device=self.caller_device, dtype=self.caller_dtype)
-        conv = to_numpy(self.converged).astype(bool)
-        fail = to_numpy(self.failed).astype(bool)
+        hist = np.concatenate(self.hist_host) if self.hist_host else np.empty((0, self.B))
+        ran = hist != _INACTIVE
+        with np.errstate(invalid="ignore"):
+            conv = ((hist >= 0) & (hist <= self.tol)).any(axis=0)
+        fail = (~np.isfinite(hist)).any(axis=0)
+        iters = ran.sum(axis=0)
+        history = np.where(ran, hist, np.nan)
         sample_status = np.where(conv, "converged", np.where(fail, "nonfinite", "max_iter"))
         if status is None:
             status = "converged" if conv.all() else ("nonfinite" if fail.any() else "max_iter")
         elif status == "stopped":
             sample_status = np.where(conv | fail, sample_status, "stopped")
-        history = np.concatenate(self.hist_host) if self.hist_host else np.empty((0, self.B))
         restarts = self.stepper.n_restarts
         restarts = to_numpy(restarts).astype(np.int64) if restarts is not None else np.zeros(self.B, np.int64)
         residual = to_numpy(self.best_r).astype(np.float64)
-        iters = to_numpy(self.n_iter).astype(np.int64)
         wall = time.perf_counter() - self.t0
         if not self.opts["batch"]:
             conv, sample_status, iters = bool(conv[0]), str(sample_status[0]), int(iters[0])

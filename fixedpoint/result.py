@@ -35,10 +35,13 @@ class FixedPointResult:
     converged : bool or ndarray of bool, shape (B,)
         Whether the residual of ``x`` is at most ``tol``.
     status : str
-        One of :data:`STATUSES`: ``"converged"`` if all samples converged,
-        else ``"nonfinite"`` if any sample met a NaN/Inf, else the reason the loop ended.
+        One of :data:`STATUSES`.  ``"stopped"`` or ``"error"`` when the callback
+        or ``g`` ended the solve; otherwise ``"converged"`` if all samples
+        converged, else ``"nonfinite"`` if any sample met a NaN/Inf (from ``g``,
+        or a residual norm that overflowed), else ``"max_iter"``.
     sample_status : ndarray of str, shape (B,), or str
-        ``"converged"``, ``"max_iter"`` or ``"nonfinite"`` for each sample.
+        ``"converged"``, ``"max_iter"``, ``"nonfinite"`` or (after a callback
+        stop) ``"stopped"`` for each sample.
     n_iter : int or ndarray of int, shape (B,)
         Evaluations of ``g`` each sample took until it converged (or stopped).
     n_fev : int

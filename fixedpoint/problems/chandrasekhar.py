@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array_api_compat
 import numpy as np
 
 from ..backend import namespace_of
@@ -51,7 +52,7 @@ def chandrasekhar(n=100, c=0.9, *, backend="numpy", dtype=None, device=None):
         ``x0`` is ones (Kelley's initial iterate); ``solution`` is the discrete
         solution by Newton's method in float64; ``params["nodes"]``,
         ``params["weights"]`` hold μ_i, w_i (NumPy), and ``params["evaluate"]`` is
-        :func:`h_function` bound to this discretisation.
+        :func:`~fixedpoint.problems.h_function` bound to this discretisation.
     """
     n = check_int("n", n, 1)
     c = check_real("c", c, 0.0, 1.0, low_open=True)
@@ -97,7 +98,5 @@ def h_function(h, points, *, nodes, weights, c):
     xp = namespace_of(h)
     pts = np.asarray(points, dtype=np.float64).reshape(-1)
     kmat = 0.5 * c * weights[None, :] * pts[:, None] / (pts[:, None] + nodes[None, :])
-    import array_api_compat
-
     kt, _ = placed(kmat.T, xp, h.dtype, array_api_compat.device(h))
     return 1.0 / (1.0 - h @ kt)
