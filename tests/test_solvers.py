@@ -174,3 +174,13 @@ def test_backends_lists_numpy_and_never_claims_an_unusable_gpu():
 
             assert cupy.cuda.is_available()
     assert all(b.usable for b in fixedpoint.backends(usable_only=True))
+
+
+def test_screened_poisson_closed_form_against_direct_solve():
+    n, s = 40, 0.3
+    p = problems.poisson_jacobi(n, shift=s)
+    tri = (2 + s) * np.eye(n) - np.eye(n, k=1) - np.eye(n, k=-1)
+    np.testing.assert_allclose(p.solution, np.linalg.solve(tri, np.full(n, 1.0 / (n + 1) ** 2)), rtol=1e-12)
+    res = fixedpoint.anderson(p.g, p.x0, tol=1e-12)
+    assert res.converged
+    np.testing.assert_allclose(res.x, p.solution, rtol=1e-9)
