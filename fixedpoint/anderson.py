@@ -21,7 +21,11 @@ solve is in float64 (float32 on a device without float64).
 
 from __future__ import annotations
 
+import array_api_compat
+
+from .backend import namespace_of
 from .checks import check_choice, check_int, check_real
+from .interop import convert
 from .iteration import COMMON_DEFAULTS, Stepper, run
 
 __all__ = ["anderson", "AndersonHistory", "ANDERSON_DEFAULTS"]
@@ -47,63 +51,65 @@ def check_anderson_options(m, beta, lam, lam_mode, delay, restart_growth, restar
 class AndersonHistory(Stepper):
     """Ring buffers and Gram matrix of Type-II Anderson acceleration for a batch of B vectors of size n.
 
-    Preallocates ``(B, 2m, n)`` values (the last m map values g_j and residuals f_j),
-    the ``(B, m, m)`` Gram matrix in ``fdtype`` and O(B·m) bookkeeping; nothing of
-    size n is allocated afterwards on NumPy, CuPy or PyTorch.  Used by the
-    :func:`anderson` loop; usable by any other loop that produces (g_k, f_k) pairs.
+    Preallocates ``(B, 2m, n)`` values (the last m map values g_j and residuals f_j)
+    in the vectors' library, and the ``(B, m, m)`` Gram matrix with O(B·m²)
+    bookkeeping as small state (:class:`fixedpoint.backend.Kernels`: NumPy for
+    host memory, the device otherwise); nothing of size n is allocated afterwards
+    on NumPy, CuPy or PyTorch.  Used by the :func:`anderson` loop; usable by any
+    other loop that produces (g_k, f_k) pairs, e.g.
+    :class:`fixedpoint.torch.AndersonAcceleration`.
 
     Parameters
     ----------
-    xp : namespace
-        Array API namespace.
     kern : fixedpoint.backend.Kernels
-        In-place kernels for ``xp``.
+        Kernels for the vectors' library and device.
     B, n : int
         Batch size and vector length.
-    dtype, device
-        Dtype and device of the vectors.
-    fdtype
-        Dtype of the Gram matrix and the small solve (float64 where available).
+    dtype
+        Dtype of the vectors (the Gram matrix and the small solve use ``kern.sdtype``,
+        float64 where the device has it).
     m, beta, lam, lam_mode, delay, restart_growth, restart_weight
         As in :func:`anderson`.
     """
 
-    def __init__(self, xp, kern, B, n, dtype, device, fdtype, *, m, beta, lam, lam_mode, delay,
-                 restart_growth, restart_weight):
-        self.xp, self.kern, self.m, self.fdtype = xp, kern, m, fdtype
+    #: Arrays that make up the history's state (:meth:`state_dict`); the rest is scratch or constant.
+    STATE = ("R", "G", "valid", "ref_r", "r", "n_restarts")
+
+    def __init__(self, kern, B, n, dtype, *, m, beta, lam, lam_mode, delay, restart_growth, restart_weight):
+        self.kern, self.m = kern, m
         self.beta, self.lam, self.relative, self.delay = beta, lam, lam_mode == "relative", delay
         self.restart_growth, self.restart_weight = restart_growth, restart_weight
-        self.R = xp.zeros((B, 2 * m, n), dtype=dtype, device=device)  # [:, :m] g_j, [:, m:] f_j
-        self.G = xp.zeros((B, m, m), dtype=fdtype, device=device)
-        self.row = xp.zeros((B, m), dtype=dtype, device=device)
-        self.w = xp.zeros((B, 2 * m), dtype=dtype, device=device)
-        self.valid = xp.zeros((B, m), dtype=xp.bool, device=device)
-        self.ref_r = xp.full((B,), float("inf"), dtype=fdtype, device=device)
-        self.r = xp.zeros((B,), dtype=fdtype, device=device)
-        self.n_restarts = xp.zeros((B,), dtype=xp.int64, device=device)
-        slots = xp.arange(m, device=device)
+        xp, dev, sxp, sdev, sdt = kern.xp, kern.device, kern.sxp, kern.sdevice, kern.sdtype
+        self.dtype = dtype
+        self.R = xp.zeros((B, 2 * m, n), dtype=dtype, device=dev)  # [:, :m] g_j, [:, m:] f_j
+        self.row = xp.zeros((B, m), dtype=dtype, device=dev)
+        self.w = xp.zeros((B, 2 * m), dtype=dtype, device=dev)
+        self.G = sxp.zeros((B, m, m), dtype=sdt, device=sdev)
+        self.valid = sxp.zeros((B, m), dtype=sxp.bool, device=sdev)
+        self.ref_r = sxp.full((B,), float("inf"), dtype=sdt, device=sdev)
+        self.r = sxp.zeros((B,), dtype=sdt, device=sdev)
+        self.n_restarts = sxp.zeros((B,), dtype=sxp.int64, device=sdev)
+        slots = sxp.arange(m, device=sdev)
         self.onehot_b = [slots == s for s in range(m)]
-        self.onehot = [xp.astype(h, fdtype) for h in self.onehot_b]
-        self.eye = xp.eye(m, dtype=fdtype, device=device)
-        self.A = xp.zeros((B, m + 1, m + 1), dtype=fdtype, device=device)  # the bordered system
-        rhs = xp.zeros((B, m + 1), dtype=fdtype, device=device)
-        rhs[:, 0] = 1.0
-        self.rhs = rhs
+        self.onehot = [sxp.astype(h, sdt) for h in self.onehot_b]
+        self.eye = sxp.eye(m, dtype=sdt, device=sdev)
+        self.A = sxp.zeros((B, m + 1, m + 1), dtype=sdt, device=sdev)  # the bordered system
+        self.rhs = sxp.concat([sxp.ones((B, 1), dtype=sdt, device=sdev), sxp.zeros((B, m), dtype=sdt, device=sdev)], axis=1)
 
     def residual_buffer(self, k):
         """The ring slot where f_k = g(x_k) − x_k is to be written, shape (B, n)."""
         return self.R[:, self.m + k % self.m, :]
 
     def observe(self, k, gx):
-        """Store g_k and add the Gram row ⟨f_j, f_k⟩; return ‖f_k‖ per sample, shape (B,), dtype ``fdtype``."""
-        xp, s = self.xp, k % self.m
-        self.kern.copy(self.R[:, s, :], gx)
-        self.kern.matvec(self.row, self.R[:, self.m:, :], self.R[:, self.m + s, :])
-        row = xp.astype(self.row, self.fdtype)
+        """Store g_k and add the Gram row ⟨f_j, f_k⟩; return ‖f_k‖ per sample (small state, shape (B,))."""
+        kern, s = self.kern, k % self.m
+        kern.copy(self.R[:, s, :], gx)
+        kern.matvec(self.row, self.R[:, self.m:, :], self.R[:, self.m + s, :])
+        row = kern.sxp.astype(kern.small(self.row), kern.sdtype)
         self.G[:, s, :] = row
         self.G[:, :, s] = row
         self.valid[:, s] = True
-        self.r = xp.sqrt(row[:, s])
+        self.r = kern.sxp.sqrt(row[:, s])
         return self.r
 
     def weights(self, k, active):
@@ -117,8 +123,8 @@ class AndersonHistory(Stepper):
         exceeds ``restart_weight`` in magnitude, or when ‖f_k‖ exceeds
         ``restart_growth`` times its smallest residual norm since the last restart.
         """
-        xp, s, v = self.xp, k % self.m, self.valid
-        vf = xp.astype(v, self.fdtype)
+        xp, s, v = self.kern.sxp, k % self.m, self.valid
+        vf = xp.astype(v, self.kern.sdtype)
         scale = xp.max(xp.where(v, xp.linalg.diagonal(self.G), 0.0), axis=1)
         scale = xp.where(scale > 0.0, scale, 1.0)
         reg = self.lam if self.relative else self.lam / scale[:, None]
@@ -139,13 +145,41 @@ class AndersonHistory(Stepper):
 
     def combine(self, alpha, out):
         """x_{k+1} = Σ_j α_j [g_j − (1 − β) f_j] into ``out`` (shape (B, n))."""
-        a = self.xp.astype(alpha, self.R.dtype)
+        a = self.kern.big(alpha, self.dtype)
         if self.beta == 1.0:
             self.kern.vecmat(out, a, self.R[:, : self.m, :])
         else:
             self.w[:, : self.m] = a
             self.w[:, self.m:] = (self.beta - 1.0) * a
             self.kern.vecmat(out, self.w, self.R)
+
+    def state_dict(self):
+        """Copies of the state arrays (:attr:`STATE`), by name, for checkpointing."""
+        return {name: namespace_of(getattr(self, name)).asarray(getattr(self, name), copy=True) for name in self.STATE}
+
+    def load_state_dict(self, state):
+        """Restore what :meth:`state_dict` returned, in place (values may come from another library or device).
+
+        Raises
+        ------
+        ValueError
+            If a state array is missing or its shape differs from this history's.
+        """
+        for name in self.STATE:
+            mine = getattr(self, name)
+            if name not in state:
+                raise ValueError(f"Anderson history state lacks {name!r}")
+            if tuple(state[name].shape) != tuple(mine.shape):
+                raise ValueError(f"Anderson history state {name!r} has shape {tuple(state[name].shape)}, "
+                                 f"expected {tuple(mine.shape)}")
+        for name in self.STATE:
+            mine = getattr(self, name)
+            mine[...] = convert(state[name], namespace_of(mine), device=array_api_compat.device(mine), dtype=mine.dtype)
+
+    def reset(self):
+        """Forget the stored pairs: the next :meth:`weights` uses only pairs observed after this call."""
+        self.valid = self.kern.sxp.zeros_like(self.valid)
+        self.ref_r = self.kern.sxp.full_like(self.ref_r, float("inf"))
 
     def step(self, k, x, gx, active, out):
         self.combine(self.weights(k, active), out)
@@ -220,7 +254,7 @@ def anderson(g, x0, *, m=5, beta=1.0, lam=1e-5, lam_mode="relative", delay=0, re
     opts = dict(COMMON_DEFAULTS, tol=tol, max_iter=max_iter, stop_mode=stop_mode, batch=batch,
                 check_every=check_every, callback=callback, backend=backend, **own)
 
-    def make(xp, kern, B, n, dtype, device, fdtype):
-        return AndersonHistory(xp, kern, B, n, dtype, device, fdtype, **own)
+    def make(kern, B, n, dtype):
+        return AndersonHistory(kern, B, n, dtype, **own)
 
     return run("anderson", make, g, x0, opts)

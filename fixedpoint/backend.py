@@ -168,33 +168,61 @@ def is_accelerator(xp, device) -> bool:
 
 
 class Kernels:
-    """In-place array operations used inside the solver loops.
+    """In-place array operations used inside the solver loops, and where the small per-sample state lives.
 
-    All arguments are 2-D ``(B, n)`` or 3-D ``(B, k, n)`` arrays of one dtype on one
+    Vectors are 2-D ``(B, n)`` or 3-D ``(B, k, n)`` arrays of one dtype on one
     device; ``out`` arguments are preallocated and are written, never reallocated,
     for NumPy, CuPy and PyTorch.  Other array API libraries get the same results
     through assignment (which allocates a temporary).
+
+    The solvers also keep O(B·m²) *small* state (Gram matrix, masks, per-sample
+    residuals).  It lives in :attr:`sxp` on :attr:`sdevice`: NumPy when the vectors
+    are in host memory (PyTorch CPU tensors are viewed as NumPy arrays without a
+    copy, since a NumPy operation on a few numbers costs a fraction of a PyTorch
+    one), else the vectors' own library and device (no host synchronisation on
+    GPUs).
+
+    Parameters
+    ----------
+    xp : namespace
+        Array API namespace of the vectors.
+    device : optional
+        Their device (default: the library's default, e.g. the CPU for PyTorch).
     """
 
-    def __init__(self, xp):
+    def __init__(self, xp, device=None):
         self.xp = xp
+        self.device = device
         self.lib = library_name(xp)
-        if self.lib in ("numpy", "cupy"):
-            self._raw = importlib.import_module(self.lib)
-        elif self.lib == "torch":
-            self._raw = importlib.import_module("torch")
+        self._raw = importlib.import_module(self.lib) if self.lib in ("numpy", "cupy", "torch") else None
+        self._torch_host = self.lib == "torch" and (device is None or self._raw.device(device).type == "cpu")
+        if self.lib == "numpy" or self._torch_host:
+            self.sxp, self.sdevice = resolve_namespace("numpy"), "cpu"
         else:
-            self._raw = None
+            self.sxp, self.sdevice = xp, device
+        self.sdtype = solve_dtype(self.sxp, self.sdevice)
+
+    def small(self, a):
+        """View an array of the vectors' library as an array of :attr:`sxp` (no copy)."""
+        return a.numpy() if self._torch_host else a
+
+    def big(self, a, dtype=None):
+        """An array of :attr:`sxp` as an array of the vectors' library, cast to ``dtype`` if given."""
+        if self._torch_host:
+            a = self._raw.from_numpy(a)
+            return a if dtype is None else a.to(dtype)
+        return a if dtype is None else self.xp.astype(a, dtype)
 
     def solver_context(self):
         """Context in which the solver runs: ``torch.no_grad()`` for PyTorch (the solve is not
-        differentiated through; gradients come from implicit differentiation); for NumPy, floating
-        point warnings off (the solver detects non-finite values itself); else nothing."""
+        differentiated through; gradients come from implicit differentiation); floating point
+        warnings off for NumPy (the solver detects non-finite values itself); else nothing."""
+        stack = contextlib.ExitStack()
         if self.lib == "torch":
-            return self._raw.no_grad()
-        if self.lib == "numpy":
-            return self._raw.errstate(all="ignore")
-        return contextlib.nullcontext()
+            stack.enter_context(self._raw.no_grad())
+        if library_name(self.sxp) == "numpy":
+            stack.enter_context(np.errstate(all="ignore"))
+        return stack
 
     def sub(self, out, a, b):
         """``out[...] = a - b``."""
@@ -225,8 +253,8 @@ class Kernels:
             out[...] = a + alpha * b
 
     def copy_rows_where(self, out, a, mask):
-        """``out[i] = a[i]`` for the rows ``i`` where the boolean ``mask`` (shape ``(B,)``) is true."""
-        m = mask[:, None]
+        """``out[i] = a[i]`` for the rows ``i`` where the boolean ``mask`` (shape ``(B,)``, small state) is true."""
+        m = self.big(mask)[:, None]
         if self.lib == "torch":
             self._raw.where(m, a, out, out=out)
         elif self._raw is not None:
@@ -243,39 +271,41 @@ class Kernels:
 
     def vecmat(self, out, w, A):
         """``out[b, :] = w[b] @ A[b]`` with ``w`` of shape ``(B, k)``, ``A`` ``(B, k, n)``, ``out`` ``(B, n)``."""
-        if self._raw is not None:
+        if self._raw is not None and A.shape[1] == 1:  # NumPy's matmul is slow for an inner size of 1
+            self._raw.multiply(A[:, 0, :], w, out=out)
+        elif self._raw is not None:
             self._raw.matmul(w[:, None, :], A, out=out[:, None, :])
         else:
             out[...] = (w[:, None, :] @ A)[:, 0, :]
 
     def sqnorm(self, a):
-        """Squared Euclidean norm of each row of ``a`` (shape ``(B, n)``), shape ``(B,)``."""
-        return (a[:, None, :] @ a[:, :, None])[:, 0, 0]
+        """Squared Euclidean norm of each row of ``a`` (shape ``(B, n)``): small state of shape ``(B,)``, :attr:`sdtype`."""
+        return self.sxp.astype(self.small((a[:, None, :] @ a[:, :, None])[:, 0, 0]), self.sdtype)
 
     def solve(self, A, b):
-        """Batched solve of ``A[i] @ x[i] = b[i]`` (``A``: ``(B, k, k)``, ``b``: ``(B, k)``).
+        """Batched solve of ``A[i] @ x[i] = b[i]`` for small state ``A`` ``(B, k, k)`` and ``b`` ``(B, k)``.
 
         Never raises for a singular system and never synchronises with the host on
         GPUs: rows whose system is singular come back non-finite, which the caller
         treats as a failed extrapolation.
         """
-        xp = self.xp
-        if self.lib == "torch":
+        sxp, slib = self.sxp, library_name(self.sxp)
+        if slib == "torch":
             return self._raw.linalg.solve_ex(A, b)[0]
-        if self.lib == "cupy":  # cuSOLVER path: no singularity check, no synchronisation
-            return xp.linalg.solve(A, b[:, :, None])[:, :, 0]
-        if self.lib == "numpy":
-            xp = np  # the wrapped namespace's solve adds tens of microseconds of checks
+        if slib == "cupy":  # cuSOLVER path: no singularity check, no synchronisation
+            return sxp.linalg.solve(A, b[:, :, None])[:, :, 0]
+        if slib == "numpy":
+            sxp = np  # the wrapped namespace's solve adds tens of microseconds of checks
         try:
-            return xp.linalg.solve(A, b[:, :, None])[:, :, 0]
+            return sxp.linalg.solve(A, b[:, :, None])[:, :, 0]
         except Exception:  # LinAlgError from a singular row: redo row by row, NaN for the singular ones
             rows = []
             for i in range(A.shape[0]):
                 try:
-                    rows.append(xp.linalg.solve(A[i, ...], b[i, :, None])[:, 0])
+                    rows.append(sxp.linalg.solve(A[i, ...], b[i, :, None])[:, 0])
                 except Exception:
-                    rows.append(xp.full(b.shape[1:], float("nan"), dtype=b.dtype, device=array_api_compat.device(b)))
-            return xp.stack(rows)
+                    rows.append(sxp.full(b.shape[1:], float("nan"), dtype=b.dtype, device=array_api_compat.device(b)))
+            return sxp.stack(rows)
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,15 @@ FORWARD_DEFAULTS = dict(damping=1.0)
 
 
 class _ForwardStepper(Stepper):
-    def __init__(self, xp, kern, B, n, dtype, device, fdtype, damping):
-        self.xp, self.kern, self.fdtype, self.damping = xp, kern, fdtype, damping
-        self.f = xp.empty((B, n), dtype=dtype, device=device)
+    def __init__(self, kern, B, n, dtype, damping):
+        self.kern, self.damping = kern, damping
+        self.f = kern.xp.empty((B, n), dtype=dtype, device=kern.device)
 
     def residual_buffer(self, k):
         return self.f
 
     def observe(self, k, gx):
-        return self.xp.sqrt(self.xp.astype(self.kern.sqnorm(self.f), self.fdtype))
+        return self.kern.sxp.sqrt(self.kern.sqnorm(self.f))
 
     def step(self, k, x, gx, active, out):
         if self.damping == 1.0:
@@ -90,7 +90,7 @@ def forward_iteration(g, x0, *, damping=1.0, tol=1e-5, max_iter=1000, stop_mode=
                 check_every=check_every, callback=callback, backend=backend)
     opts["damping"] = damping = check_real("damping", damping, 0.0, 1.0, low_open=True)
 
-    def make(xp, kern, B, n, dtype, device, fdtype):
-        return _ForwardStepper(xp, kern, B, n, dtype, device, fdtype, damping)
+    def make(kern, B, n, dtype):
+        return _ForwardStepper(kern, B, n, dtype, damping)
 
     return run("forward", make, g, x0, opts)

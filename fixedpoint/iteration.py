@@ -20,7 +20,7 @@ from typing import Any, Callable
 import array_api_compat
 import numpy as np
 
-from .backend import Kernels, is_accelerator, library_name, namespace_of, resolve_namespace, solve_dtype, working_dtype
+from .backend import Kernels, is_accelerator, library_name, namespace_of, resolve_namespace, working_dtype
 from .checks import check_choice, check_int, check_real
 from .interop import convert, to_numpy, wrap_map
 from .result import FixedPointResult
@@ -70,10 +70,10 @@ class IterationInfo:
 class Stepper:
     """Interface of a method's per-iteration work (forward iteration, Anderson).
 
-    ``__init__(xp, kern, B, n, dtype, device, fdtype)`` preallocates the buffers;
+    ``make_stepper(kern, B, n, dtype)`` builds it and preallocates the buffers;
     ``residual_buffer(k)`` returns the ``(B, n)`` buffer where the loop writes
     f_k = g(x_k) − x_k; ``observe(k, gx)`` records g(x_k) and returns ‖f_k‖₂ as a
-    ``(B,)`` float array of dtype ``fdtype``; ``step(k, x, gx, active, out)``
+    ``(B,)`` array of small state (``kern.sxp``, dtype ``kern.sdtype``); ``step(k, x, gx, active, out)``
     writes x_{k+1} into ``out``.  ``n_restarts`` is a ``(B,)`` integer array or None.
     """
 
@@ -155,20 +155,21 @@ class _Loop:
         if not bool(xp.all(xp.isfinite(x0))):
             raise ValueError("x0 contains NaN or Inf")
         self.check_every = opts["check_every"] or (10 if is_accelerator(xp, device) else 1)
-        self.fdt = fdt = solve_dtype(xp, device)
-        self.kern = Kernels(xp)
+        self.kern = kern = Kernels(xp, device)
+        sxp, sdev, sdt = kern.sxp, kern.sdevice, kern.sdtype
         with self.kern.solver_context():
-            self.stepper = make_stepper(xp, self.kern, B, n, dtype, device, fdt)
+            self.stepper = make_stepper(kern, B, n, dtype)
             # Two iterates (swapped each step), the best iterate, small per-sample state.
             self.x_cur = xp.reshape(xp.astype(x0, dtype, copy=True), (B, n))
             self.x_next = xp.empty_like(self.x_cur)
             self.best_x = xp.asarray(self.x_cur, copy=True)
-        self.best_r = xp.full((B,), float("inf"), dtype=fdt, device=device)
-        self.active = xp.ones((B,), dtype=xp.bool, device=device)
+        # Per-sample state is small state (kern.sxp): NumPy for host memory, else on the device.
+        self.best_r = sxp.full((B,), float("inf"), dtype=sdt, device=sdev)
+        self.active = sxp.ones((B,), dtype=sxp.bool, device=sdev)
         # Residual history: one row per iteration, _INACTIVE for samples that had stopped.  Per-sample
         # convergence, failure and iteration counts are derived from it on the host (see result()).
-        self.inactive = xp.full((B,), _INACTIVE, dtype=fdt, device=device)
-        self.hist = xp.empty((self.check_every, B), dtype=fdt, device=device)
+        self.inactive = sxp.full((B,), _INACTIVE, dtype=sdt, device=sdev)
+        self.hist = sxp.empty((self.check_every, B), dtype=sdt, device=sdev)
         self.hist_host = []
         self.pending = 0  # rows of self.hist not yet copied to hist_host
         self.n_fev = 0
@@ -180,6 +181,7 @@ class _Loop:
 
     def run(self):
         xp, kern, stepper, shape, B, n = self.xp, self.kern, self.stepper, self.shape, self.B, self.n
+        sxp = kern.sxp
         callback, tol, freeze, rel = self.opts["callback"], self.tol, B > 1, self.stop_mode == "rel"
         status = None
         self.t0 = time.perf_counter()
@@ -191,23 +193,23 @@ class _Loop:
                 kern.sub(stepper.residual_buffer(k), gx, x)
                 r = stepper.observe(k, gx)
                 if rel:
-                    r = r / (xp.sqrt(xp.astype(kern.sqnorm(gx), self.fdt)) + REL_EPS)
+                    r = r / (sxp.sqrt(kern.sqnorm(gx)) + REL_EPS)
                 active = self.active
                 improved = active & (r < self.best_r)  # False for NaN
-                self.best_r = xp.where(improved, r, self.best_r)
+                self.best_r = sxp.where(improved, r, self.best_r)
                 kern.copy_rows_where(self.best_x, x, improved)
-                self.hist[self.pending, ...] = xp.where(active, r, self.inactive)
+                self.hist[self.pending, ...] = sxp.where(active, r, self.inactive)
                 self.pending += 1
                 self.active = active = active & (r > tol) & (r < _INF)  # converged or non-finite: stop
                 stepper.step(k, x, gx, active, self.x_next)
                 if freeze:
                     kern.copy_rows_where(self.x_next, x, ~active)
-                if callback is not None and callback(IterationInfo(k, xp.reshape(x, shape), r, active)):
+                if callback is not None and callback(IterationInfo(k, xp.reshape(x, shape), kern.big(r), kern.big(active))):
                     status = "stopped"
                 self.x_cur, self.x_next = self.x_next, x
                 if status is not None or (k + 1) % self.check_every == 0 or k + 1 == self.max_iter:
                     self._flush_history()
-                    if status is not None or not bool(xp.any(active)):
+                    if status is not None or not bool(sxp.any(active)):
                         break
         except BaseException as exc:
             self._flush_history()

@@ -1,0 +1,153 @@
+"""Anderson acceleration versus forward iteration on the built-in problems: evaluations of g and wall time to tolerance.
+
+For every backend and problem, both methods solve to ``tol=1e-8`` (relative
+residual, float64, default options: AA with m=5, beta=1, lam=1e-5 relative).
+Reported per solve: status, n_fev (calls of g), final residual, error against the
+problem's reference solution where it has one, wall time of the whole
+``fixedpoint.solve`` call (median and min/max over ``--repeats`` runs after one
+warm-up run each; the two methods' runs alternate, and the device is
+synchronised around each) and time per iteration; per problem, the ratios
+forward/AA of n_fev and of time (of the medians and of the minima).  A ratio is
+marked ">=" when forward iteration stopped at max_iter (Poisson-Jacobi: forward
+needs far more than the bound), so the true ratio is larger.
+
+Problems: Chandrasekhar H-equation n=500 with c=0.9 and c=0.99; linear
+contraction n=1000, rho=0.95; tanh layer d=256, batch=64 (batch=True);
+1-D Poisson Jacobi sweep n=1000 (max_iter bounded by --poisson-max-iter).
+
+Run from the repository root (on a small shared VM, pin the BLAS/OpenMP pools to
+one thread, e.g. ``OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1``;
+see docs/benchmarks.md):
+
+    python benchmarks/bench_solvers.py                       # every usable backend
+    python benchmarks/bench_solvers.py --backends numpy torch --repeats 5 \\
+        --out benchmarks/results/solvers_cpu.json
+    python benchmarks/bench_solvers.py --backends torch:cuda:0 cupy   # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import fixedpoint
+from fixedpoint import timing
+from fixedpoint.anderson import ANDERSON_DEFAULTS
+from fixedpoint.interop import to_numpy
+from fixedpoint.problems import chandrasekhar, linear_contraction, poisson_jacobi, tanh_layer
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+TOL = 1e-8
+MAX_ITER = 10_000
+
+#: (name, constructor taking backend/dtype/device, batch mode, bounded max_iter or None)
+PROBLEMS = [
+    ("chandrasekhar n=500 c=0.9", lambda **kw: chandrasekhar(500, 0.9, **kw), False, None),
+    ("chandrasekhar n=500 c=0.99", lambda **kw: chandrasekhar(500, 0.99, **kw), False, None),
+    ("linear n=1000 rho=0.95", lambda **kw: linear_contraction(1000, 0.95, **kw), False, None),
+    ("tanh d=256 batch=64", lambda **kw: tanh_layer(256, 64, **kw), True, None),
+    ("poisson-jacobi n=1000", lambda **kw: poisson_jacobi(1000, **kw), False, "poisson"),
+]
+
+
+def rel_error(x, solution):
+    if solution is None:
+        return None
+    x, s = to_numpy(x).astype(np.float64), to_numpy(solution).astype(np.float64)
+    return float(np.max(np.abs(x - s)) / np.max(np.abs(s)))
+
+
+def bench_one(spec, args):
+    lib, dev = timing.parse_backend(spec)
+    xp, device, sync = timing.setup_backend(lib, dev)
+    timing.set_threads(lib, args.threads)
+    runs = []
+    for name, make, batch, bounded in PROBLEMS:
+        p = make(backend=lib, dtype=xp.float64, device=device)
+        max_iter = args.poisson_max_iter if bounded == "poisson" else MAX_ITER
+        solves = {method: (lambda method=method: fixedpoint.solve(p.g, p.x0, method=method, tol=TOL,
+                                                                 max_iter=max_iter, batch=batch))
+                  for method in ("anderson", "forward")}
+        last = {method: fn() for method, fn in solves.items()}  # warm-up
+        times = {method: [] for method in solves}
+        for _ in range(args.repeats):  # the two methods alternate, so a slow spell hits both
+            for method, fn in solves.items():
+                t = timing.timed(fn, repeats=1, warmup=0, sync=sync)
+                times[method].append(t["median"])
+                last[method] = t["last"]
+        for method, res in last.items():
+            t = timing.summarize(times[method])
+            runs.append(dict(
+                backend=spec, problem=name, method=method, status=res.status, n_fev=res.n_fev, max_iter=max_iter,
+                residual=float(np.max(res.residual)), rel_error=rel_error(res.x, p.solution),
+                n_restarts=int(np.sum(res.n_restarts)), time_s=t,
+                ms_per_iter=1e3 * t["median"] / res.n_fev, solver_wall_time_s=res.wall_time))
+            print(f"  {spec:12s} {name:28s} {method:8s} {res.status:9s} n_fev={res.n_fev:6d} "
+                  f"time={1e3 * t['median']:9.2f} ms", file=sys.stderr, flush=True)
+    return runs
+
+
+def ratios(runs):
+    out = []
+    for i in range(0, len(runs), 2):
+        aa, fw = runs[i], runs[i + 1]
+        fw_ok, aa_ok = fw["status"] == "converged", aa["status"] == "converged"
+        row = dict(backend=aa["backend"], problem=aa["problem"], bound=">=" if aa_ok and not fw_ok else "<=" if fw_ok
+                   and not aa_ok else "", fev_ratio=None, time_ratio=None)
+        if aa_ok or fw_ok:  # neither converged: no ratio to tolerance
+            row.update(fev_ratio=fw["n_fev"] / aa["n_fev"], time_ratio=fw["time_s"]["median"] / aa["time_s"]["median"],
+                       time_ratio_min=fw["time_s"]["min"] / aa["time_s"]["min"])
+        out.append(row)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backends", nargs="+", default=None,
+                    help="numpy, torch, torch:cuda:0, cupy, cupy:cuda:0 (default: every usable one)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per solve, after one warm-up run (default 5)")
+    ap.add_argument("--poisson-max-iter", type=int, default=20_000, help="max_iter of the Poisson-Jacobi solves")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    ap.add_argument("--out", default=str(RESULTS_DIR / "solvers.json"), help="JSON output path")
+    args = ap.parse_args(argv)
+    specs = args.backends or timing.usable_backends()
+    runs = [r for spec in specs for r in bench_one(spec, args)]
+    rat = ratios(runs)
+
+    print(f"\nSolves to tol={TOL:g} (relative), float64; time = median of {args.repeats} runs [min, max]\n")
+    for r in runs:
+        t = r["time_s"]
+        r["_t"], r["_range"] = 1e3 * t["median"], f"[{1e3 * t['min']:.2f}, {1e3 * t['max']:.2f}]"
+    timing.print_table(runs, [
+        ("backend", "backend", "{}"), ("problem", "problem", "{}"), ("method", "method", "{}"),
+        ("status", "status", "{}"), ("n_fev", "n_fev", "{}"), ("residual", "residual", "{:.2e}"),
+        ("rel_error", "rel. error", "{:.1e}"), ("_t", "time ms", "{:.2f}"), ("_range", "[min, max] ms", "{}"),
+        ("ms_per_iter", "ms/iter", "{:.4f}")])
+    print("\nForward / Anderson (>= : forward hit max_iter, the true ratio is larger; - : neither converged)\n")
+    for r in rat:
+        if r["fev_ratio"] is not None:
+            r["_fev"], r["_time"] = f"{r['bound']}{r['fev_ratio']:.2f}", f"{r['bound']}{r['time_ratio']:.2f}"
+            r["_tmin"] = f"{r['bound']}{r['time_ratio_min']:.2f}"
+    timing.print_table(rat, [("backend", "backend", "{}"), ("problem", "problem", "{}"),
+                             ("_fev", "n_fev ratio", "{}"), ("_time", "time ratio (medians)", "{}"),
+                             ("_tmin", "time ratio (minima)", "{}")])
+    for r in runs + rat:
+        for k in [k for k in r if k.startswith("_")]:
+            del r[k]
+
+    libs = {timing.parse_backend(s)[0] for s in specs}
+    path = timing.write_json(args.out, dict(
+        benchmark="bench_solvers", command=["python"] + sys.argv, machine=timing.machine_info(libs),
+        settings=dict(tol=TOL, stop_mode="rel", dtype="float64", max_iter=MAX_ITER,
+                      poisson_max_iter=args.poisson_max_iter, repeats=args.repeats, warmup=1, threads=args.threads,
+                      anderson=ANDERSON_DEFAULTS),
+        runs=runs, ratios=rat))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

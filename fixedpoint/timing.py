@@ -1,0 +1,239 @@
+"""Measuring solvers: device-synchronised timing, copy bandwidth, machine description, result files.
+
+Shared by ``benchmarks/`` and the timing demo ``demos/cpu_vs_gpu.py``.  Timed
+regions are bracketed by a device synchronisation (``torch.cuda.synchronize``,
+``cupy.cuda.Device.synchronize``) so that queued GPU work is counted; results are
+medians over repeats after warm-up runs.  torch and cupy are imported only when a
+backend that needs them is asked for; ``import fixedpoint`` does not import this
+module.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__ as _fixedpoint_version
+from .backend import Kernels, backends, resolve_namespace
+
+
+
+# --- backends -----------------------------------------------------------------------------------
+
+def parse_backend(spec):
+    """``"numpy"``, ``"torch"``, ``"torch:cuda:0"``, ``"cupy"``, ``"cupy:cuda:1"`` -> (library, device string)."""
+    lib, _, dev = spec.partition(":")
+    if lib not in ("numpy", "torch", "cupy"):
+        raise ValueError(f"unknown backend {spec!r} (numpy, torch, torch:cuda:0, cupy, cupy:cuda:0)")
+    if not dev:
+        dev = "cuda:0" if lib == "cupy" else "cpu"
+    if lib == "numpy" and dev != "cpu":
+        raise ValueError("numpy runs on the cpu only")
+    return lib, dev
+
+
+def usable_backends():
+    """Backend specs that :func:`fixedpoint.backends` reports usable here (array-api-strict left out)."""
+    specs = []
+    for b in backends(usable_only=True):
+        if b.library in ("numpy", "torch", "cupy"):
+            specs.append(b.library if b.device == "cpu" else f"{b.library}:{b.device}")
+    return specs
+
+
+def setup_backend(lib, dev):
+    """Array API namespace, the device object its array constructors take, and a synchronise function.
+
+    The synchronise function waits for the device's queued work (``torch.cuda.synchronize``,
+    ``cupy.cuda.Device(i).synchronize()``); it does nothing on the CPU.
+    """
+    xp = resolve_namespace(lib)
+    if lib == "numpy":
+        return xp, "cpu", lambda: None
+    if lib == "torch":
+        torch = importlib.import_module("torch")
+        device = torch.device(dev)
+        if device.type == "cuda":
+            return xp, device, lambda: torch.cuda.synchronize(device)
+        return xp, device, lambda: None
+    cupy = importlib.import_module("cupy")
+    device = cupy.cuda.Device(int(dev.rpartition(":")[2] or 0))
+    return xp, device, device.synchronize
+
+
+def dtype_of(xp, name):
+    """``xp.float32`` / ``xp.float64`` from a name."""
+    return getattr(xp, name)
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+def summarize(times):
+    """Seconds of repeated runs -> dict of median, min, max, q1, q3 (quartiles) and the runs themselves."""
+    q1, q3 = np.percentile(times, [25, 75])
+    return dict(median=statistics.median(times), min=min(times), max=max(times), q1=float(q1), q3=float(q3),
+                times=list(times))
+
+
+def timed(fn, *, repeats=5, warmup=1, sync=lambda: None):
+    """Run ``fn()`` ``warmup`` times untimed, then ``repeats`` times timed.
+
+    Each timed run is bracketed by ``sync()`` so that queued GPU work is counted.
+    Returns :func:`summarize` of the seconds, plus the value ``fn`` returned on its
+    last run under ``"last"``.
+    """
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return dict(summarize(times), last=out)
+
+
+def copy_bandwidth(xp, device, sync, nbytes=int(4e8), repeats=5):
+    """Bytes/s of an out-of-place copy ``dst[...] = src`` of ``nbytes`` in library ``xp``, counting read + write.
+
+    NumPy: ``numpy.copyto``; PyTorch: ``Tensor.copy_``; CuPy: ``cupy.copyto``.  Small
+    arrays are copied several times per timed run (about 2e8 bytes per run).
+    Returns (bytes per second at the median time, timing dict).
+    """
+    kern = Kernels(xp, device)
+    n = max(1, int(nbytes) // 8)
+    src = xp.ones((1, n), dtype=xp.float64, device=device)
+    dst = xp.zeros((1, n), dtype=xp.float64, device=device)
+    reps = max(1, int(2e8 // (8 * n)))
+
+    def copies():
+        for _ in range(reps):
+            kern.copy(dst, src)
+
+    t = timed(copies, repeats=repeats, warmup=2, sync=sync)
+    t.pop("last")
+    t["copies_per_run"] = reps
+    return 2 * n * 8 * reps / t["median"], t
+
+
+def set_threads(lib, threads):
+    """``torch.set_num_threads(threads)`` for torch (None: leave the default); NumPy's BLAS threads are not touched."""
+    if lib == "torch" and threads:
+        importlib.import_module("torch").set_num_threads(threads)
+
+
+# --- machine and output -------------------------------------------------------------------------
+
+def _cpu_model():
+    """``model name`` of /proc/cpuinfo, with family/model/stepping (a VM may show only a family name)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model", "stepping") and key not in fields:
+                    fields[key] = val.strip()
+                if not line.strip() and fields:
+                    break
+    except OSError:
+        return platform.processor() or platform.machine()
+    return (f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')},"
+            f" stepping {fields.get('stepping', '?')})")
+
+
+def _ram_gib():
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        return None
+
+
+def _os_name():
+    try:
+        with open("/etc/os-release") as fh:
+            for line in fh:
+                if line.startswith("PRETTY_NAME="):
+                    return line.split("=", 1)[1].strip().strip('"') + f" (kernel {platform.release()})"
+    except OSError:
+        pass
+    return platform.platform()
+
+
+def _git_state():
+    """Commit of the checkout and whether fixedpoint/ has uncommitted changes (read-only git calls)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "fixedpoint"], cwd=root, capture_output=True,
+                               text=True).stdout.strip()
+        return head or None, bool(dirty)
+    except OSError:
+        return None, None
+
+
+def machine_info(libs=()):
+    """CPU model, cores, RAM, OS, Python and library versions; torch/cupy details only for ``libs`` asked for."""
+    import array_api_compat
+
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        blas = f"{blas['name']} {blas.get('version', '')}".strip()
+    except Exception:
+        blas = "unknown"
+    info = dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        cpu=_cpu_model(), logical_cpus=os.cpu_count(),
+        usable_cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        ram_gib=_ram_gib(), os=_os_name(), python=sys.version.split()[0],
+        numpy=np.__version__, numpy_blas=blas, array_api_compat=array_api_compat.__version__,
+        fixedpoint=_fixedpoint_version, gpus=[],
+    )
+    info["git_commit"], info["fixedpoint_uncommitted_changes"] = _git_state()
+    info["thread_env"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    if "torch" in libs:
+        torch = importlib.import_module("torch")
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+        if torch.cuda.is_available():
+            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    if "cupy" in libs:
+        cupy = importlib.import_module("cupy")
+        info["cupy"] = cupy.__version__
+        info["gpus"] = [cupy.cuda.runtime.getDeviceProperties(i)["name"].decode()
+                        for i in range(cupy.cuda.runtime.getDeviceCount())]
+    return info
+
+
+def write_json(path, data):
+    """Write ``data`` as indented JSON to ``path`` (folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    return path
+
+
+def print_table(rows, columns):
+    """Print ``rows`` (dicts) as an aligned text table; ``columns`` is a list of (key, header, format)."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([("-" if r.get(k) is None else f.format(r[k])) for k, _, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    for j, line in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
