@@ -184,3 +184,10 @@ def test_screened_poisson_closed_form_against_direct_solve():
     res = fixedpoint.anderson(p.g, p.x0, tol=1e-12)
     assert res.converged
     np.testing.assert_allclose(res.x, p.solution, rtol=1e-9)
+
+
+def test_problem_dtype_by_name(backend):
+    p = problems.chandrasekhar(10, 0.5, backend=backend.xp, dtype="float32", device=backend.device)
+    assert p.x0.dtype == backend.xp.float32 and p.solution.dtype == backend.xp.float32
+    with pytest.raises(ValueError, match="dtype"):
+        problems.chandrasekhar(10, 0.5, dtype="int8")

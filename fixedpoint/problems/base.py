@@ -46,8 +46,8 @@ class Problem:
 def placed(a, backend, dtype, device):
     """Host float64 NumPy array ``a`` as an array of ``backend`` with ``dtype`` on ``device``.
 
-    ``dtype=None`` means the library's default real floating dtype.  Returns the
-    namespace too.
+    ``dtype=None`` means the library's default real floating dtype; a dtype may
+    also be named ("float32", "float64").  Returns the namespace too.
     """
     xp = resolve_namespace(backend)
     kw = {} if device is None else {"device": device}
@@ -55,4 +55,8 @@ def placed(a, backend, dtype, device):
     if dtype is None:
         info = xp.__array_namespace_info__()
         dtype = info.default_dtypes(**kw)["real floating"]
+    elif isinstance(dtype, str):
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32', 'float64' or a dtype of the library, got {dtype!r}")
+        dtype = getattr(xp, dtype)
     return xp.astype(out, dtype), xp
