@@ -1,0 +1,284 @@
+"""CPU vs GPU: time to tolerance of forward iteration and Anderson, across problem sizes and array libraries.
+
+For each built-in problem (the cheap O(n) Jacobi map, the DEQ-like tanh layer, the
+H-equation and, with torch, a convolutional DEQ block), each size n and each
+usable backend (NumPy, PyTorch CPU, CuPy, PyTorch CUDA), both methods are timed
+to tolerance with warm-up, device synchronisation and repeats (medians and
+quartiles).  Reported per row: evaluations of g, time, time per iteration, the
+time of one evaluation of g and Anderson's own overhead per iteration (time per
+iteration beyond g); then the speed-up of Anderson over forward iteration, of the
+GPU over the fastest CPU backend, and the crossover size from which the GPU wins.
+A second run at one size records relative residual against wall time per
+iteration (the Figure 1 of Al Dajani & Keyes, arXiv 2410.19460), showing the
+crossover point and the "mixing penalty" (Anderson's dearer iterations).
+
+Examples::
+
+    python demos/cpu_vs_gpu.py                          # default sweep: a few minutes on 2 CPU cores
+    python demos/cpu_vs_gpu.py --quick --out /tmp/cvg   # seconds (used by the tests)
+    python demos/cpu_vs_gpu.py --backends numpy cupy torch:cuda:0 --max-n 1e7
+
+Writes ``rows.csv``, ``results.json`` (rows, ratios, crossovers, machine),
+``time_vs_n.png`` and ``residual_vs_time.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import fixedpoint
+from fixedpoint import problems, timing
+from fixedpoint.interop import to_numpy
+
+METHODS = ("forward", "anderson")
+
+
+def make_problem(name, n, lib, device, dtype):
+    """(problem, solve options) of size about ``n`` for ``name``; None when ``name`` does not apply to ``lib``."""
+    kw = dict(backend=lib, dtype=dtype, device=device)
+    if name == "jacobi":
+        return problems.poisson_jacobi(n, shift=0.1, **kw), {}
+    if name == "tanh":
+        d = 256
+        return problems.tanh_layer(d=d, batch=max(1, n // d), rho=0.95, **kw), {"batch": True}
+    if name == "h-equation":
+        return problems.chandrasekhar(n, 0.99, **kw), {}
+    if name == "conv":
+        if lib != "torch":
+            return None
+        return conv_block(n, device, dtype), {"batch": True}
+    raise ValueError(f"unknown problem {name!r}")
+
+
+def conv_block(n, device, dtype, channels=16, size=16):
+    """A convolutional DEQ block z ↦ relu(GroupNorm(conv(z)) + x) on a batch of images of ~n values in all."""
+    import torch
+
+    torch.manual_seed(0)
+    batch = max(1, n // (channels * size * size))
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        conv.weight.mul_(0.5 / conv.weight.flatten(1).norm(dim=1).max())
+    norm = torch.nn.GroupNorm(4, channels).to(device=device, dtype=dtype)
+    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
+
+    def g(z):
+        with torch.no_grad():
+            return torch.relu(norm(conv(z)) + x)
+
+    return problems.Problem(f"conv block ({batch}x{channels}x{size}x{size})", g, torch.zeros_like(x), None,
+                            fixedpoint.backend.resolve_namespace("torch"), dict(batch=batch))
+
+
+def sizes_for(name, args):
+    limit = args.max_n_dense if name == "h-equation" else args.max_n
+    return [n for n in args.sizes if n <= limit]
+
+
+def measure(name, n, spec, args):
+    """Rows (one per method) for one problem, size and backend."""
+    lib, dev = timing.parse_backend(spec)
+    xp, device, sync = timing.setup_backend(lib, dev)
+    built = make_problem(name, n, lib, device, timing.dtype_of(xp, args.dtype))
+    if built is None:
+        return []
+    p, opts = built
+    size = int(np.prod(p.x0.shape))
+    tg = timing.timed(lambda: [p.g(p.x0) for _ in range(5)], repeats=args.repeats, warmup=1, sync=sync)
+    t_g = tg["median"] / 5
+    rows = []
+    for method in METHODS:
+        def run():
+            return fixedpoint.solve(p.g, p.x0, method=method, tol=args.tol, max_iter=args.max_iter, **opts)
+
+        t = timing.timed(run, repeats=args.repeats, warmup=1, sync=sync)
+        res = t["last"]
+        per_iter = t["median"] / res.n_fev
+        rows.append(dict(problem=name, n=size, backend=spec, method=method, n_fev=res.n_fev,
+                         converged=bool(np.all(res.converged)), time=t["median"], time_q1=t["q1"], time_q3=t["q3"],
+                         time_per_iter=per_iter, g_time=t_g, overhead_per_iter=per_iter - t_g))
+    return rows
+
+
+def ratios(rows):
+    """Speed-up of Anderson over forward (per problem, n, backend) and of GPUs over the fastest CPU backend."""
+    key = {(r["problem"], r["n"], r["backend"], r["method"]): r for r in rows}
+    out = []
+    for (prob, n, spec, method), r in key.items():
+        if method != "anderson" or (prob, n, spec, "forward") not in key:
+            continue
+        fw = key[(prob, n, spec, "forward")]
+        out.append(dict(problem=prob, n=n, backend=spec, aa_speedup=fw["time"] / r["time"],
+                        fev_ratio=fw["n_fev"] / r["n_fev"]))
+    for r in rows:
+        cpu = [c["time"] for c in rows if (c["problem"], c["n"], c["method"]) == (r["problem"], r["n"], r["method"])
+               and not is_gpu(c["backend"])]
+        r["gpu_speedup"] = (min(cpu) / r["time"]) if is_gpu(r["backend"]) and cpu else None
+    return out
+
+
+def is_gpu(spec):
+    return spec.startswith("cupy") or ":cuda" in spec
+
+
+def crossovers(rows):
+    """Per problem, method and GPU backend: the smallest n from which the GPU beats every CPU backend."""
+    out = []
+    for prob in sorted({r["problem"] for r in rows}):
+        for method in METHODS:
+            for spec in sorted({r["backend"] for r in rows if is_gpu(r["backend"])}):
+                pts = sorted((r["n"], r["gpu_speedup"]) for r in rows if (r["problem"], r["method"], r["backend"])
+                             == (prob, method, spec) and r["gpu_speedup"] is not None)
+                wins = [n for i, (n, s) in enumerate(pts) if all(s2 > 1 for _, s2 in pts[i:])]
+                out.append(dict(problem=prob, method=method, backend=spec, crossover_n=wins[0] if wins else None))
+    return out
+
+
+def residual_trace(name, n, spec, args):
+    """Relative residual against iteration and wall time (device synchronised each iteration) for both methods."""
+    lib, dev = timing.parse_backend(spec)
+    xp, device, sync = timing.setup_backend(lib, dev)
+    p, opts = make_problem(name, n, lib, device, timing.dtype_of(xp, args.dtype))
+    traces = {}
+    for method in METHODS:
+        stamps = []
+
+        def cb(info):
+            sync()
+            stamps.append(time.perf_counter())
+
+        fixedpoint.solve(p.g, p.x0, method=method, tol=args.tol, max_iter=args.max_iter, **opts)  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        res = fixedpoint.solve(p.g, p.x0, method=method, tol=args.tol, max_iter=args.max_iter, check_every=1,
+                               callback=cb, **opts)
+        hist = res.residual_history if res.residual_history.ndim == 1 else np.nanmax(res.residual_history, axis=1)
+        traces[method] = dict(time=(np.array(stamps) - t0).tolist(), residual=hist.tolist())
+    fw, aa = traces["forward"], traces["anderson"]
+    f_at = np.interp(aa["time"], fw["time"], fw["residual"], right=fw["residual"][-1])
+    behind = np.nonzero(np.array(aa["residual"]) >= f_at)[0]
+    cross = behind[-1] + 1 if behind.size else 0
+    penalty = (aa["time"][-1] / len(aa["time"])) / (fw["time"][-1] / len(fw["time"]))
+    return dict(problem=name, n=int(np.prod(p.x0.shape)), backend=spec, traces=traces, mixing_penalty=penalty,
+                crossover_time=aa["time"][cross] if cross < len(aa["time"]) else None)
+
+
+def plot(rows, trace, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probs = sorted({r["problem"] for r in rows})
+    fig, axes = plt.subplots(1, len(probs), figsize=(4.2 * len(probs), 3.6), squeeze=False)
+    for ax, prob in zip(axes[0], probs):
+        for spec in sorted({r["backend"] for r in rows if r["problem"] == prob}):
+            for method, style in zip(METHODS, ("--", "-")):
+                pts = sorted((r["n"], r["time"]) for r in rows if (r["problem"], r["backend"], r["method"])
+                             == (prob, spec, method))
+                if pts:
+                    ax.loglog(*zip(*pts), style, marker="o", ms=3, label=f"{spec} {method}")
+        ax.set(title=prob, xlabel="n (values in the iterate)", ylabel="time to tolerance [s]")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "time_vs_n.png", dpi=110)
+    plt.close(fig)
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for method, style in zip(METHODS, ("--", "-")):
+        tr = trace["traces"][method]
+        a1.semilogy(range(1, len(tr["residual"]) + 1), tr["residual"], style, label=method)
+        a2.semilogy(tr["time"], tr["residual"], style, label=method)
+    if trace["crossover_time"] is not None:
+        a2.axvline(trace["crossover_time"], color="grey", lw=0.8)
+        a2.annotate(" crossover", (trace["crossover_time"], a2.get_ylim()[1]), va="top", fontsize=8)
+    a1.set(xlabel="iteration", ylabel="relative residual")
+    a2.set(xlabel="wall time [s]", title=f"mixing penalty: {trace['mixing_penalty']:.2f}x time per iteration")
+    for a in (a1, a2):
+        a.grid(True, alpha=0.3)
+        a.legend()
+    fig.suptitle(f"{trace['problem']}, n={trace['n']}, {trace['backend']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "residual_vs_time.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--problems", nargs="+", default=["jacobi", "tanh", "h-equation", "conv"],
+                    help="jacobi, tanh, h-equation, conv (conv needs torch)")
+    ap.add_argument("--backends", nargs="+", default=None,
+                    help="numpy, torch, torch:cuda:0, cupy, ... (default: every usable one)")
+    ap.add_argument("--sizes", nargs="+", type=float, default=[1e3, 1e4, 1e5, 1e6, 1e7])
+    ap.add_argument("--max-n", type=float, default=1e6, help="largest n swept (default 1e6)")
+    ap.add_argument("--max-n-dense", type=float, default=2000, help="largest n for the O(n^2) H-equation")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--tol", type=float, default=1e-5, help="relative residual tolerance (default 1e-5)")
+    ap.add_argument("--max-iter", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (default 3)")
+    ap.add_argument("--trace", default="jacobi:1e5", help="problem:n of the residual-vs-time run (default jacobi:1e5)")
+    ap.add_argument("--out", default="out/cpu_vs_gpu", help="output folder")
+    ap.add_argument("--quick", action="store_true", help="tiny sweep for tests: sizes 1e3, 1e4; 1 repeat")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.sizes, args.repeats, args.max_n_dense, args.trace = [1e3, 4e3], 1, 1000, "jacobi:4e3"
+        args.problems = [p for p in args.problems if p != "conv"]
+    args.sizes = [int(s) for s in args.sizes if s <= args.max_n]
+    specs = args.backends or timing.usable_backends()
+    if "conv" in args.problems and importlib.util.find_spec("torch") is None:
+        args.problems.remove("conv")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpus = [s for s in specs if is_gpu(s)]
+    print("backends:", ", ".join(specs), "" if gpus else "\nno GPU found: CPU rows only")
+
+    from tqdm import tqdm
+
+    jobs = [(prob, n, spec) for prob in args.problems for n in sizes_for(prob, args) for spec in specs]
+    rows = []
+    for prob, n, spec in tqdm(jobs, desc="sweep", unit="config", file=sys.stdout):
+        rows += measure(prob, n, spec, args)
+    rat = ratios(rows)
+    cross = crossovers(rows)
+    tprob, _, tn = args.trace.partition(":")
+    trace = residual_trace(tprob, int(float(tn)), gpus[0] if gpus else specs[0], args)
+
+    timing.print_table(rows, [("problem", "problem", "{}"), ("n", "n", "{:.0e}"), ("backend", "backend", "{}"),
+                              ("method", "method", "{}"), ("n_fev", "g evals", "{}"), ("converged", "conv", "{}"),
+                              ("time", "time [s]", "{:.4f}"), ("time_per_iter", "s/iter", "{:.2e}"),
+                              ("g_time", "g [s]", "{:.2e}"), ("overhead_per_iter", "overhead/iter", "{:.2e}"),
+                              ("gpu_speedup", "GPU/CPU", "{:.1f}")])
+    print()
+    timing.print_table(rat, [("problem", "problem", "{}"), ("n", "n", "{:.0e}"), ("backend", "backend", "{}"),
+                             ("fev_ratio", "g evals fw/AA", "{:.2f}"), ("aa_speedup", "time fw/AA", "{:.2f}")])
+    if gpus:
+        print()
+        timing.print_table(cross, [("problem", "problem", "{}"), ("method", "method", "{}"),
+                                   ("backend", "GPU", "{}"), ("crossover_n", "GPU wins from n", "{}")])
+    print(f"\nresidual trace ({trace['problem']}, n={trace['n']}, {trace['backend']}): mixing penalty "
+          f"{trace['mixing_penalty']:.2f}x per iteration, crossover at "
+          + (f"{trace['crossover_time']:.4f} s" if trace["crossover_time"] is not None else "none"))
+
+    with open(out / "rows.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    timing.write_json(out / "results.json", dict(command=["python"] + sys.argv, machine=timing.machine_info(
+        {timing.parse_backend(s)[0] for s in specs}), options=vars(args), rows=rows, ratios=rat, crossovers=cross,
+        trace=trace))
+    plot(rows, trace, out)
+    print(f"wrote {out}/rows.csv, results.json, time_vs_n.png, residual_vs_time.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

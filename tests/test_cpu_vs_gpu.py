@@ -1,0 +1,44 @@
+"""The CPU-vs-GPU timing demo runs end to end in --quick mode and writes what it promises."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+DEMO = Path(__file__).resolve().parent.parent / "demos" / "cpu_vs_gpu.py"
+
+
+def load_demo():
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    spec = importlib.util.spec_from_file_location("cpu_vs_gpu", DEMO)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_run_writes_rows_plots_and_ratios(tmp_path, capsys):
+    demo = load_demo()
+    assert demo.main(["--quick", "--backends", "numpy", "--problems", "jacobi", "h-equation", "--out", str(tmp_path)]) == 0
+    for name in ("rows.csv", "results.json", "time_vs_n.png", "residual_vs_time.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = data["rows"]
+    assert {r["problem"] for r in rows} == {"jacobi", "h-equation"} and all(r["converged"] for r in rows)
+    by = {(r["problem"], r["n"], r["method"]): r for r in rows}
+    for r in data["ratios"]:
+        fw, aa = by[(r["problem"], r["n"], "forward")], by[(r["problem"], r["n"], "anderson")]
+        assert r["fev_ratio"] == pytest.approx(fw["n_fev"] / aa["n_fev"])
+        assert aa["n_fev"] < fw["n_fev"]  # both problems contract slowly: Anderson needs fewer evaluations
+    trace = data["trace"]["traces"]
+    assert trace["anderson"]["residual"][-1] <= 1e-5 and len(trace["forward"]["time"]) == len(trace["forward"]["residual"])
+    assert "no GPU found" in capsys.readouterr().out
+
+
+def test_crossover_is_the_first_size_of_a_winning_tail():
+    demo = load_demo()
+    rows = [dict(problem="p", method="anderson", backend="cupy", n=n, gpu_speedup=s)
+            for n, s in ((10, 0.5), (100, 1.5), (1000, 0.9), (10000, 3.0), (100000, 9.0))]
+    (c,) = [c for c in demo.crossovers(rows) if c["method"] == "anderson"]
+    assert c["crossover_n"] == 10000
