@@ -191,3 +191,33 @@ def test_problem_dtype_by_name(backend):
     assert p.x0.dtype == backend.xp.float32 and p.solution.dtype == backend.xp.float32
     with pytest.raises(ValueError, match="dtype"):
         problems.chandrasekhar(10, 0.5, dtype="int8")
+
+
+@pytest.mark.parametrize("c", [0.5, 0.9, 1.0])
+def test_h_function_matches_chandrasekhar_closed_form(c):
+    """ln H(μ) = −(μ/π) ∫₀^{π/2} ln(1 − c θ cot θ) / (cos²θ + μ² sin²θ) dθ (Chandrasekhar, Radiative Transfer)."""
+    integrate = pytest.importorskip("scipy.integrate")
+
+    def one_minus_c_t_cot_t(t):
+        if c < 1:
+            return 1.0 - c * t / np.tan(t)
+        # c = 1: 1 − t cot t = (sin t − t cos t) / sin t, by its series near 0 to avoid cancellation
+        return t * t / 3 + t**4 / 45 + 2 * t**6 / 945 if t < 1e-2 else (np.sin(t) - t * np.cos(t)) / np.sin(t)
+
+    def closed_form(mu):
+        def integrand(t):
+            return np.log(one_minus_c_t_cot_t(t)) / (np.cos(t) ** 2 + mu**2 * np.sin(t) ** 2)
+
+        value, _ = integrate.quad(integrand, 0.0, np.pi / 2, limit=200)
+        return np.exp(-mu / np.pi * value)
+
+    p = problems.chandrasekhar(200, c)
+    res = fixedpoint.anderson(p.g, p.x0, tol=1e-13, max_iter=500)
+    assert res.converged
+    mus = np.array([0.05, 0.3, 0.7, 1.0])
+    got = p.params["evaluate"](res.x, mus)
+    want = np.array([closed_form(mu) for mu in mus])
+    # at c = 1 the Jacobian is singular, so a residual of 1e-13 leaves an error of about its square root
+    np.testing.assert_allclose(got, want, rtol=1e-6 if c < 1 else 1e-5)
+    if c == 1.0:
+        assert got[-1] == pytest.approx(2.90781, abs=1e-5)
