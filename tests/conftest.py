@@ -44,3 +44,15 @@ class Backend:
 @pytest.fixture(params=CPU_BACKENDS)
 def backend(request):
     return Backend(request.param)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with torch on one thread: tiny tensors run faster so, and immune to other
+    processes on the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,498 @@
+"""Anderson acceleration of a PyTorch optimizer's iterates, with the stabilising moving average.
+
+Training is read as a fixed-point iteration: with θ_k the weights stored after some optimizer steps,
+the optimizer maps θ_k to the next stored weights g(θ_k), and Type-II Anderson acceleration (AA)
+extrapolates from the last m pairs (g_j, f_j = g_j − θ_j) every few steps.  Mini-batch noise makes
+that sequence oscillate, which spoils AA; the moving average replaces each stored iterate by the mean
+of the optimizer iterates since the previous one, and the ``"auto"`` mode switches it on only when
+the relative standard deviation (RSD) of the steps between consecutive iterates is large.
+
+J. Yin, M. Lupo Pasini, M. Stoyanov & V. Reshniak, "Stable Anderson Acceleration for Deep
+Learning", arXiv 2110.14813 (2021).  The AA itself is :class:`fixedpoint.AndersonHistory` (the same
+Gram update and least-squares solve as :func:`fixedpoint.anderson`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..anderson import AndersonHistory, check_anderson_options
+from ..backend import Kernels, resolve_namespace
+from ..checks import check_choice, check_int, check_real
+
+__all__ = ["AndersonAcceleration", "ExtrapolationRecord"]
+
+AVERAGE_MODES = ("off", "on", "auto")
+STATUSES = ("accepted", "rejected", "restart", "short_history")
+
+
+@dataclass(frozen=True)
+class ExtrapolationRecord:
+    """What happened to one parameter group at one extrapolation step (for logging).
+
+    Attributes
+    ----------
+    step : int
+        Number of optimizer steps taken when the extrapolation was attempted.
+    group : int
+        Index of the parameter group.
+    status : str
+        ``"accepted"`` (weights replaced by the extrapolate), ``"rejected"`` (the safeguard found a
+        higher or non-finite loss and kept the optimizer's weights), ``"restart"`` (the history was
+        cleared by AA's own safeguard: non-finite or huge mixing weights, or residual growth) or
+        ``"short_history"`` (fewer than two stored pairs; nothing done).
+    averaged : bool
+        Whether the iterate stored just before was a moving average.
+    rsd : float
+        Relative standard deviation of the steps in that block (NaN when ``average="off"``).
+    n_history : int
+        Number of pairs (g_j, f_j) the extrapolation used.
+    loss_plain, loss_extrapolated : float
+        Loss on the current batch at the optimizer's weights and at the extrapolate (NaN without
+        the safeguard; averaged over ranks under ``torch.distributed``).
+    """
+
+    step: int
+    group: int
+    status: str
+    averaged: bool
+    rsd: float
+    n_history: int
+    loss_plain: float = math.nan
+    loss_extrapolated: float = math.nan
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == "accepted"
+
+
+def _copy_all(dst, src):
+    if dst:
+        torch._foreach_copy_(dst, src)
+
+
+class _Group:
+    """Flat buffers, Anderson history and counters of one parameter group."""
+
+    BUFFERS = ("prev", "last", "s1", "s2", "acc")
+
+    def __init__(self, index, group, aa_opts, averaging):
+        self.params = [p for p in group["params"] if p.requires_grad]
+        self.n = n = sum(p.numel() for p in self.params)
+        self.k = self.n_valid = self.block = 0
+        self.was_averaged = None
+        self.counts = dict(stores=0, averaged=0, accepted=0, rejected=0, restart=0, short_history=0)
+        if n == 0:
+            return
+        for p in self.params:
+            if not p.is_floating_point():
+                raise TypeError(f"param_groups[{index}] holds a parameter of dtype {p.dtype}; "
+                                "only real floating parameters can be extrapolated")
+        devices = {p.device for p in self.params}
+        if len(devices) > 1:
+            raise ValueError(f"param_groups[{index}] has parameters on several devices {sorted(map(str, devices))}; "
+                             "put each device's parameters in a group of their own")
+        self.device = device = devices.pop()
+        dtype = torch.float32
+        for p in self.params:
+            dtype = torch.promote_types(dtype, p.dtype)
+        xp = resolve_namespace("torch")
+        kern = Kernels(xp, device)
+        self.hist = AndersonHistory(kern, 1, n, dtype, **aa_opts)
+        self.active = kern.sxp.ones((1,), dtype=kern.sxp.bool, device=kern.sdevice)  # small state (see Kernels)
+        names = ("cur", "work", "prev") + (("last", "s1", "s2", "acc") if averaging else ())
+        for name in names:
+            setattr(self, name, torch.zeros((1, n), dtype=dtype, device=device))
+        self.averaging = averaging
+        self.views = {}
+        for name in ("cur", "work", "prev"):  # each parameter's slice of the flat buffers
+            buf, start, self.views[name] = getattr(self, name), 0, []
+            for p in self.params:
+                self.views[name].append(buf[0, start:start + p.numel()].view(p.shape))
+                start += p.numel()
+        self.gather("prev")
+        if averaging:
+            self.last.copy_(self.prev)
+
+    def gather(self, name):
+        """Copy the parameters into the flat buffer ``name``."""
+        _copy_all(self.views[name], [p.detach() for p in self.params])
+
+    def scatter(self, name):
+        """Write the flat buffer ``name`` into the parameters the optimizer updates (those with a gradient)."""
+        pairs = [(p, v) for p, v in zip(self.params, self.views[name]) if p.grad is not None]
+        _copy_all([p.detach() for p, _ in pairs], [v for _, v in pairs])
+
+    def rsd(self):
+        """max_i std_i / max_i |mean_i| over the steps d_t = x_t − x_{t−1} of the current block.
+
+        Clobbers ``work`` and ``s2`` (both are rewritten before their next use)."""
+        L = self.block
+        torch.div(self.s1, L, out=self.work)                      # mean step
+        lo, hi = torch.aminmax(self.work)
+        self.s2.div_(L).addcmul_(self.work, self.work, value=-1.0)  # variance of the steps
+        mean_max, var_max = torch.stack([torch.maximum(-lo, hi), self.s2.max()]).tolist()
+        std_max = math.sqrt(max(var_max, 0.0))
+        if mean_max > 0.0:
+            return std_max / mean_max
+        return math.inf if std_max > 0.0 else 0.0
+
+    def after_step(self, store, mode, threshold):
+        """Update the moving-average sums; on a store step, add the pair (g_k, f_k) to the history.
+        Returns (averaged, rsd) of the stored iterate (None when nothing was stored)."""
+        if self.n == 0:
+            return None
+        if self.averaging:
+            self.gather("cur")
+            torch.sub(self.cur, self.last, out=self.work)
+            self.s1.add_(self.work)
+            self.s2.addcmul_(self.work, self.work)
+            self.acc.add_(self.cur)
+            self.last.copy_(self.cur)
+            self.block += 1
+        if not store:
+            return None
+        averaged, rsd, value = False, math.nan, self.cur
+        if self.averaging:
+            rsd = self.rsd()
+            averaged = mode == "on" or rsd > threshold
+            if averaged:
+                torch.div(self.acc, self.block, out=self.work)
+                value = self.work
+            for buf in (self.s1, self.s2, self.acc):
+                buf.zero_()
+            self.block = 0
+        else:
+            self.gather("cur")
+        if self.was_averaged is not None and averaged != self.was_averaged:
+            self.hist.reset()  # "auto" switched: the stored pairs belong to the other map
+            self.n_valid = 0
+        self.was_averaged = averaged
+        torch.sub(value, self.prev, out=self.hist.residual_buffer(self.k))
+        self.hist.observe(self.k, value)
+        self.prev.copy_(self.cur)  # the next block starts from the optimizer's weights
+        self.k += 1
+        self.n_valid = min(self.n_valid + 1, self.hist.m)
+        self.counts["stores"] += 1
+        self.counts["averaged"] += int(averaged)
+        return averaged, rsd
+
+    def candidate(self):
+        """Extrapolate into ``work``; returns a status when there is nothing to try, else None."""
+        if self.n_valid < 2:
+            return "short_history"
+        before = int(self.hist.n_restarts[0])
+        alpha = self.hist.weights(self.k - 1, self.active)
+        if int(self.hist.n_restarts[0]) != before:
+            self.n_valid = 1
+            return "restart"
+        self.hist.combine(alpha, self.work)
+        return None
+
+    def state_dict(self):
+        state = dict(n=self.n, k=self.k, n_valid=self.n_valid, block=self.block, was_averaged=self.was_averaged,
+                     counts=dict(self.counts))
+        if self.n:
+            # as tensors (the small state may be NumPy), so that torch.load(weights_only=True) reads it
+            state["history"] = {k: torch.as_tensor(v) for k, v in self.hist.state_dict().items()}
+            state.update({b: getattr(self, b).clone() for b in self.BUFFERS if hasattr(self, b)})
+        return state
+
+    def check_state(self, state, index):
+        if state.get("n") != self.n:
+            raise ValueError(f"state_dict: param_groups[{index}] has {state.get('n')} elements to extrapolate, "
+                             f"this optimizer's has {self.n}")
+
+    def load_state_dict(self, state):
+        if self.n:
+            self.hist.load_state_dict(state["history"])
+            for b in self.BUFFERS:
+                if hasattr(self, b):
+                    getattr(self, b).copy_(state[b])
+        self.k, self.n_valid, self.block = state["k"], state["n_valid"], state["block"]
+        self.was_averaged = state["was_averaged"]
+        self.counts = dict(state["counts"])
+
+
+class AndersonAcceleration:
+    """Anderson acceleration of any ``torch.optim.Optimizer``, with the stabilising moving average.
+
+    Wraps an optimizer (which it leaves unmodified) and is used in its place: ``step``,
+    ``zero_grad``, ``state_dict``, ``load_state_dict``, ``param_groups``.  Every ``store_every``
+    optimizer steps the flattened weights of each parameter group are stored; every ``every``
+    steps after the first ``delay``, the weights are replaced by the Type-II Anderson extrapolate
+    of the last ``m`` stored iterates (Yin et al., arXiv 2110.14813; Walker & Ni 2011):
+
+        θ ← Σ_j α_j [g_j − (1 − β) f_j],  α = argmin ‖Σ_j α_j f_j‖₂ s.t. Σ_j α_j = 1,
+
+    where g_j is a stored iterate and f_j = g_j − θ_j the change since the one before it (or since
+    the last extrapolate).  The optimizer's own state (momentum, Adam moments) is left as it is.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        The optimizer to accelerate.  Each parameter group gets its own history; the parameters
+        of a group must be real floating tensors on one device.  Parameters with
+        ``requires_grad=False`` when the wrapper is built are not tracked; parameters whose
+        ``.grad`` is None at an extrapolation are not written (the optimizer did not move them).
+    m : int, default 5
+        Window: number of stored pairs (g_j, f_j) combined, >= 2 (5 as in :func:`fixedpoint.anderson`;
+        the authors' AADL code uses 5 to 15).
+    beta : float, default 1.0
+        Mixing β in (0, 1] (AADL's "relaxation"): 1 steps to Σ α_j g_j; smaller values pull the
+        extrapolate back towards Σ α_j θ_j, i.e. towards the start of the recent blocks, which
+        undoes optimizer progress (docs/stable_anderson.md).
+    lam : float, default 1e-2
+        Regularisation λ >= 0 of the least-squares problem for α.
+    lam_mode : {"relative", "absolute"}, default "relative"
+        As in :func:`fixedpoint.anderson`: "relative" adds λ·max_j ‖f_j‖² to the diagonal of the
+        Gram matrix, so that λ does not depend on the step size.  Consecutive optimizer steps are
+        nearly parallel, so the Gram matrix is nearly singular; λ = 1e-2 keeps the weights α
+        moderate (with 1e-6, unsafeguarded AA on Adam's iterates diverged in our runs) at the
+        price of slower convergence on deterministic quadratics (docs/stable_anderson.md).
+    store_every : int, default 5
+        Store an iterate every this many optimizer steps (AADL's ``store_each_nth``), >= 1.
+        With averaging this is also the length of the moving average, so it must be >= 2.
+    every : int or None, default None (= ``store_every``)
+        Extrapolate every this many optimizer steps (AADL's ``frequency``); a multiple of
+        ``store_every``.
+    delay : int, default 0
+        No extrapolation during the first ``delay`` optimizer steps (iterates are still stored).
+    average : {"auto", "on", "off"}, default "auto"
+        Moving average of the iterates: "on" stores the mean of the ``store_every`` optimizer
+        iterates since the last stored one instead of the last of them (the map g then sends the
+        block's first weights to the block's mean); "auto" does so only when the block's relative
+        standard deviation (RSD) exceeds ``rsd_threshold``, and discards the stored pairs when it
+        switches, since they belong to the other map; "off" never averages (and keeps 4·n fewer
+        values per group).
+    rsd_threshold : float, default 0.1
+        Threshold of the "auto" criterion, > 0.  The RSD of a block of optimizer steps
+        d_t = x_t − x_{t−1} is ``max_i std_t(d_t,i) / max_i abs(mean_t(d_t,i))``: near 0 for a steady
+        (deterministic) sequence, of order 1 when noise dominates the steps.  The
+        max(std)/max(mean) form and the value 0.1 are those of the authors' AADL code (ORNL),
+        which applies them to the iterates of the window; here they apply to the steps, so that
+        a steady drift does not count as oscillation.  ``records[i].rsd`` shows the values seen.
+    safeguard : bool, default False
+        Keep an extrapolate only if its loss on the current batch is finite and not higher than
+        that of the optimizer's weights (AADL's safeguard).  Needs ``step(closure)`` and costs
+        two extra closure calls (forward and backward) per extrapolation; the decision covers all
+        groups at once.  Recommended: in the runs of docs/stable_anderson.md every AA run ended
+        at a lower loss with it than without.
+    restart_growth, restart_weight : float, default 1e4, 1e6
+        AA's own restart safeguards, as in :func:`fixedpoint.anderson`.
+
+    Raises
+    ------
+    TypeError
+        If ``optimizer`` is not a ``torch.optim.Optimizer``, an option has the wrong type, or a
+        group holds non-floating parameters.
+    ValueError
+        If an option is out of range (the message names it), ``every`` is not a multiple of
+        ``store_every``, averaging is asked for with ``store_every`` < 2, or a group's parameters
+        lie on several devices.
+
+    Notes
+    -----
+    Memory: (2m + 3)·n values per group of n elements, plus 4·n with averaging, on the
+    parameters' device (in float32 for half-precision parameters).  Work: the Gram row and the
+    combination cost O(m·n) per stored iterate or extrapolation, plus O(n) per step with
+    averaging.  Each extrapolation reads a few scalars on the host (a synchronisation on GPUs).
+
+    Under ``DistributedDataParallel`` every rank holds the same replicated weights after each
+    optimizer step, so every rank stores the same iterates and computes the same extrapolate; no
+    weights are communicated.  The safeguard's two losses are averaged over ranks (one
+    ``all_reduce`` of two numbers, when ``torch.distributed`` is initialised) so that all ranks take
+    the same decision.
+
+    Learning-rate schedulers are attached to the wrapped optimizer (``wrapper.optimizer``).
+    """
+
+    def __init__(self, optimizer, *, m=5, beta=1.0, lam=1e-2, lam_mode="relative", store_every=5, every=None,
+                 delay=0, average="auto", rsd_threshold=0.1, safeguard=False, restart_growth=1e4,
+                 restart_weight=1e6):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        aa = check_anderson_options(m, beta, lam, lam_mode, delay, restart_growth, restart_weight)
+        if aa["m"] < 2:
+            raise ValueError(f"m must be an integer >= 2 (an extrapolation combines at least two iterates), got {m}")
+        self.delay = aa.pop("delay")
+        self.store_every = check_int("store_every", store_every, 1)
+        self.every = self.store_every if every is None else check_int("every", every, 1)
+        if self.every % self.store_every:
+            raise ValueError(f"every must be a multiple of store_every ({self.store_every}), got {self.every}")
+        self.average = check_choice("average", average, AVERAGE_MODES)
+        if self.average != "off" and self.store_every < 2:
+            raise ValueError(f"average={average!r} averages the store_every iterates between stored ones, "
+                             "so it needs store_every >= 2 (or average='off')")
+        self.rsd_threshold = check_real("rsd_threshold", rsd_threshold, 0.0, None, low_open=True)
+        if not isinstance(safeguard, bool):
+            raise TypeError(f"safeguard must be True or False, got {safeguard!r}")
+        self.safeguard = safeguard
+        self.options = dict(aa, store_every=self.store_every, every=self.every, delay=self.delay,
+                            average=self.average, rsd_threshold=self.rsd_threshold, safeguard=safeguard)
+        self.optimizer = optimizer
+        self.n_steps = 0
+        self.records: list[ExtrapolationRecord] = []
+        with torch.no_grad():
+            self.groups = [_Group(i, g, dict(aa, delay=0), self.average != "off")
+                           for i, g in enumerate(optimizer.param_groups)]
+
+    # --- the optimizer interface -------------------------------------------------------------
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):
+        """One optimizer step, then (on the steps due) store the iterate and extrapolate.
+
+        Parameters
+        ----------
+        closure : callable, optional
+            Re-evaluates the model and returns the loss (``torch.optim`` convention); required
+            with ``safeguard=True``.
+
+        Returns
+        -------
+        The wrapped optimizer's return value (the closure's loss, or None).
+
+        Raises
+        ------
+        ValueError
+            If ``safeguard=True`` and no closure is given.
+        RuntimeError
+            If the optimizer's parameter groups changed since the wrapper was built.
+        """
+        if self.safeguard and closure is None:
+            raise ValueError("safeguard=True compares losses, so step needs a closure: step(closure)")
+        if len(self.optimizer.param_groups) != len(self.groups):
+            raise RuntimeError("the optimizer's parameter groups changed after AndersonAcceleration was built; "
+                               "build a new wrapper")
+        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        self.n_steps += 1
+        store = self.n_steps % self.store_every == 0
+        with torch.no_grad():
+            stored = [g.after_step(store, self.average, self.rsd_threshold) for g in self.groups]
+            if store and self.n_steps > self.delay and self.n_steps % self.every == 0:
+                self._extrapolate(closure, stored)
+        return loss
+
+    # --- extrapolation -----------------------------------------------------------------------
+    @staticmethod
+    def _loss(closure):
+        with torch.enable_grad():
+            loss = closure()
+        if loss is None:
+            raise TypeError("safeguard=True needs a closure that returns the loss, got None")
+        return float(loss)
+
+    def _extrapolate(self, closure, stored):
+        status, tried = {}, []
+        for i, g in enumerate(self.groups):
+            if g.n:
+                status[i] = g.candidate()
+                if status[i] is None:
+                    tried.append(g)
+        losses = (math.nan, math.nan)
+        if tried:
+            if self.safeguard:
+                plain = self._loss(closure)
+            for g in tried:
+                g.scatter("work")
+            accept = True
+            if self.safeguard:
+                losses = (plain, self._loss(closure))
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    pair = torch.tensor(losses, dtype=torch.float64, device=tried[0].device)
+                    torch.distributed.all_reduce(pair)
+                    losses = tuple((pair / torch.distributed.get_world_size()).tolist())
+                accept = math.isfinite(losses[1]) and losses[1] <= losses[0]
+            for g in tried:
+                if accept:
+                    g.gather("prev")
+                    if g.averaging:
+                        g.last.copy_(g.prev)
+                else:
+                    g.scatter("cur")
+                status[self.groups.index(g)] = "accepted" if accept else "rejected"
+        for i, st in status.items():
+            g = self.groups[i]
+            g.counts[st] += 1
+            averaged, rsd = stored[i]
+            self.records.append(ExtrapolationRecord(self.n_steps, i, st, averaged, rsd, g.n_valid, *losses))
+
+    def reset(self):
+        """Forget the stored iterates of every group (e.g. after a learning-rate drop, when the old
+        steps no longer describe the map); the moving average and the counters carry on."""
+        for g in self.groups:
+            if g.n:
+                g.hist.reset()
+                g.n_valid = 0
+
+    def summary(self):
+        """Counts over all groups: ``steps``, ``stores``, ``averaged`` (stored iterates that were
+        moving averages) and one entry per extrapolation status (see :class:`ExtrapolationRecord`)."""
+        out = dict(steps=self.n_steps, stores=0, averaged=0, **{s: 0 for s in STATUSES})
+        for g in self.groups:
+            for key, val in g.counts.items():
+                out[key] += val
+        return out
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def state_dict(self):
+        """The wrapped optimizer's state dict and the wrapper's own state (tensors are copies).
+
+        Returns
+        -------
+        dict
+            ``{"optimizer": optimizer.state_dict(), "anderson": {...}}``; the ``"anderson"`` part
+            holds the options, the step count and, per group, the Anderson history (buffers, Gram
+            matrix, restart bookkeeping), the last stored iterate and the moving-average sums.
+            ``records`` (the log) is not included.
+        """
+        return {"optimizer": self.optimizer.state_dict(),
+                "anderson": {"options": dict(self.options), "n_steps": self.n_steps,
+                             "groups": [g.state_dict() for g in self.groups]}}
+
+    def load_state_dict(self, state_dict):
+        """Restore a :meth:`state_dict`, so that training continues exactly as it would have.
+
+        The model's weights are restored separately (``model.load_state_dict``).  Options that
+        fix the layout (``m``, ``store_every``, ``average``) must match; the others take the values
+        given to this wrapper.
+
+        Raises
+        ------
+        ValueError
+            If the state comes from a wrapper with another layout or other parameter groups.
+        """
+        if not isinstance(state_dict, dict) or set(state_dict) != {"optimizer", "anderson"}:
+            raise ValueError("state_dict must be the dict returned by AndersonAcceleration.state_dict()")
+        mine = state_dict["anderson"]
+        for key in ("m", "store_every", "average"):
+            if mine["options"].get(key) != self.options[key]:
+                raise ValueError(f"state_dict was saved with {key}={mine['options'].get(key)!r}, "
+                                 f"this wrapper has {key}={self.options[key]!r}")
+        if len(mine["groups"]) != len(self.groups):
+            raise ValueError(f"state_dict has {len(mine['groups'])} parameter groups, the optimizer has "
+                             f"{len(self.groups)}")
+        for i, (g, s) in enumerate(zip(self.groups, mine["groups"])):
+            g.check_state(s, i)
+        with torch.no_grad():
+            for g, s in zip(self.groups, mine["groups"]):
+                g.load_state_dict(s)
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.n_steps = int(mine["n_steps"])
+
+    def __repr__(self):
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"AndersonAcceleration({type(self.optimizer).__name__}, {opts})"
