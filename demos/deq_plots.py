@@ -1,0 +1,99 @@
+"""PNG plots of the DEQ demo (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["plot_all", "plot_accuracy", "plot_residuals", "plot_iterations"]
+
+COLORS = {"forward": "tab:blue", "anderson": "tab:red"}
+LABELS = {"forward": "forward iteration", "anderson": "Anderson (m=5)"}
+
+
+def _legend(ax):
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def _title(summary):
+    s = summary.get("settings", {})
+    return f"DEQ on {s.get('dataset', '?')}, {s.get('device', '?')} ({s.get('solver_backend', '?')} solver)"
+
+
+def plot_accuracy(path, runs, summary):
+    """Train and test accuracy after each epoch against cumulative training time."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for name, run in runs.items():
+        if not run.epochs:
+            continue
+        t = [0.0] + [e["time_cumulative"] for e in run.epochs]
+        c = COLORS.get(name)
+        ax.plot(t[1:], [e["test_acc"] for e in run.epochs], "o-", color=c, label=f"{LABELS.get(name, name)}, test")
+        ax.plot(t[1:], [e["train_acc"] for e in run.epochs], "s--", color=c, alpha=0.6,
+                label=f"{LABELS.get(name, name)}, train")
+    ax.set_xlabel("training wall time [s]")
+    ax.set_ylabel("accuracy")
+    ax.set_title(_title(summary), fontsize=10)
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_residuals(path, curves, summary):
+    """Relative residual of one fixed batch against iteration and against wall time (the paper's Figure 1)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    tol = summary.get("settings", {}).get("tol")
+    for name, c in curves.items():
+        kw = dict(color=COLORS.get(name), label=LABELS.get(name, name), lw=1.5)
+        axes[0].semilogy(c["iteration"], c["residual"], **kw)
+        axes[1].semilogy(c["time"], c["residual"], **kw)
+    for ax, xlabel in zip(axes, ("iteration", "wall time [s]")):
+        if tol:
+            ax.axhline(tol, color="gray", ls=":", lw=1, label=f"training tolerance {tol:g}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(r"relative residual $\|f(z)-z\| / \|f(z)\|$")
+        ax.grid(alpha=0.3, which="both")
+        _legend(ax)
+    fig.suptitle(_title(summary) + ": one fixed batch, trained model", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_iterations(path, runs, summary):
+    """Solver iterations of every training batch: evaluations per batch (the cost) and mean per sample."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for name, run in runs.items():
+        if not run.batches:
+            continue
+        steps = [b["step"] for b in run.batches]
+        c, label = COLORS.get(name), LABELS.get(name, name)
+        for ax, (fwd, bwd) in zip(axes, (("fwd_fev", "bwd_fev"), ("fwd_iter_mean", "bwd_iter_mean"))):
+            ax.plot(steps, [b[fwd] for b in run.batches], "-", color=c, lw=1, label=f"{label}, forward solve")
+            ax.plot(steps, [b[bwd] for b in run.batches], ":", color=c, lw=1, label=f"{label}, adjoint solve")
+    for ax, ylabel in zip(axes, ("evaluations per batch (slowest sample)", "mean iterations per sample")):
+        ax.set_yscale("log")
+        ax.set_xlabel("training batch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        _legend(ax)
+    fig.suptitle(_title(summary), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_all(out, runs, curves, summary):
+    """Write accuracy_vs_time.png, iterations_per_batch.png and (with curves) residuals.png into ``out``."""
+    plot_accuracy(os.path.join(out, "accuracy_vs_time.png"), runs, summary)
+    plot_iterations(os.path.join(out, "iterations_per_batch.png"), runs, summary)
+    if curves:
+        plot_residuals(os.path.join(out, "residuals.png"), curves, summary)
+

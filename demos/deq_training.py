@@ -1,0 +1,267 @@
+"""Training the DEQ classifier with one solver: per-batch solver statistics, resumable checkpoints.
+
+A :class:`Run` holds the model, optimizer, schedule and every record so far;
+its checkpoint is written after every epoch and when the run is interrupted
+(Ctrl-C, or any exception), so that ``--resume`` continues from the batch where
+it stopped.  Batch b of epoch e is the same whenever it is drawn (see
+:mod:`batches`), so a resumed run trains on the same data as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+import fixedpoint
+from deq_model import DEQClassifier
+
+__all__ = ["Run", "build_run", "train", "evaluate", "save_checkpoint", "load_checkpoint", "residual_curves",
+           "solver_options"]
+
+
+def solver_options(method, args, backend):
+    """Keyword arguments of :class:`fixedpoint.torch.DEQ` for ``method`` from the command-line flags."""
+    opts = dict(method=method, backend=backend, tol=args.tol, max_iter=args.max_iter, stop_mode=args.stop_mode,
+                backward_tol=args.backward_tol, backward_max_iter=args.backward_max_iter, batch=not args.whole_batch)
+    if method == "anderson":
+        opts.update(m=args.m, beta=args.beta, lam=args.lam, lam_mode=args.lam_mode,
+                    backward_options=dict(m=args.m, beta=args.beta, lam=args.lam, lam_mode=args.backward_lam_mode))
+    return opts
+
+
+@dataclass
+class Run:
+    """Everything about training one model with one solver."""
+
+    solver: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    epoch: int = 0            # epochs completed (training and evaluation)
+    next_batch: int = 0       # next training batch of the current epoch
+    epochs: list = field(default_factory=list)    # one record per completed epoch
+    batches: list = field(default_factory=list)   # one record per training batch
+
+    @property
+    def train_time(self):
+        """Training seconds so far (solves, backward pass, optimizer; evaluation excluded)."""
+        return float(sum(b["time_total"] for b in self.batches))
+
+
+def build_run(method, args, shape, n_classes, steps_per_epoch, device, backend):
+    """A fresh model (seeded by ``args.seed``: every solver starts from the same weights), Adam, cosine schedule."""
+    torch.manual_seed(args.seed)
+    c, h, _ = shape
+    model = DEQClassifier(c, h, n_classes, args.channels, args.inner_channels, args.groups,
+                          deq_options=solver_options(method, args, backend)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.epochs * steps_per_epoch))
+    return Run(method, model, optimizer, scheduler)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(run, path, config):
+    """Write ``run`` to ``path`` atomically (a temporary file, then a rename)."""
+    state = dict(config=config, solver=run.solver, model=run.model.state_dict(),
+                 optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(), epoch=run.epoch,
+                 next_batch=run.next_batch, epochs=run.epochs, batches=run.batches)
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(run, path, config):
+    """Restore ``run`` from ``path``; the run must have been made with the same ``config``.
+
+    Raises
+    ------
+    ValueError
+        When a setting differs (named in the message): resuming would mix two experiments.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    for key, value in config.items():
+        old = state["config"].get(key)
+        if old != value:
+            raise ValueError(f"--resume: {path} was made with {key}={old!r}, this run has {key}={value!r}; "
+                             f"use the same settings or another --out")
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.epoch, run.next_batch = state["epoch"], state["next_batch"]
+    run.epochs, run.batches = state["epochs"], state["batches"]
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Hold back Ctrl-C until the block ends, so an optimizer step and its record are never half done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- training and evaluation
+
+def _train_batch(run, images, labels, device):
+    t0 = time.perf_counter()
+    run.model.train()
+    logits = run.model(images)
+    loss = F.cross_entropy(logits, labels)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    stats = run.model.deq.stats
+    with _deferred_interrupt():
+        run.optimizer.step()
+        run.scheduler.step()
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+        fwd, bwd = stats.forward, stats.backward
+        rec = dict(solver=run.solver, epoch=run.epoch + 1, batch=run.next_batch, step=len(run.batches) + 1,
+                   size=int(labels.shape[0]), loss=float(loss.detach()),
+                   correct=int((logits.argmax(1) == labels).sum()),
+                   fwd_fev=fwd.n_fev, fwd_iter_mean=fwd.n_iter_mean, fwd_iter_max=fwd.n_iter_max,
+                   fwd_converged=fwd.converged_fraction, fwd_residual_max=fwd.residual_max,
+                   bwd_fev=bwd.n_fev, bwd_iter_mean=bwd.n_iter_mean, bwd_iter_max=bwd.n_iter_max,
+                   bwd_converged=bwd.converged_fraction, bwd_residual_max=bwd.residual_max,
+                   time_forward_solve=fwd.wall_time, time_backward_solve=bwd.wall_time, time_total=elapsed)
+        run.batches.append(rec)
+        run.next_batch += 1
+    return rec
+
+
+def evaluate(model, batches, device):
+    """Test loss, accuracy and forward-solve statistics, in eval mode without autograd."""
+    model.eval()
+    t0 = time.perf_counter()
+    loss_sum, correct, count, fevs, conv = 0.0, 0, 0, [], []
+    with torch.no_grad():
+        for _, images, labels in batches.epoch(0):
+            logits = model(images)
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(1) == labels).sum())
+            count += int(labels.shape[0])
+            st = model.deq.stats.forward
+            fevs.append(st.n_fev)
+            conv.append(st.converged_fraction * labels.shape[0])
+    _sync(device)
+    return dict(test_loss=loss_sum / count, test_acc=correct / count, time_eval=time.perf_counter() - t0,
+                test_fwd_fev_mean=float(np.mean(fevs)), test_fwd_fev_max=int(np.max(fevs)),
+                test_fwd_converged=float(np.sum(conv) / count))
+
+
+def _epoch_record(run, test):
+    mine = [b for b in run.batches if b["epoch"] == run.epoch + 1]
+    n = sum(b["size"] for b in mine)
+
+    def mean(key):
+        return float(np.mean([b[key] for b in mine]))
+
+    def weighted(key):
+        return float(sum(b[key] * b["size"] for b in mine) / n)
+
+    t_train = sum(b["time_total"] for b in mine)
+    t_fwd = sum(b["time_forward_solve"] for b in mine)
+    t_bwd = sum(b["time_backward_solve"] for b in mine)
+    rec = dict(solver=run.solver, epoch=run.epoch + 1, lr=run.optimizer.param_groups[0]["lr"],
+               train_loss=weighted("loss"), train_acc=sum(b["correct"] for b in mine) / n, **test,
+               time_train=t_train, time_forward_solve=t_fwd, time_backward_solve=t_bwd,
+               time_rest=t_train - t_fwd - t_bwd, time_cumulative=run.train_time,
+               fwd_fev_mean=mean("fwd_fev"), fwd_fev_max=int(max(b["fwd_fev"] for b in mine)),
+               fwd_iter_mean=mean("fwd_iter_mean"), fwd_iter_max=int(max(b["fwd_iter_max"] for b in mine)),
+               fwd_converged=weighted("fwd_converged"),
+               bwd_fev_mean=mean("bwd_fev"), bwd_fev_max=int(max(b["bwd_fev"] for b in mine)),
+               bwd_iter_mean=mean("bwd_iter_mean"), bwd_iter_max=int(max(b["bwd_iter_max"] for b in mine)),
+               bwd_converged=weighted("bwd_converged"),
+               fwd_fev_cumulative=int(sum(b["fwd_fev"] for b in run.batches)),
+               bwd_fev_cumulative=int(sum(b["bwd_fev"] for b in run.batches)))
+    return rec
+
+
+def train(run, train_batches, test_batches, epochs, device, on_epoch_end, progress=None):
+    """Train ``run`` until ``epochs`` epochs are complete, evaluating after each.
+
+    ``on_epoch_end(run, record)`` is called after each epoch (it writes the
+    checkpoint and the metrics).  On any exception, Ctrl-C included, the run
+    keeps every completed batch, so that the caller can checkpoint it; the
+    interrupted batch is redone on resume.
+    """
+    n = len(train_batches)
+    while run.epoch < epochs:
+        bar = tqdm(total=n, initial=run.next_batch, desc=f"{run.solver} epoch {run.epoch + 1}/{epochs}",
+                   unit="batch", disable=progress, leave=False, dynamic_ncols=True)
+        with bar:
+            for _, images, labels in train_batches.epoch(run.epoch, start=run.next_batch):
+                rec = _train_batch(run, images, labels, device)
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['correct'] / rec['size']:.3f}",
+                                fwd_it=rec["fwd_fev"], bwd_it=rec["bwd_fev"])
+        test = evaluate(run.model, test_batches, device)
+        record = _epoch_record(run, test)
+        run.epochs.append(record)
+        run.epoch += 1
+        run.next_batch = 0
+        on_epoch_end(run, record)
+    return run
+
+
+# ---------------------------------------------------------------- the paper's Figure 1
+
+def residual_curves(model, images, methods, args, backend, device):
+    """Relative residual against iteration and wall time for one fixed batch (arXiv 2410.19460, Figure 1).
+
+    The DEQ's map z ↦ f(z, x) at the batch's injection x is solved by each method
+    from z = 0 to ``args.fig_tol`` or ``args.fig_iters`` iterations, the whole
+    batch as one vector (the paper's ‖f(z) − z‖ / (‖f(z)‖ + ε) over the batch).
+
+    Returns
+    -------
+    dict
+        method -> {"iteration": [...], "residual": [...], "time": [...]} (time in
+        seconds since the solve began, taken after each evaluation of f).
+    """
+    model.eval()
+    f = model.deq.f
+    out = {}
+    with torch.no_grad():
+        x = model.injection(images)
+        z0 = torch.zeros_like(x)
+        for method in methods:
+            opts = solver_options(method, args, backend)
+            own = {k: opts[k] for k in ("m", "beta", "lam", "lam_mode") if k in opts}
+            run_opts = dict(method=method, tol=args.fig_tol, stop_mode="rel", batch=False,
+                            backend=opts["backend"], **own)
+            fixedpoint.solve(lambda z: f(z, x), z0, max_iter=3, **run_opts)  # warm-up: lazy initialisation
+            stamps = []
+
+            def record(info):
+                _sync(device)
+                stamps.append(time.perf_counter())
+
+            t0 = time.perf_counter()
+            res = fixedpoint.solve(lambda z: f(z, x), z0, max_iter=args.fig_iters, callback=record, **run_opts)
+            hist = np.asarray(res.residual_history, dtype=float).reshape(-1)
+            out[method] = dict(iteration=list(range(1, len(hist) + 1)), residual=hist.tolist(),
+                               time=[s - t0 for s in stamps[:len(hist)]], status=res.status)
+    return out

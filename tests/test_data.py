@@ -1,0 +1,240 @@
+"""The DEQ demo's data loaders (CIFAR-10 pickles, IDX files, digits), batches, and one short end-to-end run."""
+
+import gzip
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+DEMOS = Path(__file__).resolve().parent.parent / "demos"
+sys.path.insert(0, str(DEMOS))
+
+import data  # noqa: E402
+from batches import Batches  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# ---------------------------------------------------------------- CIFAR-10
+
+def _write_cifar_fixture(folder, n_per_batch=4, seed=0):
+    """A miniature cifar-10-batches-py in the exact format: protocol-2 pickles with bytes keys."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    images = {}
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for k, name in enumerate(names):
+        arr = rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, size=n_per_batch)]
+        batch = {b"batch_label": f"batch {k}".encode(), b"labels": labels, b"data": arr,
+                 b"filenames": [f"img{k}_{i}.png".encode() for i in range(n_per_batch)]}
+        with open(folder / name, "wb") as fh:
+            pickle.dump(batch, fh, protocol=2)
+        images[name] = (arr, labels)
+    meta = {b"num_cases_per_batch": n_per_batch, b"num_vis": 3072,
+            b"label_names": [n.encode() for n in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                                 "horse", "ship", "truck")]}
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump(meta, fh, protocol=2)
+    return images
+
+
+def test_cifar10_loader_reads_the_pickled_batches(tmp_path):
+    raw = _write_cifar_fixture(tmp_path / "cifar-10-batches-py")
+    for where in (tmp_path, tmp_path / "cifar-10-batches-py"):  # torchvision's root, or the folder itself
+        d = data.load_cifar10(where, download=False)
+        assert d.train_x.shape == (20, 3, 32, 32) and d.test_x.shape == (4, 3, 32, 32)
+        assert d.train_x.dtype == np.uint8 and d.train_y.dtype == np.int64 and d.max_value == 255
+        assert d.classes[0] == "airplane" and d.classes[9] == "truck" and len(d.classes) == 10
+        arr, labels = raw["data_batch_2"]
+        img = d.train_x[4]  # first image of data_batch_2
+        # the 3072 bytes are the R, G and B planes of 32x32, row by row
+        assert img[0, 0, 0] == arr[0, 0] and img[0, 0, 1] == arr[0, 1] and img[0, 1, 0] == arr[0, 32]
+        assert img[1, 0, 0] == arr[0, 1024] and img[2, 31, 31] == arr[0, 3071]
+        assert d.train_y[4:8].tolist() == labels
+        assert d.test_y.tolist() == raw["test_batch"][1]
+
+
+def test_cifar10_missing_or_incomplete_or_unsafe(tmp_path):
+    with pytest.raises(data.DataError, match=r"cifar-10-batches-py.*cifar-10-python\.tar\.gz"):
+        data.load_cifar10(tmp_path / "nowhere", download=False)
+    folder = tmp_path / "c" / "cifar-10-batches-py"
+    _write_cifar_fixture(folder)
+    os.remove(folder / "data_batch_3")
+    with pytest.raises(data.DataError, match="data_batch_3"):
+        data.load_cifar10(tmp_path / "c", download=False)
+    with open(folder / "data_batch_3", "wb") as fh:  # a pickle that would run code
+        pickle.dump({b"data": os.system}, fh, protocol=2)
+    with pytest.raises(data.DataError, match="refusing"):
+        data.load_cifar10(tmp_path / "c", download=False)
+
+
+# ---------------------------------------------------------------- IDX
+
+def _idx_bytes(arr, code):
+    header = bytes([0, 0, code, arr.ndim]) + np.asarray(arr.shape, dtype=">i4").tobytes()
+    return header + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
+
+
+def test_idx_reader_plain_and_gzip(tmp_path):
+    imgs = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    (tmp_path / "a-idx3-ubyte").write_bytes(_idx_bytes(imgs, 0x08))
+    (tmp_path / "b-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(imgs, 0x08)))
+    vals = np.array([1.5, -2.0, 3.25], dtype=np.float32)
+    (tmp_path / "c-idx1").write_bytes(_idx_bytes(vals, 0x0D))
+    ints = np.array([[70000, -5]], dtype=np.int32)
+    (tmp_path / "d-idx2").write_bytes(_idx_bytes(ints, 0x0C))
+    for name in ("a-idx3-ubyte", "b-idx3-ubyte.gz"):
+        got = data.read_idx(tmp_path / name)
+        assert got.dtype == np.uint8 and got.shape == (2, 3, 4)
+        np.testing.assert_array_equal(got, imgs)
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "c-idx1"), vals)
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "d-idx2"), ints)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01" + b"\x00" * 8)
+    with pytest.raises(data.DataError, match="magic"):
+        data.read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(_idx_bytes(imgs, 0x08)[:-1])
+    with pytest.raises(data.DataError, match="bytes"):
+        data.read_idx(tmp_path / "short")
+
+
+def test_fashion_mnist_loader_on_a_fixture(tmp_path):
+    rng = np.random.default_rng(1)
+    tr = rng.integers(0, 256, size=(6, 28, 28), dtype=np.uint8)
+    te = rng.integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(tr, 0x08)))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(np.arange(6, dtype=np.uint8), 0x08))
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(te, 0x08))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(np.arange(3, dtype=np.uint8),
+                                                                                    0x08)))
+    d = data.load_fashion_mnist(tmp_path)
+    assert d.train_x.shape == (6, 1, 28, 28) and d.test_x.shape == (3, 1, 28, 28)
+    np.testing.assert_array_equal(d.train_x[:, 0], tr)
+    assert d.train_y.tolist() == list(range(6)) and d.classes[9] == "Ankle boot"
+    with pytest.raises(data.DataError, match="apt-get install dataset-fashion-mnist"):
+        data.load_fashion_mnist(tmp_path / "missing")
+
+
+def test_digits_and_batches():
+    d = data.load_digits()
+    assert d.train_x.shape == (1437, 1, 8, 8) and d.test_x.shape == (360, 1, 8, 8) and d.train_x.max() == 16
+    small = d.limited(250, 40)
+    mean, std = small.channel_stats()
+    b = Batches(small.train_x, small.train_y, 100, mean, std, small.max_value, torch.device("cpu"), shuffle=True,
+                augment=True, seed=3)
+    assert len(b) == 3
+    x1, y1 = b.batch(2, 1)
+    x2, y2 = b.batch(2, 1)  # batch b of epoch e is always the same: resumable mid-epoch
+    assert x1.shape == (100, 1, 8, 8) and x1.dtype == torch.float32
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(b.batch(3, 1)[1], y1)
+    plain = Batches(small.train_x, small.train_y, 100, mean, std, small.max_value, torch.device("cpu"),
+                    shuffle=False, augment=False, seed=3)
+    xs = torch.cat([x for _, x, _ in plain.epoch(0)])
+    assert abs(float(xs.mean())) < 1e-4 and abs(float(xs.std()) - 1) < 1e-2
+    with pytest.raises(ValueError, match="dataset"):
+        data.load_dataset("mnist")
+
+
+# ---------------------------------------------------------------- end to end
+
+def test_digits_end_to_end(tmp_path, capsys):
+    import deq_cifar10
+
+    out = tmp_path / "run"
+    argv = ["--dataset", "digits", "--solver", "both", "--epochs", "1", "--limit-train", "300", "--limit-test", "200",
+            "--fig-iters", "8", "--out", str(out), "--no-progress"]
+    assert deq_cifar10.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "speed-up" in printed and "compute saved" in printed
+    for name in ("metrics.jsonl", "metrics.csv", "batches.csv", "residuals.csv", "summary.json", "accuracy_vs_time.png",
+                 "residuals.png", "iterations_per_batch.png", "checkpoint-forward.pt", "checkpoint-anderson.pt"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["solver"] for r in records] == ["forward", "anderson"]
+    for r in records:
+        assert r["test_acc"] > 0.2 and r["train_acc"] > 0.1  # chance is 0.1
+        assert r["fwd_fev_mean"] > 0 and r["bwd_fev_mean"] > 0 and 0 < r["fwd_converged"] <= 1
+        assert r["time_forward_solve"] + r["time_backward_solve"] + r["time_rest"] == pytest.approx(r["time_train"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["m"] == 5 and summary["settings"]["tol"] == 0.01
+    assert summary["comparison"]["compute_saved_total"] < 1 and "cpu" in summary["machine"]
+    import deq_report  # the summary and plots can be recomputed from the records alone
+
+    (out / "accuracy_vs_time.png").unlink()
+    assert deq_report.main([str(out)]) == 0 and (out / "accuracy_vs_time.png").is_file()
+    assert "iterations saved per sample" in capsys.readouterr().out
+    again = json.loads((out / "summary.json").read_text())["comparison"]
+    for key in ("speedup_total_time", "compute_saved_total", "per_sample_saved_total", "common_test_acc"):
+        assert again[key] == pytest.approx(summary["comparison"][key]), key
+    # A finished run resumes to the same result, and a changed setting is refused.
+    assert deq_cifar10.main(argv + ["--resume"]) == 0
+    assert [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] == records
+    with pytest.raises(ValueError, match="seed"):
+        deq_cifar10.main(argv + ["--resume", "--seed", "1"])
+
+
+def test_ctrl_c_saves_and_resume_continues(tmp_path, monkeypatch, capsys):
+    import deq_cifar10
+    import deq_training
+
+    def argv_for(out):
+        return ["--dataset", "digits", "--solver", "anderson", "--epochs", "1", "--limit-train", "300",
+                "--limit-test", "100", "--fig-iters", "3", "--out", str(out), "--no-progress"]
+
+    out = tmp_path / "run"
+    argv = argv_for(out)
+    real = deq_training._train_batch
+    calls = []
+
+    def interrupted(run, *a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(run, *a)
+
+    monkeypatch.setattr(deq_training, "_train_batch", interrupted)
+    assert deq_cifar10.main(argv) == 130
+    assert "--resume" in capsys.readouterr().err
+    state = torch.load(out / "checkpoint-anderson.pt", weights_only=False)
+    assert state["epoch"] == 0 and state["next_batch"] == 1 and len(state["batches"]) == 1
+    assert json.loads((out / "summary.json").read_text())["interrupted"] == "KeyboardInterrupt"
+    monkeypatch.setattr(deq_training, "_train_batch", real)
+    assert deq_cifar10.main(argv + ["--resume"]) == 0
+    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(resumed) == 1 and resumed[0]["epoch"] == 1
+    fresh = tmp_path / "fresh"
+    assert deq_cifar10.main(argv_for(fresh)) == 0
+    again = [json.loads(line) for line in (fresh / "metrics.jsonl").read_text().splitlines()]
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):  # the same batches, the same weights
+        assert resumed[0][key] == pytest.approx(again[0][key], rel=1e-4, abs=1e-6), key
+
+
+def test_clear_errors_for_missing_data_and_devices(tmp_path, capsys):
+    import deq_cifar10
+
+    base = ["--out", str(tmp_path / "o"), "--no-progress"]
+    assert deq_cifar10.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "none")] + base) == 2
+    assert "dataset-fashion-mnist" in capsys.readouterr().err
+    assert deq_cifar10.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--no-download"]
+                            + base) == 2
+    assert "cifar-10-batches-py" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            deq_cifar10.main(["--dataset", "digits", "--device", "cuda"] + base)
+        assert "no usable CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        deq_cifar10.main(["--dataset", "digits", "--solver-backend", "cupy"] + base)
+    assert "--device cuda" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        deq_cifar10.main(["--dataset", "digits", "--beta", "0"] + base)
+    assert "--beta" in capsys.readouterr().err
