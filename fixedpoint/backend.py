@@ -201,6 +201,8 @@ class Kernels:
         else:
             self.sxp, self.sdevice = xp, device
         self.sdtype = solve_dtype(self.sxp, self.sdevice)
+        #: True when the small state is NumPy, so reading it costs no device synchronisation.
+        self.small_on_host = library_name(self.sxp) == "numpy"
 
     def small(self, a):
         """View an array of the vectors' library as an array of :attr:`sxp` (no copy)."""
@@ -253,7 +255,16 @@ class Kernels:
             out[...] = a + alpha * b
 
     def copy_rows_where(self, out, a, mask):
-        """``out[i] = a[i]`` for the rows ``i`` where the boolean ``mask`` (shape ``(B,)``, small state) is true."""
+        """``out[i] = a[i]`` for the rows ``i`` where the boolean ``mask`` (shape ``(B,)``, small state) is true.
+
+        With the small state on the host, an all-false mask costs nothing and an all-true one a plain copy.
+        """
+        if self.small_on_host:
+            if not mask.any():
+                return
+            if mask.all():
+                self.copy(out, a)
+                return
         m = self.big(mask)[:, None]
         if self.lib == "torch":
             self._raw.where(m, a, out, out=out)

@@ -163,9 +163,15 @@ class _Loop:
             self.x_cur = xp.reshape(xp.astype(x0, dtype, copy=True), (B, n))
             self.x_next = xp.empty_like(self.x_cur)
             self.best_x = xp.asarray(self.x_cur, copy=True)
+        # The best iterate is copied into best_x lazily: the rows of samples whose best iterate is the
+        # last one still lie in the iterate buffer ``best_buf`` (mask ``best_pending``) and are copied
+        # only when that buffer is about to be overwritten without the sample having improved again.
+        # For a steadily converging sample this saves a copy of size n every iteration.
+        self.best_buf = None
         # Per-sample state is small state (kern.sxp): NumPy for host memory, else on the device.
         self.best_r = sxp.full((B,), float("inf"), dtype=sdt, device=sdev)
         self.active = sxp.ones((B,), dtype=sxp.bool, device=sdev)
+        self.best_pending = sxp.zeros((B,), dtype=sxp.bool, device=sdev)
         # Residual history: one row per iteration, _INACTIVE for samples that had stopped.  Per-sample
         # convergence, failure and iteration counts are derived from it on the host (see result()).
         self.inactive = sxp.full((B,), _INACTIVE, dtype=sdt, device=sdev)
@@ -197,7 +203,9 @@ class _Loop:
                 active = self.active
                 improved = active & (r < self.best_r)  # False for NaN
                 self.best_r = sxp.where(improved, r, self.best_r)
-                kern.copy_rows_where(self.best_x, x, improved)
+                if self.best_buf is not None:  # x_next, about to be overwritten by the step
+                    kern.copy_rows_where(self.best_x, self.best_buf, self.best_pending & ~improved)
+                self.best_buf, self.best_pending = x, improved
                 self.hist[self.pending, ...] = sxp.where(active, r, self.inactive)
                 self.pending += 1
                 self.active = active = active & (r > tol) & (r < _INF)  # converged or non-finite: stop
@@ -217,9 +225,17 @@ class _Loop:
             raise
         return self.result(status)
 
+    def _settle_best(self):
+        """Copy the best-iterate rows that still lie in an iterate buffer into best_x."""
+        if self.best_buf is not None:
+            with self.kern.solver_context():
+                self.kern.copy_rows_where(self.best_x, self.best_buf, self.best_pending)
+            self.best_buf = None
+
     def result(self, status):
         """The :class:`FixedPointResult` of what has been computed so far."""
         xp = self.xp
+        self._settle_best()
         x = xp.reshape(self.best_x, self.shape)
         if self.lib != self.caller_lib:
             x = convert(x, self.caller_lib, device=self.caller_device, dtype=self.caller_dtype)

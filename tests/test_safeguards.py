@@ -61,3 +61,30 @@ def test_error_in_g_keeps_what_was_computed():
     assert partial.status == "error" and partial.n_fev == 4 and len(partial.residual_history) == 4
     assert partial.residual == pytest.approx(partial.residual_history.min())
     assert np.isfinite(partial.x).all()
+
+
+@pytest.mark.parametrize("method", ["forward", "anderson"])
+def test_best_iterate_of_every_sample_when_residuals_rise_and_fall(backend, method):
+    """Non-normal linear maps: residuals grow, shrink and grow again, differently per sample, and the
+    solve stops at max_iter; each sample's result is its own iterate of smallest residual."""
+    xp = backend.xp
+    J = np.array([[0.6, 2.5], [-0.4, 0.7]])  # complex eigenvalues, |λ| < 1, far from normal
+    scales = np.array([1.0, 1.2, 0.9, 1.4])  # spectral radius > 1 for the later samples: they diverge
+    A = backend.asarray(scales[:, None, None] * J[None])
+    x0 = backend.asarray(np.linspace(1.0, 2.0, 8).reshape(4, 2))
+    seen = []
+
+    def g(x):
+        return xp.sum(A * x[:, None, :], axis=-1)
+
+    def record(info):
+        seen.append(np.array(backend.numpy(info.x)))  # a copy: info.x is the solver's buffer
+
+    res = fixedpoint.solve(g, x0, method=method, batch=True, tol=1e-30, max_iter=25, callback=record)
+    hist = res.residual_history
+    assert hist.shape == (25, 4) and not np.all(np.diff(hist, axis=0) <= 0, axis=0).any()  # none monotone
+    got = backend.numpy(res.x)
+    for b in range(4):
+        k = int(np.nanargmin(hist[:, b]))
+        np.testing.assert_array_equal(got[b], seen[k][b])
+        assert res.residual[b] == hist[k, b]
