@@ -1,16 +1,19 @@
 """CPU vs GPU: time to tolerance of forward iteration and Anderson, across problem sizes and array libraries.
 
 For each built-in problem (the cheap O(n) Jacobi map, the DEQ-like tanh layer, the
-H-equation and, with torch, a convolutional DEQ block), each size n and each
-usable backend (NumPy, PyTorch CPU, CuPy, PyTorch CUDA), both methods are timed
-to tolerance with warm-up, device synchronisation and repeats (medians and
-quartiles).  Reported per row: evaluations of g, time, time per iteration, the
-time of one evaluation of g and Anderson's own overhead per iteration (time per
-iteration beyond g); then the speed-up of Anderson over forward iteration, of the
-GPU over the fastest CPU backend, and the crossover size from which the GPU wins.
-A second run at one size records relative residual against wall time per
-iteration (the Figure 1 of Al Dajani & Keyes, arXiv 2410.19460), showing the
-crossover point and the "mixing penalty" (Anderson's dearer iterations).
+H-equation and, with torch, the DEQ demo's convolutional cell solved through the
+``fixedpoint.torch`` DEQ layer), each size n and each usable backend (NumPy,
+PyTorch CPU, CuPy, PyTorch CUDA), both methods are timed to tolerance with
+warm-up, device synchronisation and repeats (medians and quartiles).  Reported
+per row: evaluations of g, time, time per evaluation, the time of one evaluation
+of g alone (timed separately, 10 calls per repeat) and the solver's own overhead
+per iteration (time per evaluation minus that; measurement noise can make it
+slightly negative when g dominates); then the speed-up of Anderson over forward
+iteration, of the GPU over the fastest CPU backend, and the crossover size from
+which the GPU wins.  A second run at one size records relative residual against
+wall time per iteration (the Figure 1 of Al Dajani & Keyes, arXiv 2410.19460),
+showing the crossover point and the "mixing penalty" (Anderson's dearer
+iterations).
 
 Examples::
 
@@ -31,6 +34,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -42,7 +46,7 @@ METHODS = ("forward", "anderson")
 
 
 def make_problem(name, n, lib, device, dtype):
-    """(problem, solve options) of size about ``n`` for ``name``; None when ``name`` does not apply to ``lib``."""
+    """(problem, solve options) of size about ``n`` for ``name``, in dtype ``dtype`` ("float32" or "float64")."""
     kw = dict(backend=lib, dtype=dtype, device=device)
     if name == "jacobi":
         return problems.poisson_jacobi(n, shift=0.1, **kw), {}
@@ -52,54 +56,87 @@ def make_problem(name, n, lib, device, dtype):
     if name == "h-equation":
         return problems.chandrasekhar(n, 0.99, **kw), {}
     if name == "conv":
-        if lib != "torch":
-            return None
-        return conv_block(n, device, dtype), {"batch": True}
+        return conv_deq(n, lib, device, dtype), {"batch": True}
     raise ValueError(f"unknown problem {name!r}")
 
 
-def conv_block(n, device, dtype, channels=16, size=16):
-    """A convolutional DEQ block z ↦ relu(GroupNorm(conv(z)) + x) on a batch of images of ~n values in all."""
+class ConvDEQ:
+    """The DEQ demo's convolutional cell (demos/deq_model.py) on a batch of random inputs, solved by
+    :func:`fixedpoint.torch.deq_fixed_point`: the forward solve of the ``fixedpoint.torch.DEQ`` layer.
+
+    The tensors are torch tensors on the CPU for the "numpy" and "torch" backends and on the GPU for
+    "cupy" and "torch:cuda"; the backend names the library the solver runs in (NumPy and CuPy
+    through DLPack, zero-copy).  16 channels of 16×16, inner width 32, 8 groups, conv weights drawn
+    from N(0, 0.02²) (twice the tutorial's spread, so that forward iteration needs about 60
+    iterations to 1e-5 instead of about 35).
+    """
+
+    def __init__(self, n, solver, device, dtype, channels=16, inner=32, side=16, init_std=0.02):
+        import torch
+        from deq_model import ResidualCell
+
+        torch.manual_seed(0)
+        self.batch = max(1, n // (channels * side * side))
+        self.name = f"conv DEQ ({self.batch}x{channels}x{side}x{side})"
+        self.solver, self.torch = solver, torch
+        self.cell = ResidualCell(channels, inner, groups=8, init_std=init_std).to(device=device, dtype=dtype)
+        self.x = torch.randn(self.batch, channels, side, side, device=device, dtype=dtype)
+        self.x0 = torch.zeros_like(self.x)
+
+    def g(self, z):
+        with self.torch.no_grad():
+            return self.cell(z, self.x)
+
+    def solve(self, method, tol, max_iter, callback=None, check_every=None):
+        """A :class:`fixedpoint.FixedPointResult`-like summary of one DEQ forward solve."""
+        from fixedpoint.torch import deq_fixed_point
+
+        if callback is not None:  # the residual trace needs the per-iteration callback of fixedpoint.solve
+            return fixedpoint.solve(self.g, self.x0, method=method, tol=tol, max_iter=max_iter, batch=True,
+                                    backend=self.solver, callback=callback, check_every=check_every)
+        with self.torch.no_grad():
+            _, stats = deq_fixed_point(self.cell, self.x, method=method, backend=self.solver, tol=tol,
+                                       max_iter=max_iter)
+        st = stats.forward
+        return SimpleNamespace(n_fev=st.n_fev, converged=st.converged_fraction == 1.0,
+                               residual_history=st.residual_history)
+
+
+def conv_deq(n, lib, device, dtype):
+    """:class:`ConvDEQ` for backend ``lib`` on ``device``: tensors on the CPU, or on the GPU the backend uses."""
     import torch
 
-    torch.manual_seed(0)
-    batch = max(1, n // (channels * size * size))
-    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device=device, dtype=dtype)
-    with torch.no_grad():
-        conv.weight.mul_(0.5 / conv.weight.flatten(1).norm(dim=1).max())
-    norm = torch.nn.GroupNorm(4, channels).to(device=device, dtype=dtype)
-    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
+    tensor_device = torch.device("cuda", device.id) if lib == "cupy" else torch.device(device)
+    return ConvDEQ(n, lib, tensor_device, getattr(torch, dtype))
 
-    def g(z):
-        with torch.no_grad():
-            return torch.relu(norm(conv(z)) + x)
 
-    return problems.Problem(f"conv block ({batch}x{channels}x{size}x{size})", g, torch.zeros_like(x), None,
-                            fixedpoint.backend.resolve_namespace("torch"), dict(batch=batch))
+def run_solve(p, method, args, opts, **extra):
+    """One solve of problem ``p`` to ``args.tol``: through the DEQ layer for the conv problem."""
+    if isinstance(p, ConvDEQ):
+        return p.solve(method, args.tol, args.max_iter, **extra)
+    return fixedpoint.solve(p.g, p.x0, method=method, tol=args.tol, max_iter=args.max_iter, **opts, **extra)
 
 
 def sizes_for(name, args):
-    limit = args.max_n_dense if name == "h-equation" else args.max_n
-    return [n for n in args.sizes if n <= limit]
+    """The sizes swept for problem ``name``: the dense O(n²) H-equation has its own list."""
+    return args.dense_sizes if name == "h-equation" else args.sizes
 
 
 def measure(name, n, spec, args):
     """Rows (one per method) for one problem, size and backend."""
     lib, dev = timing.parse_backend(spec)
-    xp, device, sync = timing.setup_backend(lib, dev)
-    built = make_problem(name, n, lib, device, timing.dtype_of(xp, args.dtype))
-    if built is None:
-        return []
-    p, opts = built
+    _, device, sync = timing.setup_backend(lib, dev)
+    p, opts = make_problem(name, n, lib, device, args.dtype)
     size = int(np.prod(p.x0.shape))
-    tg = timing.timed(lambda: [p.g(p.x0) for _ in range(5)], repeats=args.repeats, warmup=1, sync=sync)
-    t_g = tg["median"] / 5
+
+    def ten_g():  # each output is dropped before the next call, as in the solver loop
+        for _ in range(10):
+            p.g(p.x0)
+
+    t_g = timing.timed(ten_g, repeats=max(args.repeats, 5), warmup=2, sync=sync)["median"] / 10
     rows = []
     for method in METHODS:
-        def run():
-            return fixedpoint.solve(p.g, p.x0, method=method, tol=args.tol, max_iter=args.max_iter, **opts)
-
-        t = timing.timed(run, repeats=args.repeats, warmup=1, sync=sync)
+        t = timing.timed(lambda: run_solve(p, method, args, opts), repeats=args.repeats, warmup=1, sync=sync)
         res = t["last"]
         per_iter = t["median"] / res.n_fev
         rows.append(dict(problem=name, n=size, backend=spec, method=method, n_fev=res.n_fev,
@@ -145,8 +182,8 @@ def crossovers(rows):
 def residual_trace(name, n, spec, args):
     """Relative residual against iteration and wall time (device synchronised each iteration) for both methods."""
     lib, dev = timing.parse_backend(spec)
-    xp, device, sync = timing.setup_backend(lib, dev)
-    p, opts = make_problem(name, n, lib, device, timing.dtype_of(xp, args.dtype))
+    _, device, sync = timing.setup_backend(lib, dev)
+    p, opts = make_problem(name, n, lib, device, args.dtype)
     traces = {}
     for method in METHODS:
         stamps = []
@@ -155,11 +192,10 @@ def residual_trace(name, n, spec, args):
             sync()
             stamps.append(time.perf_counter())
 
-        fixedpoint.solve(p.g, p.x0, method=method, tol=args.tol, max_iter=args.max_iter, **opts)  # warm-up
+        run_solve(p, method, args, opts)  # warm-up
         sync()
         t0 = time.perf_counter()
-        res = fixedpoint.solve(p.g, p.x0, method=method, tol=args.tol, max_iter=args.max_iter, check_every=1,
-                               callback=cb, **opts)
+        res = run_solve(p, method, args, opts, check_every=1, callback=cb)
         hist = res.residual_history if res.residual_history.ndim == 1 else np.nanmax(res.residual_history, axis=1)
         traces[method] = dict(time=(np.array(stamps) - t0).tolist(), residual=hist.tolist())
     fw, aa = traces["forward"], traces["anderson"]
@@ -187,6 +223,7 @@ def plot(rows, trace, out):
                 if pts:
                     ax.loglog(*zip(*pts), style, marker="o", ms=3, label=f"{spec} {method}")
         ax.set(title=prob, xlabel="n (values in the iterate)", ylabel="time to tolerance [s]")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -220,22 +257,28 @@ def main(argv=None):
                     help="numpy, torch, torch:cuda:0, cupy, ... (default: every usable one)")
     ap.add_argument("--sizes", nargs="+", type=float, default=[1e3, 1e4, 1e5, 1e6, 1e7])
     ap.add_argument("--max-n", type=float, default=1e6, help="largest n swept (default 1e6)")
-    ap.add_argument("--max-n-dense", type=float, default=2000, help="largest n for the O(n^2) H-equation")
+    ap.add_argument("--dense-sizes", nargs="+", type=float, default=[250, 500, 1000, 2000, 4000],
+                    help="sizes n of the H-equation, whose g costs O(n^2) (default 250 ... 4000)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--tol", type=float, default=1e-5, help="relative residual tolerance (default 1e-5)")
     ap.add_argument("--max-iter", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (default 3)")
-    ap.add_argument("--trace", default="jacobi:1e5", help="problem:n of the residual-vs-time run (default jacobi:1e5)")
+    ap.add_argument("--trace", default=None,
+                    help="problem:n of the residual-vs-time run (default conv:1e5, the DEQ cell; jacobi:1e5 without torch)")
     ap.add_argument("--out", default="out/cpu_vs_gpu", help="output folder")
-    ap.add_argument("--quick", action="store_true", help="tiny sweep for tests: sizes 1e3, 1e4; 1 repeat")
+    ap.add_argument("--quick", action="store_true", help="tiny sweep for tests: sizes 1e3 and 4e3 (H-equation 250, 500), no conv, 1 repeat")
     args = ap.parse_args(argv)
     if args.quick:
-        args.sizes, args.repeats, args.max_n_dense, args.trace = [1e3, 4e3], 1, 1000, "jacobi:4e3"
+        args.sizes, args.dense_sizes, args.repeats, args.trace = [1e3, 4e3], [250, 500], 1, "jacobi:4e3"
         args.problems = [p for p in args.problems if p != "conv"]
     args.sizes = [int(s) for s in args.sizes if s <= args.max_n]
+    args.dense_sizes = [int(s) for s in args.dense_sizes]
     specs = args.backends or timing.usable_backends()
-    if "conv" in args.problems and importlib.util.find_spec("torch") is None:
+    has_torch = importlib.util.find_spec("torch") is not None
+    if "conv" in args.problems and not has_torch:
         args.problems.remove("conv")
+    if args.trace is None:
+        args.trace = "conv:1e5" if has_torch else "jacobi:1e5"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpus = [s for s in specs if is_gpu(s)]

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ DEMO = Path(__file__).resolve().parent.parent / "demos" / "cpu_vs_gpu.py"
 def load_demo():
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
+    if str(DEMO.parent) not in sys.path:
+        sys.path.insert(0, str(DEMO.parent))  # as when run as a script: the conv problem imports deq_model
     spec = importlib.util.spec_from_file_location("cpu_vs_gpu", DEMO)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -42,3 +45,20 @@ def test_crossover_is_the_first_size_of_a_winning_tail():
             for n, s in ((10, 0.5), (100, 1.5), (1000, 0.9), (10000, 3.0), (100000, 9.0))]
     (c,) = [c for c in demo.crossovers(rows) if c["method"] == "anderson"]
     assert c["crossover_n"] == 10000
+
+
+def test_conv_deq_rows_agree_across_solver_libraries(tmp_path):
+    """The conv problem goes through fixedpoint.torch's DEQ forward solve; NumPy (via DLPack) and
+    PyTorch solvers see the same map, so they need the same number of evaluations."""
+    pytest.importorskip("torch")
+    demo = load_demo()
+    assert demo.main(["--problems", "conv", "--sizes", "4096", "--backends", "numpy", "torch", "--repeats", "1",
+                      "--trace", "conv:4096", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    by = {(r["backend"], r["method"]): r for r in data["rows"]}
+    assert set(by) == {(b, m) for b in ("numpy", "torch") for m in ("forward", "anderson")}
+    assert all(r["converged"] and r["n"] == 4096 for r in by.values())
+    for method in ("forward", "anderson"):
+        assert abs(by[("numpy", method)]["n_fev"] - by[("torch", method)]["n_fev"]) <= 1
+    assert by[("numpy", "anderson")]["n_fev"] < by[("numpy", "forward")]["n_fev"]
+    assert data["trace"]["traces"]["anderson"]["residual"][-1] <= 1e-5
