@@ -28,11 +28,8 @@ Writes ``rows.csv``, ``results.json`` (rows, ratios, crossovers, machine),
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
-import math
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,7 +37,6 @@ import numpy as np
 
 import fixedpoint
 from fixedpoint import problems, timing
-from fixedpoint.interop import to_numpy
 
 METHODS = ("forward", "anderson")
 
@@ -56,7 +52,7 @@ def make_problem(name, n, lib, device, dtype):
     if name == "h-equation":
         return problems.chandrasekhar(n, 0.99, **kw), {}
     if name == "conv":
-        return conv_deq(n, lib, device, dtype), {"batch": True}
+        return conv_deq(n, lib, device, dtype), {"batch": True, "backend": lib}
     raise ValueError(f"unknown problem {name!r}")
 
 
@@ -87,13 +83,10 @@ class ConvDEQ:
         with self.torch.no_grad():
             return self.cell(z, self.x)
 
-    def solve(self, method, tol, max_iter, callback=None, check_every=None):
+    def solve(self, method, tol, max_iter):
         """A :class:`fixedpoint.FixedPointResult`-like summary of one DEQ forward solve."""
         from fixedpoint.torch import deq_fixed_point
 
-        if callback is not None:  # the residual trace needs the per-iteration callback of fixedpoint.solve
-            return fixedpoint.solve(self.g, self.x0, method=method, tol=tol, max_iter=max_iter, batch=True,
-                                    backend=self.solver, callback=callback, check_every=check_every)
         with self.torch.no_grad():
             _, stats = deq_fixed_point(self.cell, self.x, method=method, backend=self.solver, tol=tol,
                                        max_iter=max_iter)
@@ -110,11 +103,11 @@ def conv_deq(n, lib, device, dtype):
     return ConvDEQ(n, lib, tensor_device, getattr(torch, dtype))
 
 
-def run_solve(p, method, args, opts, **extra):
+def run_solve(p, method, args, opts):
     """One solve of problem ``p`` to ``args.tol``: through the DEQ layer for the conv problem."""
     if isinstance(p, ConvDEQ):
-        return p.solve(method, args.tol, args.max_iter, **extra)
-    return fixedpoint.solve(p.g, p.x0, method=method, tol=args.tol, max_iter=args.max_iter, **opts, **extra)
+        return p.solve(method, args.tol, args.max_iter)
+    return fixedpoint.solve(p.g, p.x0, method=method, tol=args.tol, max_iter=args.max_iter, **opts)
 
 
 def sizes_for(name, args):
@@ -186,18 +179,11 @@ def residual_trace(name, n, spec, args):
     p, opts = make_problem(name, n, lib, device, args.dtype)
     traces = {}
     for method in METHODS:
-        stamps = []
-
-        def cb(info):
-            sync()
-            stamps.append(time.perf_counter())
-
-        run_solve(p, method, args, opts)  # warm-up
-        sync()
-        t0 = time.perf_counter()
-        res = run_solve(p, method, args, opts, check_every=1, callback=cb)
+        solve_opts = dict(opts, method=method, tol=args.tol, max_iter=args.max_iter)
+        fixedpoint.solve(p.g, p.x0, **solve_opts)  # warm-up
+        res, times = timing.traced_solve(p.g, p.x0, sync=sync, **solve_opts)
         hist = res.residual_history if res.residual_history.ndim == 1 else np.nanmax(res.residual_history, axis=1)
-        traces[method] = dict(time=(np.array(stamps) - t0).tolist(), residual=hist.tolist())
+        traces[method] = dict(time=times, residual=hist.tolist())
     fw, aa = traces["forward"], traces["anderson"]
     f_at = np.interp(aa["time"], fw["time"], fw["residual"], right=fw["residual"][-1])
     behind = np.nonzero(np.array(aa["residual"]) >= f_at)[0]
@@ -311,10 +297,7 @@ def main(argv=None):
           f"{trace['mixing_penalty']:.2f}x per iteration, crossover at "
           + (f"{trace['crossover_time']:.4f} s" if trace["crossover_time"] is not None else "none"))
 
-    with open(out / "rows.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    timing.write_csv(out / "rows.csv", rows)
     timing.write_json(out / "results.json", dict(command=["python"] + sys.argv, machine=timing.machine_info(
         {timing.parse_backend(s)[0] for s in specs}), options=vars(args), rows=rows, ratios=rat, crossovers=cross,
         trace=trace))

@@ -14,11 +14,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import platform
 import sys
 from types import SimpleNamespace
 
 import numpy as np
+
+from fixedpoint.timing import write_csv
 
 __all__ = ["machine_info", "totals", "compare", "comparison_table", "write_outputs", "load_outputs", "PAPER"]
 
@@ -27,35 +28,13 @@ PAPER = dict(speedup="2-8.6x", compute_saved="50-88%", train_acc="64.7% -> 96.3%
              train_time="about 12,000 s -> 1,400 s")
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(device):
-    """CPU model, core count, threads, GPU and library versions, for the records."""
-    import torch
+    """:func:`fixedpoint.timing.machine_info` for a run on ``device`` (a ``torch.device``), for the records."""
+    from fixedpoint.backend import cupy_usable
+    from fixedpoint.timing import machine_info as describe
 
-    import fixedpoint
-
-    info = dict(cpu=_cpu_model(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                python=sys.version.split()[0], torch=torch.__version__, numpy=np.__version__,
-                fixedpoint=fixedpoint.__version__, platform=platform.platform(), device=str(device))
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        import cupy
-
-        info["cupy"] = cupy.__version__
-    except Exception:
-        pass
-    return info
+    libs = {"torch"} | ({"cupy"} if device.type == "cuda" and cupy_usable() else set())
+    return dict(describe(libs), device=str(device))
 
 
 def totals(run):
@@ -173,18 +152,6 @@ def comparison_table(runs, comparison):
     return "\n".join(lines)
 
 
-def _write_csv(path, records):
-    keys = []
-    for r in records:
-        keys += [k for k in r if k not in keys]
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(records)
-    os.replace(tmp, path)
-
-
 def _write_text(path, text):
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -198,13 +165,13 @@ def write_outputs(out, runs, summary, curves=None, plots=True):
     batches = [b for r in runs.values() for b in r.batches]
     _write_text(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(e) + "\n" for e in epochs))
     if epochs:
-        _write_csv(os.path.join(out, "metrics.csv"), epochs)
+        write_csv(os.path.join(out, "metrics.csv"), epochs)
     if batches:
-        _write_csv(os.path.join(out, "batches.csv"), batches)
+        write_csv(os.path.join(out, "batches.csv"), batches)
     if curves:
         rows = [dict(method=m, iteration=i, residual=r, time=t) for m, c in curves.items()
                 for i, r, t in zip(c["iteration"], c["residual"], c["time"])]
-        _write_csv(os.path.join(out, "residuals.csv"), rows)
+        write_csv(os.path.join(out, "residuals.csv"), rows)
     _write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2, default=float) + "\n")
     if plots:
         from deq_plots import plot_all

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import fixedpoint
+from fixedpoint.timing import traced_solve
 from deq_model import DEQClassifier
 
 __all__ = ["Run", "build_run", "train", "evaluate", "save_checkpoint", "load_checkpoint", "residual_curves",
@@ -253,15 +254,9 @@ def residual_curves(model, images, methods, args, backend, device):
             run_opts = dict(method=method, tol=args.fig_tol, stop_mode="rel", batch=False,
                             backend=opts["backend"], **own)
             fixedpoint.solve(lambda z: f(z, x), z0, max_iter=3, **run_opts)  # warm-up: lazy initialisation
-            stamps = []
-
-            def record(info):
-                _sync(device)
-                stamps.append(time.perf_counter())
-
-            t0 = time.perf_counter()
-            res = fixedpoint.solve(lambda z: f(z, x), z0, max_iter=args.fig_iters, callback=record, **run_opts)
+            res, times = traced_solve(lambda z: f(z, x), z0, sync=lambda: _sync(device), max_iter=args.fig_iters,
+                                      **run_opts)
             hist = np.asarray(res.residual_history, dtype=float).reshape(-1)
             out[method] = dict(iteration=list(range(1, len(hist) + 1)), residual=hist.tolist(),
-                               time=[s - t0 for s in stamps[:len(hist)]], status=res.status)
+                               time=times[:len(hist)], status=res.status)
     return out

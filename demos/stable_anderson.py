@@ -16,11 +16,8 @@ machine), ``summary.csv`` (one row per run) and PNG plots into ``--out``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from fixedpoint.timing import machine_info, write_csv  # noqa: E402
 from fixedpoint.torch import AndersonAcceleration  # noqa: E402
 from stable_anderson_problems import PROBLEMS  # noqa: E402
 
@@ -43,19 +41,6 @@ SETTINGS = {
     "burgers_pinn": dict(steps=3000, eval_every=50, lr=1e-3, batches=(128, 2048)),
 }
 QUICK = dict(steps=20, eval_every=10)
-
-
-def machine():
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), python=platform.python_version(),
-                torch=torch.__version__, numpy=np.__version__, platform=platform.platform())
 
 
 def train(problem, method, batch, steps, eval_every, lr, aa, seed, progress=True):
@@ -222,12 +207,9 @@ def main(argv=None):
                                      progress=not args.no_progress)
             results[(pname, batch)] = runs
     rows = summarise(results)
-    with open(args.out / "summary.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out / "summary.csv", rows)
     payload = dict(command="python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
-                   machine=machine(), anderson_options=aa, settings=settings, quick=args.quick, seed=args.seed,
+                   machine=machine_info({"torch"}), anderson_options=aa, settings=settings, quick=args.quick, seed=args.seed,
                    summary=rows,
                    runs=[dict(problem=p, batch="full" if b is None else b, method=m, **run)
                          for (p, b), runs in results.items() for m, run in runs.items()])

@@ -13,6 +13,7 @@ Nothing here imports torch or cupy at module import time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ __all__ = [
     "BackendInfo",
     "Kernels",
     "backends",
+    "cupy_usable",
     "library_name",
     "namespace_of",
     "resolve_namespace",
@@ -358,6 +360,20 @@ def _probe_cupy():
         return out
     except Exception as exc:
         return [BackendInfo("cupy", "cuda", False, f"cupy {cupy.__version__}: {type(exc).__name__}: {exc}")]
+
+
+@functools.lru_cache(maxsize=None)
+def cupy_usable() -> bool:
+    """True when CuPy imports and at least one CUDA device really creates and computes an array.
+
+    The probe of :func:`backends`, run once per process and then cached (so that code choosing a
+    solver library on every call does not probe the GPU each time).
+
+    Returns
+    -------
+    bool
+    """
+    return any(b.usable for b in _probe_cupy())
 
 
 def _probe_torch():

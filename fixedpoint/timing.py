@@ -105,6 +105,45 @@ def timed(fn, *, repeats=5, warmup=1, sync=lambda: None):
     return dict(summarize(times), last=out)
 
 
+def traced_solve(g, x0, *, sync=lambda: None, **options):
+    """One :func:`fixedpoint.solve` with the clock read after every evaluation of ``g``.
+
+    The device is synchronised (``sync()``) before the start and at every reading, so each
+    time includes the GPU work of that iteration; the loop checks for convergence every
+    iteration (``check_every=1``).  Used for residual-against-wall-time plots (the Figure 1 of
+    Al Dajani & Keyes, arXiv 2410.19460).
+
+    Parameters
+    ----------
+    g, x0
+        As for :func:`fixedpoint.solve`.
+    sync : callable, optional
+        Waits for the device's queued work (see :func:`setup_backend`); nothing on the CPU.
+    **options
+        Further options of :func:`fixedpoint.solve` (``method``, ``tol``, ``max_iter``, ``batch``,
+        ``backend``, method options); not ``callback`` or ``check_every``.
+
+    Returns
+    -------
+    result : FixedPointResult
+    times : list of float
+        Seconds from the start to the end of each evaluation of ``g``, one per row of
+        ``result.residual_history``.
+    """
+    from .solve import solve
+
+    stamps = []
+
+    def stamp(info):
+        sync()
+        stamps.append(time.perf_counter())
+
+    sync()
+    t0 = time.perf_counter()
+    res = solve(g, x0, callback=stamp, check_every=1, **options)
+    return res, [t - t0 for t in stamps]
+
+
 def copy_bandwidth(xp, device, sync, nbytes=int(4e8), repeats=5):
     """Bytes/s of an out-of-place copy ``dst[...] = src`` of ``nbytes`` in library ``xp``, counting read + write.
 
@@ -224,6 +263,26 @@ def write_json(path, data):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    return path
+
+
+def write_csv(path, rows):
+    """Write ``rows`` (dicts) as CSV to ``path``, atomically (a temporary file, then a rename).
+
+    The columns are the union of the rows' keys in order of first appearance; missing cells are
+    empty.  Folders are created; returns the path.
+    """
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
     return path
 
 

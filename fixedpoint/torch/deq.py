@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..backend import cupy_usable
 from ..checks import check_choice, check_int, check_options, check_real
 from ..solve import METHODS, solve
 
@@ -50,19 +51,6 @@ _RESERVED = ("tol", "max_iter", "batch", "backend", "callback")
 
 #: Module types whose training mode makes f couple the samples or change between calls.
 _UNSTABLE_IN_TRAINING = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
-
-_cupy_state = {}
-
-
-def _cupy_usable():
-    if "ok" not in _cupy_state:
-        try:
-            import cupy
-
-            _cupy_state["ok"] = bool(cupy.cuda.is_available())
-        except Exception:  # ImportError, or a CUDA runtime that fails at import
-            _cupy_state["ok"] = False
-    return _cupy_state["ok"]
 
 
 def solver_backend_for(backend, device):
@@ -95,7 +83,7 @@ def solver_backend_for(backend, device):
         if dev.type == "cpu":
             return "numpy"
         if dev.type == "cuda":
-            if _cupy_usable():
+            if cupy_usable():
                 return "cupy"
             warnings.warn("backend='auto': CuPy is not installed or sees no GPU, so the DEQ solver runs in "
                           "PyTorch; install the cuda12 or cuda13 extra for the CuPy solver", RuntimeWarning,
@@ -104,7 +92,7 @@ def solver_backend_for(backend, device):
     if backend == "cupy":
         if dev.type != "cuda":
             raise ValueError(f"backend='cupy' needs tensors on a CUDA device, got tensors on {dev}")
-        if not _cupy_usable():
+        if not cupy_usable():
             raise ImportError("backend='cupy' needs CuPy with a usable GPU (pip install '.[cuda12]' or "
                               "'.[cuda13]'); use backend='torch' to solve on the tensors themselves")
     return backend
