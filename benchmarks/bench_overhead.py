@@ -48,9 +48,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fixedpoint import AndersonHistory, timing
-from fixedpoint.backend import Kernels
-from fixedpoint.interop import to_numpy
+if __package__ in (None, ""):  # run as a file: make the repository root (demos/, benchmarks/, tooling/) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fixedpoint import AndersonHistory  # noqa: E402
+from tooling import timing  # noqa: E402
+from fixedpoint.backend import Kernels  # noqa: E402
+from fixedpoint.interop import to_numpy  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

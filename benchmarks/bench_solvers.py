@@ -33,11 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
-import fixedpoint
-from fixedpoint import timing
-from fixedpoint.anderson import ANDERSON_DEFAULTS
-from fixedpoint.interop import to_numpy
-from fixedpoint.problems import chandrasekhar, linear_contraction, poisson_jacobi, tanh_layer
+if __package__ in (None, ""):  # run as a file: make the repository root (demos/, benchmarks/, tooling/) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import fixedpoint  # noqa: E402
+from tooling import timing  # noqa: E402
+from fixedpoint.anderson import ANDERSON_DEFAULTS  # noqa: E402
+from fixedpoint.interop import to_numpy  # noqa: E402
+from fixedpoint.problems import chandrasekhar, linear_contraction, poisson_jacobi, tanh_layer  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

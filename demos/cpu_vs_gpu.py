@@ -35,8 +35,12 @@ from types import SimpleNamespace
 
 import numpy as np
 
-import fixedpoint
-from fixedpoint import problems, timing
+if __package__ in (None, ""):  # run as a file: make the repository root (demos/, benchmarks/, tooling/) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import fixedpoint  # noqa: E402
+from fixedpoint import problems  # noqa: E402
+from tooling import timing  # noqa: E402
 
 METHODS = ("forward", "anderson")
 
@@ -69,7 +73,7 @@ class ConvDEQ:
 
     def __init__(self, n, solver, device, dtype, channels=16, inner=32, side=16, init_std=0.02):
         import torch
-        from deq_model import ResidualCell
+        from demos.deq_model import ResidualCell
 
         torch.manual_seed(0)
         self.batch = max(1, n // (channels * side * side))

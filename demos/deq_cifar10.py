@@ -28,14 +28,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # run as a file: make the repository root (demos/, benchmarks/, tooling/) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from batches import Batches  # noqa: E402
-from data import DATASETS, DataError, load_dataset  # noqa: E402
-from deq_report import compare, comparison_table, machine_info, totals, write_outputs  # noqa: E402
-from deq_training import build_run, load_checkpoint, residual_curves, save_checkpoint, train  # noqa: E402
+from demos.batches import Batches  # noqa: E402
+from demos.data import DATASETS, DataError, load_dataset  # noqa: E402
+from demos.deq_report import compare, comparison_table, machine_info, totals, write_outputs  # noqa: E402
+from demos.deq_training import build_run, load_checkpoint, residual_curves, save_checkpoint, train  # noqa: E402
 from fixedpoint.torch import solver_backend_for  # noqa: E402
 
 #: Settings that must match for --resume to continue a run.

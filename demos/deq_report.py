@@ -19,7 +19,12 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from fixedpoint.timing import write_csv
+if __package__ in (None, ""):  # run as a file: make the repository root (demos/, benchmarks/, tooling/) importable
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tooling.timing import write_csv  # noqa: E402
 
 __all__ = ["machine_info", "totals", "compare", "comparison_table", "write_outputs", "load_outputs", "PAPER"]
 
@@ -29,9 +34,9 @@ PAPER = dict(speedup="2-8.6x", compute_saved="50-88%", train_acc="64.7% -> 96.3%
 
 
 def machine_info(device):
-    """:func:`fixedpoint.timing.machine_info` for a run on ``device`` (a ``torch.device``), for the records."""
+    """:func:`tooling.timing.machine_info` for a run on ``device`` (a ``torch.device``), for the records."""
     from fixedpoint.backend import cupy_usable
-    from fixedpoint.timing import machine_info as describe
+    from tooling.timing import machine_info as describe
 
     libs = {"torch"} | ({"cupy"} if device.type == "cuda" and cupy_usable() else set())
     return dict(describe(libs), device=str(device))
@@ -174,7 +179,7 @@ def write_outputs(out, runs, summary, curves=None, plots=True):
         write_csv(os.path.join(out, "residuals.csv"), rows)
     _write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2, default=float) + "\n")
     if plots:
-        from deq_plots import plot_all
+        from demos.deq_plots import plot_all
 
         plot_all(out, runs, curves, summary)
 
@@ -227,7 +232,7 @@ def main(argv=None):
     runs, summary, curves = load_outputs(out)
     summary.update(totals={k: totals(r) for k, r in runs.items()}, comparison=compare(runs))
     _write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2, default=float) + "\n")
-    from deq_plots import plot_all
+    from demos.deq_plots import plot_all
 
     plot_all(out, runs, curves, summary)
     print(comparison_table(runs, summary["comparison"]))

@@ -22,8 +22,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import fixedpoint
-from fixedpoint.timing import traced_solve
-from deq_model import DEQClassifier
+from demos.deq_model import DEQClassifier
+from tooling.timing import traced_solve
 
 __all__ = ["Run", "build_run", "train", "evaluate", "save_checkpoint", "load_checkpoint", "residual_curves",
            "solver_options"]

@@ -22,15 +22,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # run as a file: make the repository root (demos/, benchmarks/, tooling/) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from fixedpoint.timing import machine_info, write_csv  # noqa: E402
+from tooling.timing import machine_info, write_csv  # noqa: E402
 from fixedpoint.torch import AndersonAcceleration  # noqa: E402
-from stable_anderson_problems import PROBLEMS  # noqa: E402
+from demos.stable_anderson_problems import PROBLEMS  # noqa: E402
 
 METHODS = ("adam", "anderson", "stable_anderson")
 LABELS = {"adam": "Adam", "anderson": "Adam + AA", "stable_anderson": "Adam + stable AA (auto average)"}

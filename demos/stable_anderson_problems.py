@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from burgers_reference import NU, burgers_exact
+from demos.burgers_reference import NU, burgers_exact
 
 __all__ = ["DiabetesMLP", "BurgersPINN", "PROBLEMS"]
 

@@ -35,6 +35,7 @@ __all__ = [
     "namespace_of",
     "resolve_namespace",
     "solve_dtype",
+    "synchronize",
     "working_dtype",
 ]
 
@@ -319,6 +320,31 @@ class Kernels:
                 except Exception:
                     rows.append(sxp.full(b.shape[1:], float("nan"), dtype=b.dtype, device=array_api_compat.device(b)))
             return sxp.stack(rows)
+
+
+def synchronize(where) -> None:
+    """Wait until the work queued on a device has finished (nothing to wait for on a CPU).
+
+    Timed regions and wall times are bracketed by this, so that queued GPU work is counted.
+
+    Parameters
+    ----------
+    where : array, torch.device, cupy.cuda.Device, str or None
+        An array (its device is used), a device object, or a torch device string such as
+        ``"cuda:0"``; ``None``, ``"cpu"`` and host arrays return at once.
+    """
+    if where is None or isinstance(where, (np.ndarray, np.generic)):
+        return
+    module = type(where).__module__.split(".")[0]
+    if module == "cupy":
+        dev = where.device if hasattr(where, "device") else where
+        dev.synchronize()
+        return
+    if module == "torch" or isinstance(where, str):
+        torch = importlib.import_module("torch")
+        dev = torch.device(where) if not isinstance(where, torch.Tensor) else where.device
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
 
 @dataclass(frozen=True)

@@ -6,15 +6,10 @@ integral, and the benchmark's steepest slope |u_x(t, 0)| = 152.00516 at t = 1.60
 al., Computers & Fluids 14, 1986).
 """
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "demos"))
-
-from burgers_reference import NU, burgers_exact  # noqa: E402
+from demos.burgers_reference import NU, burgers_exact
 
 
 def test_initial_and_boundary_conditions():

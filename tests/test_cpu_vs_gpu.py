@@ -1,24 +1,15 @@
 """The CPU-vs-GPU timing demo runs end to end in --quick mode and writes what it promises."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-DEMO = Path(__file__).resolve().parent.parent / "demos" / "cpu_vs_gpu.py"
-
 
 def load_demo():
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
-    if str(DEMO.parent) not in sys.path:
-        sys.path.insert(0, str(DEMO.parent))  # as when run as a script: the conv problem imports deq_model
-    spec = importlib.util.spec_from_file_location("cpu_vs_gpu", DEMO)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from demos import cpu_vs_gpu
+
+    return cpu_vs_gpu
 
 
 def test_quick_run_writes_rows_plots_and_ratios(tmp_path, capsys):

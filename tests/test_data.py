@@ -4,8 +4,6 @@ import gzip
 import json
 import os
 import pickle
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +13,8 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-DEMOS = Path(__file__).resolve().parent.parent / "demos"
-sys.path.insert(0, str(DEMOS))
-
-import data  # noqa: E402
-from batches import Batches  # noqa: E402
+from demos import data  # noqa: E402
+from demos.batches import Batches  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -148,7 +143,7 @@ def test_digits_and_batches():
 # ---------------------------------------------------------------- end to end
 
 def test_digits_end_to_end(tmp_path, capsys):
-    import deq_cifar10
+    from demos import deq_cifar10
 
     out = tmp_path / "run"
     argv = ["--dataset", "digits", "--solver", "both", "--epochs", "1", "--limit-train", "300", "--limit-test", "200",
@@ -168,7 +163,7 @@ def test_digits_end_to_end(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["m"] == 5 and summary["settings"]["tol"] == 0.01
     assert summary["comparison"]["compute_saved_total"] < 1 and "cpu" in summary["machine"]
-    import deq_report  # the summary and plots can be recomputed from the records alone
+    from demos import deq_report  # the summary and plots can be recomputed from the records alone
 
     (out / "accuracy_vs_time.png").unlink()
     assert deq_report.main([str(out)]) == 0 and (out / "accuracy_vs_time.png").is_file()
@@ -184,8 +179,7 @@ def test_digits_end_to_end(tmp_path, capsys):
 
 
 def test_ctrl_c_saves_and_resume_continues(tmp_path, monkeypatch, capsys):
-    import deq_cifar10
-    import deq_training
+    from demos import deq_cifar10, deq_training
 
     def argv_for(out):
         return ["--dataset", "digits", "--solver", "anderson", "--epochs", "1", "--limit-train", "300",
@@ -220,7 +214,7 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path, monkeypatch, capsys):
 
 
 def test_clear_errors_for_missing_data_and_devices(tmp_path, capsys):
-    import deq_cifar10
+    from demos import deq_cifar10
 
     base = ["--out", str(tmp_path / "o"), "--no-progress"]
     assert deq_cifar10.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "none")] + base) == 2

@@ -53,7 +53,7 @@ def test_bool_and_bfloat16():
 
 
 def test_array_api_strict_round_trip():
-    strict = pytest.importorskip("array_api_strict")
+    pytest.importorskip("array_api_strict")
     a = np.linspace(0, 1, 5)
     s = convert(a, "array_api_strict")
     assert fixedpoint.backend.library_name(fixedpoint.backend.namespace_of(s)) == "array_api_strict"

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..backend import cupy_usable
+from ..backend import cupy_usable, synchronize
 from ..checks import check_choice, check_int, check_options, check_real
 from ..solve import METHODS, solve
 
@@ -238,17 +238,12 @@ def _check_modes(f):
                 "out of f")
 
 
-def _synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _run_solve(g, u0, method, tol, max_iter, batch, options, backend):
     """Solve u = g(u) for a torch tensor u0 under no_grad; return (result, SolveStats)."""
     t0 = time.perf_counter()
     with torch.no_grad():
         res = solve(g, u0, method=method, tol=tol, max_iter=max_iter, batch=batch, backend=backend, **options)
-    _synchronize(u0.device)
+    synchronize(u0.device)
     return res, SolveStats.from_result(res, backend, time.perf_counter() - t0)
 
 

@@ -1,16 +1,15 @@
 """Measuring solvers: device-synchronised timing, copy bandwidth, machine description, result files.
 
-Shared by ``benchmarks/`` and the timing demo ``demos/cpu_vs_gpu.py``.  Timed
-regions are bracketed by a device synchronisation (``torch.cuda.synchronize``,
-``cupy.cuda.Device.synchronize``) so that queued GPU work is counted; results are
-medians over repeats after warm-up runs.  torch and cupy are imported only when a
-backend that needs them is asked for; ``import fixedpoint`` does not import this
-module.
+Shared by ``benchmarks/`` and the demos (not part of the library).  Timed regions
+are bracketed by a device synchronisation (:func:`fixedpoint.backend.synchronize`)
+so that queued GPU work is counted; results are medians over repeats after warm-up
+runs.  torch and cupy are imported only when a backend that needs them is asked for.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib
 import json
 import os
@@ -23,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__ as _fixedpoint_version
-from .backend import Kernels, backends, resolve_namespace
+from fixedpoint import __version__ as _fixedpoint_version
+from fixedpoint import solve
+from fixedpoint.backend import Kernels, backends, resolve_namespace, synchronize
 
 
 
@@ -59,16 +59,12 @@ def setup_backend(lib, dev):
     """
     xp = resolve_namespace(lib)
     if lib == "numpy":
-        return xp, "cpu", lambda: None
-    if lib == "torch":
-        torch = importlib.import_module("torch")
-        device = torch.device(dev)
-        if device.type == "cuda":
-            return xp, device, lambda: torch.cuda.synchronize(device)
-        return xp, device, lambda: None
-    cupy = importlib.import_module("cupy")
-    device = cupy.cuda.Device(int(dev.rpartition(":")[2] or 0))
-    return xp, device, device.synchronize
+        device = "cpu"
+    elif lib == "torch":
+        device = importlib.import_module("torch").device(dev)
+    else:
+        device = importlib.import_module("cupy").cuda.Device(int(dev.rpartition(":")[2] or 0))
+    return xp, device, functools.partial(synchronize, device)
 
 
 def dtype_of(xp, name):
@@ -130,8 +126,6 @@ def traced_solve(g, x0, *, sync=lambda: None, **options):
         Seconds from the start to the end of each evaluation of ``g``, one per row of
         ``result.residual_history``.
     """
-    from .solve import solve
-
     stamps = []
 
     def stamp(info):
