@@ -2,9 +2,9 @@
 
 Drives :class:`fixedpoint.AndersonHistory` directly (B=1, beta=1, lam=1e-5
 relative, the library's default safeguards) on preallocated gx, x, out arrays.
-One iteration k is exactly what the solver loop does with the history:
+One iteration is exactly what the solver loop does with the history:
 
-    buf = h.residual_buffer(k); kern.sub(buf, gx, x); h.observe(k, gx); h.step(k, x, gx, active, out)
+    f = h.residual_buffer(); kern.sub(f, gx, x); h.push(gx, f); h.extrapolate(active, out)
 
 (the loop's own residual norm, best-iterate copy and stopping test are not
 included).  gx and x stay fixed, so every residual is the same vector; the work
@@ -51,7 +51,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: make the repository root (demos/, benchmarks/, tooling/) importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fixedpoint import AndersonHistory  # noqa: E402
+from fixedpoint import Anderson  # noqa: E402
 from tooling import timing  # noqa: E402
 from fixedpoint.backend import Kernels  # noqa: E402
 from fixedpoint.interop import to_numpy  # noqa: E402
@@ -70,9 +70,9 @@ class Case:
 
     def __init__(self, xp, device, dtype, itemsize, n, m):
         self.kern = kern = Kernels(xp, device)
-        self.n, self.m, self.k = n, m, 0
-        self.h = AndersonHistory(kern, 1, n, dtype, m=m, beta=1.0, lam=1e-5, lam_mode="relative", delay=0,
-                                 restart_growth=1e4, restart_weight=1e6)
+        self.n, self.m = n, m
+        self.h = Anderson(m=m).init(kern, 1, n, dtype)
+        self.restarted = kern.sxp.zeros((1,), dtype=kern.sxp.bool, device=kern.sdevice)  # any restart so far
         rng = np.random.default_rng(0)
         self.x = xp.asarray(rng.standard_normal((1, n)), dtype=dtype, device=device)
         self.gx = xp.asarray(rng.standard_normal((1, n)), dtype=dtype, device=device)
@@ -85,11 +85,10 @@ class Case:
     def run(self, count):
         h, kern, gx, x = self.h, self.kern, self.gx, self.x
         for _ in range(count):
-            buf = h.residual_buffer(self.k)
-            kern.sub(buf, gx, x)
-            h.observe(self.k, gx)
-            h.step(self.k, x, gx, self.active, self.out)
-            self.k += 1
+            f = h.residual_buffer()
+            kern.sub(f, gx, x)
+            h.push(gx, f)
+            self.restarted = self.restarted | h.extrapolate(self.active, self.out)
 
 
 def bench_size(xp, device, sync, dtype, itemsize, n, windows, repeats):
@@ -106,12 +105,12 @@ def bench_size(xp, device, sync, dtype, itemsize, n, windows, repeats):
             c.times.append((time.perf_counter() - t0) / c.block)
     rows = []
     for c in cases:
-        w = timing.timed(lambda: c.h.weights(c.k, c.active), repeats=max(5, min(50, c.block)), warmup=2, sync=sync)
+        w = timing.timed(lambda: c.h.weights(c.active), repeats=max(5, min(50, c.block)), warmup=2, sync=sync)
         t = timing.summarize(c.times)
         rows.append(dict(n=n, m=c.m, bytes_per_iter=c.bytes, block=c.block, repeats=repeats,
                          time_per_iter_s=t["median"], time_min_s=t["min"], time_max_s=t["max"],
                          weights_time_s=w["median"], ns_per_mn=1e9 * t["median"] / (c.m * n),
-                         achieved_gbs=c.bytes / t["median"] / 1e9, n_restarts=int(to_numpy(c.h.n_restarts).sum())))
+                         achieved_gbs=c.bytes / t["median"] / 1e9, n_restarts=int(to_numpy(c.restarted).sum())))
     return rows
 
 

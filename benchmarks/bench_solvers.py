@@ -38,7 +38,6 @@ if __package__ in (None, ""):  # run as a file: make the repository root (demos/
 
 import fixedpoint  # noqa: E402
 from tooling import timing  # noqa: E402
-from fixedpoint.anderson import ANDERSON_DEFAULTS  # noqa: E402
 from fixedpoint.interop import to_numpy  # noqa: E402
 from fixedpoint.problems import chandrasekhar, linear_contraction, poisson_jacobi, tanh_layer  # noqa: E402
 
@@ -147,7 +146,7 @@ def main(argv=None):
         benchmark="bench_solvers", command=["python"] + sys.argv, machine=timing.machine_info(libs),
         settings=dict(tol=TOL, stop_mode="rel", dtype="float64", max_iter=MAX_ITER,
                       poisson_max_iter=args.poisson_max_iter, repeats=args.repeats, warmup=1, threads=args.threads,
-                      anderson=ANDERSON_DEFAULTS),
+                      anderson=fixedpoint.Anderson().options()),
         runs=runs, ratios=rat))
     print(f"\nwrote {path}")
 

@@ -275,7 +275,7 @@ def _main(args, device, backend, argv):
     curves = residual_curves(fig_model, images, methods if len(methods) > 1 else ["forward", "anderson"], args,
                              backend, device)
     summary.update(totals={k: totals(r) for k, r in runs.items()}, comparison=compare(runs),
-                   residual_curves=dict(model=fig_model.deq.config.method, batch_size=int(images.shape[0]),
+                   residual_curves=dict(model=fig_model.deq.config.method.name, batch_size=int(images.shape[0]),
                                         seconds=time.perf_counter() - t0, **_curve_summary(curves, args.tol)))
     write_outputs(out, runs, summary, curves, plots=True)
     print()

@@ -1,28 +1,36 @@
-"""fixedpoint: fixed points x = g(x) by forward iteration and Anderson acceleration, on any array library.
+"""fixedpoint: fixed points x = g(x) by forward iteration, Anderson acceleration and Broyden, on any array library.
 
 Written once over the Python array API (array-api-compat), so the same code runs
 on NumPy, CuPy and PyTorch arrays (CPU and GPU).  Importing this package imports
 neither torch nor cupy.
 """
 
-from .anderson import AndersonHistory, anderson
+from .anderson import Anderson, AndersonHistory
 from .backend import BackendInfo, backends
-from .forward import forward_iteration
+from .broyden import Broyden
+from .forward import ForwardIteration
 from .iteration import IterationInfo
+from .method import Method, MethodState
 from .result import STATUSES, FixedPointResult
-from .solve import METHODS, solve
+from .solve import METHODS, anderson, broyden, forward_iteration, solve
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "Anderson",
     "AndersonHistory",
     "BackendInfo",
+    "Broyden",
     "FixedPointResult",
+    "ForwardIteration",
     "IterationInfo",
     "METHODS",
+    "Method",
+    "MethodState",
     "STATUSES",
     "anderson",
     "backends",
+    "broyden",
     "forward_iteration",
     "solve",
 ]

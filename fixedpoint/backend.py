@@ -220,13 +220,13 @@ class Kernels:
 
     def solver_context(self):
         """Context in which the solver runs: ``torch.no_grad()`` for PyTorch (the solve is not
-        differentiated through; gradients come from implicit differentiation); floating point
-        warnings off for NumPy (the solver detects non-finite values itself); else nothing."""
+        differentiated through; gradients come from implicit differentiation), and NumPy's floating
+        point warnings off (the solver detects non-finite values itself; NumPy holds the small
+        state on the host, and array-api-strict computes with NumPy)."""
         stack = contextlib.ExitStack()
         if self.lib == "torch":
             stack.enter_context(self._raw.no_grad())
-        if library_name(self.sxp) == "numpy":
-            stack.enter_context(np.errstate(all="ignore"))
+        stack.enter_context(np.errstate(all="ignore"))
         return stack
 
     def sub(self, out, a, b):
@@ -247,15 +247,35 @@ class Kernels:
         else:
             out[...] = a
 
+    def _coef(self, alpha, dtype):
+        """A Python float as is; a per-sample small-state array ``(B,)`` as a ``(B, 1)`` array of the vectors' library."""
+        if isinstance(alpha, (int, float)):
+            return float(alpha)
+        return self.big(alpha, dtype)[:, None]
+
     def add_scaled(self, out, a, alpha, b):
-        """``out[...] = a + alpha * b`` for a Python float ``alpha``."""
-        if self.lib == "torch":
+        """``out[...] = a + alpha * b``, ``alpha`` a Python float or a per-sample small-state array of shape ``(B,)``.
+
+        ``out`` must not overlap ``a`` or ``b``.
+        """
+        alpha = self._coef(alpha, out.dtype)
+        if self.lib == "torch" and isinstance(alpha, float):
             self._raw.add(a, b, alpha=alpha, out=out)
+        elif self.lib == "torch":
+            self._raw.addcmul(a, b, alpha, out=out)
         elif self._raw is not None:
             self._raw.multiply(b, alpha, out=out)
             self._raw.add(out, a, out=out)
         else:
             out[...] = a + alpha * b
+
+    def scale(self, out, a, alpha):
+        """``out[...] = alpha * a``, ``alpha`` a Python float or a per-sample small-state array of shape ``(B,)``."""
+        alpha = self._coef(alpha, out.dtype)
+        if self._raw is not None:
+            self._raw.multiply(a, alpha, out=out)
+        else:
+            out[...] = alpha * a
 
     def copy_rows_where(self, out, a, mask):
         """``out[i] = a[i]`` for the rows ``i`` where the boolean ``mask`` (shape ``(B,)``, small state) is true.
@@ -292,9 +312,13 @@ class Kernels:
         else:
             out[...] = (w[:, None, :] @ A)[:, 0, :]
 
-    def sqnorm(self, a):
-        """Squared Euclidean norm of each row of ``a`` (shape ``(B, n)``): small state of shape ``(B,)``, :attr:`sdtype`."""
-        return self.sxp.astype(self.small((a[:, None, :] @ a[:, :, None])[:, 0, 0]), self.sdtype)
+    def dot(self, a, b):
+        """Inner product of each row of ``a`` with the same row of ``b`` (both ``(B, n)``): small state ``(B,)``, :attr:`sdtype`."""
+        return self.sxp.astype(self.small((a[:, None, :] @ b[:, :, None])[:, 0, 0]), self.sdtype)
+
+    def norms(self, a):
+        """Euclidean norm of each row of ``a`` (shape ``(B, n)``): small state of shape ``(B,)``, :attr:`sdtype`."""
+        return self.sxp.sqrt(self.dot(a, a))
 
     def solve(self, A, b):
         """Batched solve of ``A[i] @ x[i] = b[i]`` for small state ``A`` ``(B, k, k)`` and ``b`` ``(B, k)``.

@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
+from .backend import Kernels
 from .checks import check_real
-from .iteration import COMMON_DEFAULTS, Stepper, run
+from .method import Method, MethodState
 
-__all__ = ["forward_iteration", "FORWARD_DEFAULTS"]
-
-#: Options of :func:`forward_iteration` beyond :data:`fixedpoint.iteration.COMMON_DEFAULTS`.
-FORWARD_DEFAULTS = dict(damping=1.0)
+__all__ = ["ForwardIteration"]
 
 
-class _ForwardStepper(Stepper):
-    def __init__(self, kern, B, n, dtype, damping):
-        self.kern, self.damping = kern, damping
-        self.f = kern.xp.empty((B, n), dtype=dtype, device=kern.device)
-
-    def residual_buffer(self, k):
-        return self.f
-
-    def observe(self, k, gx):
-        return self.kern.sxp.sqrt(self.kern.sqnorm(self.f))
-
-    def step(self, k, x, gx, active, out):
-        if self.damping == 1.0:
-            self.kern.copy(out, gx)
-        else:
-            self.kern.add_scaled(out, x, self.damping, self.f)
-
-
-def forward_iteration(g, x0, *, damping=1.0, tol=1e-5, max_iter=1000, stop_mode="rel", batch=False,
-                      check_every=None, callback=None, backend=None):
-    """Solve x = g(x) by forward (Picard) iteration, x_{k+1} = (1 − ω) x_k + ω g(x_k).
+@dataclasses.dataclass(frozen=True)
+class ForwardIteration(Method):
+    """Forward (Picard) iteration x_{k+1} = (1 − ω) x_k + ω g(x_k): the method object for :func:`fixedpoint.solve`.
 
     Converges for any x0 when the damped map is a contraction (Banach fixed-point
     theorem), and locally, at a linear rate equal to the spectral radius of the
@@ -39,58 +22,39 @@ def forward_iteration(g, x0, *, damping=1.0, tol=1e-5, max_iter=1000, stop_mode=
 
     Parameters
     ----------
-    g : callable
-        The fixed-point map, ``g(x) -> array`` of the same library, shape, dtype
-        and device as ``x`` (which has ``x0``'s shape).  In batch mode it maps the
-        whole batch at once, each sample independently.
-    x0 : array
-        Initial guess, any shape, a NumPy/CuPy/PyTorch/array-api-strict array.
-        Integer and boolean inputs are promoted to the library's default float
-        dtype (:func:`fixedpoint.backend.working_dtype`).
     damping : float, default 1.0
         ω in (0, 1]; 1 is the plain iteration x_{k+1} = g(x_k).
-    tol : float, default 1e-5
-        Stop a sample once its residual (``stop_mode``) is at most ``tol``.
-    max_iter : int, default 1000
-        Maximum evaluations of ``g``.
-    stop_mode : {"rel", "abs"}, default "rel"
-        "rel": ‖g(x) − x‖₂ / (‖g(x)‖₂ + 1e-12), the measure of the DEQ literature
-        (Bai et al. 2019; Al Dajani & Keyes 2024, arXiv 2410.19460);
-        "abs": ‖g(x) − x‖₂.  Norms are per sample in batch mode.
-    batch : bool, default False
-        Treat the leading axis of ``x0`` as a batch of independent problems: each
-        sample has its own residual, convergence flag, iteration count and best
-        iterate, and is frozen once converged.
-    check_every : int, optional
-        Test for the end of the loop (a host synchronisation) every this many
-        iterations.  Default: 1 on the CPU, 10 on GPUs.
-    callback : callable, optional
-        ``callback(info)`` after each evaluation of ``g`` with an
-        :class:`fixedpoint.iteration.IterationInfo`; returning True stops the solve
-        (status "stopped").
-    backend : str or module, optional
-        Run the solver in another array library ("numpy", "cupy", "torch",
-        "array_api_strict"); ``g`` is still called with arrays of ``x0``'s library,
-        converted through DLPack (:mod:`fixedpoint.interop`).
-
-    Returns
-    -------
-    FixedPointResult
-        See :class:`fixedpoint.FixedPointResult`; ``n_restarts`` is always 0.
 
     Raises
     ------
-    ValueError, TypeError
-        For a bad option (the message names it), NaN/Inf in ``x0``, or a ``g``
-        that returns another library, shape, dtype or device.  Any exception raised
-        by ``g`` or ``callback`` propagates with the partial result attached as
-        ``exc.fixedpoint_result``.
+    TypeError, ValueError
+        At construction, for a damping that is not a real number in (0, 1].
+
+    Notes
+    -----
+    Memory: one vector of size n per sample (the residual) besides the loop's
+    iterates.  Work per iteration besides g: O(n).
     """
-    opts = dict(COMMON_DEFAULTS, tol=tol, max_iter=max_iter, stop_mode=stop_mode, batch=batch,
-                check_every=check_every, callback=callback, backend=backend)
-    opts["damping"] = damping = check_real("damping", damping, 0.0, 1.0, low_open=True)
 
-    def make(kern, B, n, dtype):
-        return _ForwardStepper(kern, B, n, dtype, damping)
+    name = "forward"
 
-    return run("forward", make, g, x0, opts)
+    damping: float = 1.0
+
+    def __post_init__(self) -> None:
+        self._set(damping=check_real("damping", self.damping, 0.0, 1.0, low_open=True))
+
+    def init(self, kern: Kernels, B: int, n: int, dtype: Any) -> MethodState:
+        """The state of one solve: the residual buffer."""
+        return _ForwardState(kern, B, n, dtype, self.damping)
+
+
+class _ForwardState(MethodState):
+    def __init__(self, kern: Kernels, B: int, n: int, dtype: Any, damping: float) -> None:
+        super().__init__(kern, B, n, dtype)
+        self.damping = damping
+
+    def step(self, x: Any, gx: Any, f: Any, active: Any, out: Any) -> None:
+        if self.damping == 1.0:
+            self.kern.copy(out, gx)
+        else:
+            self.kern.add_scaled(out, x, self.damping, f)

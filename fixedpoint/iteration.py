@@ -1,11 +1,12 @@
-"""The iteration loop shared by forward iteration and Anderson acceleration.
+"""The one driver loop of every method (forward iteration, Anderson, Broyden, user-written ones).
 
-A method supplies a *stepper* (see :class:`Stepper`) that owns its buffers and
-computes the next iterate; this module owns everything else: input checks, the
-batch layout, calling ``g`` and checking what it returns, residuals and the
-stopping test, per-sample convergence and freezing, the best iterate, the
-residual history, callbacks, ``check_every`` host synchronisation, the
-``backend=`` bridge and the result.
+A method supplies a state (:class:`fixedpoint.method.MethodState`, made by
+:meth:`fixedpoint.method.Method.init`) that owns its buffers and computes the next
+iterate; this module owns everything else: input checks, the batch layout,
+calling ``g`` and checking what it returns, residuals and the stopping test,
+per-sample convergence and freezing, the best iterate, the residual history,
+restart counts, callbacks, ``check_every`` host synchronisation, the ``backend=``
+bridge and the result.
 
 Internally every problem is a batch: ``x0`` of any shape is viewed as ``(B, n)``
 with ``B = 1`` unless ``batch=True``.
@@ -23,14 +24,10 @@ import numpy as np
 from .backend import Kernels, is_accelerator, library_name, namespace_of, resolve_namespace, working_dtype
 from .checks import check_choice, check_int, check_real
 from .interop import convert, to_numpy, wrap_map
+from .method import Method
 from .result import FixedPointResult
 
-__all__ = ["IterationInfo", "Stepper", "run", "COMMON_DEFAULTS"]
-
-#: Options every method takes, with their defaults.
-COMMON_DEFAULTS = dict(
-    tol=1e-5, max_iter=1000, stop_mode="rel", batch=False, check_every=None, callback=None, backend=None
-)
+__all__ = ["IterationInfo", "run", "check_common"]
 
 _INACTIVE = -1.0  # history entry of a sample that had stopped (residuals are >= 0 or NaN)
 _INF = float("inf")
@@ -67,30 +64,38 @@ class IterationInfo:
     active: Any
 
 
-class Stepper:
-    """Interface of a method's per-iteration work (forward iteration, Anderson).
+def _check_callable(name, value):
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable or None, got {value!r}")
+    return value
 
-    ``make_stepper(kern, B, n, dtype)`` builds it and preallocates the buffers;
-    ``residual_buffer(k)`` returns the ``(B, n)`` buffer where the loop writes
-    f_k = g(x_k) − x_k; ``observe(k, gx)`` records g(x_k) and returns ‖f_k‖₂ as a
-    ``(B,)`` array of small state (``kern.sxp``, dtype ``kern.sdtype``); ``step(k, x, gx, active, out)``
-    writes x_{k+1} into ``out``.  ``n_restarts`` is a ``(B,)`` integer array or None.
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+_COMMON_CHECKS = {
+    "tol": lambda v: check_real("tol", v, 0.0, None, low_open=True),
+    "max_iter": lambda v: check_int("max_iter", v, 1),
+    "stop_mode": lambda v: check_choice("stop_mode", v, ("rel", "abs")),
+    "check_every": lambda v: None if v is None else check_int("check_every", v, 1),
+    "callback": lambda v: _check_callable("callback", v),
+    "batch": lambda v: _check_bool("batch", v),
+    "backend": lambda v: v,
+}
+
+
+def check_common(opts: dict) -> dict:
+    """Validate the options common to every method (those present in ``opts``); return them normalised.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the option, for a value of the wrong type or out of range.
     """
-
-    n_restarts = None
-
-
-def _check_common(opts):
-    tol = check_real("tol", opts["tol"], 0.0, None, low_open=True)
-    max_iter = check_int("max_iter", opts["max_iter"], 1)
-    stop_mode = check_choice("stop_mode", opts["stop_mode"], ("rel", "abs"))
-    if opts["check_every"] is not None:
-        check_int("check_every", opts["check_every"], 1)
-    if opts["callback"] is not None and not callable(opts["callback"]):
-        raise TypeError(f"callback must be callable or None, got {opts['callback']!r}")
-    if not isinstance(opts["batch"], bool):
-        raise TypeError(f"batch must be True or False, got {opts['batch']!r}")
-    return tol, max_iter, stop_mode
+    return {key: _COMMON_CHECKS[key](value) for key, value in opts.items()}
 
 
 def _checked_call(g, x_view, shape, dtype, device, lib):
@@ -110,13 +115,13 @@ def _checked_call(g, x_view, shape, dtype, device, lib):
     return y
 
 
-def run(method, make_stepper, g, x0, opts):
-    """Solve x = g(x) with the stepper ``make_stepper`` builds; see :func:`fixedpoint.solve`.
+def run(method: Method, g, x0, opts: dict):
+    """Solve x = g(x) with ``method``; see :func:`fixedpoint.solve`.
 
-    ``opts`` holds the common options (:data:`COMMON_DEFAULTS`) plus the method's own,
-    already validated by the method.
+    ``opts`` holds the options common to every method (``tol``, ``max_iter``,
+    ``stop_mode``, ``batch``, ``check_every``, ``callback``, ``backend``), not yet validated.
     """
-    loop = _Loop(method, make_stepper, g, x0, opts)
+    loop = _Loop(method, g, x0, opts)
     with loop.kern.solver_context():
         return loop.run()
 
@@ -124,9 +129,10 @@ def run(method, make_stepper, g, x0, opts):
 class _Loop:
     """State of one solve: set up from the inputs, iterated by :meth:`run`, summarised by :meth:`result`."""
 
-    def __init__(self, method, make_stepper, g, x0, opts):
+    def __init__(self, method, g, x0, opts):
         self.method, self.opts = method, opts
-        self.tol, self.max_iter, self.stop_mode = _check_common(opts)
+        self.opts = opts = check_common(opts)
+        self.tol, self.max_iter, self.stop_mode = opts["tol"], opts["max_iter"], opts["stop_mode"]
         if not callable(g):
             raise TypeError(f"g must be callable, got {g!r}")
         caller_xp = namespace_of(x0)
@@ -158,7 +164,7 @@ class _Loop:
         self.kern = kern = Kernels(xp, device)
         sxp, sdev, sdt = kern.sxp, kern.sdevice, kern.sdtype
         with self.kern.solver_context():
-            self.stepper = make_stepper(kern, B, n, dtype)
+            self.state = method.init(kern, B, n, dtype)
             # Two iterates (swapped each step), the best iterate, small per-sample state.
             self.x_cur = xp.reshape(xp.astype(x0, dtype, copy=True), (B, n))
             self.x_next = xp.empty_like(self.x_cur)
@@ -172,6 +178,7 @@ class _Loop:
         self.best_r = sxp.full((B,), float("inf"), dtype=sdt, device=sdev)
         self.active = sxp.ones((B,), dtype=sxp.bool, device=sdev)
         self.best_pending = sxp.zeros((B,), dtype=sxp.bool, device=sdev)
+        self.n_restarts = sxp.zeros((B,), dtype=sxp.int64, device=sdev)
         # Residual history: one row per iteration, _INACTIVE for samples that had stopped.  Per-sample
         # convergence, failure and iteration counts are derived from it on the host (see result()).
         self.inactive = sxp.full((B,), _INACTIVE, dtype=sdt, device=sdev)
@@ -186,7 +193,7 @@ class _Loop:
             self.pending = 0
 
     def run(self):
-        xp, kern, stepper, shape, B, n = self.xp, self.kern, self.stepper, self.shape, self.B, self.n
+        xp, kern, state, shape, B, n = self.xp, self.kern, self.state, self.shape, self.B, self.n
         sxp = kern.sxp
         callback, tol, freeze, rel = self.opts["callback"], self.tol, B > 1, self.stop_mode == "rel"
         status = None
@@ -196,10 +203,13 @@ class _Loop:
                 x = self.x_cur
                 gx = xp.reshape(_checked_call(self.g, xp.reshape(x, shape), shape, self.dtype, self.device, self.lib), (B, n))
                 self.n_fev += 1
-                kern.sub(stepper.residual_buffer(k), gx, x)
-                r = stepper.observe(k, gx)
+                f = state.residual_buffer()
+                kern.sub(f, gx, x)
+                r = state.observe(x, gx, f)
+                if r is None:
+                    r = kern.norms(f)
                 if rel:
-                    r = r / (sxp.sqrt(kern.sqnorm(gx)) + REL_EPS)
+                    r = r / (kern.norms(gx) + REL_EPS)
                 active = self.active
                 improved = active & (r < self.best_r)  # False for NaN
                 self.best_r = sxp.where(improved, r, self.best_r)
@@ -209,7 +219,9 @@ class _Loop:
                 self.hist[self.pending, ...] = sxp.where(active, r, self.inactive)
                 self.pending += 1
                 self.active = active = active & (r > tol) & (r < _INF)  # converged or non-finite: stop
-                stepper.step(k, x, gx, active, self.x_next)
+                restarted = state.step(x, gx, f, active, self.x_next)
+                if restarted is not None:
+                    self.n_restarts = self.n_restarts + sxp.astype(restarted, sxp.int64)
                 if freeze:
                     kern.copy_rows_where(self.x_next, x, ~active)
                 if callback is not None and callback(IterationInfo(k, xp.reshape(x, shape), kern.big(r), kern.big(active))):
@@ -251,8 +263,7 @@ class _Loop:
             status = "converged" if conv.all() else ("nonfinite" if fail.any() else "max_iter")
         elif status == "stopped":
             sample_status = np.where(conv | fail, sample_status, "stopped")
-        restarts = self.stepper.n_restarts
-        restarts = to_numpy(restarts).astype(np.int64) if restarts is not None else np.zeros(self.B, np.int64)
+        restarts = to_numpy(self.n_restarts).astype(np.int64)
         residual = to_numpy(self.best_r).astype(np.float64)
         wall = time.perf_counter() - self.t0
         if not self.opts["batch"]:
@@ -260,6 +271,6 @@ class _Loop:
             residual, restarts, history = float(residual[0]), int(restarts[0]), history[:, 0]
         return FixedPointResult(
             x=x, converged=conv, status=status, sample_status=sample_status, n_iter=iters, n_fev=self.n_fev,
-            residual=residual, residual_history=history, n_restarts=restarts, wall_time=wall, method=self.method,
-            options={key: val for key, val in self.opts.items() if key != "callback"},
+            residual=residual, residual_history=history, n_restarts=restarts, wall_time=wall, method=self.method.name,
+            options={**{key: val for key, val in self.opts.items() if key != "callback"}, **self.method.options()},
         )

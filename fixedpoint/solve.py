@@ -1,47 +1,137 @@
-"""The single entry point :func:`solve`, dispatching to a method by name."""
+"""The entry point :func:`solve`, the method registry, and the per-method shortcuts."""
 
 from __future__ import annotations
 
-from .anderson import ANDERSON_DEFAULTS, anderson
+import dataclasses
+from typing import Any, Callable
+
+from .anderson import Anderson
+from .broyden import Broyden
 from .checks import check_choice, check_options
-from .forward import FORWARD_DEFAULTS, forward_iteration
-from .iteration import COMMON_DEFAULTS
+from .forward import ForwardIteration
+from .iteration import run
+from .method import Method
+from .result import FixedPointResult
 
-__all__ = ["solve", "METHODS"]
+__all__ = ["solve", "anderson", "forward_iteration", "broyden", "METHODS", "COMMON_OPTIONS", "resolve_method"]
 
-#: Methods by name, with the options each takes (common ones included) and their defaults.
-METHODS = {
-    "anderson": (anderson, dict(COMMON_DEFAULTS, **ANDERSON_DEFAULTS)),
-    "forward": (forward_iteration, dict(COMMON_DEFAULTS, **FORWARD_DEFAULTS)),
-}
+#: The methods :func:`solve` accepts by name (the string aliases), each a :class:`fixedpoint.method.Method` class.
+METHODS: dict[str, type[Method]] = {"anderson": Anderson, "forward": ForwardIteration, "broyden": Broyden}
+
+#: The options every method takes (keyword arguments of :func:`solve` besides the method's own).
+COMMON_OPTIONS = ("tol", "max_iter", "stop_mode", "batch", "check_every", "callback", "backend")
 
 
-def solve(g, x0, method="anderson", **options):
-    """Find x with x = g(x), by Anderson acceleration (default) or forward iteration.
+def resolve_method(method: str | Method, options: dict[str, Any], where: str = "solve") -> tuple[Method, dict[str, Any]]:
+    """Split ``options`` into a method object and the common options.
 
     Parameters
     ----------
-    g : callable
-        Fixed-point map ``g(x) -> array``, same library, shape, dtype and device as ``x``.
-    x0 : array
-        Initial guess (NumPy, CuPy, PyTorch or any array API library), any shape.
-    method : {"anderson", "forward"}, default "anderson"
-        :func:`fixedpoint.anderson` (Type-II AA) or :func:`fixedpoint.forward_iteration`.
-    **options
-        The method's options (``m``, ``beta``, ``lam``, ``tol``, ``max_iter``,
-        ``stop_mode``, ``damping``, ``batch``, ``check_every``, ``callback``,
-        ``backend``, ...); see the method's documentation and :data:`METHODS`.
+    method : str or Method
+        A name of :data:`METHODS` (its options are then taken from ``options``) or a method object.
+    options : dict
+        Keyword options: common ones (:data:`COMMON_OPTIONS`) and, with a method name, the method's.
+    where : str
+        How the caller is named in error messages.
 
     Returns
     -------
-    FixedPointResult
+    (Method, dict)
+        The method object and the common options that were given.
 
     Raises
     ------
     ValueError
-        For an unknown ``method`` or a bad option value.
+        For an unknown method name, or a bad option value (the message names it).
     TypeError
-        For an option the method does not take (never silently ignored).
+        For a method that is neither a name nor a method object, an option that neither the method
+        nor the solve loop takes (with the closest valid name), or method options passed beside
+        a method object.
+    """
+    common = {k: v for k, v in options.items() if k in COMMON_OPTIONS}
+    own = {k: v for k, v in options.items() if k not in COMMON_OPTIONS}
+    if isinstance(method, str):
+        check_choice("method", method, tuple(METHODS))
+        cls = METHODS[method]
+        fields = tuple(f.name for f in dataclasses.fields(cls))
+        check_options(f"{where}(method={method!r})", own, fields + COMMON_OPTIONS)
+        return cls(**own), common
+    if isinstance(method, type):
+        raise TypeError(f"method must be a method object or a name, got the class {method.__name__}; "
+                        f"pass an instance such as {method.__name__}()")
+    if not callable(getattr(method, "init", None)):
+        raise TypeError(f"method must be one of {', '.join(map(repr, METHODS))} or a method object such as "
+                        f"fixedpoint.Anderson(m=5) (an object with init(kern, B, n, dtype)), got {method!r}")
+    if own:
+        check_options(f"{where}(method={type(method).__name__}(...))", own, COMMON_OPTIONS)
+    return method, common
+
+
+def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float = 1e-5, max_iter: int = 1000,
+          stop_mode: str = "rel", batch: bool = False, check_every: int | None = None,
+          callback: Callable | None = None, backend: Any = None, **method_options: Any) -> FixedPointResult:
+    """Find x with x = g(x) by Anderson acceleration (default), forward iteration, Broyden, or any method object.
+
+    Parameters
+    ----------
+    g : callable
+        The fixed-point map, ``g(x) -> array`` of the same library, shape, dtype
+        and device as ``x`` (which has ``x0``'s shape).  In batch mode it maps the
+        whole batch at once, each sample independently.
+    x0 : array
+        Initial guess, any shape, a NumPy/CuPy/PyTorch/array-api-strict array.
+        Integer and boolean inputs are promoted to the library's default float
+        dtype (:func:`fixedpoint.backend.working_dtype`).
+    method : str or Method, default "anderson"
+        A method object (:class:`fixedpoint.Anderson`, :class:`fixedpoint.ForwardIteration`,
+        :class:`fixedpoint.Broyden`, or one written to the protocol of
+        :mod:`fixedpoint.method`), or a name of :data:`METHODS` whose options are then
+        given as further keyword arguments (``solve(g, x0, method="anderson", m=10)`` is
+        ``solve(g, x0, method=Anderson(m=10))``).
+    tol : float, default 1e-5
+        Stop a sample once its residual (``stop_mode``) is at most ``tol``; > 0.
+    max_iter : int, default 1000
+        Most evaluations of g (iterations), >= 1.
+    stop_mode : {"rel", "abs"}, default "rel"
+        "rel": ‖g(x) − x‖₂ / (‖g(x)‖₂ + 1e-12) (dimensionless); "abs": ‖g(x) − x‖₂
+        (units of x); norms per sample in batch mode.
+    batch : bool, default False
+        Treat the leading axis of ``x0`` as B independent problems: per-sample
+        residuals, stopping, weights and iteration counts; converged samples stop
+        moving.  Otherwise ``x0`` is one vector.
+    check_every : int, optional
+        Check for convergence on the host every this many iterations (default 1
+        on CPUs, 10 on GPUs, where each check synchronises).  Up to
+        ``check_every - 1`` extra evaluations of g may happen; the result is the
+        same iterate as with 1.
+    callback : callable, optional
+        ``callback(info)`` with an :class:`fixedpoint.IterationInfo` after every
+        evaluation of g; returning True stops the solve (status ``"stopped"``).
+    backend : str or module, optional
+        Run the solver in another array library than ``x0``'s (``"numpy"``,
+        ``"torch"``, ``"cupy"``, ``"array_api_strict"``): x0 is converted (zero-copy
+        through DLPack on the same device), g is still called with arrays of x0's
+        library, and the result comes back in x0's library, dtype and device.
+    **method_options
+        With a method name: that method's options (e.g. ``m``, ``beta``, ``lam`` for
+        Anderson; ``damping`` for forward iteration); see the method classes.
+
+    Returns
+    -------
+    FixedPointResult
+        Not converging is a status (``"max_iter"``, ``"nonfinite"``, ...), never an
+        exception; the best iterate seen is returned.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``method`` name or a bad option value (the message names it),
+        NaN/Inf in ``x0``, an empty ``x0``, or a ``g`` that returns another shape or device.
+    TypeError
+        For an option the method does not take (never silently ignored), method options
+        beside a method object, a non-array ``x0``, or a ``g`` that returns another
+        library or dtype.  Any exception raised by ``g`` or ``callback`` propagates with
+        the partial result attached as ``exc.fixedpoint_result``.
 
     Examples
     --------
@@ -49,8 +139,40 @@ def solve(g, x0, method="anderson", **options):
     >>> res = fixedpoint.solve(np.cos, np.zeros(3), tol=1e-10)
     >>> bool(res.converged), round(float(res.x[0]), 6)
     (True, 0.739085)
+    >>> fixedpoint.solve(np.cos, np.zeros(3), method=fixedpoint.Broyden(m=4), tol=1e-10).n_iter < 10
+    True
     """
-    check_choice("method", method, tuple(METHODS))
-    func, defaults = METHODS[method]
-    check_options(f"solve(method={method!r})", options, tuple(defaults))
-    return func(g, x0, **options)
+    opts = dict(tol=tol, max_iter=max_iter, stop_mode=stop_mode, batch=batch, check_every=check_every,
+                callback=callback, backend=backend)
+    method_obj, _ = resolve_method(method, method_options)
+    return run(method_obj, g, x0, opts)
+
+
+def anderson(g: Callable, x0: Any, **options: Any) -> FixedPointResult:
+    """Solve x = g(x) by Type-II Anderson acceleration: ``solve(g, x0, method="anderson", **options)``.
+
+    Options: those of :class:`fixedpoint.Anderson` (``m``, ``beta``, ``lam``, ``lam_mode``,
+    ``delay``, ``restart_growth``, ``restart_weight``) and of :func:`solve`.  Returns a
+    :class:`fixedpoint.FixedPointResult` whose ``n_restarts`` counts safeguard restarts; raises
+    as :func:`solve`.
+    """
+    return solve(g, x0, "anderson", **options)
+
+
+def forward_iteration(g: Callable, x0: Any, **options: Any) -> FixedPointResult:
+    """Solve x = g(x) by forward (Picard) iteration: ``solve(g, x0, method="forward", **options)``.
+
+    Options: ``damping`` (:class:`fixedpoint.ForwardIteration`) and those of :func:`solve`.
+    Returns a :class:`fixedpoint.FixedPointResult`; raises as :func:`solve`.
+    """
+    return solve(g, x0, "forward", **options)
+
+
+def broyden(g: Callable, x0: Any, **options: Any) -> FixedPointResult:
+    """Solve x = g(x) by limited-memory Broyden: ``solve(g, x0, method="broyden", **options)``.
+
+    Options: those of :class:`fixedpoint.Broyden` and of :func:`solve`.  Returns a
+    :class:`fixedpoint.FixedPointResult` whose ``n_restarts`` counts restarts after
+    degenerate updates; raises as :func:`solve`.
+    """
+    return solve(g, x0, "broyden", **options)

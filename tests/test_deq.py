@@ -8,6 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import fixedpoint  # noqa: E402
 import fixedpoint.interop  # noqa: E402
 from fixedpoint.torch import DEQ, deq_fixed_point, solver_backend_for  # noqa: E402
 
@@ -204,10 +205,12 @@ def test_per_sample_convergence_and_whole_batch_mode():
 def test_options_and_errors():
     cell = ConvCell()
     layer = DEQ(cell, m=3, beta=0.8, lam=1e-6, lam_mode="absolute", backward_tol=1e-3)
-    assert layer.config.options == dict(m=3, beta=0.8, lam=1e-6, lam_mode="absolute")
-    assert layer.config.backward_options == layer.config.options and layer.config.backward_tol == 1e-3
+    assert layer.config.method == fixedpoint.Anderson(m=3, beta=0.8, lam=1e-6, lam_mode="absolute")
+    assert layer.config.backward_method == layer.config.method and layer.config.backward_tol == 1e-3
     assert "m=3" in repr(layer)
-    assert DEQ(cell, method="forward", backward_method="anderson").config.backward_options == {}
+    assert DEQ(cell, method="forward", backward_method="anderson").config.backward_method == fixedpoint.Anderson()
+    obj = DEQ(cell, method=fixedpoint.Broyden(m=7), backward_method=fixedpoint.ForwardIteration(damping=0.5))
+    assert obj.config.method == fixedpoint.Broyden(m=7) and obj.config.backward_method.damping == 0.5
     x = torch.randn(2, 4, 5, 5)
     with pytest.raises(ValueError, match="method"):
         DEQ(cell, method="newton")

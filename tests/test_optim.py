@@ -17,6 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import fixedpoint  # noqa: E402
 from fixedpoint.torch import AndersonAcceleration, ExtrapolationRecord  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -352,6 +353,24 @@ def test_bad_options_name_the_parameter(kwargs, exc, match):
         AndersonAcceleration(torch.optim.SGD([w], lr=0.1), **kwargs)
 
 
+def test_method_object_is_the_same_as_keywords():
+    X, y, lmin, lr = least_squares()
+    by_kw = steps_to_target(X, y, lmin, lr, wrap=dict(m=4, lam=1e-3, average="off"))
+    by_obj = steps_to_target(X, y, lmin, lr, wrap=dict(method=fixedpoint.Anderson(m=4, lam=1e-3), average="off"))
+    assert by_kw == by_obj < steps_to_target(X, y, lmin, lr)
+    w = torch.zeros(3, requires_grad=True)
+    sgd = torch.optim.SGD([w], lr=0.1)
+    assert AndersonAcceleration(sgd).method == fixedpoint.Anderson(lam=1e-2)  # the wrapper's default lambda
+    with pytest.raises(TypeError, match="not both"):
+        AndersonAcceleration(sgd, method=fixedpoint.Anderson(), m=3)
+    with pytest.raises(TypeError, match="fixedpoint.Anderson"):
+        AndersonAcceleration(sgd, method=fixedpoint.Broyden())
+    with pytest.raises(ValueError, match="delay"):
+        AndersonAcceleration(sgd, method=fixedpoint.Anderson(delay=2))
+    with pytest.raises(TypeError, match="did you mean 'lam'"):
+        AndersonAcceleration(sgd, lamb=1e-3)
+
+
 def test_bad_optimizer_and_parameters():
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         AndersonAcceleration([torch.zeros(2)])
@@ -373,7 +392,7 @@ def test_records_summary_and_reset():
     s = opt.summary()
     assert s["steps"] == 50 and s["stores"] == 10 and s["accepted"] + s["short_history"] == 10
     opt.reset()
-    assert opt.groups[0].n_valid == 0 and not bool(opt.groups[0].hist.valid.any())
+    assert opt.groups[0].n_history() == 0 and not bool(opt.groups[0].hist.valid.any())
     assert "AndersonAcceleration(SGD" in repr(opt)
 
 

@@ -38,8 +38,10 @@ import numpy as np
 import torch
 
 from ..backend import cupy_usable, synchronize
-from ..checks import check_choice, check_int, check_options, check_real
-from ..solve import METHODS, solve
+from ..checks import check_choice, check_int, check_real
+from ..iteration import check_common
+from ..method import Method
+from ..solve import resolve_method, solve
 
 __all__ = ["DEQ", "DEQStats", "SolveStats", "deq_fixed_point", "solver_backend_for"]
 
@@ -105,7 +107,7 @@ class SolveStats:
     Attributes
     ----------
     method : str
-        "anderson" or "forward".
+        Name of the method ("anderson", "forward", "broyden", or a user method's name).
     backend : str
         Library the solver ran in: "numpy", "cupy" or "torch".
     batch_size : int
@@ -178,50 +180,50 @@ class DEQStats:
 
 @dataclass(frozen=True)
 class _Config:
-    method: str
+    method: Method
+    solver_options: dict  # common solver options besides the layer's own (stop_mode, check_every)
     backend: str
     tol: float
     max_iter: int
     batch: bool
-    options: dict
-    backward_method: str
+    backward_method: Method
+    backward_solver_options: dict
     backward_tol: float
     backward_max_iter: int
-    backward_options: dict
 
 
-def _check_method_options(method, options, name):
+def _resolve(method, options, name):
+    """(method object, common solver options) from a method name or object and a dict of options."""
     if not isinstance(options, dict):
         raise TypeError(f"{name} must be a dict of solver options, got {type(options).__name__}")
     for key in options:
         if key in _RESERVED:
             raise TypeError(f"{name} must not contain {key!r}: the DEQ layer sets it (use the layer's own "
                             f"tol, max_iter, batch, backend arguments)")
-    allowed = tuple(k for k in METHODS[method][1] if k not in _RESERVED)
-    check_options(f"DEQ solver (method={method!r})", options, allowed)
-    return dict(options)
+    method_obj, common = resolve_method(method, options, where="DEQ")
+    return method_obj, check_common(common)
 
 
 def _make_config(method, backend, tol, max_iter, batch, options, backward_method, backward_tol,
                  backward_max_iter, backward_options):
-    check_choice("method", method, tuple(METHODS))
     check_choice("backend", backend, SOLVER_BACKENDS)
     tol = check_real("tol", tol, 0.0, None, low_open=True)
     max_iter = check_int("max_iter", max_iter, 1)
     if not isinstance(batch, bool):
         raise TypeError(f"batch must be True or False, got {batch!r}")
-    options = _check_method_options(method, options or {}, "options")
-    backward_method = method if backward_method is None else check_choice("backward_method", backward_method,
-                                                                           tuple(METHODS))
+    method_obj, common = _resolve(method, options or {}, "options")
     backward_tol = tol if backward_tol is None else check_real("backward_tol", backward_tol, 0.0, None,
                                                                 low_open=True)
     backward_max_iter = max_iter if backward_max_iter is None else check_int("backward_max_iter",
                                                                              backward_max_iter, 1)
-    if backward_options is None:
-        backward_options = options if backward_method == method else {}
-    backward_options = _check_method_options(backward_method, backward_options, "backward_options")
-    return _Config(method, backend, tol, max_iter, batch, options, backward_method, backward_tol,
-                   backward_max_iter, backward_options)
+    if backward_method is None and backward_options is None:
+        backward_obj, backward_common = method_obj, common
+    else:
+        if backward_method is None:  # the forward method's kind, with other options
+            backward_method = method_obj.name if isinstance(method, Method) else method
+        backward_obj, backward_common = _resolve(backward_method, backward_options or {}, "backward_options")
+    return _Config(method_obj, common, backend, tol, max_iter, batch, backward_obj, backward_common, backward_tol,
+                   backward_max_iter)
 
 
 def _check_modes(f):
@@ -239,10 +241,10 @@ def _check_modes(f):
 
 
 def _run_solve(g, u0, method, tol, max_iter, batch, options, backend):
-    """Solve u = g(u) for a torch tensor u0 under no_grad; return (result, SolveStats)."""
+    """Solve u = g(u) for a torch tensor u0 under no_grad with a method object; return (result, SolveStats)."""
     t0 = time.perf_counter()
     with torch.no_grad():
-        res = solve(g, u0, method=method, tol=tol, max_iter=max_iter, batch=batch, backend=backend, **options)
+        res = solve(g, u0, method, tol=tol, max_iter=max_iter, batch=batch, backend=backend, **options)
     synchronize(u0.device)
     return res, SolveStats.from_result(res, backend, time.perf_counter() - t0)
 
@@ -270,7 +272,7 @@ class _ImplicitBackward(torch.autograd.Function):
             return vjp.add_(grad)
 
         res, stats = _run_solve(adjoint_map, grad, cfg.backward_method, cfg.backward_tol, cfg.backward_max_iter,
-                                cfg.batch, cfg.backward_options, ctx.backend)
+                                cfg.batch, cfg.backward_solver_options, ctx.backend)
         ctx.stats.backward = stats
         return res.x, None, None, None, None
 
@@ -295,7 +297,8 @@ def _deq(f, x, z0, cfg):
     def fmap(z):
         return f(z, x)
 
-    res, fstats = _run_solve(fmap, z0.detach(), cfg.method, cfg.tol, cfg.max_iter, cfg.batch, cfg.options, backend)
+    res, fstats = _run_solve(fmap, z0.detach(), cfg.method, cfg.tol, cfg.max_iter, cfg.batch, cfg.solver_options,
+                             backend)
     stats = DEQStats(forward=fstats)
     z_star = res.x
     if not torch.is_grad_enabled():
@@ -325,8 +328,10 @@ def deq_fixed_point(f, x, z0=None, *, method="anderson", backend="auto", tol=1e-
         The input injection, any shape, floating dtype (float32 or float64 typical).
     z0 : torch.Tensor, optional
         Initial guess, default ``torch.zeros_like(x)``; its shape is z's shape.
-    method : {"anderson", "forward"}, default "anderson"
-        Solver of :func:`fixedpoint.solve` for the forward solve.
+    method : str or fixedpoint.method.Method, default "anderson"
+        Method of the forward solve: an object (``fixedpoint.Anderson(m=5)``,
+        ``fixedpoint.Broyden()``, ``fixedpoint.ForwardIteration()``, ...) or a name
+        ("anderson", "forward", "broyden") whose options are given in ``options``.
     backend : {"auto", "numpy", "cupy", "torch"}, default "auto"
         Array library the solver runs in (:func:`solver_backend_for`): "auto" is
         NumPy for CPU tensors and CuPy for CUDA tensors, zero-copy through DLPack.
@@ -338,18 +343,20 @@ def deq_fixed_point(f, x, z0=None, *, method="anderson", backend="auto", tol=1e-
         Per-sample solves (own residual, convergence flag and iteration count for
         every sample along the leading axis); False solves the whole batch as one vector.
     options : dict, optional
-        Further options of the method (``m``, ``beta``, ``lam``, ``lam_mode``,
-        ``stop_mode``, ``damping``, ``check_every``, ...), as for :func:`fixedpoint.solve`;
-        defaults are fixedpoint's (m = 5, β = 1.0, λ = 1e-5, stop_mode "rel").
-    backward_method : {"anderson", "forward"}, optional
-        Solver of the adjoint fixed point; default ``method``.
+        Further solver options: ``stop_mode`` and ``check_every`` (as for
+        :func:`fixedpoint.solve`) and, with a method name, the method's own (``m``,
+        ``beta``, ``lam``, ``lam_mode``, ``damping``, ...); defaults are fixedpoint's
+        (m = 5, β = 1.0, λ = 1e-5, stop_mode "rel").  All are validated here.
+    backward_method : str or fixedpoint.method.Method, optional
+        Method of the adjoint fixed point; default ``method`` (the same object).
     backward_tol : float, optional
         Tolerance of the adjoint solve; default ``tol``.
     backward_max_iter : int, optional
         Iteration cap of the adjoint solve; default ``max_iter``.
     backward_options : dict, optional
-        Method options of the adjoint solve; default ``options`` when
-        ``backward_method`` is ``method``, else fixedpoint's defaults.
+        Solver options of the adjoint solve, as ``options``; default ``options`` when
+        neither ``backward_method`` nor ``backward_options`` is given, else fixedpoint's
+        defaults.
 
     Returns
     -------
@@ -443,5 +450,6 @@ class DEQ(torch.nn.Module):
 
     def extra_repr(self):
         c = self.config
-        opts = "".join(f", {k}={v!r}" for k, v in c.options.items())
-        return f"method={c.method!r}, backend={c.backend!r}, tol={c.tol:g}, max_iter={c.max_iter}{opts}"
+        opts = "".join(f", {k}={v!r}" for k, v in c.solver_options.items())
+        back = "" if c.backward_method == c.method else f", backward_method={c.backward_method!r}"
+        return f"method={c.method!r}, backend={c.backend!r}, tol={c.tol:g}, max_iter={c.max_iter}{opts}{back}"

@@ -14,18 +14,22 @@ Gram update and least-squares solve as :func:`fixedpoint.anderson`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
-from ..anderson import AndersonHistory, check_anderson_options
+from ..anderson import Anderson, AndersonHistory
 from ..backend import Kernels, resolve_namespace
-from ..checks import check_choice, check_int, check_real
+from ..checks import check_choice, check_int, check_options, check_real
 
 __all__ = ["AndersonAcceleration", "ExtrapolationRecord"]
 
 AVERAGE_MODES = ("off", "on", "auto")
+
+#: The wrapper's default regularisation λ (see the class docstring: larger than the solvers' 1e-5).
+DEFAULT_LAM = 1e-2
 STATUSES = ("accepted", "rejected", "restart", "short_history")
 
 
@@ -79,10 +83,10 @@ class _Group:
 
     BUFFERS = ("prev", "last", "s1", "s2", "acc")
 
-    def __init__(self, index, group, aa_opts, averaging):
+    def __init__(self, index, group, method, averaging):
         self.params = [p for p in group["params"] if p.requires_grad]
         self.n = n = sum(p.numel() for p in self.params)
-        self.k = self.n_valid = self.block = 0
+        self.block = 0
         self.was_averaged = None
         self.counts = dict(stores=0, averaged=0, accepted=0, rejected=0, restart=0, short_history=0)
         if n == 0:
@@ -101,7 +105,7 @@ class _Group:
             dtype = torch.promote_types(dtype, p.dtype)
         xp = resolve_namespace("torch")
         kern = Kernels(xp, device)
-        self.hist = AndersonHistory(kern, 1, n, dtype, **aa_opts)
+        self.hist = method.init(kern, 1, n, dtype)
         self.active = kern.sxp.ones((1,), dtype=kern.sxp.bool, device=kern.sdevice)  # small state (see Kernels)
         names = ("cur", "work", "prev") + (("last", "s1", "s2", "acc") if averaging else ())
         for name in names:
@@ -169,31 +173,28 @@ class _Group:
             self.gather("cur")
         if self.was_averaged is not None and averaged != self.was_averaged:
             self.hist.reset()  # "auto" switched: the stored pairs belong to the other map
-            self.n_valid = 0
         self.was_averaged = averaged
-        torch.sub(value, self.prev, out=self.hist.residual_buffer(self.k))
-        self.hist.observe(self.k, value)
+        torch.sub(value, self.prev, out=self.hist.residual_buffer())
+        self.hist.push(value, self.hist.residual_buffer())
         self.prev.copy_(self.cur)  # the next block starts from the optimizer's weights
-        self.k += 1
-        self.n_valid = min(self.n_valid + 1, self.hist.m)
         self.counts["stores"] += 1
         self.counts["averaged"] += int(averaged)
         return averaged, rsd
 
     def candidate(self):
         """Extrapolate into ``work``; returns a status when there is nothing to try, else None."""
-        if self.n_valid < 2:
+        if self.n_history() < 2:
             return "short_history"
-        before = int(self.hist.n_restarts[0])
-        alpha = self.hist.weights(self.k - 1, self.active)
-        if int(self.hist.n_restarts[0]) != before:
-            self.n_valid = 1
+        if bool(self.hist.extrapolate(self.active, self.work)[0]):
             return "restart"
-        self.hist.combine(alpha, self.work)
         return None
 
+    def n_history(self):
+        """Number of stored pairs the next extrapolation combines."""
+        return int(self.hist.size()[0]) if self.n else 0
+
     def state_dict(self):
-        state = dict(n=self.n, k=self.k, n_valid=self.n_valid, block=self.block, was_averaged=self.was_averaged,
+        state = dict(n=self.n, block=self.block, was_averaged=self.was_averaged,
                      counts=dict(self.counts))
         if self.n:
             # as tensors (the small state may be NumPy), so that torch.load(weights_only=True) reads it
@@ -212,7 +213,7 @@ class _Group:
             for b in self.BUFFERS:
                 if hasattr(self, b):
                     getattr(self, b).copy_(state[b])
-        self.k, self.n_valid, self.block = state["k"], state["n_valid"], state["block"]
+        self.block = state["block"]
         self.was_averaged = state["was_averaged"]
         self.counts = dict(state["counts"])
 
@@ -238,6 +239,12 @@ class AndersonAcceleration:
         of a group must be real floating tensors on one device.  Parameters with
         ``requires_grad=False`` when the wrapper is built are not tracked; parameters whose
         ``.grad`` is None at an extrapolation are not written (the optimizer did not move them).
+    method : fixedpoint.Anderson, optional
+        The Anderson options as one object, e.g. ``Anderson(m=10, lam=1e-3)`` (its ``delay`` must be
+        0: this wrapper's own ``delay`` counts optimizer steps).  Default:
+        ``Anderson(lam=1e-2, **anderson_options)``.
+    **anderson_options
+        Instead of ``method``: the options of :class:`fixedpoint.Anderson`, with the defaults below.
     m : int, default 5
         Window: number of stored pairs (g_j, f_j) combined, >= 2 (5 as in :func:`fixedpoint.anderson`;
         the authors' AADL code uses 5 to 15).
@@ -246,7 +253,8 @@ class AndersonAcceleration:
         extrapolate back towards Σ α_j θ_j, i.e. towards the start of the recent blocks, which
         undoes optimizer progress (docs/stable_anderson.md).
     lam : float, default 1e-2
-        Regularisation λ >= 0 of the least-squares problem for α.
+        Regularisation λ >= 0 of the least-squares problem for α (this wrapper's default; the solvers'
+        is 1e-5).
     lam_mode : {"relative", "absolute"}, default "relative"
         As in :func:`fixedpoint.anderson`: "relative" adds λ·max_j ‖f_j‖² to the diagonal of the
         Gram matrix, so that λ does not depend on the step size.  Consecutive optimizer steps are
@@ -282,13 +290,14 @@ class AndersonAcceleration:
         groups at once.  Recommended: in the runs of docs/stable_anderson.md every AA run ended
         at a lower loss with it than without.
     restart_growth, restart_weight : float, default 1e4, 1e6
-        AA's own restart safeguards, as in :func:`fixedpoint.anderson`.
+        AA's own restart safeguards, as in :class:`fixedpoint.Anderson`.
 
     Raises
     ------
     TypeError
-        If ``optimizer`` is not a ``torch.optim.Optimizer``, an option has the wrong type, or a
-        group holds non-floating parameters.
+        If ``optimizer`` is not a ``torch.optim.Optimizer``, ``method`` is not a
+        :class:`fixedpoint.Anderson` or comes with Anderson options beside it, an option is
+        unknown or has the wrong type, or a group holds non-floating parameters.
     ValueError
         If an option is out of range (the message names it), ``every`` is not a multiple of
         ``store_every``, averaging is asked for with ``store_every`` < 2, or a group's parameters
@@ -310,15 +319,27 @@ class AndersonAcceleration:
     Learning-rate schedulers are attached to the wrapped optimizer (``wrapper.optimizer``).
     """
 
-    def __init__(self, optimizer, *, m=5, beta=1.0, lam=1e-2, lam_mode="relative", store_every=5, every=None,
-                 delay=0, average="auto", rsd_threshold=0.1, safeguard=False, restart_growth=1e4,
-                 restart_weight=1e6):
+    def __init__(self, optimizer, method=None, *, store_every=5, every=None, delay=0, average="auto",
+                 rsd_threshold=0.1, safeguard=False, **anderson_options):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        aa = check_anderson_options(m, beta, lam, lam_mode, delay, restart_growth, restart_weight)
-        if aa["m"] < 2:
-            raise ValueError(f"m must be an integer >= 2 (an extrapolation combines at least two iterates), got {m}")
-        self.delay = aa.pop("delay")
+        if method is None:
+            check_options("AndersonAcceleration", anderson_options,
+                          tuple(f.name for f in dataclasses.fields(Anderson) if f.name != "delay"))
+            method = Anderson(**{"lam": DEFAULT_LAM, **anderson_options})
+        elif not isinstance(method, Anderson):
+            raise TypeError(f"method must be a fixedpoint.Anderson, got {method!r}")
+        elif anderson_options:
+            raise TypeError(f"pass the Anderson options either as method=Anderson(...) or as keywords, not both "
+                            f"(got method and {', '.join(sorted(anderson_options))})")
+        if method.m < 2:
+            raise ValueError(f"m must be an integer >= 2 (an extrapolation combines at least two iterates), "
+                             f"got {method.m}")
+        if method.delay:
+            raise ValueError(f"method.delay must be 0 here, got {method.delay}: the wrapper's own delay= counts "
+                             "optimizer steps")
+        self.method = method
+        self.delay = check_int("delay", delay, 0)
         self.store_every = check_int("store_every", store_every, 1)
         self.every = self.store_every if every is None else check_int("every", every, 1)
         if self.every % self.store_every:
@@ -331,13 +352,14 @@ class AndersonAcceleration:
         if not isinstance(safeguard, bool):
             raise TypeError(f"safeguard must be True or False, got {safeguard!r}")
         self.safeguard = safeguard
+        aa = {k: v for k, v in method.options().items() if k != "delay"}
         self.options = dict(aa, store_every=self.store_every, every=self.every, delay=self.delay,
                             average=self.average, rsd_threshold=self.rsd_threshold, safeguard=safeguard)
         self.optimizer = optimizer
         self.n_steps = 0
         self.records: list[ExtrapolationRecord] = []
         with torch.no_grad():
-            self.groups = [_Group(i, g, dict(aa, delay=0), self.average != "off")
+            self.groups = [_Group(i, g, method, self.average != "off")
                            for i, g in enumerate(optimizer.param_groups)]
 
     # --- the optimizer interface -------------------------------------------------------------
@@ -428,7 +450,7 @@ class AndersonAcceleration:
             g = self.groups[i]
             g.counts[st] += 1
             averaged, rsd = stored[i]
-            self.records.append(ExtrapolationRecord(self.n_steps, i, st, averaged, rsd, g.n_valid, *losses))
+            self.records.append(ExtrapolationRecord(self.n_steps, i, st, averaged, rsd, g.n_history(), *losses))
 
     def reset(self):
         """Forget the stored iterates of every group (e.g. after a learning-rate drop, when the old
@@ -436,7 +458,6 @@ class AndersonAcceleration:
         for g in self.groups:
             if g.n:
                 g.hist.reset()
-                g.n_valid = 0
 
     def summary(self):
         """Counts over all groups: ``steps``, ``stores``, ``averaged`` (stored iterates that were

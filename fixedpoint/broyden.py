@@ -1,0 +1,192 @@
+"""Limited-memory "good" Broyden method on the residual F(x) = g(x) − x.
+
+Broyden's method (C. G. Broyden, Math. Comp. 19, 1965) is a quasi-Newton method for
+F(x) = 0: it keeps an approximation H_k of the inverse Jacobian of F and steps
+
+    x_{k+1} = x_k + p_k,        p_k = −H_k F(x_k).
+
+After each step the "good" update makes H satisfy the secant condition
+H_{k+1} ΔF = Δx (Δx = x_{k+1} − x_k, ΔF = F(x_{k+1}) − F(x_k)) with the
+Sherman–Morrison form of Broyden's rank-one update of the Jacobian:
+
+    H_{k+1} = H_k + (Δx − H_k ΔF) Δxᵀ H_k / (Δxᵀ H_k ΔF).
+
+Starting from H_0 = −β I (so that the first step is the mixing step x + β F,
+forward iteration for β = 1), H_k = −β I + Σ_i u_i v_iᵀ is stored as the pairs
+u_i = (Δx − H ΔF)/(Δxᵀ H ΔF), v_i = H_kᵀ Δx — the representation used for deep
+equilibrium models by Bai, Kolter & Koltun (NeurIPS 2019).  Unlike their code, at
+most m pairs are kept (a ring buffer; the oldest pair is dropped), so memory does
+not grow with the iteration count.
+
+With h = H_k F_{k+1} (one product with the pairs), the identities
+H_k ΔF = h + p_k and u_new = −h / (p_kᵀ (h + p_k)) give the new pair and the next
+step p_{k+1} = −h (1 − v_newᵀ F_{k+1} / p_kᵀ(h + p_k)) (+ u_old v_oldᵀ F_{k+1}
+when the dropped pair is removed) from two products with the pairs per iteration:
+O(m·n) work, no allocation of size n.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .backend import Kernels
+from .checks import check_int, check_real
+from .method import Method, MethodState
+
+__all__ = ["Broyden"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Broyden(Method):
+    """Limited-memory "good" Broyden on F(x) = g(x) − x: the method object for :func:`fixedpoint.solve`.
+
+    A quasi-Newton method (module docstring): the inverse Jacobian of F is
+    approximated by −β I plus at most ``m`` rank-one updates, each step is
+    x_{k+1} = x_k − H_k F(x_k) (no line search), and each iteration updates H with
+    the secant pair of the last step.  Superlinear local convergence for smooth
+    maps with unlimited memory (Broyden, Dennis & Moré 1973); with a window of m
+    pairs the oldest pair is dropped.
+
+    Parameters
+    ----------
+    m : int, default 20
+        Number of update pairs kept (memory: 2(m + 1) vectors of size n per sample), >= 1.
+    beta : float, default 1.0
+        Initial inverse Jacobian −β I, i.e. the first step (and the first after a
+        restart) is the mixing step x + β f; in (0, 1].
+    degenerate_tol : float, default 1e-10
+        Restart a sample's memory (its step becomes the mixing step) when the update's
+        denominator is tiny: abs(Δxᵀ H ΔF) <= ``degenerate_tol`` · ‖Δx‖ ‖H ΔF‖ (the updated
+        H would be singular), or not finite; in [0, 1).
+    restart_growth : float, default 1e4
+        Restart a sample whose residual norm ‖f_k‖₂ exceeds this factor times its
+        smallest residual norm since the last restart (the quasi-Newton model has
+        gone wrong); > 1.
+
+    Raises
+    ------
+    TypeError, ValueError
+        At construction, for an option of the wrong type or out of range (the message names it).
+
+    Notes
+    -----
+    Work per iteration besides g: two products with the stored pairs (4·m inner
+    products and combinations of size n) and O(n) vector operations; the per-sample
+    scalars are computed in float64 (float32 on a device without float64).  Batch
+    mode keeps separate pairs, restarts and steps for each sample.
+
+    References
+    ----------
+    C. G. Broyden, "A class of methods for solving nonlinear simultaneous equations",
+    Math. Comp. 19 (1965).  S. Bai, J. Z. Kolter & V. Koltun, "Deep Equilibrium Models",
+    NeurIPS 2019.  C. T. Kelley, *Iterative Methods for Linear and Nonlinear Equations*,
+    SIAM (1995), ch. 7.
+
+    Examples
+    --------
+    >>> import numpy as np, fixedpoint
+    >>> res = fixedpoint.solve(np.cos, np.zeros(2), method=fixedpoint.Broyden(), tol=1e-12)
+    >>> res.method, round(float(res.x[0]), 9)
+    ('broyden', 0.739085133)
+    """
+
+    name = "broyden"
+
+    m: int = 20
+    beta: float = 1.0
+    degenerate_tol: float = 1e-10
+    restart_growth: float = 1e4
+
+    def __post_init__(self) -> None:
+        self._set(
+            m=check_int("m", self.m, 1),
+            beta=check_real("beta", self.beta, 0.0, 1.0, low_open=True),
+            degenerate_tol=check_real("degenerate_tol", self.degenerate_tol, 0.0, 1.0, high_open=True),
+            restart_growth=check_real("restart_growth", self.restart_growth, 1.0, None, low_open=True),
+        )
+
+    def init(self, kern: Kernels, B: int, n: int, dtype: Any) -> MethodState:
+        """The state of one solve: the pairs, the last step and two scratch vectors per sample."""
+        return _BroydenState(kern, B, n, dtype, self)
+
+
+class _BroydenState(MethodState):
+    def __init__(self, kern: Kernels, B: int, n: int, dtype: Any, method: Broyden) -> None:
+        self.kern, self.B, self.n, self.dtype = kern, B, n, dtype
+        self.m, self.beta = m, beta = method.m, method.beta
+        self.degenerate_tol, self.restart_growth = method.degenerate_tol, method.restart_growth
+        xp, dev, sxp, sdev, sdt = kern.xp, kern.device, kern.sxp, kern.sdevice, kern.sdtype
+        # U: the u_i in rows 0..m-1 and f_k in row m; V: the v_i in rows 0..m-1 and the last step p in row m,
+        # so that h = -beta f + sum c_i u_i and v_new = -beta p + sum d_i v_i are one product each.
+        self.U = xp.zeros((B, m + 1, n), dtype=dtype, device=dev)
+        self.V = xp.zeros((B, m + 1, n), dtype=dtype, device=dev)
+        self.f, self.p = self.U[:, m, :], self.V[:, m, :]
+        self.u_slots = [self.U[:, s, :] for s in range(m)]
+        self.v_slots = [self.V[:, s, :] for s in range(m)]
+        self.h = xp.empty((B, n), dtype=dtype, device=dev)
+        self.v_new = xp.empty((B, n), dtype=dtype, device=dev)
+        self.row = xp.zeros((B, m), dtype=dtype, device=dev)
+        self.w = xp.zeros((B, m + 1), dtype=dtype, device=dev)
+        self.valid = sxp.zeros((B, m), dtype=sxp.bool, device=sdev)
+        self.ref_r = sxp.full((B,), float("inf"), dtype=sdt, device=sdev)
+        self.zero = sxp.zeros((B,), dtype=sdt, device=sdev)
+        slots = sxp.arange(m, device=sdev)
+        self.onehot_b = [slots == s for s in range(m)]
+        self.k = 0  # iterations observed
+        self.n_updates = 0  # pairs written (the next one goes to slot n_updates % m)
+
+    def _coefficients(self, basis, vector):
+        """⟨basis_i, vector⟩ for the stored slots (small state (B, m)), zero for slots not in use."""
+        self.kern.matvec(self.row, basis[:, : self.m, :], vector)
+        c = self.kern.sxp.astype(self.kern.small(self.row), self.kern.sdtype)
+        return self.kern.sxp.where(self.valid, c, 0.0)
+
+    def _combine(self, out, coef, basis):
+        """out = −β · basis[m] + Σ_i coef_i basis[i] (one product over the m + 1 rows)."""
+        sxp = self.kern.sxp
+        self.w[...] = self.kern.big(sxp.concat([coef, sxp.full((self.B, 1), -self.beta, dtype=coef.dtype,
+                                                                 device=self.kern.sdevice)], axis=1), self.dtype)
+        self.kern.vecmat(out, self.w, basis)
+
+    def observe(self, x: Any, gx: Any, f: Any) -> Any:
+        r = self.kern.norms(f)
+        self.r = r
+        return r
+
+    def step(self, x: Any, gx: Any, f: Any, active: Any, out: Any) -> Any:
+        kern, sxp = self.kern, self.kern.sxp
+        self.k += 1
+        if self.k == 1:  # no step taken yet: the mixing step from H_0 = -beta I
+            self.ref_r = self.r
+            kern.scale(self.p, f, self.beta)
+            kern.add_scaled(out, x, 1.0, self.p)
+            return None
+        s = self.n_updates % self.m
+        c = self._coefficients(self.V, f)                 # v_i . f_k
+        self._combine(self.h, c, self.U)                  # h = H f_k
+        d = self._coefficients(self.U, self.p)            # u_i . p
+        self._combine(self.v_new, d, self.V)              # v_new = H^T p
+        hp, pp, hh = kern.dot(self.h, self.p), kern.dot(self.p, self.p), kern.dot(self.h, self.h)
+        denom = hp + pp                                   # p^T H (f_k - f_{k-1})
+        norm_a = sxp.sqrt(sxp.maximum(hh + 2.0 * hp + pp, 0.0))
+        vf = kern.dot(self.v_new, f)
+        growth = self.r > self.restart_growth * self.ref_r
+        ok = (sxp.abs(denom) > self.degenerate_tol * sxp.sqrt(pp) * norm_a) & ~growth  # False for NaN
+        restart = active & ~ok
+        safe = sxp.where(ok, denom, 1.0)
+        c_old = c[:, s]
+        # p_{k+1} = -h (1 - v_new.f / denom) + u_old (v_old.f) for a sample that updates; beta f after a restart
+        kern.scale(out, self.h, sxp.where(ok, vf / safe - 1.0, 0.0))
+        kern.add_scaled(self.p, out, sxp.where(ok, c_old, 0.0), self.u_slots[s])
+        kern.copy_rows_where(self.p, f, ~ok)
+        if self.beta != 1.0:
+            kern.scale(out, self.p, sxp.where(ok, 1.0, self.beta))
+            kern.copy_rows_where(self.p, out, ~ok)
+        kern.add_scaled(out, x, 1.0, self.p)
+        kern.scale(self.u_slots[s], self.h, sxp.where(ok, -1.0 / safe, 0.0))
+        kern.copy(self.v_slots[s], self.v_new)
+        self.valid = sxp.where(ok[:, None], self.valid | self.onehot_b[s], False)  # a restart forgets every pair
+        self.ref_r = sxp.where(ok, sxp.minimum(self.ref_r, self.r), self.r)
+        self.n_updates += 1
+        return restart

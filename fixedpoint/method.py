@@ -1,0 +1,114 @@
+"""The protocol between a fixed-point method and the one driver loop (:mod:`fixedpoint.iteration`).
+
+A *method* is a frozen dataclass of its options (validated at construction) whose
+:meth:`Method.init` allocates a :class:`MethodState` for one solve.  The driver loop
+owns everything else: calling ``g`` and checking what it returns, the residual norms
+and the stopping test, batch mode with per-sample freezing, the best iterate, the
+residual history, callbacks, ``check_every`` host synchronisation, the ``backend=``
+bridge and the result.  Each iteration k it does, with x = x_k of shape ``(B, n)``::
+
+    gx = g(x)                                   # the loop calls the map
+    f = state.residual_buffer()                 # (B, n), the method's buffer
+    f[...] = gx - x                             # the loop writes f_k = g(x_k) - x_k there
+    norm = state.observe(x, gx, f)              # ‖f_k‖ per sample, or None (the loop computes it)
+    ...                                         # stopping test, best iterate, per-sample flags
+    restarted = state.step(x, gx, f, active, out)   # the method writes x_{k+1} into out
+
+Rows of ``out`` whose sample is no longer ``active`` are overwritten by the loop with
+x_k afterwards, so a method may compute every row.  ``observe`` and ``step`` must not
+keep references to ``x``, ``gx`` or ``out`` beyond the call (the loop reuses them),
+must not allocate arrays of size n (use the buffers made in ``init``) and must not
+read values on the host (that would synchronise a GPU); per-sample quantities are
+*small state*: arrays of ``kern.sxp`` of shape ``(B,)`` in ``kern.sdtype``
+(:class:`fixedpoint.backend.Kernels`).  docs/algorithm.md ("Writing a method") shows a
+complete method written from scratch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from .backend import Kernels
+
+__all__ = ["Method", "MethodState"]
+
+
+class MethodState:
+    """The per-solve state of a method: its buffers and what it remembers between iterations.
+
+    Subclasses implement :meth:`step`; the defaults of :meth:`residual_buffer` and
+    :meth:`observe` suit a method that needs no more than the current residual.
+
+    Parameters
+    ----------
+    kern : Kernels
+        In-place array operations for the vectors' library and device, and the small-state
+        namespace (:attr:`Kernels.sxp`, :attr:`Kernels.sdtype`).
+    B, n : int
+        Number of samples and length of each sample's vector.
+    dtype
+        Dtype of the vectors (the iterate's floating dtype).
+    """
+
+    def __init__(self, kern: Kernels, B: int, n: int, dtype: Any) -> None:
+        self.kern, self.B, self.n, self.dtype = kern, B, n, dtype
+        self.f = kern.xp.empty((B, n), dtype=dtype, device=kern.device)
+
+    def residual_buffer(self) -> Any:
+        """The ``(B, n)`` buffer into which the loop writes f_k = g(x_k) − x_k before :meth:`observe`."""
+        return self.f
+
+    def observe(self, x: Any, gx: Any, f: Any) -> Any | None:
+        """Record the pair (g_k, f_k); return ‖f_k‖₂ per sample (small state, shape ``(B,)``) or None.
+
+        Return None to let the loop compute the norms; a method that computes them anyway
+        (Anderson's Gram matrix holds ‖f_k‖²) returns them to save a pass over f.
+        """
+        return None
+
+    def step(self, x: Any, gx: Any, f: Any, active: Any, out: Any) -> Any | None:
+        """Write the next iterate x_{k+1} into ``out`` (shape ``(B, n)``).
+
+        Parameters
+        ----------
+        x, gx, f : array, shape (B, n)
+            x_k, g(x_k) and f_k (the buffer of :meth:`residual_buffer`).
+        active : small-state bool array, shape (B,)
+            Samples still iterating after this step's stopping test.
+        out : array, shape (B, n)
+            Where to write x_{k+1}; it does not overlap x, gx or f.
+
+        Returns
+        -------
+        small-state bool array of shape (B,), or None
+            The samples whose method restarted at this step (the loop counts them in
+            :attr:`fixedpoint.FixedPointResult.n_restarts`); None when nothing restarts.
+        """
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Base class of the fixed-point methods: a frozen dataclass of options with :meth:`init`.
+
+    Subclasses declare their options as dataclass fields (each default written there
+    once), validate them in ``__post_init__`` (raising ``TypeError``/``ValueError``
+    that names the parameter), set :attr:`name`, and implement :meth:`init`.
+    """
+
+    #: Short name, used in results (:attr:`fixedpoint.FixedPointResult.method`) and as the string alias.
+    name: ClassVar[str] = "method"
+
+    def init(self, kern: Kernels, B: int, n: int, dtype: Any) -> MethodState:
+        """Allocate the state of one solve of ``B`` samples of length ``n`` in ``dtype``."""
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        """The method's options by name (its dataclass fields)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def _set(self, **values: Any) -> None:
+        """Store validated, normalised option values on the frozen instance (for ``__post_init__``)."""
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
