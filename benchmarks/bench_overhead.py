@@ -52,9 +52,9 @@ if __package__ in (None, ""):  # run as a file: make the repository root (demos/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fixedpoint import Anderson  # noqa: E402
-from tooling import timing  # noqa: E402
 from fixedpoint.backend import Kernels  # noqa: E402
 from fixedpoint.interop import to_numpy  # noqa: E402
+from tooling import timing  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -105,7 +105,7 @@ def bench_size(xp, device, sync, dtype, itemsize, n, windows, repeats):
             c.times.append((time.perf_counter() - t0) / c.block)
     rows = []
     for c in cases:
-        w = timing.timed(lambda: c.h.weights(c.active), repeats=max(5, min(50, c.block)), warmup=2, sync=sync)
+        w = timing.timed(lambda c=c: c.h.weights(c.active), repeats=max(5, min(50, c.block)), warmup=2, sync=sync)
         t = timing.summarize(c.times)
         rows.append(dict(n=n, m=c.m, bytes_per_iter=c.bytes, block=c.block, repeats=repeats,
                          time_per_iter_s=t["median"], time_min_s=t["min"], time_max_s=t["max"],
@@ -180,7 +180,8 @@ def main(argv=None):
         for key in ("_t", "_w", "_mb", "_range"):
             del r[key]
     for dname, f in ((d, f) for d, f in fits.items() if f):
-        print(f"\nfit {dname}: t = {f['c0_us']:.1f} us + {f['c1_ns_per_n']:.3f} ns * n + {f['c2_ns_per_mn']:.3f} ns * m*n"
+        print(f"\nfit {dname}: t = {f['c0_us']:.1f} us + {f['c1_ns_per_n']:.3f} ns * n"
+              f" + {f['c2_ns_per_mn']:.3f} ns * m*n"
               f"   (largest relative misfit {f['max_rel_misfit']:.2f})")
     for s in skipped:
         print(f"skipped {s['dtype']} n={s['n']:.0e} m={s['m']}: {s['reason']}")

@@ -37,9 +37,9 @@ if __package__ in (None, ""):  # run as a file: make the repository root (demos/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fixedpoint  # noqa: E402
-from tooling import timing  # noqa: E402
 from fixedpoint.interop import to_numpy  # noqa: E402
 from fixedpoint.problems import chandrasekhar, linear_contraction, poisson_jacobi, tanh_layer  # noqa: E402
+from tooling import timing  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -71,8 +71,8 @@ def bench_one(spec, args):
     for name, make, batch, bounded in PROBLEMS:
         p = make(backend=lib, dtype=xp.float64, device=device)
         max_iter = args.poisson_max_iter if bounded == "poisson" else MAX_ITER
-        solves = {method: (lambda method=method: fixedpoint.solve(p.g, p.x0, method=method, tol=TOL,
-                                                                 max_iter=max_iter, batch=batch))
+        solves = {method: (lambda method=method, p=p, max_iter=max_iter, batch=batch: fixedpoint.solve(
+                      p.g, p.x0, method=method, tol=TOL, max_iter=max_iter, batch=batch))
                   for method in ("anderson", "forward")}
         last = {method: fn() for method, fn in solves.items()}  # warm-up
         times = {method: [] for method in solves}

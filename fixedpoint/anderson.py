@@ -171,7 +171,8 @@ class AndersonHistory(MethodState):
         self.onehot = [sxp.astype(h, sdt) for h in self.onehot_b]
         self.eye = sxp.eye(m, dtype=sdt, device=sdev)
         self.A = sxp.zeros((B, m + 1, m + 1), dtype=sdt, device=sdev)  # the bordered system
-        self.rhs = sxp.concat([sxp.ones((B, 1), dtype=sdt, device=sdev), sxp.zeros((B, m), dtype=sdt, device=sdev)], axis=1)
+        self.rhs = sxp.concat([sxp.ones((B, 1), dtype=sdt, device=sdev), sxp.zeros((B, m), dtype=sdt, device=sdev)],
+                              axis=1)
 
     # --- the pair (g_k, f_k) ---------------------------------------------------------------------
 

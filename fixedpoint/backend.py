@@ -16,6 +16,7 @@ import contextlib
 import functools
 import importlib
 from dataclasses import dataclass
+from typing import Any
 
 import array_api_compat
 import numpy as np
@@ -39,13 +40,18 @@ __all__ = [
     "working_dtype",
 ]
 
+#: An array of NumPy, CuPy, PyTorch or another array API library (the solvers accept any of them).
+Array = Any
+#: An array API namespace (a module such as ``numpy`` or array-api-compat's wrapper of ``torch``).
+Namespace = Any
+
 _NUMPY_IS_STANDARD = np.lib.NumpyVersion(np.__version__) >= "2.1.0"
 
 #: Library names accepted by ``backend=`` and by the problem constructors.
 LIBRARIES = ("numpy", "cupy", "torch", "array_api_strict")
 
 
-def namespace_of(*arrays):
+def namespace_of(*arrays: Array) -> Namespace:
     """Array API namespace of ``arrays`` (a thin wrapper of array-api-compat).
 
     Raises
@@ -69,7 +75,7 @@ def _native_numpy(xp):
     return xp
 
 
-def resolve_namespace(backend):
+def resolve_namespace(backend: str | Namespace) -> Namespace:
     """Array API namespace for a library name or module.
 
     Parameters
@@ -109,7 +115,7 @@ def resolve_namespace(backend):
     return importlib.import_module(f"array_api_compat.{backend}")
 
 
-def library_name(xp) -> str:
+def library_name(xp: Namespace) -> str:
     """Short name of the library behind namespace ``xp`` (e.g. ``"torch"``)."""
     if is_numpy_namespace(xp):
         return "numpy"
@@ -130,7 +136,7 @@ def _real_float_dtypes(xp, device):
         return info.dtypes(kind="real floating")
 
 
-def working_dtype(xp, x):
+def working_dtype(xp: Namespace, x: Array) -> Any:
     """Floating dtype the solver works in for an input array ``x``.
 
     Rule: a real floating ``x`` keeps its dtype; a boolean or integer ``x`` is
@@ -154,13 +160,13 @@ def working_dtype(xp, x):
     raise TypeError(f"x0 must have a real floating, integer or boolean dtype, got {x.dtype}")
 
 
-def solve_dtype(xp, device):
+def solve_dtype(xp: Namespace, device: Any) -> Any:
     """Dtype for the small (m+1)x(m+1) Anderson system: float64 where the device has it, else float32."""
     dtypes = _real_float_dtypes(xp, device)
     return dtypes["float64"] if "float64" in dtypes else dtypes["float32"]
 
 
-def is_accelerator(xp, device) -> bool:
+def is_accelerator(xp: Namespace, device: Any) -> bool:
     """True when ``device`` is not host memory (a CUDA/ROCm/... device)."""
     name = library_name(xp)
     if name == "cupy":
@@ -193,11 +199,13 @@ class Kernels:
         Their device (default: the library's default, e.g. the CPU for PyTorch).
     """
 
-    def __init__(self, xp, device=None):
+    def __init__(self, xp: Namespace, device: Any = None) -> None:
         self.xp = xp
         self.device = device
         self.lib = library_name(xp)
-        self._raw = importlib.import_module(self.lib) if self.lib in ("numpy", "cupy", "torch") else None
+        self._raw: Any = None  # the library's own module, for its out= operations
+        if self.lib in ("numpy", "cupy", "torch"):
+            self._raw = importlib.import_module(self.lib)
         self._torch_host = self.lib == "torch" and (device is None or self._raw.device(device).type == "cpu")
         if self.lib == "numpy" or self._torch_host:
             self.sxp, self.sdevice = resolve_namespace("numpy"), "cpu"
@@ -207,18 +215,18 @@ class Kernels:
         #: True when the small state is NumPy, so reading it costs no device synchronisation.
         self.small_on_host = library_name(self.sxp) == "numpy"
 
-    def small(self, a):
+    def small(self, a: Array) -> Array:
         """View an array of the vectors' library as an array of :attr:`sxp` (no copy)."""
         return a.numpy() if self._torch_host else a
 
-    def big(self, a, dtype=None):
+    def big(self, a: Array, dtype: Any = None) -> Array:
         """An array of :attr:`sxp` as an array of the vectors' library, cast to ``dtype`` if given."""
         if self._torch_host:
             a = self._raw.from_numpy(a)
             return a if dtype is None else a.to(dtype)
         return a if dtype is None else self.xp.astype(a, dtype)
 
-    def solver_context(self):
+    def solver_context(self) -> contextlib.ExitStack:
         """Context in which the solver runs: ``torch.no_grad()`` for PyTorch (the solve is not
         differentiated through; gradients come from implicit differentiation), and NumPy's floating
         point warnings off (the solver detects non-finite values itself; NumPy holds the small
@@ -229,7 +237,7 @@ class Kernels:
         stack.enter_context(np.errstate(all="ignore"))
         return stack
 
-    def sub(self, out, a, b):
+    def sub(self, out: Array, a: Array, b: Array) -> None:
         """``out[...] = a - b``."""
         if self.lib == "torch":
             self._raw.sub(a, b, out=out)
@@ -238,7 +246,7 @@ class Kernels:
         else:
             out[...] = a - b
 
-    def copy(self, out, a):
+    def copy(self, out: Array, a: Array) -> None:
         """``out[...] = a``."""
         if self.lib == "torch":
             out.copy_(a)
@@ -248,12 +256,12 @@ class Kernels:
             out[...] = a
 
     def _coef(self, alpha, dtype):
-        """A Python float as is; a per-sample small-state array ``(B,)`` as a ``(B, 1)`` array of the vectors' library."""
+        """A Python float as is; a per-sample small-state array ``(B,)`` as ``(B, 1)`` in the vectors' library."""
         if isinstance(alpha, (int, float)):
             return float(alpha)
         return self.big(alpha, dtype)[:, None]
 
-    def add_scaled(self, out, a, alpha, b):
+    def add_scaled(self, out: Array, a: Array, alpha: float | Array, b: Array) -> None:
         """``out[...] = a + alpha * b``, ``alpha`` a Python float or a per-sample small-state array of shape ``(B,)``.
 
         ``out`` must not overlap ``a`` or ``b``.
@@ -269,7 +277,7 @@ class Kernels:
         else:
             out[...] = a + alpha * b
 
-    def scale(self, out, a, alpha):
+    def scale(self, out: Array, a: Array, alpha: float | Array) -> None:
         """``out[...] = alpha * a``, ``alpha`` a Python float or a per-sample small-state array of shape ``(B,)``."""
         alpha = self._coef(alpha, out.dtype)
         if self._raw is not None:
@@ -277,7 +285,7 @@ class Kernels:
         else:
             out[...] = alpha * a
 
-    def copy_rows_where(self, out, a, mask):
+    def copy_rows_where(self, out: Array, a: Array, mask: Array) -> None:
         """``out[i] = a[i]`` for the rows ``i`` where the boolean ``mask`` (shape ``(B,)``, small state) is true.
 
         With the small state on the host, an all-false mask costs nothing and an all-true one a plain copy.
@@ -296,14 +304,14 @@ class Kernels:
         else:
             out[...] = self.xp.where(m, a, out)
 
-    def matvec(self, out, A, v):
+    def matvec(self, out: Array, A: Array, v: Array) -> None:
         """``out[b, :] = A[b] @ v[b]`` with ``A`` of shape ``(B, k, n)``, ``v`` ``(B, n)``, ``out`` ``(B, k)``."""
         if self._raw is not None:
             self._raw.matmul(A, v[:, :, None], out=out[:, :, None])
         else:
             out[...] = (A @ v[:, :, None])[:, :, 0]
 
-    def vecmat(self, out, w, A):
+    def vecmat(self, out: Array, w: Array, A: Array) -> None:
         """``out[b, :] = w[b] @ A[b]`` with ``w`` of shape ``(B, k)``, ``A`` ``(B, k, n)``, ``out`` ``(B, n)``."""
         if self._raw is not None and A.shape[1] == 1:  # NumPy's matmul is slow for an inner size of 1
             self._raw.multiply(A[:, 0, :], w, out=out)
@@ -312,15 +320,18 @@ class Kernels:
         else:
             out[...] = (w[:, None, :] @ A)[:, 0, :]
 
-    def dot(self, a, b):
-        """Inner product of each row of ``a`` with the same row of ``b`` (both ``(B, n)``): small state ``(B,)``, :attr:`sdtype`."""
+    def dot(self, a: Array, b: Array) -> Array:
+        """Inner product of each row of ``a`` with the same row of ``b`` (both ``(B, n)``).
+
+        Returns small state of shape ``(B,)`` in :attr:`sdtype`.
+        """
         return self.sxp.astype(self.small((a[:, None, :] @ b[:, :, None])[:, 0, 0]), self.sdtype)
 
-    def norms(self, a):
+    def norms(self, a: Array) -> Array:
         """Euclidean norm of each row of ``a`` (shape ``(B, n)``): small state of shape ``(B,)``, :attr:`sdtype`."""
         return self.sxp.sqrt(self.dot(a, a))
 
-    def solve(self, A, b):
+    def solve(self, A: Array, b: Array) -> Array:
         """Batched solve of ``A[i] @ x[i] = b[i]`` for small state ``A`` ``(B, k, k)`` and ``b`` ``(B, k)``.
 
         Never raises for a singular system and never synchronises with the host on
@@ -346,7 +357,7 @@ class Kernels:
             return sxp.stack(rows)
 
 
-def synchronize(where) -> None:
+def synchronize(where: Any) -> None:
     """Wait until the work queued on a device has finished (nothing to wait for on a CPU).
 
     Timed regions and wall times are bracketed by this, so that queued GPU work is counted.
@@ -412,7 +423,7 @@ def _probe_cupy():
         return [BackendInfo("cupy", "cuda", False, f"cupy {cupy.__version__}: {type(exc).__name__}: {exc}")]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cupy_usable() -> bool:
     """True when CuPy imports and at least one CUDA device really creates and computes an array.
 
@@ -438,7 +449,8 @@ def _probe_torch():
     for i in range(torch.cuda.device_count()):
         try:
             float((torch.arange(4.0, device=f"cuda:{i}") ** 2).sum())
-            out.append(BackendInfo("torch", f"cuda:{i}", True, f"torch {torch.__version__}, {torch.cuda.get_device_name(i)}"))
+            name = torch.cuda.get_device_name(i)
+            out.append(BackendInfo("torch", f"cuda:{i}", True, f"torch {torch.__version__}, {name}"))
         except Exception as exc:
             out.append(BackendInfo("torch", f"cuda:{i}", False, f"{type(exc).__name__}: {exc}"))
     return out

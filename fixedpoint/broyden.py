@@ -114,7 +114,7 @@ class Broyden(Method):
 class _BroydenState(MethodState):
     def __init__(self, kern: Kernels, B: int, n: int, dtype: Any, method: Broyden) -> None:
         self.kern, self.B, self.n, self.dtype = kern, B, n, dtype
-        self.m, self.beta = m, beta = method.m, method.beta
+        self.m, self.beta = m, _ = method.m, method.beta
         self.degenerate_tol, self.restart_growth = method.degenerate_tol, method.restart_growth
         xp, dev, sxp, sdev, sdt = kern.xp, kern.device, kern.sxp, kern.sdevice, kern.sdtype
         # U: the u_i in rows 0..m-1 and f_k in row m; V: the v_i in rows 0..m-1 and the last step p in row m,

@@ -22,11 +22,14 @@ map ``g`` written for another.
 
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from .backend import library_name, namespace_of, resolve_namespace
+from .backend import Array, Namespace, library_name, namespace_of, resolve_namespace
 
 __all__ = ["convert", "to_numpy", "wrap_map", "same_memory"]
 
@@ -63,7 +66,7 @@ def _exportable(x, lib):
     return x
 
 
-def to_numpy(x) -> np.ndarray:
+def to_numpy(x: Array) -> np.ndarray:
     """A NumPy copy (or view, for host arrays) of ``x``, whatever its library and device.
 
     Meant for small arrays (statistics, histories) and for host-side references.
@@ -85,7 +88,7 @@ def to_numpy(x) -> np.ndarray:
     return np.from_dlpack(x)
 
 
-def convert(x, target, *, device=None, dtype=None):
+def convert(x: Array, target: str | Namespace, *, device: Any = None, dtype: Any = None) -> Array:
     """Convert array ``x`` to the library ``target``, without a copy where possible.
 
     Parameters
@@ -124,7 +127,10 @@ def convert(x, target, *, device=None, dtype=None):
         y = _exportable(x, src_lib)
         if tlib == "torch":
             torch = importlib.import_module("torch")
-            want = torch.device(device) if device is not None else (torch.device("cpu") if _is_host(src_lib, y) else None)
+            if device is not None:
+                want = torch.device(device)
+            else:
+                want = torch.device("cpu") if _is_host(src_lib, y) else None
             if want is not None and want.type == "cpu" and not _is_host(src_lib, y):
                 y = to_numpy(y)
             out = torch.from_dlpack(y) if src_lib != "array_api_strict" else torch.from_dlpack(to_numpy(y))
@@ -152,7 +158,7 @@ def convert(x, target, *, device=None, dtype=None):
     return out
 
 
-def same_memory(a, b) -> bool:
+def same_memory(a: Array, b: Array) -> bool:
     """True when arrays ``a`` and ``b`` (any libraries) start at the same memory address."""
 
     def ptr(x):
@@ -166,7 +172,8 @@ def same_memory(a, b) -> bool:
     return ptr(a) == ptr(b)
 
 
-def wrap_map(g, caller, solver, *, caller_device=None, caller_dtype=None):
+def wrap_map(g: Callable[[Array], Array], caller: str | Namespace, solver: str | Namespace, *,
+             caller_device: Any = None, caller_dtype: Any = None) -> Callable[[Array], Array]:
     """Make a map written for library ``caller`` callable with arrays of library ``solver``.
 
     Parameters
@@ -188,9 +195,9 @@ def wrap_map(g, caller, solver, *, caller_device=None, caller_dtype=None):
     if library_name(resolve_namespace(caller)) == library_name(resolve_namespace(solver)):
         return g
 
+    @functools.wraps(g)
     def wrapped(x):
         y = g(convert(x, caller, device=caller_device, dtype=caller_dtype))
         return convert(y, solver, device=None)
 
-    wrapped.__wrapped__ = g
     return wrapped

@@ -15,13 +15,14 @@ with ``B = 1`` unless ``batch=True``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import array_api_compat
 import numpy as np
 
-from .backend import Kernels, is_accelerator, library_name, namespace_of, resolve_namespace, working_dtype
+from .backend import Array, Kernels, is_accelerator, library_name, namespace_of, resolve_namespace, working_dtype
 from .checks import check_choice, check_int, check_real
 from .interop import convert, to_numpy, wrap_map
 from .method import Method
@@ -59,9 +60,9 @@ class IterationInfo:
     """
 
     iteration: int
-    x: Any
-    residual: Any
-    active: Any
+    x: Array
+    residual: Array
+    active: Array
 
 
 def _check_callable(name, value):
@@ -103,7 +104,8 @@ def _checked_call(g, x_view, shape, dtype, device, lib):
     try:
         ylib = library_name(array_api_compat.array_namespace(y))
     except TypeError:
-        raise TypeError(f"g must return an array of the same library as its input ({lib}), got {type(y).__name__}") from None
+        raise TypeError(f"g must return an array of the same library as its input ({lib}), "
+                        f"got {type(y).__name__}") from None
     if ylib != lib:
         raise TypeError(f"g must return an array of the same library as its input ({lib}), got a {ylib} array")
     if tuple(y.shape) != tuple(shape):
@@ -111,11 +113,12 @@ def _checked_call(g, x_view, shape, dtype, device, lib):
     if y.dtype != dtype:
         raise TypeError(f"g must return the input's dtype {dtype}, got {y.dtype} (cast inside g, e.g. with astype)")
     if array_api_compat.device(y) != device:
-        raise ValueError(f"g must return an array on the input's device {device}, got one on {array_api_compat.device(y)}")
+        raise ValueError(f"g must return an array on the input's device {device}, "
+                         f"got one on {array_api_compat.device(y)}")
     return y
 
 
-def run(method: Method, g, x0, opts: dict):
+def run(method: Method, g: Callable[[Array], Array], x0: Array, opts: dict) -> FixedPointResult:
     """Solve x = g(x) with ``method``; see :func:`fixedpoint.solve`.
 
     ``opts`` holds the options common to every method (``tol``, ``max_iter``,
@@ -201,7 +204,8 @@ class _Loop:
         try:
             for k in range(self.max_iter):
                 x = self.x_cur
-                gx = xp.reshape(_checked_call(self.g, xp.reshape(x, shape), shape, self.dtype, self.device, self.lib), (B, n))
+                gx = _checked_call(self.g, xp.reshape(x, shape), shape, self.dtype, self.device, self.lib)
+                gx = xp.reshape(gx, (B, n))
                 self.n_fev += 1
                 f = state.residual_buffer()
                 kern.sub(f, gx, x)
@@ -224,8 +228,9 @@ class _Loop:
                     self.n_restarts = self.n_restarts + sxp.astype(restarted, sxp.int64)
                 if freeze:
                     kern.copy_rows_where(self.x_next, x, ~active)
-                if callback is not None and callback(IterationInfo(k, xp.reshape(x, shape), kern.big(r), kern.big(active))):
-                    status = "stopped"
+                if callback is not None:
+                    if callback(IterationInfo(k, xp.reshape(x, shape), kern.big(r), kern.big(active))):
+                        status = "stopped"
                 self.x_cur, self.x_next = self.x_next, x
                 if status is not None or (k + 1) % self.check_every == 0 or k + 1 == self.max_iter:
                     self._flush_history()
@@ -233,7 +238,7 @@ class _Loop:
                         break
         except BaseException as exc:
             self._flush_history()
-            exc.fixedpoint_result = self.result("error")
+            exc.fixedpoint_result = self.result("error")  # type: ignore[attr-defined]
             raise
         return self.result(status)
 
@@ -266,11 +271,12 @@ class _Loop:
         restarts = to_numpy(self.n_restarts).astype(np.int64)
         residual = to_numpy(self.best_r).astype(np.float64)
         wall = time.perf_counter() - self.t0
-        if not self.opts["batch"]:
-            conv, sample_status, iters = bool(conv[0]), str(sample_status[0]), int(iters[0])
-            residual, restarts, history = float(residual[0]), int(restarts[0]), history[:, 0]
+        per_sample: dict[str, Any] = dict(converged=conv, sample_status=sample_status, n_iter=iters, residual=residual,
+                                          n_restarts=restarts, residual_history=history)
+        if not self.opts["batch"]:  # one problem: Python scalars
+            per_sample.update(converged=bool(conv[0]), sample_status=str(sample_status[0]), n_iter=int(iters[0]),
+                              residual=float(residual[0]), n_restarts=int(restarts[0]), residual_history=history[:, 0])
         return FixedPointResult(
-            x=x, converged=conv, status=status, sample_status=sample_status, n_iter=iters, n_fev=self.n_fev,
-            residual=residual, residual_history=history, n_restarts=restarts, wall_time=wall, method=self.method.name,
+            x=x, status=status, n_fev=self.n_fev, wall_time=wall, method=self.method.name, **per_sample,
             options={**{key: val for key, val in self.opts.items() if key != "callback"}, **self.method.options()},
         )

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from .backend import Array
+
 __all__ = ["FixedPointResult", "STATUSES"]
 
 #: Possible values of :attr:`FixedPointResult.status`, with their meaning.
@@ -53,27 +55,28 @@ class FixedPointResult:
     residual_history : ndarray of float64, shape (n_fev,) or (n_fev, B)
         Residual of every iterate, on the host; NaN after a sample stopped.
     n_restarts : int or ndarray of int, shape (B,)
-        Anderson history restarts triggered by the safeguards (0 for forward iteration).
+        Restarts of the method's memory triggered by its safeguards (Anderson, Broyden;
+        always 0 for forward iteration).
     wall_time : float
         Seconds spent in the solve, measured on the host after the final synchronisation.
     method : str
-        ``"anderson"`` or ``"forward"``.
+        The method's name (``"anderson"``, ``"forward"``, ``"broyden"``, or a user method's).
     options : dict
-        The options the solve ran with, defaults filled in.
+        The options the solve ran with, defaults filled in: the common ones and the method's.
     """
 
-    x: Any
-    converged: Any
+    x: Array
+    converged: bool | np.ndarray
     status: str
-    sample_status: Any
-    n_iter: Any
+    sample_status: str | np.ndarray
+    n_iter: int | np.ndarray
     n_fev: int
-    residual: Any
+    residual: float | np.ndarray
     residual_history: np.ndarray
-    n_restarts: Any
+    n_restarts: int | np.ndarray
     wall_time: float
     method: str
-    options: dict = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def success(self) -> bool:

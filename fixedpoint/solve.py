@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .anderson import Anderson
 from .broyden import Broyden
@@ -22,7 +23,8 @@ METHODS: dict[str, type[Method]] = {"anderson": Anderson, "forward": ForwardIter
 COMMON_OPTIONS = ("tol", "max_iter", "stop_mode", "batch", "check_every", "callback", "backend")
 
 
-def resolve_method(method: str | Method, options: dict[str, Any], where: str = "solve") -> tuple[Method, dict[str, Any]]:
+def resolve_method(method: str | Method, options: dict[str, Any],
+                   where: str = "solve") -> tuple[Method, dict[str, Any]]:
     """Split ``options`` into a method object and the common options.
 
     Parameters

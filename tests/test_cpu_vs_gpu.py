@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+
 def load_demo():
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
@@ -14,7 +15,8 @@ def load_demo():
 
 def test_quick_run_writes_rows_plots_and_ratios(tmp_path, capsys):
     demo = load_demo()
-    assert demo.main(["--quick", "--backends", "numpy", "--problems", "jacobi", "h-equation", "--out", str(tmp_path)]) == 0
+    argv = ["--quick", "--backends", "numpy", "--problems", "jacobi", "h-equation", "--out", str(tmp_path)]
+    assert demo.main(argv) == 0
     for name in ("rows.csv", "results.json", "time_vs_n.png", "residual_vs_time.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     data = json.loads((tmp_path / "results.json").read_text())
@@ -26,7 +28,8 @@ def test_quick_run_writes_rows_plots_and_ratios(tmp_path, capsys):
         assert r["fev_ratio"] == pytest.approx(fw["n_fev"] / aa["n_fev"])
         assert aa["n_fev"] < fw["n_fev"]  # both problems contract slowly: Anderson needs fewer evaluations
     trace = data["trace"]["traces"]
-    assert trace["anderson"]["residual"][-1] <= 1e-5 and len(trace["forward"]["time"]) == len(trace["forward"]["residual"])
+    assert trace["anderson"]["residual"][-1] <= 1e-5
+    assert len(trace["forward"]["time"]) == len(trace["forward"]["residual"])
     assert "no GPU found" in capsys.readouterr().out
 
 

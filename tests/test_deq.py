@@ -6,7 +6,8 @@ import weakref
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
+import torch  # noqa: E402
 
 import fixedpoint  # noqa: E402
 import fixedpoint.interop  # noqa: E402

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
+import torch  # noqa: E402
 
 import fixedpoint  # noqa: E402
 from fixedpoint.torch import AndersonAcceleration, ExtrapolationRecord  # noqa: E402
@@ -184,7 +185,7 @@ def test_safeguard_keeps_the_lower_loss_and_restores_the_plain_weights():
     for _ in range(300):
         idx = torch.randint(0, X.shape[0], (8,), generator=g)
 
-        def closure():
+        def closure(idx=idx):
             opt.zero_grad()
             loss = 0.5 * torch.mean((X[idx] @ w - y[idx]) ** 2)
             loss.backward()
@@ -441,7 +442,7 @@ def test_cuda_parameters_match_cpu():
         w = torch.zeros(X.shape[1], dtype=X.dtype, device=device, requires_grad=True)
         opt = AndersonAcceleration(torch.optim.SGD([w], lr=lr), m=5, store_every=5, average="auto", safeguard=True)
         for _ in range(200):
-            def closure():
+            def closure(opt=opt, w=w, Xd=Xd, yd=yd):
                 opt.zero_grad()
                 loss = 0.5 * torch.mean((Xd @ w - yd) ** 2)
                 loss.backward()

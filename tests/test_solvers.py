@@ -81,7 +81,7 @@ def test_tanh_layer_matches_scipy_root():
     res = fixedpoint.anderson(p.g, p.x0, batch=True, tol=1e-12)
     assert res.converged.all()
     for i in range(4):
-        ref = scipy_optimize.root(lambda z: p.g(np.tile(z, (4, 1)))[i] - z, np.zeros(16), tol=1e-14).x
+        ref = scipy_optimize.root(lambda z, i=i: p.g(np.tile(z, (4, 1)))[i] - z, np.zeros(16), tol=1e-14).x
         np.testing.assert_allclose(res.x[i], ref, atol=1e-9)
 
 

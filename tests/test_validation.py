@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import fixedpoint
 
+
 def half(x):
     return 0.5 * x
 

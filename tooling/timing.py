@@ -26,8 +26,6 @@ from fixedpoint import __version__ as _fixedpoint_version
 from fixedpoint import solve
 from fixedpoint.backend import Kernels, backends, resolve_namespace, synchronize
 
-
-
 # --- backends -----------------------------------------------------------------------------------
 
 def parse_backend(spec):
@@ -183,7 +181,8 @@ def _cpu_model():
                     break
     except OSError:
         return platform.processor() or platform.machine()
-    return (f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')},"
+    return (f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, "
+            f"model {fields.get('model', '?')},"
             f" stepping {fields.get('stepping', '?')})")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import array_api_compat
 import numpy as np
 
@@ -24,7 +26,8 @@ def _newton(kmat, tol=1e-15, max_steps=200):
     return h
 
 
-def chandrasekhar(n=100, c=0.9, *, backend="numpy", dtype=None, device=None):
+def chandrasekhar(n: int = 100, c: float = 0.9, *, backend: Any = "numpy", dtype: Any = None,
+                  device: Any = None) -> Problem:
     """Chandrasekhar's H-equation, H(μ) = 1 / (1 − (c/2) ∫₀¹ μ H(ν) / (μ + ν) dν), μ ∈ [0, 1].
 
     Kelley's form of the equation (C. T. Kelley, *Iterative Methods for Linear and
@@ -68,12 +71,13 @@ def chandrasekhar(n=100, c=0.9, *, backend="numpy", dtype=None, device=None):
     def evaluate(h, points):
         return h_function(h, points, nodes=mu, weights=w, c=c)
 
-    return Problem(f"Chandrasekhar H-equation (n={n}, c={c:g})", g, xp.ones_like(placed(mu, backend, kt.dtype, device)[0]),
+    x0 = xp.ones_like(placed(mu, backend, kt.dtype, device)[0])
+    return Problem(f"Chandrasekhar H-equation (n={n}, c={c:g})", g, x0,
                    placed(exact, backend, kt.dtype, device)[0], xp,
                    dict(n=n, c=c, nodes=mu, weights=w, evaluate=evaluate))
 
 
-def h_function(h, points, *, nodes, weights, c):
+def h_function(h: Any, points: Any, *, nodes: np.ndarray, weights: np.ndarray, c: float) -> Any:
     """H(μ) at any μ from the values ``h`` at the quadrature nodes (Nyström interpolation).
 
     H(μ) = 1 / (1 − (c/2) Σ_j w_j μ h_j / (μ + μ_j)): the discretised equation

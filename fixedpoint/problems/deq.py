@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ..checks import check_int, check_real
 from .base import Problem, placed
 
 
-def tanh_layer(d=64, batch=8, p=None, rho=0.9, *, seed=0, backend="numpy", dtype=None, device=None):
+def tanh_layer(d: int = 64, batch: int = 8, p: int | None = None, rho: float = 0.9, *, seed: int = 0,
+               backend: Any = "numpy", dtype: Any = None, device: Any = None) -> Problem:
     """The implicit layer of a small DEQ: g(z) = tanh(z Wᵀ + x Uᵀ + b) for a batch of inputs x.
 
     W has spectral norm ``rho`` < 1 (a scaled Gaussian matrix), so g is a

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ..checks import check_int, check_real
 from .base import Problem, placed
 
 
-def linear_contraction(n=100, rho=0.9, *, seed=0, backend="numpy", dtype=None, device=None):
+def linear_contraction(n: int = 100, rho: float = 0.9, *, seed: int = 0, backend: Any = "numpy", dtype: Any = None,
+                       device: Any = None) -> Problem:
     """Affine map g(x) = A x + b with A symmetric and spectral radius exactly ``rho``.
 
     A = Q diag(λ) Qᵀ with Q a random orthogonal matrix and eigenvalues λ evenly
@@ -48,5 +51,6 @@ def linear_contraction(n=100, rho=0.9, *, seed=0, backend="numpy", dtype=None, d
     def g(x):
         return x @ at + bb
 
-    return Problem(f"linear contraction (n={n}, rho={rho:g})", g, xp.zeros_like(bb), placed(exact, backend, at.dtype, device)[0],
+    solution = placed(exact, backend, at.dtype, device)[0]
+    return Problem(f"linear contraction (n={n}, rho={rho:g})", g, xp.zeros_like(bb), solution,
                    xp, dict(n=n, rho=rho, seed=seed, A=a, b=b))

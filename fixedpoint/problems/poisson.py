@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import array_api_compat
 import numpy as np
 
@@ -9,7 +11,8 @@ from ..checks import check_int, check_real
 from .base import Problem, placed
 
 
-def poisson_jacobi(n=1000, shift=0.0, *, backend="numpy", dtype=None, device=None):
+def poisson_jacobi(n: int = 1000, shift: float = 0.0, *, backend: Any = "numpy", dtype: Any = None,
+                   device: Any = None) -> Problem:
     """Jacobi sweep for the discrete problem (2 + s) u_i − u_{i−1} − u_{i+1} = h², u_0 = u_{n+1} = 0.
 
     g(u)_i = (u_{i−1} + u_{i+1} + h²) / (2 + s) with h = 1/(n+1).  With the shift

@@ -6,4 +6,5 @@ Importing this subpackage imports torch; ``import fixedpoint`` alone does not.
 from .deq import DEQ, DEQStats, SolveStats, deq_fixed_point, solver_backend_for
 from .optim import AndersonAcceleration, ExtrapolationRecord
 
-__all__ = ["AndersonAcceleration", "ExtrapolationRecord", "DEQ", "DEQStats", "SolveStats", "deq_fixed_point", "solver_backend_for"]
+__all__ = ["AndersonAcceleration", "ExtrapolationRecord", "DEQ", "DEQStats", "SolveStats", "deq_fixed_point",
+           "solver_backend_for"]

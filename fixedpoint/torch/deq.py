@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +43,7 @@ from ..backend import cupy_usable, synchronize
 from ..checks import check_choice, check_int, check_real
 from ..iteration import check_common
 from ..method import Method
+from ..result import FixedPointResult
 from ..solve import resolve_method, solve
 
 __all__ = ["DEQ", "DEQStats", "SolveStats", "deq_fixed_point", "solver_backend_for"]
@@ -55,7 +58,7 @@ _RESERVED = ("tol", "max_iter", "batch", "backend", "callback")
 _UNSTABLE_IN_TRAINING = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
 
 
-def solver_backend_for(backend, device):
+def solver_backend_for(backend: str, device: torch.device | str) -> str:
     """The array library the solver runs in for tensors on ``device``.
 
     Parameters
@@ -144,7 +147,7 @@ class SolveStats:
     residual_history: np.ndarray = field(repr=False, default_factory=lambda: np.empty((0, 0)))
 
     @classmethod
-    def from_result(cls, res, backend, wall_time):
+    def from_result(cls, res: FixedPointResult, backend: str, wall_time: float) -> SolveStats:
         """Summarise a batch-mode or single :class:`fixedpoint.FixedPointResult`."""
         iters = np.atleast_1d(np.asarray(res.n_iter))
         resid = np.atleast_1d(np.asarray(res.residual, dtype=np.float64))
@@ -156,7 +159,7 @@ class SolveStats:
                    converged_fraction=float(conv.mean()), status=str(res.status), wall_time=float(wall_time),
                    residual_history=hist.reshape(hist.shape[0], -1))
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, Any]:
         """The statistics as a dict of Python scalars (no residual history), for logging."""
         return {key: getattr(self, key) for key in self.__dataclass_fields__ if key != "residual_history"}
 
@@ -310,9 +313,12 @@ def _deq(f, x, z0, cfg):
     return _ImplicitBackward.apply(z, z_leaf, cfg, backend, stats), stats
 
 
-def deq_fixed_point(f, x, z0=None, *, method="anderson", backend="auto", tol=1e-2, max_iter=1000, batch=True,
-                    options=None, backward_method=None, backward_tol=None, backward_max_iter=None,
-                    backward_options=None):
+def deq_fixed_point(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                    z0: torch.Tensor | None = None, *, method: str | Method = "anderson", backend: str = "auto",
+                    tol: float = 1e-2, max_iter: int = 1000, batch: bool = True,
+                    options: dict[str, Any] | None = None, backward_method: str | Method | None = None,
+                    backward_tol: float | None = None, backward_max_iter: int | None = None,
+                    backward_options: dict[str, Any] | None = None) -> tuple[torch.Tensor, DEQStats]:
     """Fixed point z* = f(z*, x) of a DEQ layer, differentiable by implicit differentiation.
 
     The functional form of :class:`DEQ` (see the module documentation for the method).
@@ -432,9 +438,11 @@ class DEQ(torch.nn.Module):
     1.0
     """
 
-    def __init__(self, f, *, method="anderson", backend="auto", tol=1e-2, max_iter=1000, batch=True,
-                 backward_method=None, backward_tol=None, backward_max_iter=None, backward_options=None,
-                 **options):
+    def __init__(self, f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, method: str | Method = "anderson",
+                 backend: str = "auto", tol: float = 1e-2, max_iter: int = 1000, batch: bool = True,
+                 backward_method: str | Method | None = None, backward_tol: float | None = None,
+                 backward_max_iter: int | None = None, backward_options: dict[str, Any] | None = None,
+                 **options: Any) -> None:
         super().__init__()
         if not callable(f):
             raise TypeError(f"f must be a torch.nn.Module or a callable f(z, x), got {f!r}")
@@ -443,7 +451,7 @@ class DEQ(torch.nn.Module):
                                    backward_max_iter, backward_options)
         self.stats = None
 
-    def forward(self, x, z0=None):
+    def forward(self, x: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
         """Solve z* = f(z*, x) from ``z0`` (default zeros of x's shape); see :func:`deq_fixed_point`."""
         z, self.stats = _deq(self.f, x, z0, self.config)
         return z

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ..anderson import Anderson, AndersonHistory
+from ..anderson import Anderson
 from ..backend import Kernels, resolve_namespace
 from ..checks import check_choice, check_int, check_options, check_real
 
@@ -82,6 +84,16 @@ class _Group:
     """Flat buffers, Anderson history and counters of one parameter group."""
 
     BUFFERS = ("prev", "last", "s1", "s2", "acc")
+    # flat (1, n) buffers: the weights now, scratch, the last stored weights; with averaging the previous
+    # weights, the sums of the steps and of their squares, and the sum of the iterates of the block
+    cur: torch.Tensor
+    work: torch.Tensor
+    prev: torch.Tensor
+    last: torch.Tensor
+    s1: torch.Tensor
+    s2: torch.Tensor
+    acc: torch.Tensor
+    views: dict[str, list[torch.Tensor]]
 
     def __init__(self, index, group, method, averaging):
         self.params = [p for p in group["params"] if p.requires_grad]
@@ -319,8 +331,9 @@ class AndersonAcceleration:
     Learning-rate schedulers are attached to the wrapped optimizer (``wrapper.optimizer``).
     """
 
-    def __init__(self, optimizer, method=None, *, store_every=5, every=None, delay=0, average="auto",
-                 rsd_threshold=0.1, safeguard=False, **anderson_options):
+    def __init__(self, optimizer: torch.optim.Optimizer, method: Anderson | None = None, *, store_every: int = 5,
+                 every: int | None = None, delay: int = 0, average: str = "auto", rsd_threshold: float = 0.1,
+                 safeguard: bool = False, **anderson_options: Any) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if method is None:
@@ -371,10 +384,10 @@ class AndersonAcceleration:
     def state(self):
         return self.optimizer.state
 
-    def zero_grad(self, set_to_none: bool = True):
+    def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimizer step, then (on the steps due) store the iterate and extrapolate.
 
         Parameters
@@ -452,14 +465,14 @@ class AndersonAcceleration:
             averaged, rsd = stored[i]
             self.records.append(ExtrapolationRecord(self.n_steps, i, st, averaged, rsd, g.n_history(), *losses))
 
-    def reset(self):
+    def reset(self) -> None:
         """Forget the stored iterates of every group (e.g. after a learning-rate drop, when the old
         steps no longer describe the map); the moving average and the counters carry on."""
         for g in self.groups:
             if g.n:
                 g.hist.reset()
 
-    def summary(self):
+    def summary(self) -> dict[str, int]:
         """Counts over all groups: ``steps``, ``stores``, ``averaged`` (stored iterates that were
         moving averages) and one entry per extrapolation status (see :class:`ExtrapolationRecord`)."""
         out = dict(steps=self.n_steps, stores=0, averaged=0, **{s: 0 for s in STATUSES})
@@ -469,7 +482,7 @@ class AndersonAcceleration:
         return out
 
     # --- checkpoints -------------------------------------------------------------------------
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict and the wrapper's own state (tensors are copies).
 
         Returns
@@ -484,7 +497,7 @@ class AndersonAcceleration:
                 "anderson": {"options": dict(self.options), "n_steps": self.n_steps,
                              "groups": [g.state_dict() for g in self.groups]}}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`, so that training continues exactly as it would have.
 
         The model's weights are restored separately (``model.load_state_dict``).  Options that
