@@ -25,6 +25,7 @@ import dataclasses
 from typing import Any
 
 import array_api_compat
+import numpy as np
 
 from .backend import Kernels, namespace_of
 from .checks import check_choice, check_int, check_real
@@ -52,7 +53,7 @@ class Anderson(Method):
     beta : float, default 1.0
         Mixing β in (0, 1].
     lam : float, default 1e-5
-        Regularisation λ >= 0 added to the diagonal of the Gram matrix H.
+        Regularisation λ >= 0, finite, added to the diagonal of the Gram matrix H.
     lam_mode : {"relative", "absolute"}, default "relative"
         "relative": the added term is λ·max_j ‖f_j‖², so that the regularisation
         keeps its effect as the residuals shrink (an absolute λ = 1e-5 dominates H
@@ -111,8 +112,10 @@ class Anderson(Method):
             lam=check_real("lam", self.lam, 0.0, None),
             lam_mode=check_choice("lam_mode", self.lam_mode, ("relative", "absolute")),
             delay=check_int("delay", self.delay, 0),
-            restart_growth=check_real("restart_growth", self.restart_growth, 1.0, None, low_open=True),
-            restart_weight=check_real("restart_weight", self.restart_weight, 1.0, None, low_open=True),
+            restart_growth=check_real("restart_growth", self.restart_growth, 1.0, None, low_open=True,
+                                      allow_inf=True),
+            restart_weight=check_real("restart_weight", self.restart_weight, 1.0, None, low_open=True,
+                                      allow_inf=True),
         )
 
     def init(self, kern: Kernels, B: int, n: int, dtype: Any) -> AndersonHistory:
@@ -195,12 +198,13 @@ class AndersonHistory(MethodState):
         if f is not self.f_slots[s]:
             kern.copy(self.f_slots[s], f)
         kern.copy(self.g_slots[s], g)
-        kern.matvec(self.row, self.R[:, self.m:, :], self.f_slots[s])
-        row = kern.sxp.astype(kern.small(self.row), kern.sdtype)
+        row = kern.matvec_small(self.R[:, self.m:, :], self.f_slots[s], out=self.row)
         self.G[:, s, :] = row
         self.G[:, :, s] = row
         self.valid[:, s] = True
         self.r = kern.sxp.sqrt(row[:, s])
+        if kern.small_on_host and not np.isfinite(self.r).all():  # ‖f‖² overflowed even in float64
+            self.r = kern.norms(self.f_slots[s])
         self.k += 1
         return self.r
 

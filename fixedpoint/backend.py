@@ -160,6 +160,19 @@ def working_dtype(xp: Namespace, x: Array) -> Any:
     raise TypeError(f"x0 must have a real floating, integer or boolean dtype, got {x.dtype}")
 
 
+def buffer_dtype(xp: Namespace, dtype: Any) -> Any:
+    """Dtype of the solver's buffers for iterates of floating ``dtype``: ``dtype`` itself, except float32
+    for the half-precision dtypes (float16, bfloat16), whose range and precision are too small for
+    residual norms, Gram matrices and combinations (float16 overflows at 65504).
+
+    The solve loop then calls g with the iterate rounded to ``dtype`` and rounds every new iterate
+    to ``dtype``, so that the residuals it measures are those of ``dtype``-valued points.
+    """
+    if xp.isdtype(dtype, "real floating") and xp.finfo(dtype).bits < 32:
+        return xp.float32
+    return dtype
+
+
 def solve_dtype(xp: Namespace, device: Any) -> Any:
     """Dtype for the small (m+1)x(m+1) Anderson system: float64 where the device has it, else float32."""
     dtypes = _real_float_dtypes(xp, device)
@@ -219,9 +232,19 @@ class Kernels:
         """View an array of the vectors' library as an array of :attr:`sxp` (no copy)."""
         return a.numpy() if self._torch_host else a
 
+    def _host_float64(self, a: Array) -> np.ndarray:
+        """The values of a vectors' array on the host as float64 NumPy (a copy unless already so)."""
+        if self.lib == "torch":
+            a = a.detach().cpu().to(self._raw.float64)
+        elif self.lib == "cupy":
+            a = a.get()
+        return np.asarray(a, dtype=np.float64)
+
     def big(self, a: Array, dtype: Any = None) -> Array:
         """An array of :attr:`sxp` as an array of the vectors' library, cast to ``dtype`` if given."""
         if self._torch_host:
+            if not a.flags.writeable:  # e.g. a broadcast view: torch.from_numpy wants writeable memory
+                a = np.array(a)
             a = self._raw.from_numpy(a)
             return a if dtype is None else a.to(dtype)
         return a if dtype is None else self.xp.astype(a, dtype)
@@ -323,13 +346,62 @@ class Kernels:
     def dot(self, a: Array, b: Array) -> Array:
         """Inner product of each row of ``a`` with the same row of ``b`` (both ``(B, n)``).
 
-        Returns small state of shape ``(B,)`` in :attr:`sdtype`.
+        Returns small state of shape ``(B,)`` in :attr:`sdtype`.  Computed in the vectors' dtype;
+        with the small state on the host, a result that overflowed there is recomputed in float64
+        with scaling (:meth:`matvec_small`).
         """
-        return self.sxp.astype(self.small((a[:, None, :] @ b[:, :, None])[:, 0, 0]), self.sdtype)
+        return self.matvec_small(a[:, None, :], b)[:, 0]
+
+    def matvec_small(self, A: Array, v: Array, out: Array | None = None) -> Array:
+        """``A[b] @ v[b]`` for ``A`` of shape ``(B, k, n)``, ``v`` ``(B, n)``: small state ``(B, k)`` in :attr:`sdtype`.
+
+        The product runs in the vectors' dtype (into ``out``, shape ``(B, k)`` of that dtype, when
+        given).  With the small state on the host, entries that came out non-finite are recomputed
+        in float64 from scaled copies: float32 data then never overflows (magnitudes up to 3.4e38),
+        and float64 data only when the true value exceeds the float64 range.  On a device the
+        check would synchronise, so there a non-finite entry stays as it is.
+        """
+        if out is None:
+            prod = (A @ v[:, :, None])[:, :, 0]
+        else:
+            self.matvec(out, A, v)
+            prod = out
+        s = self.sxp.astype(self.small(prod), self.sdtype)
+        if self.small_on_host and not np.isfinite(s).all():
+            bad = np.nonzero(~np.isfinite(s).all(axis=1))[0]
+            A64, v64 = self._host_float64(A[bad, ...]), self._host_float64(v[bad, ...])
+            sa = np.max(np.abs(A64), axis=2, keepdims=True)
+            sv = np.max(np.abs(v64), axis=1, keepdims=True)
+            sa, sv = np.where(sa > 0, sa, 1.0), np.where(sv > 0, sv, 1.0)
+            scaled = np.einsum("bkn,bn->bk", A64 / sa, v64 / sv)
+            s = np.array(s, copy=True)
+            s[bad, :] = scaled * sa[:, :, 0] * sv
+        return s
 
     def norms(self, a: Array) -> Array:
-        """Euclidean norm of each row of ``a`` (shape ``(B, n)``): small state of shape ``(B,)``, :attr:`sdtype`."""
-        return self.sxp.sqrt(self.dot(a, a))
+        """Euclidean norm of each row of ``a`` (shape ``(B, n)``): small state of shape ``(B,)``, :attr:`sdtype`.
+
+        The squared norm is accumulated in the vectors' dtype; with the small state on the host a
+        norm that overflowed there is recomputed in float64 with scaling, so that it is finite
+        whenever the vector is finite and its norm fits in float64 (see :meth:`matvec_small`).
+        """
+        sq = self.sxp.astype(self.small((a[:, None, :] @ a[:, :, None])[:, 0, 0]), self.sdtype)
+        r = self.sxp.sqrt(sq)
+        if self.small_on_host and not np.isfinite(r).all():
+            r = np.array(r, copy=True)
+            for i in np.nonzero(~np.isfinite(r))[0]:
+                r[i] = self.safe_norm(self._host_float64(a[i, ...]))
+        return r
+
+    @staticmethod
+    def safe_norm(v: np.ndarray) -> float:
+        """Euclidean norm of a float64 NumPy vector, scaled so that it overflows only if the norm itself does."""
+        scale = float(np.max(np.abs(v))) if v.size else 0.0
+        if not np.isfinite(scale):
+            return scale if not np.isnan(v).any() else float("nan")
+        if scale == 0.0:
+            return 0.0
+        return scale * float(np.sqrt(np.dot(v / scale, v / scale)))
 
     def solve(self, A: Array, b: Array) -> Array:
         """Batched solve of ``A[i] @ x[i] = b[i]`` for small state ``A`` ``(B, k, k)`` and ``b`` ``(B, k)``.

@@ -103,7 +103,8 @@ class Broyden(Method):
             m=check_int("m", self.m, 1),
             beta=check_real("beta", self.beta, 0.0, 1.0, low_open=True),
             degenerate_tol=check_real("degenerate_tol", self.degenerate_tol, 0.0, 1.0, high_open=True),
-            restart_growth=check_real("restart_growth", self.restart_growth, 1.0, None, low_open=True),
+            restart_growth=check_real("restart_growth", self.restart_growth, 1.0, None, low_open=True,
+                                      allow_inf=True),
         )
 
     def init(self, kern: Kernels, B: int, n: int, dtype: Any) -> MethodState:

@@ -18,14 +18,18 @@ def check_int(name, value, minimum):
     return int(value)
 
 
-def check_real(name, value, low=None, high=None, *, low_open=False, high_open=False):
+def check_real(name, value, low=None, high=None, *, low_open=False, high_open=False, allow_inf=False):
     """Return ``value`` as float, or raise if it is not a real number in the interval given.
 
-    ``low``/``high`` of None mean unbounded; ``*_open`` excludes the end point.
+    ``low``/``high`` of None mean unbounded; ``*_open`` excludes the end point.  Infinite values
+    are refused unless ``allow_inf`` (for options where infinity means "never", e.g. a safeguard
+    threshold).
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     value = float(value)
+    if math.isinf(value) and not allow_inf:
+        raise ValueError(f"{name} must be finite, got {value:g}")
     bad = (low is not None and (value < low or (low_open and value == low))) or (
         high is not None and (value > high or (high_open and value == high))
     )

@@ -17,7 +17,8 @@ through a host copy otherwise.  It handles the usual DLPack pitfalls:
   pending work, so no explicit synchronisation is needed.
 
 :func:`wrap_map` uses it so that a solver running in one library can iterate a
-map ``g`` written for another.
+map ``g`` written for another, and :func:`call_map` calls a user's map the way
+every solver does: on an argument it may not modify, checking what comes back.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
 from .backend import Array, Namespace, library_name, namespace_of, resolve_namespace
 
-__all__ = ["convert", "to_numpy", "wrap_map", "same_memory"]
+__all__ = ["call_map", "convert", "to_numpy", "wrap_map", "same_memory", "may_share_memory"]
 
 
 def _is_host(lib, x):
@@ -172,8 +174,96 @@ def same_memory(a: Array, b: Array) -> bool:
     return ptr(a) == ptr(b)
 
 
+def may_share_memory(a: Array, b: Array) -> bool:
+    """True when arrays ``a`` and ``b`` (one library) may share memory: overlapping bounds, or the same
+    PyTorch storage.  O(1); may say True for disjoint slices of one buffer."""
+    lib = library_name(namespace_of(a, b))
+    if lib == "cupy":
+        return bool(importlib.import_module("cupy").may_share_memory(a, b))
+    if lib == "torch":  # views share their storage
+        return bool(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+    if lib == "numpy":
+        return bool(np.may_share_memory(a, b))
+    return bool(np.may_share_memory(np.from_dlpack(a), np.from_dlpack(b)))  # host libraries: NumPy views
+
+
+def _read_only_message(lib):
+    return (f"g must not modify its argument in place: it is the solver's iterate ({lib} array). Compute the result "
+            "into a new array (y = 0.5 * x + 1, not x *= 0.5; x += 1; return x)")
+
+
+def call_map(g: Callable[[Array], Array], x: Array) -> Array:
+    """Evaluate a user's map ``g`` at ``x`` as the solvers do, and check what it returns.
+
+    ``g`` must not modify its argument (the solver's iterate) and must return an array of
+    ``x``'s library, shape, dtype and device.  What is enforced, by library:
+
+    - NumPy: ``g`` receives a read-only view of ``x`` (an in-place write raises);
+    - PyTorch: the tensor's version counter is compared before and after the call
+      (except for inference-mode tensors, which have none);
+    - CuPy and other libraries, which offer neither: ``g`` may not return ``x`` or a view
+      of it (a bounds check), since its contents could then not be trusted.
+
+    Parameters
+    ----------
+    g : callable
+        ``g(x) -> array``.
+    x : array
+        The argument, any shape.
+
+    Returns
+    -------
+    array
+        ``g(x)``.
+
+    Raises
+    ------
+    ValueError
+        If ``g`` modified ``x`` in place, returned memory shared with ``x`` where that cannot be
+        checked, or returned another shape or device.
+    TypeError
+        If ``g`` returned something other than an array of ``x``'s library, or another dtype.
+    """
+    xp = namespace_of(x)
+    lib = library_name(xp)
+    version = None
+    if lib == "numpy":
+        x = x.view()
+        x.flags.writeable = False
+    elif lib == "torch" and not x.is_inference():
+        version = x._version
+    try:
+        y = g(x)
+    except ValueError as exc:
+        if lib == "numpy" and "read-only" in str(exc):
+            raise ValueError(_read_only_message(lib)) from exc
+        raise
+    if version is not None and x._version != version:
+        raise ValueError(_read_only_message(lib))
+    try:
+        ylib = library_name(namespace_of(y))
+    except TypeError:
+        raise TypeError(f"g must return an array of the same library as its input ({lib}), "
+                        f"got {type(y).__name__}") from None
+    if ylib != lib:
+        raise TypeError(f"g must return an array of the same library as its input ({lib}), got a {ylib} array")
+    if tuple(y.shape) != tuple(x.shape):
+        raise ValueError(f"g must return an array of the input's shape {tuple(x.shape)}, got shape {tuple(y.shape)}")
+    if y.dtype != x.dtype:
+        raise TypeError(f"g must return the input's dtype {x.dtype}, got {y.dtype} (cast inside g, e.g. with astype)")
+    device = array_api_compat.device(x)
+    if array_api_compat.device(y) != device:
+        raise ValueError(f"g must return an array on the input's device {device}, "
+                         f"got one on {array_api_compat.device(y)}")
+    if lib not in ("numpy", "torch") and may_share_memory(x, y):
+        raise ValueError(f"g returned its argument or a view of it; on {lib} the solver cannot check that g left "
+                         "its argument unchanged, so g must return a new array")
+    return y
+
+
 def wrap_map(g: Callable[[Array], Array], caller: str | Namespace, solver: str | Namespace, *,
-             caller_device: Any = None, caller_dtype: Any = None) -> Callable[[Array], Array]:
+             caller_device: Any = None, caller_dtype: Any = None,
+             solver_dtype: Any = None) -> Callable[[Array], Array]:
     """Make a map written for library ``caller`` callable with arrays of library ``solver``.
 
     Parameters
@@ -185,19 +275,23 @@ def wrap_map(g: Callable[[Array], Array], caller: str | Namespace, solver: str |
     caller_device, caller_dtype : optional
         Device and dtype the caller's arrays must have when ``g`` is called
         (e.g. ``torch.bfloat16`` when the solver works in float32).
+    solver_dtype : optional
+        Dtype of the solver's arrays, to which g's results are cast (default: no cast).
 
     Returns
     -------
     callable
-        ``h(x_solver) -> array of the solver's library``, converting both ways
-        with :func:`convert` (zero-copy on a shared device).
+        ``h(x_solver) -> array of the solver's library``, converting both ways with
+        :func:`convert` (zero-copy on a shared device) and calling ``g`` through
+        :func:`call_map`; ``g`` itself when both libraries and dtypes are the same.
     """
-    if library_name(resolve_namespace(caller)) == library_name(resolve_namespace(solver)):
+    same_lib = library_name(resolve_namespace(caller)) == library_name(resolve_namespace(solver))
+    if same_lib and (caller_dtype is None or caller_dtype == solver_dtype or solver_dtype is None):
         return g
 
     @functools.wraps(g)
     def wrapped(x):
-        y = g(convert(x, caller, device=caller_device, dtype=caller_dtype))
-        return convert(y, solver, device=None)
+        y = call_map(g, convert(x, caller, device=caller_device, dtype=caller_dtype))
+        return convert(y, solver, device=None, dtype=solver_dtype)
 
     return wrapped

@@ -14,6 +14,7 @@ with ``B = 1`` unless ``batch=True``.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +23,18 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from .backend import Array, Kernels, is_accelerator, library_name, namespace_of, resolve_namespace, working_dtype
+from .backend import (
+    Array,
+    Kernels,
+    buffer_dtype,
+    is_accelerator,
+    library_name,
+    namespace_of,
+    resolve_namespace,
+    working_dtype,
+)
 from .checks import check_choice, check_int, check_real
-from .interop import convert, to_numpy, wrap_map
+from .interop import call_map, convert, to_numpy, wrap_map
 from .method import Method
 from .result import FixedPointResult
 
@@ -85,6 +95,7 @@ _COMMON_CHECKS = {
     "callback": lambda v: _check_callable("callback", v),
     "batch": lambda v: _check_bool("batch", v),
     "backend": lambda v: v,
+    "divtol": lambda v: None if v is None else check_real("divtol", v, 1.0, None, low_open=True, allow_inf=True),
 }
 
 
@@ -97,25 +108,6 @@ def check_common(opts: dict) -> dict:
         Naming the option, for a value of the wrong type or out of range.
     """
     return {key: _COMMON_CHECKS[key](value) for key, value in opts.items()}
-
-
-def _checked_call(g, x_view, shape, dtype, device, lib):
-    y = g(x_view)
-    try:
-        ylib = library_name(array_api_compat.array_namespace(y))
-    except TypeError:
-        raise TypeError(f"g must return an array of the same library as its input ({lib}), "
-                        f"got {type(y).__name__}") from None
-    if ylib != lib:
-        raise TypeError(f"g must return an array of the same library as its input ({lib}), got a {ylib} array")
-    if tuple(y.shape) != tuple(shape):
-        raise ValueError(f"g must return an array of the input's shape {tuple(shape)}, got shape {tuple(y.shape)}")
-    if y.dtype != dtype:
-        raise TypeError(f"g must return the input's dtype {dtype}, got {y.dtype} (cast inside g, e.g. with astype)")
-    if array_api_compat.device(y) != device:
-        raise ValueError(f"g must return an array on the input's device {device}, "
-                         f"got one on {array_api_compat.device(y)}")
-    return y
 
 
 def run(method: Method, g: Callable[[Array], Array], x0: Array, opts: dict) -> FixedPointResult:
@@ -142,27 +134,32 @@ class _Loop:
         self.caller_lib = library_name(caller_xp)
         self.caller_device = array_api_compat.device(x0)
         self.caller_dtype = working_dtype(caller_xp, x0)
-        if opts["backend"] is not None and library_name(resolve_namespace(opts["backend"])) != self.caller_lib:
-            xp = resolve_namespace(opts["backend"])
-            x0 = convert(x0, xp)
-            g = wrap_map(g, self.caller_lib, xp, caller_device=self.caller_device, caller_dtype=self.caller_dtype)
-        else:
-            xp = caller_xp
-        self.xp, self.g, self.lib = xp, g, library_name(xp)
-        self.device = device = array_api_compat.device(x0)
-        self.dtype = dtype = working_dtype(xp, x0)
+        if x0.dtype != self.caller_dtype:  # integer or boolean: promoted in x0's own library, whatever backend=
+            x0 = caller_xp.astype(x0, self.caller_dtype)
         self.shape = shape = tuple(x0.shape)
         if any(s == 0 for s in shape):
             raise ValueError(f"x0 must not be empty, got shape {shape}")
         if opts["batch"] and len(shape) < 1:
             raise ValueError("batch=True needs x0 with a leading batch axis, got a 0-d array")
+        if not bool(caller_xp.all(caller_xp.isfinite(x0))):
+            raise ValueError("x0 contains NaN or Inf")
+        # Half precision is iterated in float32 (fixedpoint.backend.buffer_dtype), every iterate rounded to it.
+        self.narrow = buffer_dtype(caller_xp, self.caller_dtype) != self.caller_dtype
+        xp = caller_xp
+        if opts["backend"] is not None and library_name(resolve_namespace(opts["backend"])) != self.caller_lib:
+            xp = resolve_namespace(opts["backend"])
+            x0 = convert(x0, xp)
+        self.xp, self.lib = xp, library_name(xp)
+        self.device = device = array_api_compat.device(x0)
+        self.dtype = dtype = buffer_dtype(xp, working_dtype(xp, x0))
+        self.g = wrap_map(g, self.caller_lib, xp, caller_device=self.caller_device, caller_dtype=self.caller_dtype,
+                          solver_dtype=dtype)
+        self.wrapped = self.g is not g  # the wrapper converts and calls g through call_map itself
         self.B = B = shape[0] if opts["batch"] else 1
         n = 1
         for s in shape:
             n *= s
         self.n = n = n // B
-        if not bool(xp.all(xp.isfinite(x0))):
-            raise ValueError("x0 contains NaN or Inf")
         self.check_every = opts["check_every"] or (10 if is_accelerator(xp, device) else 1)
         self.kern = kern = Kernels(xp, device)
         sxp, sdev, sdt = kern.sxp, kern.sdevice, kern.sdtype
@@ -182,6 +179,8 @@ class _Loop:
         self.active = sxp.ones((B,), dtype=sxp.bool, device=sdev)
         self.best_pending = sxp.zeros((B,), dtype=sxp.bool, device=sdev)
         self.n_restarts = sxp.zeros((B,), dtype=sxp.int64, device=sdev)
+        self.diverged = sxp.zeros((B,), dtype=sxp.bool, device=sdev)
+        self.f0 = None  # ‖f_0‖ per sample, the reference of the divergence test
         # Residual history: one row per iteration, _INACTIVE for samples that had stopped.  Per-sample
         # convergence, failure and iteration counts are derived from it on the host (see result()).
         self.inactive = sxp.full((B,), _INACTIVE, dtype=sdt, device=sdev)
@@ -199,28 +198,37 @@ class _Loop:
         xp, kern, state, shape, B, n = self.xp, self.kern, self.state, self.shape, self.B, self.n
         sxp = kern.sxp
         callback, tol, freeze, rel = self.opts["callback"], self.tol, B > 1, self.stop_mode == "rel"
+        divtol = self.opts["divtol"]
+        call = self.g if self.wrapped else functools.partial(call_map, self.g)
         status = None
         self.t0 = time.perf_counter()
         try:
             for k in range(self.max_iter):
                 x = self.x_cur
-                gx = _checked_call(self.g, xp.reshape(x, shape), shape, self.dtype, self.device, self.lib)
-                gx = xp.reshape(gx, (B, n))
+                gx = xp.reshape(call(xp.reshape(x, shape)), (B, n))
                 self.n_fev += 1
                 f = state.residual_buffer()
                 kern.sub(f, gx, x)
-                r = state.observe(x, gx, f)
-                if r is None:
-                    r = kern.norms(f)
-                if rel:
-                    r = r / (kern.norms(gx) + REL_EPS)
+                fnorm = state.observe(x, gx, f)
+                if fnorm is None:
+                    fnorm = kern.norms(f)
+                r = fnorm
+                if rel:  # a non-finite ‖g(x)‖ makes the residual non-finite, never 0
+                    gnorm = kern.norms(gx)
+                    r = sxp.where(sxp.isfinite(gnorm), fnorm / (gnorm + REL_EPS), _INF)
                 active = self.active
+                if divtol is not None:
+                    if self.f0 is None:
+                        self.f0 = fnorm
+                    diverging = active & (fnorm > divtol * self.f0)
+                    self.diverged = self.diverged | diverging
+                    active = active & ~diverging
                 improved = active & (r < self.best_r)  # False for NaN
                 self.best_r = sxp.where(improved, r, self.best_r)
                 if self.best_buf is not None:  # x_next, about to be overwritten by the step
                     kern.copy_rows_where(self.best_x, self.best_buf, self.best_pending & ~improved)
                 self.best_buf, self.best_pending = x, improved
-                self.hist[self.pending, ...] = sxp.where(active, r, self.inactive)
+                self.hist[self.pending, ...] = sxp.where(self.active, r, self.inactive)
                 self.pending += 1
                 self.active = active = active & (r > tol) & (r < _INF)  # converged or non-finite: stop
                 restarted = state.step(x, gx, f, active, self.x_next)
@@ -228,6 +236,9 @@ class _Loop:
                     self.n_restarts = self.n_restarts + sxp.astype(restarted, sxp.int64)
                 if freeze:
                     kern.copy_rows_where(self.x_next, x, ~active)
+                if self.narrow:
+                    self._round(self.x_next)
+                del gx, f  # g's result is not kept alive while g computes the next one
                 if callback is not None:
                     if callback(IterationInfo(k, xp.reshape(x, shape), kern.big(r), kern.big(active))):
                         status = "stopped"
@@ -242,6 +253,11 @@ class _Loop:
             raise
         return self.result(status)
 
+    def _round(self, buf):
+        """Round the iterate in ``buf`` to the caller's (half-precision) dtype, in place."""
+        rounded = convert(buf, self.caller_lib, device=self.caller_device, dtype=self.caller_dtype)
+        self.kern.copy(buf, convert(rounded, self.lib, device=self.device, dtype=self.dtype))
+
     def _settle_best(self):
         """Copy the best-iterate rows that still lie in an iterate buffer into best_x."""
         if self.best_buf is not None:
@@ -254,7 +270,7 @@ class _Loop:
         xp = self.xp
         self._settle_best()
         x = xp.reshape(self.best_x, self.shape)
-        if self.lib != self.caller_lib:
+        if self.lib != self.caller_lib or self.narrow:
             x = convert(x, self.caller_lib, device=self.caller_device, dtype=self.caller_dtype)
         hist = np.concatenate(self.hist_host) if self.hist_host else np.empty((0, self.B))
         ran = hist != _INACTIVE
@@ -263,9 +279,11 @@ class _Loop:
         fail = (~np.isfinite(hist)).any(axis=0)
         iters = ran.sum(axis=0)
         history = np.where(ran, hist, np.nan)
-        sample_status = np.where(conv, "converged", np.where(fail, "nonfinite", "max_iter"))
+        div = to_numpy(self.diverged).astype(bool) & ~conv & ~fail
+        sample_status = np.where(conv, "converged", np.where(fail, "nonfinite", np.where(div, "diverged", "max_iter")))
         if status is None:
-            status = "converged" if conv.all() else ("nonfinite" if fail.any() else "max_iter")
+            status = ("converged" if conv.all() else "nonfinite" if fail.any() else "diverged" if div.any()
+                      else "max_iter")
         elif status == "stopped":
             sample_status = np.where(conv | fail, sample_status, "stopped")
         restarts = to_numpy(self.n_restarts).astype(np.int64)

@@ -15,7 +15,8 @@ __all__ = ["FixedPointResult", "STATUSES"]
 STATUSES = {
     "converged": "every sample reached the tolerance",
     "max_iter": "the iteration limit was reached before every sample converged",
-    "nonfinite": "g returned NaN or Inf for some sample; the best finite iterate is returned",
+    "nonfinite": "g returned NaN or Inf for some sample (or a norm overflowed); the best finite iterate is returned",
+    "diverged": "the residual of some sample grew beyond divtol times its initial one; its best iterate is returned",
     "stopped": "the callback asked to stop",
     "error": "g or the callback raised; the exception carries this result as .fixedpoint_result",
 }
@@ -40,10 +41,11 @@ class FixedPointResult:
         One of :data:`STATUSES`.  ``"stopped"`` or ``"error"`` when the callback
         or ``g`` ended the solve; otherwise ``"converged"`` if all samples
         converged, else ``"nonfinite"`` if any sample met a NaN/Inf (from ``g``,
-        or a residual norm that overflowed), else ``"max_iter"``.
+        or a residual norm that overflowed), else ``"diverged"`` if any sample's
+        residual grew beyond ``divtol`` times its initial one, else ``"max_iter"``.
     sample_status : ndarray of str, shape (B,), or str
-        ``"converged"``, ``"max_iter"``, ``"nonfinite"`` or (after a callback
-        stop) ``"stopped"`` for each sample.
+        ``"converged"``, ``"max_iter"``, ``"nonfinite"``, ``"diverged"`` or (after a
+        callback stop) ``"stopped"`` for each sample.
     n_iter : int or ndarray of int, shape (B,)
         Evaluations of ``g`` each sample took until it converged (or stopped).
     n_fev : int

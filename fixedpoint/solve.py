@@ -20,7 +20,7 @@ __all__ = ["solve", "anderson", "forward_iteration", "broyden", "METHODS", "COMM
 METHODS: dict[str, type[Method]] = {"anderson": Anderson, "forward": ForwardIteration, "broyden": Broyden}
 
 #: The options every method takes (keyword arguments of :func:`solve` besides the method's own).
-COMMON_OPTIONS = ("tol", "max_iter", "stop_mode", "batch", "check_every", "callback", "backend")
+COMMON_OPTIONS = ("tol", "max_iter", "stop_mode", "divtol", "batch", "check_every", "callback", "backend")
 
 
 def resolve_method(method: str | Method, options: dict[str, Any],
@@ -70,7 +70,7 @@ def resolve_method(method: str | Method, options: dict[str, Any],
 
 
 def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float = 1e-5, max_iter: int = 1000,
-          stop_mode: str = "rel", batch: bool = False, check_every: int | None = None,
+          stop_mode: str = "rel", divtol: float | None = 1e10, batch: bool = False, check_every: int | None = None,
           callback: Callable | None = None, backend: Any = None, **method_options: Any) -> FixedPointResult:
     """Find x with x = g(x) by Anderson acceleration (default), forward iteration, Broyden, or any method object.
 
@@ -79,11 +79,20 @@ def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float
     g : callable
         The fixed-point map, ``g(x) -> array`` of the same library, shape, dtype
         and device as ``x`` (which has ``x0``'s shape).  In batch mode it maps the
-        whole batch at once, each sample independently.
+        whole batch at once, each sample independently.  ``g`` must not modify
+        its argument, which is the solver's iterate: NumPy passes it read-only,
+        PyTorch's version counter is checked, and on CuPy ``g`` may not return its
+        argument or a view of it (:func:`fixedpoint.interop.call_map`); a breach
+        raises ``ValueError`` rather than give a wrong result.
     x0 : array
         Initial guess, any shape, a NumPy/CuPy/PyTorch/array-api-strict array.
-        Integer and boolean inputs are promoted to the library's default float
-        dtype (:func:`fixedpoint.backend.working_dtype`).
+        Integer and boolean inputs are promoted to the default float dtype of
+        x0's own library (:func:`fixedpoint.backend.working_dtype`), whatever
+        ``backend`` says.  Half-precision x0 (float16, bfloat16) is iterated in
+        float32 with every iterate rounded to x0's dtype, so g always sees and the
+        result has that dtype (:func:`fixedpoint.backend.buffer_dtype`).  A torch
+        x0 that requires grad is detached: the solve is not differentiated through
+        (for gradients of a fixed point use :class:`fixedpoint.torch.DEQ`).
     method : str or Method, default "anderson"
         A method object (:class:`fixedpoint.Anderson`, :class:`fixedpoint.ForwardIteration`,
         :class:`fixedpoint.Broyden`, or one written to the protocol of
@@ -96,7 +105,14 @@ def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float
         Most evaluations of g (iterations), >= 1.
     stop_mode : {"rel", "abs"}, default "rel"
         "rel": ‖g(x) − x‖₂ / (‖g(x)‖₂ + 1e-12) (dimensionless); "abs": ‖g(x) − x‖₂
-        (units of x); norms per sample in batch mode.
+        (units of x); norms per sample in batch mode.  Norms are computed so that
+        they do not overflow where the vectors are finite (on the CPU; see
+        docs/algorithm.md); a residual that is not finite stops the sample as
+        ``"nonfinite"``, never as converged.
+    divtol : float or None, default 1e10
+        Divergence tolerance: a sample whose residual norm ‖g(x) − x‖₂ exceeds
+        ``divtol`` times that of x0 stops with status ``"diverged"`` (its best
+        iterate is returned); > 1, or None to iterate on regardless.
     batch : bool, default False
         Treat the leading axis of ``x0`` as B independent problems: per-sample
         residuals, stopping, weights and iteration counts; converged samples stop
@@ -128,7 +144,8 @@ def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float
     ------
     ValueError
         For an unknown ``method`` name or a bad option value (the message names it),
-        NaN/Inf in ``x0``, an empty ``x0``, or a ``g`` that returns another shape or device.
+        NaN/Inf in ``x0``, an empty ``x0``, a ``g`` that returns another shape or device,
+        or a ``g`` that modifies its argument in place.
     TypeError
         For an option the method does not take (never silently ignored), method options
         beside a method object, a non-array ``x0``, or a ``g`` that returns another
@@ -144,7 +161,7 @@ def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float
     >>> fixedpoint.solve(np.cos, np.zeros(3), method=fixedpoint.Broyden(m=4), tol=1e-10).n_iter < 10
     True
     """
-    opts = dict(tol=tol, max_iter=max_iter, stop_mode=stop_mode, batch=batch, check_every=check_every,
+    opts = dict(tol=tol, max_iter=max_iter, stop_mode=stop_mode, divtol=divtol, batch=batch, check_every=check_every,
                 callback=callback, backend=backend)
     method_obj, _ = resolve_method(method, method_options)
     return run(method_obj, g, x0, opts)

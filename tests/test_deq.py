@@ -288,3 +288,30 @@ def test_cuda_layer_with_the_cupy_solver_matches_the_torch_solver():
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-7, atol=1e-9)
     for a, b in zip(results[0][2], results[1][2]):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("kwargs, kind, word", [
+    (dict(m=0), ValueError, "m"), (dict(beta=5.0), ValueError, "beta"), (dict(lam=-1.0), ValueError, "lam"),
+    (dict(stop_mode="bogus"), ValueError, "stop_mode"), (dict(check_every=0), ValueError, "check_every"),
+    (dict(damping=0.0), TypeError, "damping"),  # not an Anderson option
+    (dict(method="forward", damping=0.0), ValueError, "damping"),
+    (dict(backward_options={"m": 0}), ValueError, "m"),
+])
+def test_bad_options_are_refused_when_the_layer_is_built(kwargs, kind, word):
+    with pytest.raises(kind, match=word):
+        DEQ(ConvCell(), **kwargs)  # at construction, before any call
+
+
+def test_second_derivatives_raise_instead_of_being_wrong():
+    W, U, x = tanh_problem()
+    layer = DEQ(lambda z, x: torch.tanh(z @ W.T + x @ U.T), **TIGHT)
+    (g,) = torch.autograd.grad(layer(x).square().sum(), x)  # first derivatives: fine
+    assert torch.isfinite(g).all()
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+
+
+def test_divergent_cell_is_not_reported_converged():
+    x = torch.randn(4, 3)
+    _, stats = deq_fixed_point(lambda z, x: 2.0 * z + x + 1.0, x, method="forward")
+    assert stats.forward.converged_fraction == 0.0 and stats.forward.status == "diverged"

@@ -75,6 +75,7 @@ def test_g_returning_something_else(g, kind, word):
         fixedpoint.solve(g, np.ones(3))
 
 
+@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
 def test_g_returning_another_library():
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="library"):
@@ -97,9 +98,9 @@ def test_malformed_values_never_pass_silently(option, value):
     valid = {
         "m": lambda v: isinstance(v, int) and v >= 1,
         "max_iter": lambda v: isinstance(v, int) and v >= 1,
-        "tol": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and not math.isnan(v),
+        "tol": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf,
         "beta": lambda v: isinstance(v, (int, float)) and 0 < v <= 1,
-        "lam": lambda v: isinstance(v, (int, float)) and v >= 0 and not math.isnan(v),
+        "lam": lambda v: isinstance(v, (int, float)) and 0 <= v < math.inf,  # an infinite λ is refused
     }[option]
     if valid(value):
         res = fixedpoint.solve(half, np.ones(2), **{option: value})

@@ -6,9 +6,10 @@ library, unbatched (shape ``(n,)``) or batched (shape ``(B, n)``).
 """
 
 from .base import Problem
-from .chandrasekhar import chandrasekhar, h_function
+from .chandrasekhar import chandrasekhar, h_equation_root, h_function
 from .deq import tanh_layer
 from .linear import linear_contraction
 from .poisson import poisson_jacobi
 
-__all__ = ["Problem", "chandrasekhar", "h_function", "linear_contraction", "poisson_jacobi", "tanh_layer"]
+__all__ = ["Problem", "chandrasekhar", "h_equation_root", "h_function", "linear_contraction", "poisson_jacobi",
+           "tanh_layer"]

@@ -49,13 +49,24 @@ def chandrasekhar(n: int = 100, c: float = 0.9, *, backend: Any = "numpy", dtype
     dtype, device : optional
         As for :func:`fixedpoint.problems.linear_contraction`.
 
+    Two roots.  For c < 1 the discrete equation has two positive solutions; the
+    physical one (the limit of forward iteration from H = 1, and Newton's from
+    there) has the zeroth moment (c/2) Σ w_i H_i = 1 − √(1 − c), the other
+    1 + √(1 − c) (exactly, for the discrete solutions: summing the equation gives
+    (c/4) a² − a + 1 = 0 for a = Σ w_i H_i).  Near c = 1 the two are close and an
+    extrapolating solver can land on the non-physical one: at c = 0.9999, default
+    Anderson reaches H(1) = 2.959 instead of 2.858 (``delay=3``, β = 0.5, Broyden
+    and forward iteration find the physical root).  ``params["root"](h)`` says which
+    one a solution is (:func:`h_equation_root`).
+
     Returns
     -------
     Problem
-        ``x0`` is ones (Kelley's initial iterate); ``solution`` is the discrete
-        solution by Newton's method in float64; ``params["nodes"]``,
-        ``params["weights"]`` hold μ_i, w_i (NumPy), and ``params["evaluate"]`` is
-        :func:`~fixedpoint.problems.h_function` bound to this discretisation.
+        ``x0`` is ones (Kelley's initial iterate); ``solution`` is the physical
+        discrete solution by Newton's method in float64; ``params["nodes"]``,
+        ``params["weights"]`` hold μ_i, w_i (NumPy), ``params["evaluate"]`` is
+        :func:`~fixedpoint.problems.h_function` and ``params["root"]`` is
+        :func:`~fixedpoint.problems.h_equation_root`, both bound to this discretisation.
     """
     n = check_int("n", n, 1)
     c = check_real("c", c, 0.0, 1.0, low_open=True)
@@ -71,10 +82,41 @@ def chandrasekhar(n: int = 100, c: float = 0.9, *, backend: Any = "numpy", dtype
     def evaluate(h, points):
         return h_function(h, points, nodes=mu, weights=w, c=c)
 
+    def root(h):
+        return h_equation_root(h, weights=w, c=c)
+
     x0 = xp.ones_like(placed(mu, backend, kt.dtype, device)[0])
     return Problem(f"Chandrasekhar H-equation (n={n}, c={c:g})", g, x0,
                    placed(exact, backend, kt.dtype, device)[0], xp,
-                   dict(n=n, c=c, nodes=mu, weights=w, evaluate=evaluate))
+                   dict(n=n, c=c, nodes=mu, weights=w, evaluate=evaluate, root=root))
+
+
+def h_equation_root(h: Any, *, weights: np.ndarray, c: float) -> str:
+    """Which solution of the discrete H-equation ``h`` is, by the moment test.
+
+    The discrete solutions have (c/2) Σ_i w_i H_i = 1 ∓ √(1 − c): "physical" for the
+    minus sign (the solution of radiative transfer), "non-physical" for the plus
+    sign (see :func:`chandrasekhar`).  ``h`` is assigned to the nearer of the two.
+
+    Parameters
+    ----------
+    h : array, shape (n,)
+        Values at the quadrature nodes (any library).
+    weights : ndarray, shape (n,)
+        Quadrature weights on [0, 1].
+    c : float
+        Albedo.
+
+    Returns
+    -------
+    str
+        "physical" or "non-physical" ("physical" at c = 1, where the two coincide).
+    """
+    from ..interop import to_numpy
+
+    moment = 0.5 * c * float(np.dot(weights, np.asarray(to_numpy(h), dtype=np.float64)))
+    gap = np.sqrt(max(1.0 - c, 0.0))
+    return "physical" if abs(moment - (1 - gap)) <= abs(moment - (1 + gap)) else "non-physical"
 
 
 def h_function(h: Any, points: Any, *, nodes: np.ndarray, weights: np.ndarray, c: float) -> Any:

@@ -10,7 +10,7 @@ Forward pass
     solver on the tensors themselves, for comparison.  Then f is evaluated once
     more at z*, with the graph, and that value is the layer's output.
 
-Backward pass (implicit differentiation)
+Backward pass (implicit differentiation; first derivatives only: ``create_graph=True`` raises)
     With the loss gradient g = ∂L/∂z*, the implicit function theorem gives the
     gradients with respect to x and the parameters of f as the vector–Jacobian
     products of f at z* with the adjoint u, the fixed point of
@@ -264,8 +264,13 @@ class _ImplicitBackward(torch.autograd.Function):
         return z.clone()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative is being built
+            raise RuntimeError(
+                "second derivatives through a DEQ layer are not supported: the implicit gradient's dependence on "
+                "the parameters through the adjoint solve is not differentiated, so create_graph=True would give "
+                "wrong higher-order gradients. Compute them without create_graph, or differentiate an unrolled "
+                "evaluation of f instead")
         z, z_leaf = ctx.saved_tensors
         cfg = ctx.cfg
         grad = grad.contiguous()

@@ -361,7 +361,7 @@ class AndersonAcceleration:
         if self.average != "off" and self.store_every < 2:
             raise ValueError(f"average={average!r} averages the store_every iterates between stored ones, "
                              "so it needs store_every >= 2 (or average='off')")
-        self.rsd_threshold = check_real("rsd_threshold", rsd_threshold, 0.0, None, low_open=True)
+        self.rsd_threshold = check_real("rsd_threshold", rsd_threshold, 0.0, None, low_open=True, allow_inf=True)
         if not isinstance(safeguard, bool):
             raise TypeError(f"safeguard must be True or False, got {safeguard!r}")
         self.safeguard = safeguard
