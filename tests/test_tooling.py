@@ -48,7 +48,8 @@ def test_machine_info_names_fixedpoints_origin_and_its_commit(monkeypatch, tmp_p
     here = Path(fixedpoint.__file__).resolve().parent
     assert info["fixedpoint_path"] == str(here)
     if here == ROOT / "fixedpoint" and (ROOT / ".git").exists():
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
         assert info["git_commit"] == head and isinstance(info["fixedpoint_uncommitted_changes"], bool)
 
     # an installed copy outside any git work tree: the commit and the changes are unknown, not "none"
