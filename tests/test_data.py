@@ -243,7 +243,7 @@ def test_digits_end_to_end(tmp_path, capsys):
 
     out = tmp_path / "run"
     argv = ["--dataset", "digits", "--solver", "both", "--epochs", "1", "--limit-train", "300", "--limit-test", "200",
-            "--fig-iters", "8", "--out", str(out), "--no-progress"]
+            "--fig-iters", "8", "--out", str(out), "--no-progress", "--threads", "1"]
     assert deq_cifar10.main(argv) == 0
     printed = capsys.readouterr().out
     assert "speed-up" in printed and "compute saved" in printed
@@ -267,11 +267,14 @@ def test_digits_end_to_end(tmp_path, capsys):
     again = json.loads((out / "summary.json").read_text())["comparison"]
     for key in ("speedup_total_time", "compute_saved_total", "per_sample_saved_total", "common_test_acc"):
         assert again[key] == pytest.approx(summary["comparison"][key]), key
-    # A finished run resumes to the same result, and a changed setting is refused.
+    # A finished run resumes to the same result, and a changed setting is refused: one line naming the
+    # checkpoint and the setting, exit status 2.
     assert deq_cifar10.main(argv + ["--resume"]) == 0
     assert [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] == records
-    with pytest.raises(ValueError, match="seed"):
-        deq_cifar10.main(argv + ["--resume", "--seed", "1"])
+    capsys.readouterr()
+    assert deq_cifar10.main(argv + ["--resume", "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint-forward.pt" in err and "seed" in err
 
 
 def test_ctrl_c_saves_and_resume_continues(tmp_path, monkeypatch, capsys):
@@ -279,7 +282,7 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path, monkeypatch, capsys):
 
     def argv_for(out):
         return ["--dataset", "digits", "--solver", "anderson", "--epochs", "1", "--limit-train", "300",
-                "--limit-test", "100", "--fig-iters", "3", "--out", str(out), "--no-progress"]
+                "--limit-test", "100", "--fig-iters", "3", "--out", str(out), "--no-progress", "--threads", "1"]
 
     out = tmp_path / "run"
     argv = argv_for(out)
@@ -312,7 +315,7 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path, monkeypatch, capsys):
 def test_clear_errors_for_missing_data_and_devices(tmp_path, capsys):
     from demos import deq_cifar10
 
-    base = ["--out", str(tmp_path / "o"), "--no-progress"]
+    base = ["--out", str(tmp_path / "o"), "--no-progress", "--threads", "1"]
     assert deq_cifar10.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "none")] + base) == 2
     assert "dataset-fashion-mnist" in capsys.readouterr().err
     assert deq_cifar10.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--no-download"]
