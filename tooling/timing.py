@@ -231,9 +231,13 @@ def use_threads(requested=None):
     str
         A line for the demo to print, e.g. ``"torch threads: 2 (idle CPUs: 2 usable, load average 0.1)"``.
     """
-    threads, reason = (requested, "--threads") if requested else default_threads()
+    if requested:
+        threads, reason = requested, "--threads"
+    else:
+        threads, reason = default_threads()
+        reason += "; --threads N to choose"
     set_threads("torch", threads)
-    return f"torch threads: {threads} ({reason}; --threads N to choose)"
+    return f"torch threads: {threads} ({reason})"
 
 
 # --- machine and output -------------------------------------------------------------------------
