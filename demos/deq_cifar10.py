@@ -281,7 +281,7 @@ def main(argv=None):
         except _Refused as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt as exc:  # before the first batch: nothing was trained, nothing to save
+        except KeyboardInterrupt as exc:  # raised before training began (later ones are handled in _main)
             print(f"\n{_signal_name(exc)}: stopped before training began; nothing was written", file=sys.stderr)
             return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
 
@@ -374,6 +374,12 @@ def _main(args, device, backend, argv):
                        residual_curves=dict(model=fig_model.deq.config.method, batch_size=int(images.shape[0]),
                                             seconds=time.perf_counter() - t0, **_curve_summary(curves, args.tol)))
         write_outputs(out, runs, summary, curves, plots=True)
+        print()
+        print(comparison_table(runs, summary["comparison"]))
+        rc = summary["residual_curves"]
+        print(f"\nOne fixed test batch of {rc['batch_size']}, relative residual to {args.tol:g} (Figure 1, "
+              f"residuals.png): " + "; ".join(_curve_line(k, rc) for k in ("forward", "anderson") if k in rc))
+        print(f"outputs: {out}/summary.json, metrics.jsonl, metrics.csv, batches.csv, residuals.csv, *.png")
     except BaseException as exc:
         _save_what_was_done(out, runs, current, config, summary, exc)
         if isinstance(exc, KeyboardInterrupt):
@@ -381,12 +387,6 @@ def _main(args, device, backend, argv):
                   "with --resume to continue", file=sys.stderr)
             return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
         raise
-    print()
-    print(comparison_table(runs, summary["comparison"]))
-    rc = summary["residual_curves"]
-    print(f"\nOne fixed test batch of {rc['batch_size']}, relative residual to {args.tol:g} (Figure 1, "
-          f"residuals.png): " + "; ".join(_curve_line(k, rc) for k in ("forward", "anderson") if k in rc))
-    print(f"outputs: {out}/summary.json, metrics.jsonl, metrics.csv, batches.csv, residuals.csv, *.png")
     return 0
 
 
@@ -402,7 +402,8 @@ def _save_what_was_done(out, runs, current, config, summary, exc):
                 save_checkpoint(current, checkpoint_path(out, current.solver), config)
         except Exception as save_exc:
             print(f"(could not write the checkpoint of {current.solver}: {save_exc})", file=sys.stderr)
-        summary.update(interrupted=type(exc).__name__, totals={k: totals(r) for k, r in runs.items()}, comparison=compare(runs))
+        summary.update(interrupted=type(exc).__name__, totals={k: totals(r) for k, r in runs.items()},
+                       comparison=compare(runs))
         try:
             write_outputs(out, runs, summary, plots=True)
         except Exception as write_exc:  # never hide the original error behind a plotting one
