@@ -162,40 +162,41 @@ def test_broken_idx_files_are_data_errors_naming_the_file(tmp_path):
         data.read_idx(tmp_path / "a-folder")
 
 
-@pytest.mark.parametrize("case", ["labels out of range", "float labels", "labels of another count", "no images",
-                                  "int16 images", "images too small"])
-def test_fashion_mnist_contents_are_checked(tmp_path, case):
-    paths = _fashion_fixture(tmp_path)
-    bad, stem = {
+def test_fashion_mnist_contents_are_checked(tmp_path):
+    cases = {
         "labels out of range": (np.array([0, 1, 2, 10, 4, 255], dtype=np.uint8), "train-labels-idx1-ubyte"),
         "float labels": (np.arange(6, dtype=np.float32), "train-labels-idx1-ubyte"),
         "labels of another count": (np.arange(5, dtype=np.uint8), "train-labels-idx1-ubyte"),
         "no images": (np.zeros((0, 28, 28), dtype=np.uint8), "t10k-images-idx3-ubyte"),
         "int16 images": (np.zeros((3, 28, 28), dtype=np.int16), "t10k-images-idx3-ubyte"),
         "images too small": (np.zeros((3, 2, 2), dtype=np.uint8), "t10k-images-idx3-ubyte"),
-    }[case]
-    code = {np.dtype(np.uint8): 0x08, np.dtype(np.float32): 0x0D, np.dtype(np.int16): 0x0B}[bad.dtype]
-    paths[stem].write_bytes(_idx_bytes(bad, code))
-    if case == "no images":
-        paths["t10k-labels-idx1-ubyte"].write_bytes(_idx_bytes(np.zeros(0, dtype=np.uint8), 0x08))
-    with pytest.raises(data.DataError) as info:
-        data.load_fashion_mnist(tmp_path)
-    assert stem in str(info.value)
+    }
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(np.float32): 0x0D, np.dtype(np.int16): 0x0B}
+    for case, (bad, stem) in cases.items():
+        folder = tmp_path / case.replace(" ", "-")
+        paths = _fashion_fixture(folder)
+        paths[stem].write_bytes(_idx_bytes(bad, codes[bad.dtype]))
+        if case == "no images":
+            paths["t10k-labels-idx1-ubyte"].write_bytes(_idx_bytes(np.zeros(0, dtype=np.uint8), 0x08))
+        with pytest.raises(data.DataError) as info:
+            data.load_fashion_mnist(folder)
+        assert str(folder / stem) in str(info.value), case
 
 
-@pytest.mark.parametrize("case", ["truncated gzip", "bad gzip CRC", "overflowing dimensions", "empty"])
-def test_the_demo_reports_a_broken_idx_file_in_one_line(tmp_path, capsys, case):
+def test_the_demo_reports_a_broken_idx_file_in_one_line(tmp_path, capsys):
     from demos import deq_cifar10
 
-    paths = _fashion_fixture(tmp_path / "fm")
-    good = paths["train-images-idx3-ubyte"].read_bytes()
-    paths["train-images-idx3-ubyte"].unlink()
-    broken = tmp_path / "fm" / "train-images-idx3-ubyte.gz"
-    broken.write_bytes(dict(_corruptions(good))[case])
-    assert deq_cifar10.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "fm"), "--threads", "1",
-                             "--out", str(tmp_path / "o"), "--no-progress", "--epochs", "1"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and str(broken) in err and "Traceback" not in err
+    for case in ("truncated gzip", "bad gzip CRC", "overflowing dimensions", "empty"):
+        folder = tmp_path / case.replace(" ", "-")
+        paths = _fashion_fixture(folder)
+        good = paths["train-images-idx3-ubyte"].read_bytes()
+        paths["train-images-idx3-ubyte"].unlink()
+        broken = folder / "train-images-idx3-ubyte.gz"
+        broken.write_bytes(dict(_corruptions(good))[case])
+        assert deq_cifar10.main(["--dataset", "fashion-mnist", "--data-dir", str(folder), "--threads", "1",
+                                 "--out", str(tmp_path / "o"), "--no-progress", "--epochs", "1"]) == 2, case
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(broken) in err and "Traceback" not in err, case
 
 
 def test_cifar10_labels_and_truncated_batches_are_checked(tmp_path):
