@@ -21,8 +21,11 @@ Examples::
     python demos/cpu_vs_gpu.py --quick --out /tmp/cvg   # seconds (used by the tests)
     python demos/cpu_vs_gpu.py --backends numpy cupy torch:cuda:0 --max-n 1e7
 
-Writes ``rows.csv``, ``results.json`` (rows, ratios, crossovers, machine),
-``time_vs_n.png`` and ``residual_vs_time.png`` under ``--out``.
+The sizes swept are the decades from 1e3 to ``--max-n`` (1e6 by default) unless
+``--sizes`` lists them.  torch uses as many threads as there are idle CPUs unless
+``--threads`` says otherwise.  Writes ``rows.csv``, ``results.json`` (rows, ratios,
+crossovers, machine), ``time_vs_n.png`` and ``residual_vs_time.png`` under ``--out``
+(default ``out/cpu_vs_gpu``).
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ if __package__ in (None, ""):  # run as a file: make the repository root (demos/
 import fixedpoint  # noqa: E402
 from fixedpoint import problems  # noqa: E402
 from tooling import timing  # noqa: E402
+from tooling.timing import add_threads_flag, positive_float, positive_int, use_threads  # noqa: E402
 
 METHODS = ("forward", "anderson")
+PROBLEMS = ("jacobi", "tanh", "h-equation", "conv")
 
 
 def make_problem(name, n, lib, device, dtype):
@@ -73,6 +78,7 @@ class ConvDEQ:
 
     def __init__(self, n, solver, device, dtype, channels=16, inner=32, side=16, init_std=0.02):
         import torch
+
         from demos.deq_model import ResidualCell
 
         torch.manual_seed(0)
@@ -133,7 +139,8 @@ def measure(name, n, spec, args):
     t_g = timing.timed(ten_g, repeats=max(args.repeats, 5), warmup=2, sync=sync)["median"] / 10
     rows = []
     for method in METHODS:
-        t = timing.timed(lambda: run_solve(p, method, args, opts), repeats=args.repeats, warmup=1, sync=sync)
+        t = timing.timed(lambda method=method: run_solve(p, method, args, opts), repeats=args.repeats, warmup=1,
+                         sync=sync)
         res = t["last"]
         per_iter = t["median"] / res.n_fev
         rows.append(dict(problem=name, n=size, backend=spec, method=method, n_fev=res.n_fev,
@@ -197,11 +204,20 @@ def residual_trace(name, n, spec, args):
                 crossover_time=aa["time"][cross] if cross < len(aa["time"]) else None)
 
 
-def plot(rows, trace, out):
-    import matplotlib
+def n_label(n):
+    """Short label of a size n with an SI prefix: 250, 768, 4.096k, 1M, 10M."""
+    from matplotlib.ticker import EngFormatter
 
-    matplotlib.use("Agg")
+    return EngFormatter(sep="")(n)
+
+
+def plot_time_vs_n(rows):
+    """Time to tolerance against n, one panel per problem; returns the figure.
+
+    The x ticks are the powers of ten within a panel's sizes, or the sizes swept when fewer than
+    two powers of ten fall within them (the H-equation's 250 ... 4000), labelled 250, 1k, 10M."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     probs = sorted({r["problem"] for r in rows})
     fig, axes = plt.subplots(1, len(probs), figsize=(4.2 * len(probs), 3.6), squeeze=False)
@@ -212,13 +228,21 @@ def plot(rows, trace, out):
                              == (prob, spec, method))
                 if pts:
                     ax.loglog(*zip(*pts), style, marker="o", ms=3, label=f"{spec} {method}")
+        ns = sorted({r["n"] for r in rows if r["problem"] == prob})
+        decades = [10**k for k in range(64) if ns[0] <= 10**k <= ns[-1]]
+        ticks = decades if len(decades) >= 2 else ns  # a panel within about a decade: label the sizes swept
+        ax.set_xticks(ticks, [n_label(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set(title=prob, xlabel="n (values in the iterate)", ylabel="time to tolerance [s]")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "time_vs_n.png", dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def plot_trace(trace):
+    """Relative residual against iteration and against wall time of the residual trace; returns the figure."""
+    import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
     for method, style in zip(METHODS, ("--", "-")):
@@ -233,43 +257,103 @@ def plot(rows, trace, out):
     for a in (a1, a2):
         a.grid(True, alpha=0.3)
         a.legend()
-    fig.suptitle(f"{trace['problem']}, n={trace['n']}, {trace['backend']}", fontsize=9)
+    fig.suptitle(f"{trace['problem']}, n={trace['n']:,}, {trace['backend']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "residual_vs_time.png", dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--problems", nargs="+", default=["jacobi", "tanh", "h-equation", "conv"],
-                    help="jacobi, tanh, h-equation, conv (conv needs torch)")
-    ap.add_argument("--backends", nargs="+", default=None,
-                    help="numpy, torch, torch:cuda:0, cupy, ... (default: every usable one)")
-    ap.add_argument("--sizes", nargs="+", type=float, default=[1e3, 1e4, 1e5, 1e6, 1e7])
-    ap.add_argument("--max-n", type=float, default=1e6, help="largest n swept (default 1e6)")
-    ap.add_argument("--dense-sizes", nargs="+", type=float, default=[250, 500, 1000, 2000, 4000],
-                    help="sizes n of the H-equation, whose g costs O(n^2) (default 250 ... 4000)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    ap.add_argument("--tol", type=float, default=1e-5, help="relative residual tolerance (default 1e-5)")
-    ap.add_argument("--max-iter", type=int, default=1000)
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (default 3)")
-    ap.add_argument("--trace", default=None,
-                    help="problem:n of the residual-vs-time run (default conv:1e5, the DEQ cell; jacobi:1e5 without torch)")
-    ap.add_argument("--out", default="out/cpu_vs_gpu", help="output folder")
-    ap.add_argument("--quick", action="store_true", help="tiny sweep for tests: sizes 1e3 and 4e3 (H-equation 250, 500), no conv, 1 repeat")
-    args = ap.parse_args(argv)
+def plot(rows, trace, out):
+    """Write time_vs_n.png and residual_vs_time.png into folder ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for fig, name in ((plot_time_vs_n(rows), "time_vs_n.png"), (plot_trace(trace), "residual_vs_time.png")):
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+
+
+def _decades(max_n):
+    """1e3, 1e4, ... up to ``max_n``."""
+    return [10**k for k in range(3, 64) if 10**k <= max_n]
+
+
+def make_parser():
+    """The command line of the demo (``--help`` shows every default once)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--problems", nargs="+", choices=PROBLEMS, default=list(PROBLEMS), metavar="PROBLEM",
+                    help=f"any of {', '.join(PROBLEMS)}; conv needs torch (default: all)")
+    ap.add_argument("--backends", nargs="+", default=None, metavar="BACKEND",
+                    help="numpy, torch, torch:cuda:0, cupy, cupy:cuda:1, ... (default: every usable one)")
+    ap.add_argument("--sizes", nargs="+", type=positive_float, default=None, metavar="N",
+                    help="sizes n swept, except for the H-equation (default: the decades from 1e3 to --max-n)")
+    ap.add_argument("--max-n", type=positive_float, default=1e6, metavar="N",
+                    help="largest n swept; larger --sizes are left out, with a note (default: 1e6)")
+    ap.add_argument("--dense-sizes", nargs="+", type=positive_float, default=[250, 500, 1000, 2000, 4000],
+                    metavar="N", help="sizes n of the H-equation, whose g costs O(n^2) (default: 250 500 1000 2000 "
+                                      "4000)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                    help="floating-point type of the iterates (default: %(default)s)")
+    ap.add_argument("--tol", type=positive_float, default=1e-5,
+                    help="relative residual tolerance (default: %(default)s)")
+    ap.add_argument("--max-iter", type=positive_int, default=1000,
+                    help="iteration cap of every solve (default: %(default)s)")
+    ap.add_argument("--repeats", type=positive_int, default=3,
+                    help="timed repeats after one warm-up (default: %(default)s)")
+    ap.add_argument("--trace", default=None, metavar="PROBLEM:N",
+                    help="problem and n of the residual-vs-time run (default: conv:1e5, the DEQ cell; jacobi:1e5 "
+                         "without torch)")
+    add_threads_flag(ap)
+    ap.add_argument("--out", default="out/cpu_vs_gpu", help="output folder (default: %(default)s)")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny sweep for tests: sizes 1e3 and 4e3 (H-equation 250, 500), no conv, 1 repeat")
+    return ap
+
+
+def _check_args(args, ap):
+    """Resolve the sizes, the backends and the trace; parser errors name the flag."""
     if args.quick:
         args.sizes, args.dense_sizes, args.repeats, args.trace = [1e3, 4e3], [250, 500], 1, "jacobi:4e3"
         args.problems = [p for p in args.problems if p != "conv"]
-    args.sizes = [int(s) for s in args.sizes if s <= args.max_n]
+    sizes = _decades(args.max_n) if args.sizes is None else args.sizes
+    dropped = [s for s in sizes if s > args.max_n]
+    if dropped:
+        print(f"--sizes {' '.join(f'{s:g}' for s in dropped)} left out: above --max-n {args.max_n:g}")
+    args.sizes = [int(s) for s in sizes if s <= args.max_n]
     args.dense_sizes = [int(s) for s in args.dense_sizes]
-    specs = args.backends or timing.usable_backends()
+    if not args.sizes and set(args.problems) - {"h-equation"}:
+        ap.error(f"no size left to sweep: every --sizes is above --max-n {args.max_n:g}")
+    for spec in args.backends or ():
+        try:
+            timing.parse_backend(spec)
+        except ValueError as exc:
+            ap.error(f"--backends: {exc}")
     has_torch = importlib.util.find_spec("torch") is not None
     if "conv" in args.problems and not has_torch:
         args.problems.remove("conv")
     if args.trace is None:
         args.trace = "conv:1e5" if has_torch else "jacobi:1e5"
+    prob, _, n = args.trace.partition(":")
+    try:
+        n_ok = float(n) >= 1
+    except ValueError:
+        n_ok = False
+    if prob not in PROBLEMS or not n_ok or (prob == "conv" and not has_torch):
+        ap.error(f"--trace must be PROBLEM:N with PROBLEM one of {', '.join(PROBLEMS)} (conv needs torch) and "
+                 f"N >= 1, got {args.trace!r}")
+
+
+def main(argv=None):
+    ap = make_parser()
+    args = ap.parse_args(argv)
+    _check_args(args, ap)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        ap.error(f"--out {out} is a file; expected a folder (it is created when missing)")
+    specs = args.backends or timing.usable_backends()
+    print(use_threads(args.threads))
     out.mkdir(parents=True, exist_ok=True)
     gpus = [s for s in specs if is_gpu(s)]
     print("backends:", ", ".join(specs), "" if gpus else "\nno GPU found: CPU rows only")
@@ -285,19 +369,19 @@ def main(argv=None):
     tprob, _, tn = args.trace.partition(":")
     trace = residual_trace(tprob, int(float(tn)), gpus[0] if gpus else specs[0], args)
 
-    timing.print_table(rows, [("problem", "problem", "{}"), ("n", "n", "{:.0e}"), ("backend", "backend", "{}"),
+    timing.print_table(rows, [("problem", "problem", "{}"), ("n", "n", "{:,}"), ("backend", "backend", "{}"),
                               ("method", "method", "{}"), ("n_fev", "g evals", "{}"), ("converged", "conv", "{}"),
                               ("time", "time [s]", "{:.4f}"), ("time_per_iter", "s/iter", "{:.2e}"),
                               ("g_time", "g [s]", "{:.2e}"), ("overhead_per_iter", "overhead/iter", "{:.2e}"),
                               ("gpu_speedup", "GPU/CPU", "{:.1f}")])
     print()
-    timing.print_table(rat, [("problem", "problem", "{}"), ("n", "n", "{:.0e}"), ("backend", "backend", "{}"),
+    timing.print_table(rat, [("problem", "problem", "{}"), ("n", "n", "{:,}"), ("backend", "backend", "{}"),
                              ("fev_ratio", "g evals fw/AA", "{:.2f}"), ("aa_speedup", "time fw/AA", "{:.2f}")])
     if gpus:
         print()
         timing.print_table(cross, [("problem", "problem", "{}"), ("method", "method", "{}"),
-                                   ("backend", "GPU", "{}"), ("crossover_n", "GPU wins from n", "{}")])
-    print(f"\nresidual trace ({trace['problem']}, n={trace['n']}, {trace['backend']}): mixing penalty "
+                                   ("backend", "GPU", "{}"), ("crossover_n", "GPU wins from n", "{:,}")])
+    print(f"\nresidual trace ({trace['problem']}, n={trace['n']:,}, {trace['backend']}): mixing penalty "
           f"{trace['mixing_penalty']:.2f}x per iteration, crossover at "
           + (f"{trace['crossover_time']:.4f} s" if trace["crossover_time"] is not None else "none"))
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,8 +105,9 @@ def _unpickle(path):
     try:
         with open(path, "rb") as fh:
             obj = _ArrayUnpickler(fh, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise DataError(f"{path} is not a readable CIFAR-10 batch file: {exc}") from exc
+    except Exception as exc:  # a truncated or foreign pickle fails in many ways
+        raise DataError(f"{path} is not a readable CIFAR-10 batch file ({type(exc).__name__}: {exc}); "
+                        f"re-extract {CIFAR10_URL}") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path} is not a CIFAR-10 batch (expected a dict, got {type(obj).__name__})")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -114,8 +117,11 @@ def _cifar_batch(path):
     d = _unpickle(path)
     if "data" not in d or "labels" not in d:
         raise DataError(f"{path} is not a CIFAR-10 batch: it lacks 'data' or 'labels' (has {sorted(d)})")
-    data = np.asarray(d["data"], dtype=np.uint8)
-    labels = np.asarray(d["labels"], dtype=np.int64)
+    try:
+        data = np.asarray(d["data"], dtype=np.uint8)
+        labels = np.asarray(d["labels"], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise DataError(f"{path}: 'data' or 'labels' are not arrays of pixels and class numbers ({exc})") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
         raise DataError(f"{path}: expected data of shape (N, 3072) and N labels, got {data.shape} and "
                         f"{labels.shape}")
@@ -188,8 +194,13 @@ def load_cifar10(data_dir="data", download=True):
     if names is None:
         raise DataError(f"{folder / 'batches.meta'} has no 'label_names'")
     classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
-    return ImageData("cifar10", np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-                     test_x, test_y, classes, 255.0, str(folder))
+    for i, (_, labels) in enumerate(parts, 1):  # name the batch file that holds a bad label
+        _checked_labels(labels, len(classes), folder / f"data_batch_{i}")
+    _checked_labels(test_y, len(classes), folder / "test_batch")
+    train = folder / "data_batch_1"
+    return _checked(ImageData("cifar10", np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                              test_x, test_y, classes, 255.0, str(folder)),
+                    (train, train, folder / "test_batch", folder / "test_batch"))
 
 
 # ---------------------------------------------------------------- IDX files (MNIST, Fashion-MNIST)
@@ -216,25 +227,36 @@ def read_idx(path):
     Raises
     ------
     DataError
-        For a missing file, a bad magic number or a size that does not match the header.
+        For a missing or unreadable file, a broken gzip stream (truncated, bad CRC), a bad
+        magic number, a header cut short, negative dimensions, or a size that does not match
+        the header; the message names the file.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"IDX file {path} not found")
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as fh:
-            raw = fh.read()
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as fh:
+                raw = fh.read()
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError; a cut stream an EOFError
+        raise DataError(f"{path} cannot be read: {type(exc).__name__}: {exc or 'the file ends early'}; "
+                        "download it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
-        raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4]!r})")
+        raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4]!r}; expected 00 00, a type code "
+                        "and the number of dimensions)")
     ndim = raw[3]
     header = 4 + 4 * ndim
-    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">i4"))
+    if len(raw) < header:
+        raise DataError(f"{path}: the header announces {ndim} dimensions, but the file has only {len(raw)} bytes")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
+    if any(d < 0 for d in dims):
+        raise DataError(f"{path}: negative dimensions {dims} in the header")
     dtype = np.dtype(_IDX_TYPES[raw[2]])
-    count = int(np.prod(dims, dtype=np.int64))
-    if len(raw) != header + count * dtype.itemsize:
-        raise DataError(f"{path}: header says shape {dims} of {dtype.name} ({header + count * dtype.itemsize} "
-                        f"bytes), but the file has {len(raw)} bytes")
+    expected = header + math.prod(dims) * dtype.itemsize  # Python integers: no overflow
+    if len(raw) != expected:
+        raise DataError(f"{path}: header says shape {dims} of {dtype.name} ({expected} bytes), but the file has "
+                        f"{len(raw)} bytes")
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 
@@ -275,12 +297,44 @@ def load_fashion_mnist(data_dir=FASHION_MNIST_DIR):
             f"{FASHION_MNIST_DIR}); or download them from https://github.com/zalandoresearch/fashion-mnist "
             "into a folder and pass it as --data-dir")
     tr_x, tr_y, te_x, te_y = (read_idx(f) for f in files)
-    for x, y, f in ((tr_x, tr_y, files[0]), (te_x, te_y, files[2])):
-        if x.ndim != 3 or x.dtype != np.uint8 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-            raise DataError(f"{f}: expected uint8 images (N, H, W) and N labels, got {x.dtype} {x.shape} and "
-                            f"{y.shape}")
-    return ImageData("fashion-mnist", tr_x[:, None], tr_y.astype(np.int64), te_x[:, None], te_y.astype(np.int64),
-                     FASHION_CLASSES, 255.0, str(folder))
+    for x, y, fx, fy in ((tr_x, tr_y, files[0], files[1]), (te_x, te_y, files[2], files[3])):
+        if x.ndim != 3 or x.dtype != np.uint8:
+            raise DataError(f"{fx}: expected uint8 images of shape (N, H, W), got {x.dtype} {x.shape}")
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise DataError(f"{fy}: expected {x.shape[0]} labels (one per image of {fx.name}), got shape {y.shape}")
+    return _checked(ImageData("fashion-mnist", tr_x[:, None], _labels(tr_y, files[1]), te_x[:, None],
+                              _labels(te_y, files[3]), FASHION_CLASSES, 255.0, str(folder)),
+                    (files[0], files[1], files[2], files[3]))
+
+
+def _checked_labels(y, n_classes, path):
+    bad = (y < 0) | (y >= n_classes)
+    if bad.any():
+        raise DataError(f"{path}: label {int(y[bad][0])} of image {int(np.argmax(bad))} is not a class (expected 0 "
+                        f"to {n_classes - 1}; {int(bad.sum())} such labels)")
+
+
+def _labels(y, path):
+    """Integer labels as int64; a label file of another type is an error naming ``path``."""
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: expected integer class labels, got {y.dtype}")
+    return y.astype(np.int64)
+
+
+def _checked(d, files):
+    """``d`` once its images and labels make a usable dataset; ``files`` are (train images, train labels, test
+    images, test labels), named in the errors."""
+    for x, y, fx, fy in ((d.train_x, d.train_y, files[0], files[1]), (d.test_x, d.test_y, files[2], files[3])):
+        if x.shape[0] == 0:
+            raise DataError(f"{fx} holds no images")
+        _checked_labels(y, len(d.classes), fy)
+    if d.train_x.shape[1:] != d.test_x.shape[1:]:
+        raise DataError(f"{files[2]}: test images of shape {d.test_x.shape[1:]}, but the training images in "
+                        f"{files[0]} have {d.train_x.shape[1:]}")
+    _, h, w = d.train_x.shape[1:]
+    if h != w or h < 4:
+        raise DataError(f"{files[0]}: expected square images of at least 4x4 pixels, got {h}x{w}")
+    return d
 
 
 # ---------------------------------------------------------------- scikit-learn digits

@@ -14,14 +14,21 @@ Examples
     python demos/deq_cifar10.py --dataset fashion-mnist --limit-train 5000 --epochs 3 --out out/deq-fmnist
     python demos/deq_cifar10.py --dataset cifar10 --data-dir ~/data --device cuda --epochs 20
 
-Ctrl-C saves a checkpoint and the metrics so far; run the same command with
-``--resume`` to continue.  See docs/deq.md for measured results.
+Ctrl-C or SIGTERM (what job schedulers send) saves a checkpoint and the metrics
+so far; run the same command with ``--resume`` to continue: the resumed run
+computes exactly what an uninterrupted one would.  An ``--out`` folder that holds
+an earlier run is never overwritten unless ``--overwrite`` is given.  torch uses
+as many threads as there are idle CPUs unless ``--threads`` says otherwise.
+Errors in the data, the checkpoints or the flags are one line on stderr and exit
+status 2.  See docs/deq.md for measured results.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
+import json
 import os
 import shlex
 import sys
@@ -35,9 +42,22 @@ import torch  # noqa: E402
 
 from demos.batches import Batches  # noqa: E402
 from demos.data import DATASETS, DataError, load_dataset  # noqa: E402
-from demos.deq_report import compare, comparison_table, machine_info, totals, write_outputs  # noqa: E402
-from demos.deq_training import build_run, load_checkpoint, residual_curves, save_checkpoint, train  # noqa: E402
+from demos.deq_report import OUTPUT_FILES, compare, comparison_table, machine_info, totals, write_outputs  # noqa: E402
+from demos.deq_training import (  # noqa: E402
+    SOLVERS,
+    CheckpointError,
+    Terminated,
+    build_run,
+    checkpoint_path,
+    load_checkpoint,
+    residual_curves,
+    save_checkpoint,
+    signals_held,
+    sigterm_stops,
+    train,
+)
 from fixedpoint.torch import solver_backend_for  # noqa: E402
+from tooling.timing import add_threads_flag, positive_float, positive_int, use_threads  # noqa: E402
 
 #: Settings that must match for --resume to continue a run.
 RESUME_KEYS = ("dataset", "limit_train", "limit_test", "batch_size", "lr", "weight_decay", "epochs", "channels",
@@ -45,81 +65,93 @@ RESUME_KEYS = ("dataset", "limit_train", "limit_test", "batch_size", "lr", "weig
                "stop_mode", "whole_batch", "backward_tol", "backward_max_iter", "seed", "augment", "device",
                "solver_backend")
 
-
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-def _positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
+#: Exit status of a run stopped by a signal: 128 + the signal's number, as a shell reports it.
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The command line of the demo (``--help`` shows every default once)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=DATASETS, default="cifar10",
-                   help="cifar10 (cifar-10-batches-py), fashion-mnist (IDX files) or digits (scikit-learn, built in)")
+                   help="cifar10 (cifar-10-batches-py), fashion-mnist (IDX files) or digits (scikit-learn, built "
+                        "in) (default: %(default)s)")
     d.add_argument("--data-dir", default=None,
                    help="cifar10: the folder holding cifar-10-batches-py/ (or that folder), default ./data; "
                         "fashion-mnist: the IDX folder, default /usr/share/datasets/fashion-mnist")
     d.add_argument("--no-download", action="store_true",
                    help="cifar10: never try torchvision's downloader when the folder is missing")
-    d.add_argument("--limit-train", type=_positive_int, default=None, help="use the first N training images")
-    d.add_argument("--limit-test", type=_positive_int, default=None, help="use the first N test images")
+    d.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
+                   help="use the first N training images (default: all)")
+    d.add_argument("--limit-test", type=positive_int, default=None, metavar="N",
+                   help="use the first N test images (default: all)")
     d.add_argument("--augment", choices=("auto", "on", "off"), default="auto",
-                   help="random crop (padding 4) and horizontal flip; auto: on for cifar10 only")
+                   help="random crop (padding 4) and horizontal flip; auto: on for cifar10 only (default: "
+                        "%(default)s)")
     s = p.add_argument_group("solver (defaults: arXiv 2410.19460)")
     s.add_argument("--solver", choices=("forward", "anderson", "both"), default="both",
-                   help="fixed-point solver; both trains the same model from the same seed with each")
-    s.add_argument("--m", type=_positive_int, default=5, help="Anderson window m")
-    s.add_argument("--beta", type=float, default=1.0, help="Anderson mixing beta in (0, 1]")
-    s.add_argument("--lam", type=float, default=1e-5, help="Anderson regularisation lambda")
+                   help="fixed-point solver; both trains the same model from the same seed with each (default: "
+                        "%(default)s)")
+    s.add_argument("--m", type=positive_int, default=5, help="Anderson window m (default: %(default)s)")
+    s.add_argument("--beta", type=float, default=1.0, help="Anderson mixing beta in (0, 1] (default: %(default)s)")
+    s.add_argument("--lam", type=float, default=1e-5, help="Anderson regularisation lambda (default: %(default)s)")
     s.add_argument("--lam-mode", choices=("absolute", "relative"), default="absolute",
-                   help="forward solve: lambda added as is (the paper) or scaled by the largest squared residual")
+                   help="forward solve: lambda added as is (the paper) or scaled by the largest squared residual "
+                        "(default: %(default)s)")
     s.add_argument("--backward-lam-mode", choices=("absolute", "relative"), default="relative",
                    help="the same for the adjoint solve, whose scale is the loss gradient's (tiny): an absolute "
-                        "lambda would dominate its Gram matrix")
-    s.add_argument("--tol", type=_positive_float, default=1e-2, help="tolerance of the forward solve")
-    s.add_argument("--max-iter", type=_positive_int, default=1000, help="iteration cap of the forward solve")
+                        "lambda would dominate its Gram matrix (default: %(default)s)")
+    s.add_argument("--tol", type=positive_float, default=1e-2,
+                   help="tolerance of the forward solve (default: %(default)s)")
+    s.add_argument("--max-iter", type=positive_int, default=1000,
+                   help="iteration cap of the forward solve (default: %(default)s)")
     s.add_argument("--stop-mode", choices=("rel", "abs"), default="rel",
-                   help="rel: ||f(z)-z|| / (||f(z)|| + eps), per sample; abs: ||f(z)-z||")
-    s.add_argument("--backward-tol", type=_positive_float, default=None,
-                   help="tolerance of the adjoint solve (default: --tol)")
-    s.add_argument("--backward-max-iter", type=_positive_int, default=None,
-                   help="iteration cap of the adjoint solve (default: --max-iter)")
+                   help="rel: ||f(z)-z|| / (||f(z)|| + eps), per sample; abs: ||f(z)-z|| (default: %(default)s)")
+    s.add_argument("--backward-tol", type=positive_float, default=None,
+                   help="tolerance of the adjoint solve (default: the value of --tol)")
+    s.add_argument("--backward-max-iter", type=positive_int, default=None,
+                   help="iteration cap of the adjoint solve (default: the value of --max-iter)")
     s.add_argument("--whole-batch", action="store_true",
                    help="stop when the residual of the whole batch, as one vector, is below --tol (the Deep "
                         "Implicit Layers tutorial's rule) instead of every sample's (default: per sample)")
     s.add_argument("--solver-backend", choices=("auto", "numpy", "cupy", "torch"), default="auto",
-                   help="library the solver runs in; auto: NumPy on CPU, CuPy on CUDA (zero-copy via DLPack)")
+                   help="library the solver runs in; auto: NumPy on CPU, CuPy on CUDA (zero-copy via DLPack) "
+                        "(default: %(default)s)")
     m = p.add_argument_group("model and training")
-    m.add_argument("--epochs", type=_positive_int, default=10)
-    m.add_argument("--batch-size", type=_positive_int, default=100)
-    m.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (cosine schedule)")
-    m.add_argument("--weight-decay", type=float, default=0.0)
-    m.add_argument("--channels", type=_positive_int, default=48, help="channels of the DEQ state z")
-    m.add_argument("--inner-channels", type=_positive_int, default=64)
-    m.add_argument("--groups", type=_positive_int, default=8, help="GroupNorm groups")
-    m.add_argument("--seed", type=int, default=0, help="seed of the weights, batch order and augmentation")
+    m.add_argument("--epochs", type=positive_int, default=10, help="training epochs (default: %(default)s)")
+    m.add_argument("--batch-size", type=positive_int, default=100,
+                   help="images per training and test batch (default: %(default)s)")
+    m.add_argument("--lr", type=positive_float, default=1e-3,
+                   help="Adam learning rate, with a cosine schedule (default: %(default)s)")
+    m.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay (default: %(default)s)")
+    m.add_argument("--channels", type=positive_int, default=48,
+                   help="channels of the DEQ state z (default: %(default)s)")
+    m.add_argument("--inner-channels", type=positive_int, default=64,
+                   help="channels between the cell's two convolutions (default: %(default)s)")
+    m.add_argument("--groups", type=positive_int, default=8, help="GroupNorm groups (default: %(default)s)")
+    m.add_argument("--seed", type=int, default=0,
+                   help="seed of the weights, batch order and augmentation (default: %(default)s)")
     r = p.add_argument_group("run")
-    r.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    r.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
-    r.add_argument("--out", default="out/deq", help="output folder (metrics, summary, plots, checkpoints)")
-    r.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    r.add_argument("--fig-iters", type=_positive_int, default=50,
-                   help="iterations of the residual-curve solves on one fixed batch (Figure 1)")
-    r.add_argument("--fig-tol", type=_positive_float, default=1e-6, help="tolerance of those solves")
-    r.add_argument("--blas-threads", type=_positive_int, default=None,
+    r.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the model's tensors live; cuda needs a usable GPU (default: %(default)s)")
+    add_threads_flag(r)
+    r.add_argument("--out", default="out/deq",
+                   help="output folder: metrics, summary, plots, checkpoints (default: %(default)s)")
+    again = r.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its checkpoints, keeping every solver's records")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier run in --out (its checkpoints, metrics and plots are deleted); "
+                            "without --resume or --overwrite, a folder that holds one is refused")
+    r.add_argument("--fig-iters", type=positive_int, default=50,
+                   help="iterations of the residual-curve solves on one fixed batch, Figure 1 (default: "
+                        "%(default)s)")
+    r.add_argument("--fig-tol", type=positive_float, default=1e-6,
+                   help="tolerance of those solves (default: %(default)s)")
+    r.add_argument("--blas-threads", type=positive_int, default=None, metavar="N",
                    help="NumPy BLAS threads while training (default: 1 with the NumPy solver, which otherwise "
                         "competes with torch's threads for the cores; unchanged otherwise)")
-    r.add_argument("--no-progress", action="store_true", help="no tqdm progress bars (default: on a terminal)")
+    r.add_argument("--no-progress", action="store_true", help="no tqdm progress bars (they are shown on a terminal)")
     return p
 
 
@@ -140,10 +172,10 @@ def _resolve_device(args, parser):
 def _check_solver_values(args, parser):
     if not 0.0 < args.beta <= 1.0:
         parser.error(f"--beta must be in (0, 1], got {args.beta}")
-    if args.lam < 0:
-        parser.error(f"--lam must be >= 0, got {args.lam}")
-    if args.weight_decay < 0:
-        parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if not 0 <= args.lam < float("inf"):
+        parser.error(f"--lam must be a number >= 0, got {args.lam}")
+    if not 0 <= args.weight_decay < float("inf"):
+        parser.error(f"--weight-decay must be a number >= 0, got {args.weight_decay}")
     if args.channels % args.groups or args.inner_channels % args.groups:
         parser.error(f"--groups ({args.groups}) must divide --channels ({args.channels}) and --inner-channels "
                      f"({args.inner_channels})")
@@ -170,6 +202,13 @@ def _curve_summary(curves, tol):
     return out
 
 
+def _curve_line(name, rc):
+    c = rc[name]
+    if c["iterations_to_tol"] is None:
+        return f"{name}: not reached in {c['iterations']} iterations (residual {c['final_residual']:.2e})"
+    return f"{name}: {c['iterations_to_tol']} iterations, {c['time_to_tol']:.3f} s"
+
+
 def _blas_threads(args, backend):
     """Limit NumPy's BLAS threads (threadpoolctl, installed with scikit-learn) for the NumPy solver.
 
@@ -188,23 +227,85 @@ def _blas_threads(args, backend):
     return threadpool_limits(limits=limit, user_api="blas")
 
 
+class _Refused(Exception):
+    """An error in the user's input (flags, data, checkpoints): printed as one line, exit status 2."""
+
+
+def _earlier_files(out):
+    """The files of an earlier run in folder ``out`` (checkpoints, metrics, summary, plots), sorted."""
+    names = set(OUTPUT_FILES) | {os.path.basename(checkpoint_path(out, s)) for s in SOLVERS}
+    names |= {n + ".tmp" for n in names}
+    try:
+        return sorted(n for n in os.listdir(out) if n in names)
+    except OSError:
+        return []
+
+
+def _check_out(args):
+    """Refuse an --out that is not a usable folder, or that holds an earlier run without --resume or --overwrite."""
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise _Refused(f"--out {out} is a file; expected a folder (it is created when missing)")
+    if os.path.isdir(out) and not os.access(out, os.W_OK | os.X_OK):
+        raise _Refused(f"--out {out}: the folder is not writable")
+    earlier = _earlier_files(out)
+    if earlier and not (args.resume or args.overwrite):
+        raise _Refused(f"--out {out} holds an earlier run ({', '.join(earlier)}); add --resume to continue it, "
+                       "--overwrite to replace it, or choose another --out")
+    return earlier
+
+
+def _recorded_solvers(out):
+    """Solvers named in the records of folder ``out`` (metrics.jsonl, batches.csv); unreadable lines are skipped."""
+    found = set()
+    try:
+        with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as fh:
+            for line in fh:
+                with contextlib.suppress(ValueError, AttributeError):
+                    found.add(json.loads(line).get("solver"))
+    except OSError:
+        pass
+    try:
+        with open(os.path.join(out, "batches.csv"), newline="", encoding="utf-8") as fh:
+            found |= {row.get("solver") for row in csv.DictReader(fh)}
+    except (OSError, csv.Error, UnicodeDecodeError):
+        pass
+    return found & set(SOLVERS)
+
+
 def main(argv=None):
+    """Run the demo with the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    0 when done; 2 for an error in the flags, the data, the --out folder or a checkpoint (one
+    line on stderr); 130 after Ctrl-C and 143 after SIGTERM, with the checkpoint and the
+    metrics so far written (continue with ``--resume``).
+    """
     parser = make_parser()
     args = parser.parse_args(argv)
     _check_solver_values(args, parser)
     device, backend = _resolve_device(args, parser)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    with _blas_threads(args, backend):
-        return _main(args, device, backend, argv)
+    print(use_threads(args.threads), flush=True)
+    with sigterm_stops(), _blas_threads(args, backend):
+        try:
+            return _main(args, device, backend, argv)
+        except _Refused as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as exc:  # raised before training began (later ones are handled in _main)
+            print(f"\n{_signal_name(exc)}: stopped before training began; nothing was written", file=sys.stderr)
+            return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
+
+
+def _signal_name(exc):
+    return "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted (SIGINT)"
 
 
 def _main(args, device, backend, argv):
+    earlier = _check_out(args)
     try:
         data = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
     except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise _Refused(str(exc)) from None
     data = data.limited(args.limit_train, args.limit_test)
     augment = args.augment == "on" or (args.augment == "auto" and args.dataset == "cifar10")
     mean, std = data.channel_stats()
@@ -213,80 +314,110 @@ def _main(args, device, backend, argv):
     test_batches = Batches(data.test_x, data.test_y, args.batch_size, mean, std, data.max_value, device,
                            shuffle=False, augment=False, seed=args.seed)
     out = args.out
-    os.makedirs(out, exist_ok=True)
     config = {k: getattr(args, k) for k in RESUME_KEYS}
-    config.update(augment=augment, device=str(device), solver_backend=backend)
-    settings = dict(config, solver=args.solver, data_source=data.source, image_shape=list(data.shape),
-                    n_train=int(len(data.train_y)), n_test=int(len(data.test_y)),
+    config.update(augment=augment, device=str(device), solver_backend=backend, n_train=int(len(data.train_y)),
+                  n_test=int(len(data.test_y)), image_shape=list(data.shape))
+    settings = dict(config, solver=args.solver, data_source=data.source,
                     blas_threads=args.blas_threads or (1 if backend == "numpy" else "library default"),
                     command=shlex.join(["python", "demos/deq_cifar10.py", *(sys.argv[1:] if argv is None else argv)]))
-    summary = dict(settings=settings, machine=machine_info(device))
     methods = ["forward", "anderson"] if args.solver == "both" else [args.solver]
-    progress = True if args.no_progress else None
-    print(f"DEQ on {data.name}: {len(data.train_y)} training / {len(data.test_y)} test images of shape "
-          f"{data.shape}, {device}, solver in {backend}; solvers: {', '.join(methods)}; output in {out}")
 
-    def ckpt_path(method):
-        return os.path.join(out, f"checkpoint-{method}.pt")
-
+    # Every checkpoint is checked before anything is trained or written.  With --resume, the other
+    # solver's checkpoint is read too, so that its records are kept in the outputs.
     runs = {}
-    for method in methods:  # every checkpoint is checked before anything is trained or written
+    if args.resume:
+        orphans = sorted(s for s in _recorded_solvers(out) if not os.path.exists(checkpoint_path(out, s)))
+        if orphans:
+            raise _Refused(f"--resume: {out} holds records of the {' and '.join(orphans)} solver without "
+                           f"{', '.join(os.path.basename(checkpoint_path(out, s)) for s in orphans)}, so they "
+                           "could not be kept; use --overwrite or another --out")
+    for method in SOLVERS:
+        path = checkpoint_path(out, method)
+        resumable = args.resume and os.path.exists(path)
+        if method not in methods and not resumable:
+            continue
         run = build_run(method, args, data.shape, len(data.classes), len(train_batches), device, backend)
-        path = ckpt_path(method)
-        if args.resume and os.path.exists(path):
-            load_checkpoint(run, path, config)
-            print(f"{method}: resumed from {path} at epoch {run.epoch + 1}, batch {run.next_batch}")
+        if resumable:
+            try:
+                load_checkpoint(run, path, config, len(train_batches))
+            except CheckpointError as exc:
+                raise _Refused(str(exc)) from None
+            where = (f"at epoch {run.epoch + 1}, batch {run.next_batch}" if run.epoch < args.epochs
+                     else "(finished)")
+            role = "resumed" if method in methods else "records kept"
+            print(f"{method}: {role} from {path} {where}")
         elif args.resume:
             print(f"{method}: no checkpoint {path}; starting afresh")
-        elif os.path.exists(path):
-            os.remove(path)  # a fresh run: an old checkpoint must not be resumed by mistake later
         runs[method] = run
+    if args.overwrite and earlier:
+        for name in earlier:
+            os.remove(os.path.join(out, name))
+        print(f"--overwrite: deleted the earlier run's {', '.join(earlier)} in {out}")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise _Refused(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+
+    summary = dict(settings=settings, machine=machine_info(device))
+    print(f"DEQ on {data.name}: {len(data.train_y)} training / {len(data.test_y)} test images of shape "
+          f"{data.shape}, {device}, solver in {backend}; solvers: {', '.join(methods)}; output in {out}")
+    progress = True if args.no_progress else None
 
     def on_epoch_end(run, rec):
-        save_checkpoint(run, ckpt_path(run.solver), config)
+        save_checkpoint(run, checkpoint_path(out, run.solver), config)
         summary["totals"] = {k: totals(r) for k, r in runs.items()}
         write_outputs(out, runs, summary, plots=False)
         print(_epoch_line(rec, args.epochs), flush=True)
 
     current = None
     try:
-        for run in runs.values():
-            current = run
-            train(run, train_batches, test_batches, args.epochs, device, on_epoch_end, progress)
+        for method in methods:
+            current = runs[method]
+            train(current, train_batches, test_batches, args.epochs, device, on_epoch_end, progress)
         current = None
+        fig_model = runs["anderson" if "anderson" in methods else methods[-1]].model
+        images, _ = test_batches.batch(0, 0)
+        t0 = time.perf_counter()
+        curves = residual_curves(fig_model, images, methods if len(methods) > 1 else ["forward", "anderson"],
+                                 args, backend, device)
+        summary.update(totals={k: totals(r) for k, r in runs.items()}, comparison=compare(runs),
+                       residual_curves=dict(model=fig_model.deq.config.method.name, batch_size=int(images.shape[0]),
+                                            seconds=time.perf_counter() - t0, **_curve_summary(curves, args.tol)))
+        write_outputs(out, runs, summary, curves, plots=True)
+        print()
+        print(comparison_table(runs, summary["comparison"]))
+        rc = summary["residual_curves"]
+        print(f"\nOne fixed test batch of {rc['batch_size']}, relative residual to {args.tol:g} (Figure 1, "
+              f"residuals.png): " + "; ".join(_curve_line(k, rc) for k in ("forward", "anderson") if k in rc))
+        print(f"outputs: {out}/summary.json, metrics.jsonl, metrics.csv, batches.csv, residuals.csv, *.png")
     except BaseException as exc:
-        if current is not None:
-            save_checkpoint(current, ckpt_path(current.solver), config)
+        _save_what_was_done(out, runs, current, config, summary, exc)
+        if isinstance(exc, KeyboardInterrupt):
+            print(f"\n{_signal_name(exc)}: checkpoint and metrics so far saved in {out}; run the same command "
+                  "with --resume to continue", file=sys.stderr)
+            return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
+        raise
+    return 0
+
+
+def _save_what_was_done(out, runs, current, config, summary, exc):
+    """After an interruption or an error: the checkpoint of the run in training and every record so far.
+
+    Further Ctrl-C or SIGTERM are ignored while this writes (it takes a moment); an error here
+    is printed and never hides the original one.
+    """
+    with signals_held(deliver=False):
+        try:
+            if current is not None:  # the run is in the state after its last completed batch
+                save_checkpoint(current, checkpoint_path(out, current.solver), config)
+        except Exception as save_exc:
+            print(f"(could not write the checkpoint of {current.solver}: {save_exc})", file=sys.stderr)
         summary.update(interrupted=type(exc).__name__, totals={k: totals(r) for k, r in runs.items()},
                        comparison=compare(runs))
         try:
             write_outputs(out, runs, summary, plots=True)
-        except Exception as plot_exc:  # never hide the original error behind a plotting one
-            print(f"(could not write every output: {plot_exc})", file=sys.stderr)
-        if isinstance(exc, KeyboardInterrupt):
-            print(f"\ninterrupted: checkpoint and metrics so far saved in {out}; run the same command with "
-                  "--resume to continue", file=sys.stderr)
-            return 130
-        raise
-
-    fig_model = runs["anderson" if "anderson" in runs else methods[-1]].model
-    images, _ = test_batches.batch(0, 0)
-    t0 = time.perf_counter()
-    curves = residual_curves(fig_model, images, methods if len(methods) > 1 else ["forward", "anderson"], args,
-                             backend, device)
-    summary.update(totals={k: totals(r) for k, r in runs.items()}, comparison=compare(runs),
-                   residual_curves=dict(model=fig_model.deq.config.method.name, batch_size=int(images.shape[0]),
-                                        seconds=time.perf_counter() - t0, **_curve_summary(curves, args.tol)))
-    write_outputs(out, runs, summary, curves, plots=True)
-    print()
-    print(comparison_table(runs, summary["comparison"]))
-    rc = summary["residual_curves"]
-    print(f"\nOne fixed test batch of {rc['batch_size']}, relative residual to {args.tol:g} (Figure 1, "
-          f"residuals.png): " + "; ".join(
-              f"{k}: {rc[k]['iterations_to_tol']} iterations, {rc[k]['time_to_tol'] or float('nan'):.3f} s"
-              for k in ("forward", "anderson") if k in rc))
-    print(f"outputs: {out}/summary.json, metrics.jsonl, metrics.csv, batches.csv, residuals.csv, *.png")
-    return 0
+        except Exception as write_exc:  # never hide the original error behind a plotting one
+            print(f"(could not write every output: {write_exc})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import LogFormatter  # noqa: E402
 
 __all__ = ["plot_all", "plot_accuracy", "plot_residuals", "plot_iterations"]
 
@@ -25,9 +26,27 @@ def _title(summary):
     return f"DEQ on {s.get('dataset', '?')}, {s.get('device', '?')} ({s.get('solver_backend', '?')} solver)"
 
 
+#: Above this ratio of the runs' training times, the time axis of accuracy_vs_time.png is logarithmic.
+LOG_TIME_RATIO = 10.0
+
+
+def _save(fig, path):
+    """Save ``fig`` to ``path`` and release it from pyplot; returns the figure (for inspection)."""
+    fig.savefig(path)
+    plt.close(fig)
+    return fig
+
+
 def plot_accuracy(path, runs, summary):
-    """Train and test accuracy after each epoch against cumulative training time."""
+    """Train and test accuracy after each epoch against cumulative training time.
+
+    When one run took more than :data:`LOG_TIME_RATIO` times as long as another, the time axis
+    is logarithmic, so that the faster run is not squashed against the axis.  Returns the figure.
+    """
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    ends = [run.epochs[-1]["time_cumulative"] for run in runs.values() if run.epochs]
+    if len(ends) > 1 and min(ends) > 0 and max(ends) > LOG_TIME_RATIO * min(ends):
+        ax.set_xscale("log")
     for name, run in runs.items():
         if not run.epochs:
             continue
@@ -36,18 +55,19 @@ def plot_accuracy(path, runs, summary):
         ax.plot(t[1:], [e["test_acc"] for e in run.epochs], "o-", color=c, label=f"{LABELS.get(name, name)}, test")
         ax.plot(t[1:], [e["train_acc"] for e in run.epochs], "s--", color=c, alpha=0.6,
                 label=f"{LABELS.get(name, name)}, train")
-    ax.set_xlabel("training wall time [s]")
+    ax.set_xlabel("training wall time [s]" + (" (log scale)" if ax.get_xscale() == "log" else ""))
     ax.set_ylabel("accuracy")
     ax.set_title(_title(summary), fontsize=10)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     _legend(ax)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return _save(fig, path)
 
 
 def plot_residuals(path, curves, summary):
-    """Relative residual of one fixed batch against iteration and against wall time (the paper's Figure 1)."""
+    """Relative residual of one fixed batch against iteration and against wall time (the paper's Figure 1).
+
+    Returns the figure."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     tol = summary.get("settings", {}).get("tol")
     for name, c in curves.items():
@@ -63,12 +83,14 @@ def plot_residuals(path, curves, summary):
         _legend(ax)
     fig.suptitle(_title(summary) + ": one fixed batch, trained model", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return _save(fig, path)
 
 
 def plot_iterations(path, runs, summary):
-    """Solver iterations of every training batch: evaluations per batch (the cost) and mean per sample."""
+    """Solver iterations of every training batch: evaluations per batch (the cost) and mean per sample.
+
+    The logarithmic axes are labelled with plain numbers (20, 30, 100), also between powers of ten.
+    Returns the figure."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     for name, run in runs.items():
         if not run.batches:
@@ -80,14 +102,15 @@ def plot_iterations(path, runs, summary):
             ax.plot(steps, [b[bwd] for b in run.batches], ":", color=c, lw=1, label=f"{label}, adjoint solve")
     for ax, ylabel in zip(axes, ("evaluations per batch (slowest sample)", "mean iterations per sample")):
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
         ax.set_xlabel("training batch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
         _legend(ax)
     fig.suptitle(_title(summary), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return _save(fig, path)
 
 
 def plot_all(out, runs, curves, summary):

@@ -11,6 +11,7 @@ Files written into the output folder:
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -26,7 +27,12 @@ if __package__ in (None, ""):  # run as a file: make the repository root (demos/
 
 from tooling.timing import write_csv  # noqa: E402
 
-__all__ = ["machine_info", "totals", "compare", "comparison_table", "write_outputs", "load_outputs", "PAPER"]
+__all__ = ["machine_info", "totals", "compare", "comparison_table", "write_outputs", "load_outputs", "PAPER",
+           "OUTPUT_FILES", "make_parser", "main"]
+
+#: The files the demo writes into its output folder (besides the checkpoints).
+OUTPUT_FILES = ("metrics.jsonl", "metrics.csv", "batches.csv", "residuals.csv", "summary.json",
+                "accuracy_vs_time.png", "residuals.png", "iterations_per_batch.png")
 
 #: What arXiv 2410.19460 reports (from its summaries; CIFAR-10, V100 GPU vs Xeon CPU).
 PAPER = dict(speedup="2-8.6x", compute_saved="50-88%", train_acc="64.7% -> 96.3%", test_acc="64.2% -> 79.1%",
@@ -194,9 +200,15 @@ def _number(text):
 
 
 def load_outputs(out):
-    """Read back an output folder: (runs, summary, curves), runs as objects with the records of each solver."""
-    with open(os.path.join(out, "summary.json"), encoding="utf-8") as fh:
-        summary = json.load(fh)
+    """Read back an output folder: (runs, summary, curves), runs as objects with the records of each solver.
+
+    Raises
+    ------
+    FileNotFoundError
+        When summary.json, metrics.jsonl or batches.csv is missing (``filename`` names it).
+    ValueError
+        When one of the files cannot be read as the demo wrote it; the message names the file.
+    """
     runs = {}
 
     def run(solver):
@@ -204,32 +216,81 @@ def load_outputs(out):
             runs[solver] = SimpleNamespace(solver=solver, epochs=[], batches=[], train_time=0.0)
         return runs[solver]
 
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as fh:
+    def read(name, parse, required=True):
+        path = os.path.join(out, name)
+        if not required and not os.path.exists(path):
+            return None
+        try:
+            with open(path, newline="", encoding="utf-8") as fh:
+                return parse(fh)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, csv.Error) as exc:
+            raise ValueError(f"{path} is not readable as the demo writes it ({type(exc).__name__}: {exc})") from None
+
+    def metrics(fh):
         for line in fh:
             rec = json.loads(line)
             run(rec["solver"]).epochs.append(rec)
-    with open(os.path.join(out, "batches.csv"), newline="", encoding="utf-8") as fh:
+
+    def batches(fh):
         for row in csv.DictReader(fh):
             rec = {k: _number(v) for k, v in row.items()}
             run(rec["solver"]).batches.append(rec)
-    for r in runs.values():
-        r.train_time = float(sum(b["time_total"] for b in r.batches))
-    curves = {}
-    path = os.path.join(out, "residuals.csv")
-    if os.path.exists(path):
-        with open(path, newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
-                c = curves.setdefault(row["method"], dict(iteration=[], residual=[], time=[]))
-                for key in ("iteration", "residual", "time"):
-                    c[key].append(_number(row[key]))
+        for r in runs.values():
+            r.train_time = float(sum(b["time_total"] for b in r.batches))
+
+    def residuals(fh):
+        curves = {}
+        for row in csv.DictReader(fh):
+            c = curves.setdefault(row["method"], dict(iteration=[], residual=[], time=[]))
+            for key in ("iteration", "residual", "time"):
+                c[key].append(_number(row[key]))
+        return curves
+
+    def summary_dict(fh):
+        summary = json.load(fh)
+        if not isinstance(summary, dict):
+            raise TypeError(f"expected a JSON object, got {type(summary).__name__}")
+        return summary
+
+    summary = read("summary.json", summary_dict)
+    read("metrics.jsonl", metrics)
+    read("batches.csv", batches)
+    curves = read("residuals.csv", residuals, required=False) or {}
     return runs, summary, curves
+
+
+def make_parser():
+    """The command line of ``python demos/deq_report.py``."""
+    p = argparse.ArgumentParser(
+        description="Recompute the totals and the comparison of a DEQ demo output folder from its records "
+                    "(metrics.jsonl, batches.csv, residuals.csv), rewrite its summary.json, redraw its plots and "
+                    "print the comparison table.")
+    p.add_argument("out", metavar="OUT", help="output folder of demos/deq_cifar10.py (its --out)")
+    return p
 
 
 def main(argv=None):
     """``python demos/deq_report.py OUT``: recompute the totals and the comparison of an output folder
-    from its records (metrics.jsonl, batches.csv), rewrite summary.json, redraw the plots, print the table."""
-    out = (sys.argv[1:] if argv is None else argv)[0]
-    runs, summary, curves = load_outputs(out)
+    from its records (metrics.jsonl, batches.csv), rewrite summary.json, redraw the plots, print the table.
+
+    Returns 0, or 2 with a one-line error naming the file when the folder or a record file is
+    missing or unreadable."""
+    args = make_parser().parse_args(argv)
+    out = args.out
+    if not os.path.isdir(out):
+        print(f"error: {out} is not a folder (expected the --out folder of demos/deq_cifar10.py)", file=sys.stderr)
+        return 2
+    try:
+        runs, summary, curves = load_outputs(out)
+    except FileNotFoundError as exc:
+        print(f"error: {exc.filename} is missing: {out} is not a complete output folder of demos/deq_cifar10.py",
+              file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     summary.update(totals={k: totals(r) for k, r in runs.items()}, comparison=compare(runs))
     _write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2, default=float) + "\n")
     from demos.deq_plots import plot_all

@@ -1,15 +1,24 @@
 """Training the DEQ classifier with one solver: per-batch solver statistics, resumable checkpoints.
 
-A :class:`Run` holds the model, optimizer, schedule and every record so far;
-its checkpoint is written after every epoch and when the run is interrupted
-(Ctrl-C, or any exception), so that ``--resume`` continues from the batch where
-it stopped.  Batch b of epoch e is the same whenever it is drawn (see
-:mod:`batches`), so a resumed run trains on the same data as an uninterrupted one.
+A :class:`Run` holds the model, optimizer, schedule, random state and every
+record so far; its checkpoint is written after every epoch and when the run is
+interrupted (Ctrl-C, SIGTERM, or any exception), so that ``--resume`` continues
+from the batch where it stopped.
+
+A training batch is all or nothing: what an interrupted batch had already
+changed (BatchNorm's running statistics and batch counts, the random state) is
+undone, and the optimizer step and the batch's record are made with SIGINT and
+SIGTERM held back, so a run is always in the state after its last completed
+batch.  Batch b of epoch e is the same whenever it is drawn (see :mod:`batches`)
+and evaluation changes no state, so an interrupted and resumed run computes
+exactly what an uninterrupted one computes: the same losses and accuracies, bit
+for bit, on the same machine with the same thread settings (tested).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import signal
 import threading
@@ -26,7 +35,27 @@ from demos.deq_model import DEQClassifier
 from tooling.timing import traced_solve
 
 __all__ = ["Run", "build_run", "train", "evaluate", "save_checkpoint", "load_checkpoint", "residual_curves",
-           "solver_options"]
+           "solver_options", "checkpoint_path", "CheckpointError", "Terminated", "sigterm_stops", "signals_held",
+           "SOLVERS"]
+
+#: The solvers the demo trains, in the order of its outputs.
+SOLVERS = ("forward", "anderson")
+
+#: Signals that stop training after a checkpoint: Ctrl-C, and what schedulers send before they kill a job.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed: unreadable, of another solver or of another configuration (named)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised by SIGTERM within :func:`sigterm_stops`: training stops as on Ctrl-C (a KeyboardInterrupt)."""
+
+
+def checkpoint_path(out, solver):
+    """The checkpoint file of ``solver`` in output folder ``out``."""
+    return os.path.join(out, f"checkpoint-{solver}.pt")
 
 
 def solver_options(method, args, backend):
@@ -51,6 +80,7 @@ class Run:
     next_batch: int = 0       # next training batch of the current epoch
     epochs: list = field(default_factory=list)    # one record per completed epoch
     batches: list = field(default_factory=list)   # one record per training batch
+    rng: dict = field(default_factory=dict)       # torch's random state after the last completed batch
 
     @property
     def train_time(self):
@@ -66,7 +96,22 @@ def build_run(method, args, shape, n_classes, steps_per_epoch, device, backend):
                           deq_options=solver_options(method, args, backend)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.epochs * steps_per_epoch))
-    return Run(method, model, optimizer, scheduler)
+    return Run(method, model, optimizer, scheduler, rng=_rng_state(device))
+
+
+def _rng_state(device):
+    """torch's random state (CPU, and the GPUs when ``device`` is CUDA): dropout or random layers draw from it."""
+    state = dict(cpu=torch.get_rng_state())
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    if "cpu" in state:
+        torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -75,47 +120,133 @@ def save_checkpoint(run, path, config):
     """Write ``run`` to ``path`` atomically (a temporary file, then a rename)."""
     state = dict(config=config, solver=run.solver, model=run.model.state_dict(),
                  optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(), epoch=run.epoch,
-                 next_batch=run.next_batch, epochs=run.epochs, batches=run.batches)
+                 next_batch=run.next_batch, epochs=run.epochs, batches=run.batches, rng=run.rng)
     tmp = f"{path}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(run, path, config):
-    """Restore ``run`` from ``path``; the run must have been made with the same ``config``.
+CHECKPOINT_KEYS = ("config", "solver", "model", "optimizer", "scheduler", "epoch", "next_batch", "epochs", "batches",
+                   "rng")
+
+
+def load_checkpoint(run, path, config, steps_per_epoch):
+    """Restore ``run`` from ``path``; the run must have been made with the same solver and ``config``.
+
+    Parameters
+    ----------
+    run : Run
+        A fresh run of the solver the checkpoint must hold.
+    path : str
+    config : dict
+        The settings that must match (``--resume`` refuses to mix two experiments).
+    steps_per_epoch : int
+        Training batches per epoch, to check the checkpoint's position against.
 
     Raises
     ------
-    ValueError
-        When a setting differs (named in the message): resuming would mix two experiments.
+    CheckpointError
+        When the file is not a checkpoint of this demo, holds another solver, was made with
+        another setting (named in the message) or does not fit the model; ``run`` is then unchanged.
     """
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a truncated or foreign file
+        raise CheckpointError(f"{path} is not a readable checkpoint of this demo ({type(exc).__name__}: "
+                              f"{_first_line(exc)}); delete it, or use --overwrite or another --out") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of this demo (it lacks {', '.join(missing)}); delete it, "
+                              "or use --overwrite or another --out")
+    if state["solver"] != run.solver:
+        raise CheckpointError(f"{path} holds a run of the {state['solver']!r} solver, expected {run.solver!r} "
+                              f"(checkpoint-{run.solver}.pt); use --overwrite or another --out")
+    old_config = state["config"] if isinstance(state["config"], dict) else {}
     for key, value in config.items():
-        old = state["config"].get(key)
+        old = old_config.get(key)
         if old != value:
-            raise ValueError(f"--resume: {path} was made with {key}={old!r}, this run has {key}={value!r}; "
-                             f"use the same settings or another --out")
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.epoch, run.next_batch = state["epoch"], state["next_batch"]
-    run.epochs, run.batches = state["epochs"], state["batches"]
+            raise CheckpointError(f"--resume: {path} was made with {key}={old!r}, this run has {key}={value!r}; "
+                                  f"use the same settings, or --overwrite, or another --out")
+    epoch, next_batch, epochs, batches = state["epoch"], state["next_batch"], state["epochs"], state["batches"]
+    consistent = (isinstance(epoch, int) and isinstance(next_batch, int) and isinstance(epochs, list)
+                  and isinstance(batches, list) and len(epochs) == epoch and 0 <= next_batch <= steps_per_epoch
+                  and len(batches) == epoch * steps_per_epoch + next_batch)
+    if not consistent:
+        raise CheckpointError(f"{path} is inconsistent (epoch {epoch!r}, next batch {next_batch!r}, "
+                              f"{len(batches) if isinstance(batches, list) else '?'} batch records); delete it, or "
+                              "use --overwrite or another --out")
+    rng = state["rng"]
+    if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor):
+        raise CheckpointError(f"{path} holds no random state; delete it, or use --overwrite or another --out")
+    before = _copy_state((run.model.state_dict(), run.optimizer.state_dict(), run.scheduler.state_dict()))
+    try:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+    except Exception as exc:  # shapes, keys or types that do not fit: torch raises several kinds
+        run.model.load_state_dict(before[0])
+        run.optimizer.load_state_dict(before[1])
+        run.scheduler.load_state_dict(before[2])
+        raise CheckpointError(f"{path} does not fit this model ({type(exc).__name__}: {_first_line(exc)}); use "
+                              "--overwrite or another --out") from None
+    run.rng = rng
+    run.epoch, run.next_batch = epoch, next_batch
+    run.epochs, run.batches = epochs, batches
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
+def _copy_state(state):
+    """A deep copy of (model, optimizer, scheduler) state dicts: tensors are cloned, not shared."""
+    return copy.deepcopy(state)
 
 
 @contextlib.contextmanager
-def _deferred_interrupt():
-    """Hold back Ctrl-C until the block ends, so an optimizer step and its record are never half done."""
+def sigterm_stops():
+    """Within the block, SIGTERM raises :class:`Terminated` (a KeyboardInterrupt), as SIGINT (Ctrl-C) does.
+
+    Schedulers send SIGTERM before they kill a job; the demo then writes its checkpoint and
+    exits as on Ctrl-C.  The previous handler is restored afterwards; outside the main
+    thread (where Python cannot set handlers) nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def signals_held(deliver=True):
+    """Hold back SIGINT and SIGTERM until the block ends, so that what it does is never half done.
+
+    With ``deliver`` (the default) a signal that arrived meanwhile is raised again at the end,
+    to the handlers that were in place; without it, it is dropped (used while the checkpoint of
+    a run that is already stopping is written).  Outside the main thread nothing changes.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+    if deliver:
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
 
 
 def _sync(device):
@@ -126,29 +257,51 @@ def _sync(device):
 # ---------------------------------------------------------------- training and evaluation
 
 def _train_batch(run, images, labels, device):
+    """One optimizer step on one batch, all or nothing.
+
+    If the batch does not complete (Ctrl-C, SIGTERM, an error), everything it changed is
+    restored: the model's buffers (BatchNorm's running statistics and batch counts, updated by
+    the forward pass), and the parameters, optimizer and schedule should an error strike inside
+    the step; the random state is the run's.  The step, the schedule and the record are made with
+    the stop signals held back.
+    """
     t0 = time.perf_counter()
-    run.model.train()
-    logits = run.model(images)
-    loss = F.cross_entropy(logits, labels)
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    stats = run.model.deq.stats
-    with _deferred_interrupt():
-        run.optimizer.step()
-        run.scheduler.step()
-        _sync(device)
-        elapsed = time.perf_counter() - t0
-        fwd, bwd = stats.forward, stats.backward
-        rec = dict(solver=run.solver, epoch=run.epoch + 1, batch=run.next_batch, step=len(run.batches) + 1,
-                   size=int(labels.shape[0]), loss=float(loss.detach()),
-                   correct=int((logits.argmax(1) == labels).sum()),
-                   fwd_fev=fwd.n_fev, fwd_iter_mean=fwd.n_iter_mean, fwd_iter_max=fwd.n_iter_max,
-                   fwd_converged=fwd.converged_fraction, fwd_residual_max=fwd.residual_max,
-                   bwd_fev=bwd.n_fev, bwd_iter_mean=bwd.n_iter_mean, bwd_iter_max=bwd.n_iter_max,
-                   bwd_converged=bwd.converged_fraction, bwd_residual_max=bwd.residual_max,
-                   time_forward_solve=fwd.wall_time, time_backward_solve=bwd.wall_time, time_total=elapsed)
-        run.batches.append(rec)
-        run.next_batch += 1
+    before = _copy_state((run.model.state_dict(), run.optimizer.state_dict(), run.scheduler.state_dict()))
+    committed = False
+    try:
+        run.model.train()
+        logits = run.model(images)
+        loss = F.cross_entropy(logits, labels)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        stats = run.model.deq.stats
+        with signals_held():
+            run.optimizer.step()
+            run.scheduler.step()
+            _sync(device)
+            elapsed = time.perf_counter() - t0
+            fwd, bwd = stats.forward, stats.backward
+            rec = dict(solver=run.solver, epoch=run.epoch + 1, batch=run.next_batch, step=len(run.batches) + 1,
+                       size=int(labels.shape[0]), loss=float(loss.detach()),
+                       correct=int((logits.argmax(1) == labels).sum()),
+                       fwd_fev=fwd.n_fev, fwd_iter_mean=fwd.n_iter_mean, fwd_iter_max=fwd.n_iter_max,
+                       fwd_converged=fwd.converged_fraction, fwd_residual_max=fwd.residual_max,
+                       bwd_fev=bwd.n_fev, bwd_iter_mean=bwd.n_iter_mean, bwd_iter_max=bwd.n_iter_max,
+                       bwd_converged=bwd.converged_fraction, bwd_residual_max=bwd.residual_max,
+                       time_forward_solve=fwd.wall_time, time_backward_solve=bwd.wall_time, time_total=elapsed)
+            rng = _rng_state(device)
+            run.batches.append(rec)
+            run.next_batch += 1
+            run.rng = rng
+            committed = True
+    except BaseException:
+        if not committed:
+            with signals_held(deliver=False):
+                run.model.load_state_dict(before[0])
+                run.optimizer.load_state_dict(before[1])
+                run.scheduler.load_state_dict(before[2])
+                _set_rng_state(run.rng)
+        raise
     return rec
 
 
@@ -204,11 +357,14 @@ def train(run, train_batches, test_batches, epochs, device, on_epoch_end, progre
     """Train ``run`` until ``epochs`` epochs are complete, evaluating after each.
 
     ``on_epoch_end(run, record)`` is called after each epoch (it writes the
-    checkpoint and the metrics).  On any exception, Ctrl-C included, the run
-    keeps every completed batch, so that the caller can checkpoint it; the
-    interrupted batch is redone on resume.
+    checkpoint and the metrics).  On any exception, Ctrl-C and SIGTERM included,
+    the run is left in the state after its last completed batch (see
+    :func:`_train_batch`), so that the caller can checkpoint it; the interrupted
+    batch, or the interrupted evaluation, is redone on resume.  torch's random
+    state is the run's own while it trains.
     """
     n = len(train_batches)
+    _set_rng_state(run.rng)
     while run.epoch < epochs:
         bar = tqdm(total=n, initial=run.next_batch, desc=f"{run.solver} epoch {run.epoch + 1}/{epochs}",
                    unit="batch", disable=progress, leave=False, dynamic_ncols=True)
@@ -220,9 +376,10 @@ def train(run, train_batches, test_batches, epochs, device, on_epoch_end, progre
                                 fwd_it=rec["fwd_fev"], bwd_it=rec["bwd_fev"])
         test = evaluate(run.model, test_batches, device)
         record = _epoch_record(run, test)
-        run.epochs.append(record)
-        run.epoch += 1
-        run.next_batch = 0
+        with signals_held():
+            run.epochs.append(record)
+            run.epoch += 1
+            run.next_batch = 0
         on_epoch_end(run, record)
     return run
 

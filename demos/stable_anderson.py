@@ -10,7 +10,9 @@ Anderson runs use the closure safeguard unless ``--no-safeguard`` is given.
     python demos/stable_anderson.py --quick --out /tmp/stable_anderson     # seconds, for tests
 
 Writes ``metrics.json`` (every curve, every extrapolation's status and RSD, the settings and the
-machine), ``summary.csv`` (one row per run) and PNG plots into ``--out``.
+machine), ``summary.csv`` (one row per run) and PNG plots into ``--out`` (default
+``out/stable_anderson``).  torch uses as many threads as there are idle CPUs unless ``--threads``
+says otherwise (the models are small: on a busy machine extra threads only spin).
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from tooling.timing import machine_info, write_csv  # noqa: E402
-from fixedpoint.torch import AndersonAcceleration  # noqa: E402
 from demos.stable_anderson_problems import PROBLEMS  # noqa: E402
+from fixedpoint.torch import AndersonAcceleration  # noqa: E402
+from tooling.timing import add_threads_flag, machine_info, positive_float, positive_int, use_threads, write_csv  # noqa: E402
 
 METHODS = ("adam", "anderson", "stable_anderson")
 LABELS = {"adam": "Adam", "anderson": "Adam + AA", "stable_anderson": "Adam + stable AA (auto average)"}
@@ -58,7 +60,7 @@ def train(problem, method, batch, steps, eval_every, lr, aa, seed, progress=True
     for step in tqdm(range(1, steps + 1), desc=label, leave=False, disable=not progress, mininterval=1.0):
         idx = problem.sample(gen, batch)
 
-        def closure():
+        def closure(idx=idx):
             opt.zero_grad()
             loss = problem.loss(model, idx)
             loss.backward()
@@ -169,23 +171,58 @@ def plot(results, out, threshold):
     return written + [path]
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("stable_anderson_out"), help="output folder")
-    ap.add_argument("--problems", nargs="+", choices=sorted(PROBLEMS), default=list(PROBLEMS))
-    ap.add_argument("--quick", action="store_true", help=f"{QUICK['steps']} steps per run and small problems (tests)")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: per problem)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--m", type=int, default=5, help="window m")
-    ap.add_argument("--beta", type=float, default=1.0, help="mixing (relaxation) beta")
-    ap.add_argument("--lam", type=float, default=1e-2, help="regularisation lambda (relative)")
-    ap.add_argument("--store-every", type=int, default=5, help="store an iterate every this many steps")
-    ap.add_argument("--every", type=int, default=None, help="extrapolate every this many steps (default store-every)")
-    ap.add_argument("--rsd-threshold", type=float, default=0.1, help="threshold of the auto moving average")
+def make_parser():
+    """The command line of the demo (``--help`` shows every default once)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("out/stable_anderson"),
+                    help="output folder (default: %(default)s)")
+    ap.add_argument("--problems", nargs="+", choices=sorted(PROBLEMS), default=list(PROBLEMS),
+                    help=f"problems to train (default: {' '.join(PROBLEMS)})")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"{QUICK['steps']} steps per run and small problems, for tests")
+    ap.add_argument("--steps", type=positive_int, default=None,
+                    help="optimizer steps per run (default: per problem, "
+                         + ", ".join(f"{k} {v['steps']}" for k, v in SETTINGS.items()) + ")")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches (default: %(default)s)")
+    ap.add_argument("--m", type=positive_int, default=5, help="Anderson window m (default: %(default)s)")
+    ap.add_argument("--beta", type=float, default=1.0, help="mixing (relaxation) beta in (0, 1] (default: %(default)s)")
+    ap.add_argument("--lam", type=float, default=1e-2, help="regularisation lambda, relative (default: %(default)s)")
+    ap.add_argument("--store-every", type=positive_int, default=5,
+                    help="store an iterate every this many steps (default: %(default)s)")
+    ap.add_argument("--every", type=positive_int, default=None,
+                    help="extrapolate every this many steps (default: the value of --store-every)")
+    ap.add_argument("--rsd-threshold", type=positive_float, default=0.1,
+                    help="RSD above which the auto mode stores moving averages (default: %(default)s)")
     ap.add_argument("--safeguard", action=argparse.BooleanOptionalAction, default=True,
                     help="keep an extrapolate only if the batch loss does not rise (default: on)")
+    add_threads_flag(ap)
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return ap
+
+
+def _reached(row):
+    if row["steps_to_adam_final_loss"] is None:
+        return "never"
+    return f"step {row['steps_to_adam_final_loss']} ({row['time_to_adam_final_loss_s']:.1f} s)"
+
+
+def _averaged(row):
+    if row["averaged_fraction"] is None:
+        return ""
+    return f"  moving average {row['averaged_fraction']:.0%}"
+
+
+def main(argv=None):
+    ap = make_parser()
     args = ap.parse_args(argv)
+    if not 0 < args.beta <= 1:
+        ap.error(f"--beta must be in (0, 1], got {args.beta}")
+    if not 0 <= args.lam < math.inf:
+        ap.error(f"--lam must be a number >= 0, got {args.lam}")
+    if args.out.exists() and not args.out.is_dir():
+        ap.error(f"--out {args.out} is a file; expected a folder (it is created when missing)")
+    print(use_threads(args.threads), flush=True)
 
     aa = dict(m=args.m, beta=args.beta, lam=args.lam, store_every=args.store_every, every=args.every,
               rsd_threshold=args.rsd_threshold, safeguard=args.safeguard)
@@ -209,18 +246,23 @@ def main(argv=None):
             results[(pname, batch)] = runs
     rows = summarise(results)
     write_csv(args.out / "summary.csv", rows)
-    payload = dict(command="python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
-                   machine=machine_info({"torch"}), anderson_options=aa, settings=settings, quick=args.quick, seed=args.seed,
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:]))
+    payload = dict(command=command, machine=machine_info({"torch"}), anderson_options=aa, settings=settings,
+                   quick=args.quick, seed=args.seed,
                    summary=rows,
                    runs=[dict(problem=p, batch="full" if b is None else b, method=m, **run)
                          for (p, b), runs in results.items() for m, run in runs.items()])
     with open(args.out / "metrics.json", "w") as fh:
         json.dump(payload, fh, default=str)
     plots = plot(results, args.out, args.rsd_threshold)
+    print("Final training loss and training time of each run; 'reached Adam's final loss': the first step at which "
+          "the smoothed loss (trailing geometric mean of the last 5 evaluations) is at or below Adam's smoothed final "
+          "loss; 'moving average': the share of stored iterates that were moving averages (always 0% with "
+          "average='off', chosen by the RSD with 'auto').")
     for r in rows:
-        print(f"{r['problem']:>13} batch {str(r['batch']):>5} {r['method']:>16}: train loss {r['final_train_loss']:.3e}  "
-              f"time {r['train_time_s']:.1f}s  steps to Adam's final loss {r['steps_to_adam_final_loss']}  "
-              f"averaged {r['averaged_fraction']}")
+        print(f"{r['problem']:>13} batch {str(r['batch']):>5} {r['method']:>16}: "
+              f"train loss {r['final_train_loss']:.3e}  "
+              f"time {r['train_time_s']:.1f} s  reached Adam's final loss: {_reached(r)}{_averaged(r)}")
     print(f"wrote {args.out / 'summary.csv'}, {args.out / 'metrics.json'} and {len(plots)} plots")
     return 0
 

@@ -119,7 +119,8 @@ class BurgersPINN(_Problem):
         with torch.enable_grad():
             train = self.loss(model, slice(None)).item()
         with torch.no_grad():
-            err = (torch.linalg.vector_norm(model(self.grid) - self.exact) / torch.linalg.vector_norm(self.exact)).item()
+            err = torch.linalg.vector_norm(model(self.grid) - self.exact) / torch.linalg.vector_norm(self.exact)
+            err = err.item()
         return {"train_loss": train, "rel_l2_error": err}
 
 

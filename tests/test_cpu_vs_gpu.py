@@ -15,7 +15,8 @@ def load_demo():
 
 def test_quick_run_writes_rows_plots_and_ratios(tmp_path, capsys):
     demo = load_demo()
-    argv = ["--quick", "--backends", "numpy", "--problems", "jacobi", "h-equation", "--out", str(tmp_path)]
+    argv = ["--quick", "--backends", "numpy", "--problems", "jacobi", "h-equation", "--threads", "1",
+            "--out", str(tmp_path)]
     assert demo.main(argv) == 0
     for name in ("rows.csv", "results.json", "time_vs_n.png", "residual_vs_time.png"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -30,7 +31,11 @@ def test_quick_run_writes_rows_plots_and_ratios(tmp_path, capsys):
     trace = data["trace"]["traces"]
     assert trace["anderson"]["residual"][-1] <= 1e-5
     assert len(trace["forward"]["time"]) == len(trace["forward"]["residual"])
-    assert "no GPU found" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "no GPU found" in printed and "torch threads: 1 (--threads)" in printed
+    # the n column prints every size exactly (250, not 2e+02; 4,000, not 4e+03)
+    table = [line.split() for line in printed.splitlines() if line.lstrip().startswith(("jacobi", "h-equation"))]
+    assert {cells[1] for cells in table} == {"1,000", "4,000", "250", "500"}
 
 
 def test_crossover_is_the_first_size_of_a_winning_tail():
@@ -47,7 +52,7 @@ def test_conv_deq_rows_agree_across_solver_libraries(tmp_path):
     pytest.importorskip("torch")
     demo = load_demo()
     assert demo.main(["--problems", "conv", "--sizes", "4096", "--backends", "numpy", "torch", "--repeats", "1",
-                      "--trace", "conv:4096", "--out", str(tmp_path)]) == 0
+                      "--trace", "conv:4096", "--threads", "1", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
     by = {(r["backend"], r["method"]): r for r in data["rows"]}
     assert set(by) == {(b, m) for b in ("numpy", "torch") for m in ("forward", "anderson")}

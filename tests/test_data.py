@@ -119,6 +119,103 @@ def test_fashion_mnist_loader_on_a_fixture(tmp_path):
         data.load_fashion_mnist(tmp_path / "missing")
 
 
+def _fashion_fixture(folder, n_train=6, n_test=3, labels=None):
+    """The four Fashion-MNIST IDX files in ``folder``; returns their paths by stem."""
+    rng = np.random.default_rng(2)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, size=(n_train, 28, 28), dtype=np.uint8),
+              "train-labels-idx1-ubyte": np.arange(n_train, dtype=np.uint8) % 10 if labels is None else labels,
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, size=(n_test, 28, 28), dtype=np.uint8),
+              "t10k-labels-idx1-ubyte": np.arange(n_test, dtype=np.uint8) % 10}
+    paths = {}
+    for stem, arr in arrays.items():
+        paths[stem] = folder / stem
+        paths[stem].write_bytes(_idx_bytes(arr, 0x08 if arr.dtype == np.uint8 else 0x0D))
+    return paths
+
+
+def _corruptions(good):
+    """(name, bytes) of broken IDX files made from a good uncompressed one."""
+    gz = gzip.compress(good)
+    bad_crc = bytearray(gz)
+    bad_crc[-8] ^= 0xFF  # the CRC-32 of the gzip trailer
+    huge = bytes([0, 0, 0x08, 3]) + np.array([2**31 - 1] * 3, dtype=">i4").tobytes() + good[16:]
+    wraps = bytes([0, 0, 0x08, 4]) + np.array([2**31 - 1, 2**31 - 1, 2**31 - 1, 4], dtype=">i4").tobytes()
+    negative = bytes([0, 0, 0x08, 2]) + np.array([-2, -2], dtype=">i4").tobytes() + b"\x00" * 4
+    return [("empty", b""), ("empty gzip", gzip.compress(b"")), ("truncated gzip", gz[: len(gz) // 2]),
+            ("bad gzip CRC", bytes(bad_crc)), ("overflowing dimensions", huge), ("int64-wrapping dimensions", wraps),
+            ("negative dimensions", negative), ("header cut short", good[:10]),
+            ("wrong magic", b"\x08\x03" + good[2:]), ("unknown type code", good[:2] + b"\x07" + good[3:]),
+            ("a text file", b"this is not an IDX file\n")]
+
+
+def test_broken_idx_files_are_data_errors_naming_the_file(tmp_path):
+    good = _idx_bytes(np.zeros((3, 28, 28), dtype=np.uint8), 0x08)
+    for k, (name, content) in enumerate(_corruptions(good)):
+        path = tmp_path / f"case{k}-idx3-ubyte"
+        path.write_bytes(content)
+        with pytest.raises(data.DataError) as info:
+            data.read_idx(path)
+        assert str(path) in str(info.value), name
+    (tmp_path / "a-folder").mkdir()
+    with pytest.raises(data.DataError, match="a-folder"):
+        data.read_idx(tmp_path / "a-folder")
+
+
+def test_fashion_mnist_contents_are_checked(tmp_path):
+    cases = {
+        "labels out of range": (np.array([0, 1, 2, 10, 4, 255], dtype=np.uint8), "train-labels-idx1-ubyte"),
+        "float labels": (np.arange(6, dtype=np.float32), "train-labels-idx1-ubyte"),
+        "labels of another count": (np.arange(5, dtype=np.uint8), "train-labels-idx1-ubyte"),
+        "no images": (np.zeros((0, 28, 28), dtype=np.uint8), "t10k-images-idx3-ubyte"),
+        "int16 images": (np.zeros((3, 28, 28), dtype=np.int16), "t10k-images-idx3-ubyte"),
+        "images too small": (np.zeros((3, 2, 2), dtype=np.uint8), "t10k-images-idx3-ubyte"),
+    }
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(np.float32): 0x0D, np.dtype(np.int16): 0x0B}
+    for case, (bad, stem) in cases.items():
+        folder = tmp_path / case.replace(" ", "-")
+        paths = _fashion_fixture(folder)
+        paths[stem].write_bytes(_idx_bytes(bad, codes[bad.dtype]))
+        if case == "no images":
+            paths["t10k-labels-idx1-ubyte"].write_bytes(_idx_bytes(np.zeros(0, dtype=np.uint8), 0x08))
+        with pytest.raises(data.DataError) as info:
+            data.load_fashion_mnist(folder)
+        assert str(folder / stem) in str(info.value), case
+
+
+def test_the_demo_reports_a_broken_idx_file_in_one_line(tmp_path, capsys):
+    from demos import deq_cifar10
+
+    for case in ("truncated gzip", "bad gzip CRC", "overflowing dimensions", "empty"):
+        folder = tmp_path / case.replace(" ", "-")
+        paths = _fashion_fixture(folder)
+        good = paths["train-images-idx3-ubyte"].read_bytes()
+        paths["train-images-idx3-ubyte"].unlink()
+        broken = folder / "train-images-idx3-ubyte.gz"
+        broken.write_bytes(dict(_corruptions(good))[case])
+        assert deq_cifar10.main(["--dataset", "fashion-mnist", "--data-dir", str(folder), "--threads", "1",
+                                 "--out", str(tmp_path / "o"), "--no-progress", "--epochs", "1"]) == 2, case
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(broken) in err and "Traceback" not in err, case
+
+
+def test_cifar10_labels_and_truncated_batches_are_checked(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar_fixture(folder)
+    good = (folder / "data_batch_2").read_bytes()
+    (folder / "data_batch_2").write_bytes(good[: len(good) // 2])
+    with pytest.raises(data.DataError, match="data_batch_2"):
+        data.load_cifar10(tmp_path, download=False)
+    with open(folder / "data_batch_2", "wb") as fh:
+        pickle.dump({b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [3, 10]}, fh, protocol=2)
+    with pytest.raises(data.DataError, match="data_batch_2.*label"):
+        data.load_cifar10(tmp_path, download=False)
+    with open(folder / "data_batch_2", "wb") as fh:
+        pickle.dump({b"data": [["not", "pixels"]], b"labels": [1]}, fh, protocol=2)
+    with pytest.raises(data.DataError, match="data_batch_2"):
+        data.load_cifar10(tmp_path, download=False)
+
+
 def test_digits_and_batches():
     d = data.load_digits()
     assert d.train_x.shape == (1437, 1, 8, 8) and d.test_x.shape == (360, 1, 8, 8) and d.train_x.max() == 16
@@ -147,7 +244,7 @@ def test_digits_end_to_end(tmp_path, capsys):
 
     out = tmp_path / "run"
     argv = ["--dataset", "digits", "--solver", "both", "--epochs", "1", "--limit-train", "300", "--limit-test", "200",
-            "--fig-iters", "8", "--out", str(out), "--no-progress"]
+            "--fig-iters", "8", "--out", str(out), "--no-progress", "--threads", "1"]
     assert deq_cifar10.main(argv) == 0
     printed = capsys.readouterr().out
     assert "speed-up" in printed and "compute saved" in printed
@@ -171,11 +268,14 @@ def test_digits_end_to_end(tmp_path, capsys):
     again = json.loads((out / "summary.json").read_text())["comparison"]
     for key in ("speedup_total_time", "compute_saved_total", "per_sample_saved_total", "common_test_acc"):
         assert again[key] == pytest.approx(summary["comparison"][key]), key
-    # A finished run resumes to the same result, and a changed setting is refused.
+    # A finished run resumes to the same result, and a changed setting is refused: one line naming the
+    # checkpoint and the setting, exit status 2.
     assert deq_cifar10.main(argv + ["--resume"]) == 0
     assert [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] == records
-    with pytest.raises(ValueError, match="seed"):
-        deq_cifar10.main(argv + ["--resume", "--seed", "1"])
+    capsys.readouterr()
+    assert deq_cifar10.main(argv + ["--resume", "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint-forward.pt" in err and "seed" in err
 
 
 def test_ctrl_c_saves_and_resume_continues(tmp_path, monkeypatch, capsys):
@@ -183,7 +283,7 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path, monkeypatch, capsys):
 
     def argv_for(out):
         return ["--dataset", "digits", "--solver", "anderson", "--epochs", "1", "--limit-train", "300",
-                "--limit-test", "100", "--fig-iters", "3", "--out", str(out), "--no-progress"]
+                "--limit-test", "100", "--fig-iters", "3", "--out", str(out), "--no-progress", "--threads", "1"]
 
     out = tmp_path / "run"
     argv = argv_for(out)
@@ -216,7 +316,7 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path, monkeypatch, capsys):
 def test_clear_errors_for_missing_data_and_devices(tmp_path, capsys):
     from demos import deq_cifar10
 
-    base = ["--out", str(tmp_path / "o"), "--no-progress"]
+    base = ["--out", str(tmp_path / "o"), "--no-progress", "--threads", "1"]
     assert deq_cifar10.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "none")] + base) == 2
     assert "dataset-fashion-mnist" in capsys.readouterr().err
     assert deq_cifar10.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--no-download"]

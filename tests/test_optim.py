@@ -474,3 +474,9 @@ def test_demo_quick_run_writes_metrics_and_plots(tmp_path):
         (p, m) for p in ("mlp_diabetes", "burgers_pinn") for m in ("adam", "anderson", "stable_anderson")}
     payload = json.loads((out / "metrics.json").read_text())
     assert payload["quick"] and len(payload["runs"]) == 12
+    # what it prints: the thread count it chose, and the runs' lines without bare None or unexplained columns
+    assert proc.stdout.startswith("torch threads: ") and payload["machine"]["torch_threads"] >= 1
+    lines = [line for line in proc.stdout.splitlines() if "train loss" in line]
+    assert len(lines) == 12 and "None" not in proc.stdout
+    assert all("reached Adam's final loss: " in line for line in lines)
+    assert "'moving average': the share of stored iterates" in proc.stdout

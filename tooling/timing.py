@@ -8,6 +8,7 @@ runs.  torch and cupy are imported only when a backend that needs them is asked 
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import functools
 import importlib
@@ -165,6 +166,79 @@ def set_threads(lib, threads):
         importlib.import_module("torch").set_num_threads(threads)
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1 (the error names what was expected and what was given)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def default_threads():
+    """A CPU thread count that does not oversubscribe the cores, and where it comes from.
+
+    ``OMP_NUM_THREADS`` when it is set to a positive integer (the user's choice); otherwise the
+    CPUs this process may run on minus the load of the machine (the 1-minute load average,
+    rounded), at least 1.  On a loaded machine, more threads than idle cores make torch's
+    OpenMP threads spin while they wait for each other: a small model can then run a hundred
+    times slower than on one thread.
+
+    Returns
+    -------
+    threads : int
+    reason : str
+        Where the number comes from, for the printed settings.
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env), "OMP_NUM_THREADS"
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on this system: assume idle
+        load = 0.0
+    threads = max(1, min(usable, usable - round(load)))
+    return threads, f"idle CPUs: {usable} usable, load average {load:.1f}"
+
+
+def add_threads_flag(parser):
+    """Add the demos' ``--threads N`` option (torch CPU threads) to an argparse parser or group."""
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="torch CPU threads (default: OMP_NUM_THREADS when set, else the idle CPUs: the usable "
+                             "CPUs minus the load average, at least 1; printed at the start)")
+
+
+def use_threads(requested=None):
+    """Set torch's CPU threads to ``requested``, or to :func:`default_threads` when None.
+
+    Returns
+    -------
+    str
+        A line for the demo to print, e.g. ``"torch threads: 2 (idle CPUs: 2 usable, load average 0.1)"``.
+    """
+    if requested:
+        threads, reason = requested, "--threads"
+    else:
+        threads, reason = default_threads()
+        reason += "; --threads N to choose"
+    set_threads("torch", threads)
+    return f"torch threads: {threads} ({reason})"
+
+
 # --- machine and output -------------------------------------------------------------------------
 
 def _cpu_model():
@@ -207,16 +281,45 @@ def _os_name():
     return platform.platform()
 
 
-def _git_state():
-    """Commit of the checkout and whether fixedpoint/ has uncommitted changes (read-only git calls)."""
-    root = Path(__file__).resolve().parent.parent
+def _git(args, cwd):
+    """stdout of a read-only git command, or None when git is missing or fails."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "fixedpoint"], cwd=root, capture_output=True,
-                               text=True).stdout.strip()
-        return head or None, bool(dirty)
-    except OSError:
-        return None, None
+        proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def fixedpoint_source():
+    """Where the imported fixedpoint package comes from, and its git commit and state where they can be known.
+
+    The imported package may be an installed copy (site-packages) rather than a checkout's
+    ``fixedpoint/``; only a package folder tracked by git in a work tree has a known commit.
+
+    Returns
+    -------
+    dict
+        ``fixedpoint_path`` (the package folder), ``git_commit`` (the work tree's HEAD, or
+        ``"unknown"``), ``fixedpoint_uncommitted_changes`` (True, False, or ``"unknown"``) and,
+        when unknown, ``git_unknown_because``.
+    """
+    import fixedpoint
+
+    pkg = Path(fixedpoint.__file__).resolve().parent
+    info = dict(fixedpoint_path=str(pkg), git_commit="unknown", fixedpoint_uncommitted_changes="unknown")
+    top = _git(["rev-parse", "--show-toplevel"], pkg) if pkg.is_dir() else None
+    tracked = _git(["ls-files", "--", "."], pkg) if top else None
+    head = _git(["rev-parse", "HEAD"], pkg) if tracked else None
+    status = _git(["status", "--porcelain", "--", "."], pkg) if head else None
+    if top is None:
+        info["git_unknown_because"] = f"{pkg} is not in a git work tree (an installed copy?)"
+    elif not tracked:
+        info["git_unknown_because"] = f"{pkg} is not tracked by the git work tree {top} (an installed copy?)"
+    elif head is None or status is None:
+        info["git_unknown_because"] = f"git could not read the commit or the state of {top}"
+    else:
+        info.update(git_commit=head, fixedpoint_uncommitted_changes=bool(status))
+    return info
 
 
 def machine_info(libs=()):
@@ -236,7 +339,7 @@ def machine_info(libs=()):
         numpy=np.__version__, numpy_blas=blas, array_api_compat=array_api_compat.__version__,
         fixedpoint=_fixedpoint_version, gpus=[],
     )
-    info["git_commit"], info["fixedpoint_uncommitted_changes"] = _git_state()
+    info.update(fixedpoint_source())
     info["thread_env"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     if "torch" in libs:
         torch = importlib.import_module("torch")
