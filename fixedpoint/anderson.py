@@ -32,7 +32,10 @@ from .checks import check_choice, check_int, check_real
 from .interop import convert
 from .method import Method, MethodState
 
-__all__ = ["Anderson", "AndersonHistory"]
+__all__ = ["Anderson", "AndersonHistory", "LAM_MODES"]
+
+#: How the regularisation λ is measured (see :class:`Anderson`).
+LAM_MODES = ("relative", "relative_max", "absolute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +56,18 @@ class Anderson(Method):
     beta : float, default 1.0
         Mixing β in (0, 1].
     lam : float, default 1e-5
-        Regularisation λ >= 0, finite, added to the diagonal of the Gram matrix H.
-    lam_mode : {"relative", "absolute"}, default "relative"
-        "relative": the added term is λ·max_j ‖f_j‖², so that the regularisation
-        keeps its effect as the residuals shrink (an absolute λ = 1e-5 dominates H
-        once ‖f‖² < 1e-5 and stalls high-accuracy solves); "absolute": exactly λ,
-        as in arXiv 2410.19460.
+        Regularisation λ >= 0, finite, of the Gram matrix H.
+    lam_mode : {"relative", "relative_max", "absolute"}, default "relative"
+        "relative": each diagonal entry grows by λ times itself, H_jj ← (1 + λ) H_jj
+        = ‖f_j‖² (1 + λ), so that the regularisation keeps its effect as the
+        residuals shrink and does not swamp the newest (smallest) residuals when the
+        window spans several orders of magnitude (the ridge of SciPy's ``anderson``,
+        whose w0 = 0.01 is λ = 1e-4); "relative_max": λ · max_j ‖f_j‖² is added to
+        every diagonal entry (a uniform ridge at the scale of the largest residual:
+        stronger on the small ones; the "relative" of fixedpoint 0.1, kept for the
+        optimizer wrapper); "absolute": exactly λ is added to the diagonal, as in
+        arXiv 2410.19460 (it dominates H once ‖f‖² < λ and stalls high-accuracy
+        solves).
     delay : int, default 0
         Number of first iterations that take plain mixing steps
         x_{k+1} = x_k + β f_k before extrapolating (the history is still
@@ -110,7 +119,7 @@ class Anderson(Method):
             m=check_int("m", self.m, 1),
             beta=check_real("beta", self.beta, 0.0, 1.0, low_open=True),
             lam=check_real("lam", self.lam, 0.0, None),
-            lam_mode=check_choice("lam_mode", self.lam_mode, ("relative", "absolute")),
+            lam_mode=check_choice("lam_mode", self.lam_mode, LAM_MODES),
             delay=check_int("delay", self.delay, 0),
             restart_growth=check_real("restart_growth", self.restart_growth, 1.0, None, low_open=True,
                                       allow_inf=True),
@@ -157,7 +166,7 @@ class AndersonHistory(MethodState):
     def __init__(self, kern: Kernels, B: int, n: int, dtype: Any, method: Anderson) -> None:
         self.kern, self.B, self.n, self.dtype, self.method = kern, B, n, dtype, method
         self.m = m = method.m
-        self.beta, self.lam, self.relative = method.beta, method.lam, method.lam_mode == "relative"
+        self.beta, self.lam, self.lam_mode = method.beta, method.lam, method.lam_mode
         xp, dev, sxp, sdev, sdt = kern.xp, kern.device, kern.sxp, kern.sdevice, kern.sdtype
         self.R = xp.zeros((B, 2 * m, n), dtype=dtype, device=dev)  # [:, :m] g_j, [:, m:] f_j
         self.g_slots = [self.R[:, s, :] for s in range(m)]  # views made once: push() recognises its own buffer
@@ -218,8 +227,8 @@ class AndersonHistory(MethodState):
         """Mixing weights α (shape (B, m)) for the newest pair, and the samples that restarted (shape (B,)).
 
         Solves the bordered system of the module docstring with H normalised by its
-        largest valid diagonal entry (so "relative" λ is added to a unit-scale
-        diagonal).  Slots outside a sample's current history get a decoupled unit
+        largest valid diagonal entry; "relative" λ multiplies each diagonal entry by
+        1 + λ, "absolute" λ is added to it.  Slots outside a sample's current history get a decoupled unit
         row and column, hence α_j = 0 exactly.  An ``active`` sample restarts
         (history cleared to the newest pair, plain step α = e_k) when a weight is
         non-finite or exceeds ``restart_weight`` in magnitude, or when ‖f_k‖ exceeds
@@ -230,12 +239,18 @@ class AndersonHistory(MethodState):
         """
         xp, s, v, method = self.kern.sxp, (self.k - 1) % self.m, self.valid, self.method
         vf = xp.astype(v, self.kern.sdtype)
-        scale = xp.max(xp.where(v, xp.linalg.diagonal(self.G), 0.0), axis=1)
+        diag = xp.where(v, xp.linalg.diagonal(self.G), 0.0)
+        scale = xp.max(diag, axis=1)
         scale = xp.where(scale > 0.0, scale, 1.0)
-        reg = self.lam if self.relative else self.lam / scale[:, None]
+        if self.lam_mode == "relative":  # λ ‖f_j‖² on entry j
+            reg = self.lam * diag / scale[:, None]
+        elif self.lam_mode == "relative_max":  # λ max_j ‖f_j‖² on every entry (H is divided by that max)
+            reg = xp.full_like(diag, self.lam)
+        else:  # absolute: λ in the units of H
+            reg = xp.full_like(diag, self.lam) / scale[:, None]
         H = xp.where(v[:, :, None] & v[:, None, :], self.G, 0.0) / scale[:, None, None]
         A = self.A
-        A[:, 1:, 1:] = H + self.eye * (1.0 - vf * (1.0 - reg))[:, None, :]
+        A[:, 1:, 1:] = H + self.eye * xp.where(v, reg, 1.0)[:, None, :]
         A[:, 0, 1:] = vf
         A[:, 1:, 0] = vf
         alpha = self.kern.solve(A, self.rhs)[:, 1:]

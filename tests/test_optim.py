@@ -357,11 +357,12 @@ def test_bad_options_name_the_parameter(kwargs, exc, match):
 def test_method_object_is_the_same_as_keywords():
     X, y, lmin, lr = least_squares()
     by_kw = steps_to_target(X, y, lmin, lr, wrap=dict(m=4, lam=1e-3, average="off"))
-    by_obj = steps_to_target(X, y, lmin, lr, wrap=dict(method=fixedpoint.Anderson(m=4, lam=1e-3), average="off"))
+    method = fixedpoint.Anderson(m=4, lam=1e-3, lam_mode="relative_max")
+    by_obj = steps_to_target(X, y, lmin, lr, wrap=dict(method=method, average="off"))
     assert by_kw == by_obj < steps_to_target(X, y, lmin, lr)
     w = torch.zeros(3, requires_grad=True)
     sgd = torch.optim.SGD([w], lr=0.1)
-    assert AndersonAcceleration(sgd).method == fixedpoint.Anderson(lam=1e-2)  # the wrapper's default lambda
+    assert AndersonAcceleration(sgd).method == fixedpoint.Anderson(lam=1e-2, lam_mode="relative_max")  # its defaults
     with pytest.raises(TypeError, match="not both"):
         AndersonAcceleration(sgd, method=fixedpoint.Anderson(), m=3)
     with pytest.raises(TypeError, match="fixedpoint.Anderson"):

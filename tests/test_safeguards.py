@@ -80,7 +80,9 @@ def test_best_iterate_of_every_sample_when_residuals_rise_and_fall(backend, meth
     def record(info):
         seen.append(np.array(backend.numpy(info.x)))  # a copy: info.x is the solver's buffer
 
-    res = fixedpoint.solve(g, x0, method=method, batch=True, tol=1e-30, max_iter=25, callback=record)
+    # Anderson with a window of 2 (one difference): a window of m > 2 would solve these 2-D linear maps exactly
+    own = {"m": 2} if method == "anderson" else {}
+    res = fixedpoint.solve(g, x0, method=method, batch=True, tol=1e-30, max_iter=25, callback=record, **own)
     hist = res.residual_history
     assert hist.shape == (25, 4) and not np.all(np.diff(hist, axis=0) <= 0, axis=0).any()  # none monotone
     got = backend.numpy(res.x)

@@ -30,8 +30,9 @@ __all__ = ["AndersonAcceleration", "ExtrapolationRecord"]
 
 AVERAGE_MODES = ("off", "on", "auto")
 
-#: The wrapper's default regularisation λ (see the class docstring: larger than the solvers' 1e-5).
-DEFAULT_LAM = 1e-2
+#: The wrapper's default regularisation λ and how it is measured (see the class docstring: a stronger,
+#: uniform ridge than the solvers' default).
+DEFAULT_LAM, DEFAULT_LAM_MODE = 1e-2, "relative_max"
 STATUSES = ("accepted", "rejected", "restart", "short_history")
 
 
@@ -254,7 +255,7 @@ class AndersonAcceleration:
     method : fixedpoint.Anderson, optional
         The Anderson options as one object, e.g. ``Anderson(m=10, lam=1e-3)`` (its ``delay`` must be
         0: this wrapper's own ``delay`` counts optimizer steps).  Default:
-        ``Anderson(lam=1e-2, **anderson_options)``.
+        ``Anderson(lam=1e-2, lam_mode="relative_max", **anderson_options)``.
     **anderson_options
         Instead of ``method``: the options of :class:`fixedpoint.Anderson`, with the defaults below.
     m : int, default 5
@@ -267,12 +268,14 @@ class AndersonAcceleration:
     lam : float, default 1e-2
         Regularisation λ >= 0 of the least-squares problem for α (this wrapper's default; the solvers'
         is 1e-5).
-    lam_mode : {"relative", "absolute"}, default "relative"
-        As in :func:`fixedpoint.anderson`: "relative" adds λ·max_j ‖f_j‖² to the diagonal of the
-        Gram matrix, so that λ does not depend on the step size.  Consecutive optimizer steps are
-        nearly parallel, so the Gram matrix is nearly singular; λ = 1e-2 keeps the weights α
-        moderate (with 1e-6, unsafeguarded AA on Adam's iterates diverged in our runs) at the
-        price of slower convergence on deterministic quadratics (docs/stable_anderson.md).
+    lam_mode : {"relative_max", "relative", "absolute"}, default "relative_max"
+        As in :class:`fixedpoint.Anderson` (this wrapper's default): "relative_max" adds
+        λ·max_j ‖f_j‖² to every diagonal entry of the Gram matrix, so that λ does not depend on the
+        step size.  Consecutive optimizer steps are nearly parallel, so the Gram matrix is nearly
+        singular; this uniform ridge with λ = 1e-2 keeps the weights α moderate (with 1e-6,
+        unsafeguarded AA on Adam's iterates diverged in our runs) at the price of slower
+        convergence on deterministic quadratics (docs/stable_anderson.md).  The per-entry
+        "relative" ridge of the solvers regularises the small steps less.
     store_every : int, default 5
         Store an iterate every this many optimizer steps (AADL's ``store_each_nth``), >= 1.
         With averaging this is also the length of the moving average, so it must be >= 2.
@@ -339,7 +342,7 @@ class AndersonAcceleration:
         if method is None:
             check_options("AndersonAcceleration", anderson_options,
                           tuple(f.name for f in dataclasses.fields(Anderson) if f.name != "delay"))
-            method = Anderson(**{"lam": DEFAULT_LAM, **anderson_options})
+            method = Anderson(**{"lam": DEFAULT_LAM, "lam_mode": DEFAULT_LAM_MODE, **anderson_options})
         elif not isinstance(method, Anderson):
             raise TypeError(f"method must be a fixedpoint.Anderson, got {method!r}")
         elif anderson_options:
