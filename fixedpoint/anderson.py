@@ -135,7 +135,7 @@ class Anderson(Method):
 class AndersonHistory(MethodState):
     """Ring buffers and Gram matrix of Type-II Anderson acceleration for a batch of B vectors of size n.
 
-    Preallocates ``(B, 2m, n)`` values (the last m map values g_j and residuals f_j)
+    Preallocates ``(2m, B, n)`` values (the last m map values g_j and residuals f_j)
     in the vectors' library, and the ``(B, m, m)`` Gram matrix with O(B·m²)
     bookkeeping as small state (:class:`fixedpoint.backend.Kernels`: NumPy for
     host memory, the device otherwise); nothing of size n is allocated afterwards
@@ -168,9 +168,9 @@ class AndersonHistory(MethodState):
         self.m = m = method.m
         self.beta, self.lam, self.lam_mode = method.beta, method.lam, method.lam_mode
         xp, dev, sxp, sdev, sdt = kern.xp, kern.device, kern.sxp, kern.sdevice, kern.sdtype
-        self.R = xp.zeros((B, 2 * m, n), dtype=dtype, device=dev)  # [:, :m] g_j, [:, m:] f_j
-        self.g_slots = [self.R[:, s, :] for s in range(m)]  # views made once: push() recognises its own buffer
-        self.f_slots = [self.R[:, m + s, :] for s in range(m)]
+        self.R = xp.zeros((2 * m, B, n), dtype=dtype, device=dev)  # a stack: [:m] the g_j, [m:] the f_j
+        self.g_slots = [self.R[s, ...] for s in range(m)]  # views made once: push() recognises its own buffer
+        self.f_slots = [self.R[m + s, ...] for s in range(m)]
         self.row = xp.zeros((B, m), dtype=dtype, device=dev)
         self.w = xp.zeros((B, 2 * m), dtype=dtype, device=dev)
         self.G = sxp.zeros((B, m, m), dtype=sdt, device=sdev)
@@ -207,7 +207,7 @@ class AndersonHistory(MethodState):
         if f is not self.f_slots[s]:
             kern.copy(self.f_slots[s], f)
         kern.copy(self.g_slots[s], g)
-        row = kern.matvec_small(self.R[:, self.m:, :], self.f_slots[s], out=self.row)
+        row = kern.matvec_small(self.R[self.m:, ...], self.f_slots[s], out=self.row)
         self.G[:, s, :] = row
         self.G[:, :, s] = row
         self.valid[:, s] = True
@@ -266,7 +266,7 @@ class AndersonHistory(MethodState):
         """x_{k+1} = Σ_j α_j [g_j − (1 − β) f_j] into ``out`` (shape (B, n)) for weights α of shape (B, m)."""
         a = self.kern.big(alpha, self.dtype)
         if self.beta == 1.0:
-            self.kern.vecmat(out, a, self.R[:, : self.m, :])
+            self.kern.vecmat(out, a, self.R[: self.m, ...])
         else:
             self.w[:, : self.m] = a
             self.w[:, self.m:] = (self.beta - 1.0) * a

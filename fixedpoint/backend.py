@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,30 +180,78 @@ def solve_dtype(xp: Namespace, device: Any) -> Any:
     return dtypes["float64"] if "float64" in dtypes else dtypes["float32"]
 
 
+#: Test-only emulation of an accelerator on PyTorch CPU tensors (see :func:`emulate_accelerator`).
+_EMULATION: dict[str, Any] = {"on": False, "float64": True}
+
+
+@contextlib.contextmanager
+def emulate_accelerator(*, float64: bool = True) -> Iterator[None]:
+    """Within this context, treat PyTorch CPU tensors as if they lived on an accelerator (for tests).
+
+    The solvers then take the paths they take on a GPU: the vector work in PyTorch itself (not
+    through NumPy views), the small per-sample state in PyTorch instead of NumPy, no host-side
+    checks of it (so no overflow rescue), the ``check_every`` cadence of 10, and, with
+    ``float64=False``, the float32 small solve of a device without float64.  This lets CI,
+    which has no GPU, run those code paths.
+
+    Parameters
+    ----------
+    float64 : bool, default True
+        Whether the emulated device has float64 (False: the small state and solve use float32).
+    """
+    before = dict(_EMULATION)
+    _EMULATION.update(on=True, float64=float64)
+    try:
+        yield
+    finally:
+        _EMULATION.update(before)
+
+
+def _is_torch_cpu(lib: str, device: Any) -> bool:
+    return lib == "torch" and (device is None or importlib.import_module("torch").device(device).type == "cpu")
+
+
 def is_accelerator(xp: Namespace, device: Any) -> bool:
-    """True when ``device`` is not host memory (a CUDA/ROCm/... device)."""
+    """True when ``device`` is not host memory (a CUDA/ROCm/... device), or under :func:`emulate_accelerator`."""
     name = library_name(xp)
     if name == "cupy":
         return True
     if name == "torch":
-        return device.type != "cpu"
+        return not _is_torch_cpu(name, device) or _EMULATION["on"]
     return False
+
+
+#: Rows of at most this many elements use per-slot batched dot products for the Gram row (NumPy);
+#: longer rows use one matrix-vector product per sample (BLAS).
+_SHORT_ROWS = 4096
+#: Elements of the scratch block with which residual norms are computed without a temporary of size n.
+_BLOCK = 1 << 16
+#: Batches of at least this many samples solve their small systems by vectorised elimination (NumPy).
+_MANY_SAMPLES = 64
 
 
 class Kernels:
     """In-place array operations used inside the solver loops, and where the small per-sample state lives.
 
-    Vectors are 2-D ``(B, n)`` or 3-D ``(B, k, n)`` arrays of one dtype on one
-    device; ``out`` arguments are preallocated and are written, never reallocated,
-    for NumPy, CuPy and PyTorch.  Other array API libraries get the same results
-    through assignment (which allocates a temporary).
+    Vectors are ``(B, n)`` arrays (B samples of length n) of one dtype on one device;
+    a *stack* of k vectors is a ``(k, B, n)`` array (vector j of every sample
+    contiguous).  ``out`` arguments are preallocated and are written, never
+    reallocated, for NumPy, CuPy and PyTorch.  Other array API libraries get the
+    same results through assignment (which allocates a temporary).
+
+    The vector work runs in NumPy for NumPy arrays and for PyTorch CPU tensors
+    (through zero-copy ``.numpy()`` views: NumPy's batched products and reductions
+    are several times faster than PyTorch's on the CPU), in CuPy for CuPy arrays, in
+    PyTorch for PyTorch tensors on an accelerator, and through the standard for any
+    other library.  Which kernel serves an operation also depends on the shape:
+    e.g. many short samples use batched dot products and a vectorised elimination
+    where long ones use one BLAS call per sample.
 
     The solvers also keep O(B·m²) *small* state (Gram matrix, masks, per-sample
     residuals).  It lives in :attr:`sxp` on :attr:`sdevice`: NumPy when the vectors
-    are in host memory (PyTorch CPU tensors are viewed as NumPy arrays without a
-    copy, since a NumPy operation on a few numbers costs a fraction of a PyTorch
-    one), else the vectors' own library and device (no host synchronisation on
-    GPUs).
+    are in host memory (a NumPy operation on a few numbers costs a fraction of a
+    PyTorch one, and reading it costs no synchronisation), else the vectors' own
+    library and device (no host synchronisation on GPUs).
 
     Parameters
     ----------
@@ -215,39 +264,64 @@ class Kernels:
     def __init__(self, xp: Namespace, device: Any = None) -> None:
         self.xp = xp
         self.device = device
-        self.lib = library_name(xp)
-        self._raw: Any = None  # the library's own module, for its out= operations
-        if self.lib in ("numpy", "cupy", "torch"):
-            self._raw = importlib.import_module(self.lib)
-        self._torch_host = self.lib == "torch" and (device is None or self._raw.device(device).type == "cpu")
-        if self.lib == "numpy" or self._torch_host:
+        self.lib = lib = library_name(xp)
+        self._torch_cpu = _is_torch_cpu(lib, device)
+        emulated = self._torch_cpu and _EMULATION["on"]
+        #: Which library does the vector work: "numpy", "cupy", "torch" or "generic".
+        self.mode = "numpy" if lib == "numpy" or (self._torch_cpu and not emulated) else (
+            lib if lib in ("cupy", "torch") else "generic")
+        self._raw: Any = None  # the module whose out= operations do the vector work
+        if self.mode != "generic":
+            self._raw = importlib.import_module(self.mode)
+        self._views = self.mode == "numpy" and lib == "torch"  # torch CPU tensors seen as NumPy arrays
+        if self.mode == "numpy":
             self.sxp, self.sdevice = resolve_namespace("numpy"), "cpu"
         else:
             self.sxp, self.sdevice = xp, device
         self.sdtype = solve_dtype(self.sxp, self.sdevice)
+        if emulated and not _EMULATION["float64"]:
+            self.sdtype = self.sxp.float32
         #: True when the small state is NumPy, so reading it costs no device synchronisation.
         self.small_on_host = library_name(self.sxp) == "numpy"
+        self._scratch: Any = None  # a block of _BLOCK elements for norms of differences (made on first use)
+
+    # --- conversions ---------------------------------------------------------------------------
+
+    def _n(self, a: Array) -> Array:
+        """The array the vector work runs on: a NumPy view of a PyTorch CPU tensor, else ``a`` itself."""
+        return a.detach().numpy() if self._views else a
 
     def small(self, a: Array) -> Array:
         """View an array of the vectors' library as an array of :attr:`sxp` (no copy)."""
-        return a.numpy() if self._torch_host else a
+        return a.detach().numpy() if self._views else a
+
+    def big(self, a: Array, dtype: Any = None) -> Array:
+        """An array of :attr:`sxp` as an array of the vectors' library, cast to ``dtype`` if given."""
+        if self._views:
+            if not a.flags.writeable:  # e.g. a broadcast view: torch.from_numpy wants writeable memory
+                a = np.array(a)
+            a = self._raw_torch().from_numpy(a)
+            return a if dtype is None else a.to(dtype)
+        return a if dtype is None else self.xp.astype(a, dtype)
+
+    def _raw_torch(self) -> Any:
+        return importlib.import_module("torch")
 
     def _host_float64(self, a: Array) -> np.ndarray:
         """The values of a vectors' array on the host as float64 NumPy (a copy unless already so)."""
         if self.lib == "torch":
-            a = a.detach().cpu().to(self._raw.float64)
+            a = a.detach().cpu().to(self._raw_torch().float64)
         elif self.lib == "cupy":
             a = a.get()
         return np.asarray(a, dtype=np.float64)
 
-    def big(self, a: Array, dtype: Any = None) -> Array:
-        """An array of :attr:`sxp` as an array of the vectors' library, cast to ``dtype`` if given."""
-        if self._torch_host:
-            if not a.flags.writeable:  # e.g. a broadcast view: torch.from_numpy wants writeable memory
-                a = np.array(a)
-            a = self._raw.from_numpy(a)
-            return a if dtype is None else a.to(dtype)
-        return a if dtype is None else self.xp.astype(a, dtype)
+    def _coef(self, alpha: float | Array, like: Array) -> Any:
+        """A Python float as is; a per-sample small-state array ``(B,)`` as ``(B, 1)`` for the vector work."""
+        if isinstance(alpha, (int, float)):
+            return float(alpha)
+        if self.mode == "numpy":
+            return np.asarray(alpha, dtype=self._n(like).dtype)[:, None]
+        return self.xp.astype(alpha, like.dtype)[:, None]
 
     def solver_context(self) -> contextlib.ExitStack:
         """Context in which the solver runs: ``torch.no_grad()`` for PyTorch (the solve is not
@@ -256,57 +330,72 @@ class Kernels:
         state on the host, and array-api-strict computes with NumPy)."""
         stack = contextlib.ExitStack()
         if self.lib == "torch":
-            stack.enter_context(self._raw.no_grad())
+            stack.enter_context(self._raw_torch().no_grad())
         stack.enter_context(np.errstate(all="ignore"))
         return stack
 
+    # --- elementwise -----------------------------------------------------------------------------
+
     def sub(self, out: Array, a: Array, b: Array) -> None:
         """``out[...] = a - b``."""
-        if self.lib == "torch":
+        if self.mode == "torch":
             self._raw.sub(a, b, out=out)
         elif self._raw is not None:
-            self._raw.subtract(a, b, out=out)
+            n = self._n
+            self._raw.subtract(n(a), n(b), out=n(out))
         else:
             out[...] = a - b
 
     def copy(self, out: Array, a: Array) -> None:
         """``out[...] = a``."""
-        if self.lib == "torch":
+        if self.mode == "torch":
             out.copy_(a)
         elif self._raw is not None:
-            self._raw.copyto(out, a)
+            self._raw.copyto(self._n(out), self._n(a))
         else:
             out[...] = a
-
-    def _coef(self, alpha, dtype):
-        """A Python float as is; a per-sample small-state array ``(B,)`` as ``(B, 1)`` in the vectors' library."""
-        if isinstance(alpha, (int, float)):
-            return float(alpha)
-        return self.big(alpha, dtype)[:, None]
 
     def add_scaled(self, out: Array, a: Array, alpha: float | Array, b: Array) -> None:
         """``out[...] = a + alpha * b``, ``alpha`` a Python float or a per-sample small-state array of shape ``(B,)``.
 
         ``out`` must not overlap ``a`` or ``b``.
         """
-        alpha = self._coef(alpha, out.dtype)
-        if self.lib == "torch" and isinstance(alpha, float):
-            self._raw.add(a, b, alpha=alpha, out=out)
-        elif self.lib == "torch":
-            self._raw.addcmul(a, b, alpha, out=out)
+        alpha = self._coef(alpha, out)
+        if self.mode == "torch":
+            if isinstance(alpha, float):
+                self._raw.add(a, b, alpha=alpha, out=out)
+            else:
+                self._raw.addcmul(a, b, alpha, out=out)
         elif self._raw is not None:
-            self._raw.multiply(b, alpha, out=out)
-            self._raw.add(out, a, out=out)
+            n = self._n
+            o = n(out)
+            self._raw.multiply(n(b), alpha, out=o)
+            self._raw.add(o, n(a), out=o)
         else:
             out[...] = a + alpha * b
 
     def scale(self, out: Array, a: Array, alpha: float | Array) -> None:
         """``out[...] = alpha * a``, ``alpha`` a Python float or a per-sample small-state array of shape ``(B,)``."""
-        alpha = self._coef(alpha, out.dtype)
-        if self._raw is not None:
-            self._raw.multiply(a, alpha, out=out)
+        alpha = self._coef(alpha, out)
+        if self.mode == "torch":
+            self._raw.mul(a, alpha, out=out)
+        elif self._raw is not None:
+            self._raw.multiply(self._n(a), alpha, out=self._n(out))
         else:
             out[...] = alpha * a
+
+    def lerp(self, out: Array, a: Array, b: Array, weight: float) -> None:
+        """``out[...] = a + weight * (b - a)`` for a Python float ``weight``; ``out`` must not overlap ``a`` or ``b``."""
+        if self.mode == "torch":
+            self._raw.lerp(a, b, weight, out=out)
+        elif self._raw is not None:
+            n = self._n
+            o = n(out)
+            self._raw.subtract(n(b), n(a), out=o)
+            self._raw.multiply(o, weight, out=o)
+            self._raw.add(o, n(a), out=o)
+        else:
+            out[...] = a + weight * (b - a)
 
     def copy_rows_where(self, out: Array, a: Array, mask: Array) -> None:
         """``out[i] = a[i]`` for the rows ``i`` where the boolean ``mask`` (shape ``(B,)``, small state) is true.
@@ -319,64 +408,91 @@ class Kernels:
             if mask.all():
                 self.copy(out, a)
                 return
-        m = self.big(mask)[:, None]
-        if self.lib == "torch":
-            self._raw.where(m, a, out, out=out)
+        if self.mode == "torch":
+            self._raw.where(mask[:, None], a, out, out=out)
         elif self._raw is not None:
-            self._raw.copyto(out, a, where=m)
+            self._raw.copyto(self._n(out), self._n(a), where=mask[:, None])
         else:
-            out[...] = self.xp.where(m, a, out)
+            out[...] = self.xp.where(mask[:, None], a, out)
+
+    # --- products with a stack of vectors ----------------------------------------------------------
 
     def matvec(self, out: Array, A: Array, v: Array) -> None:
-        """``out[b, :] = A[b] @ v[b]`` with ``A`` of shape ``(B, k, n)``, ``v`` ``(B, n)``, ``out`` ``(B, k)``."""
-        if self._raw is not None:
-            self._raw.matmul(A, v[:, :, None], out=out[:, :, None])
+        """``out[b, j] = ⟨A[j, b], v[b]⟩`` for a stack ``A`` ``(k, B, n)``, ``v`` ``(B, n)``, ``out`` ``(B, k)``."""
+        k, B, n = A.shape
+        if self.mode == "numpy":
+            A, v, out = self._n(A), self._n(v), self._n(out)
+            if B == 1:
+                np.matmul(A[:, 0, :], v[0], out=out[0])
+            elif n <= _SHORT_ROWS:  # many short rows: per slot, one batched dot product (no BLAS call per row)
+                for j in range(k):
+                    np.matmul(A[j][:, None, :], v[:, :, None], out=out[:, j, None, None])
+            else:
+                np.matmul(A.transpose(1, 0, 2), v[:, :, None], out=out[:, :, None])
+        elif self._raw is not None:
+            self._raw.matmul(self.xp.permute_dims(A, (1, 0, 2)), v[:, :, None], out=out[:, :, None])
         else:
-            out[...] = (A @ v[:, :, None])[:, :, 0]
+            out[...] = (self.xp.permute_dims(A, (1, 0, 2)) @ v[:, :, None])[:, :, 0]
 
     def vecmat(self, out: Array, w: Array, A: Array) -> None:
-        """``out[b, :] = w[b] @ A[b]`` with ``w`` of shape ``(B, k)``, ``A`` ``(B, k, n)``, ``out`` ``(B, n)``."""
-        if self._raw is not None and A.shape[1] == 1:  # NumPy's matmul is slow for an inner size of 1
-            self._raw.multiply(A[:, 0, :], w, out=out)
+        """``out[b] = Σ_j w[b, j] A[j, b]`` for ``w`` ``(B, k)``, a stack ``A`` ``(k, B, n)``, ``out`` ``(B, n)``."""
+        k, B, n = A.shape
+        if self.mode == "numpy":
+            A, w, out = self._n(A), self._n(w), self._n(out)
+            if k == 1:
+                np.multiply(A[0], w, out=out)
+            elif B == 1:
+                np.matmul(w[0], A[:, 0, :], out=out[0])
+            else:
+                np.matmul(w[:, None, :], A.transpose(1, 0, 2), out=out[:, None, :])
         elif self._raw is not None:
-            self._raw.matmul(w[:, None, :], A, out=out[:, None, :])
+            self._raw.matmul(w[:, None, :], self.xp.permute_dims(A, (1, 0, 2)), out=out[:, None, :])
         else:
-            out[...] = (w[:, None, :] @ A)[:, 0, :]
+            out[...] = (w[:, None, :] @ self.xp.permute_dims(A, (1, 0, 2)))[:, 0, :]
+
+    # --- reductions into small state ---------------------------------------------------------------
+
+    def matvec_small(self, A: Array, v: Array, out: Array | None = None) -> Array:
+        """:meth:`matvec` of a stack ``A`` ``(k, B, n)`` and ``v`` ``(B, n)`` as small state ``(B, k)`` in :attr:`sdtype`.
+
+        The product runs in the vectors' dtype (into ``out``, shape ``(B, k)`` of that dtype; a
+        temporary when not given).  With the small state on the host, entries that came out
+        non-finite are recomputed in float64 from scaled copies: float32 data then never
+        overflows (magnitudes up to 3.4e38), and float64 data only when the true value exceeds
+        the float64 range.  On a device the check would synchronise, so there a non-finite
+        entry stays as it is.
+        """
+        if out is None:
+            out = self.xp.empty((v.shape[0], A.shape[0]), dtype=v.dtype, device=self.device)
+        self.matvec(out, A, v)
+        s = self.sxp.astype(self.small(out), self.sdtype)
+        if self.small_on_host and not np.isfinite(s).all():
+            bad = np.nonzero(~np.isfinite(s).all(axis=1))[0]
+            A64, v64 = self._host_float64(A[:, bad, :]), self._host_float64(v[bad, :])
+            sa = np.max(np.abs(A64), axis=2, keepdims=True)
+            sv = np.max(np.abs(v64), axis=1, keepdims=True)
+            sa, sv = np.where(sa > 0, sa, 1.0), np.where(sv > 0, sv, 1.0)
+            scaled = np.einsum("kbn,bn->bk", A64 / sa, v64 / sv)
+            s = np.array(s, copy=True)
+            s[bad, :] = scaled * sa[:, :, 0].T * sv
+        return s
+
+    def _sqsum(self, a: Array) -> Array:
+        """Σ_n a[b, n]² per row, in the vectors' dtype, as small state in :attr:`sdtype` (no temporary of size n)."""
+        if self.mode == "numpy":
+            a = self._n(a)
+            return np.asarray((a[:, None, :] @ a[:, :, None])[:, 0, 0], dtype=self.sdtype)
+        if self.mode == "torch":
+            return self._raw.linalg.vector_norm(a, dim=1).to(self.sdtype) ** 2
+        return self.sxp.astype((a[:, None, :] @ a[:, :, None])[:, 0, 0], self.sdtype)
 
     def dot(self, a: Array, b: Array) -> Array:
         """Inner product of each row of ``a`` with the same row of ``b`` (both ``(B, n)``).
 
-        Returns small state of shape ``(B,)`` in :attr:`sdtype`.  Computed in the vectors' dtype;
-        with the small state on the host, a result that overflowed there is recomputed in float64
-        with scaling (:meth:`matvec_small`).
+        Returns small state of shape ``(B,)`` in :attr:`sdtype`, with the overflow rescue of
+        :meth:`matvec_small`.
         """
-        return self.matvec_small(a[:, None, :], b)[:, 0]
-
-    def matvec_small(self, A: Array, v: Array, out: Array | None = None) -> Array:
-        """``A[b] @ v[b]`` for ``A`` of shape ``(B, k, n)``, ``v`` ``(B, n)``: small state ``(B, k)`` in :attr:`sdtype`.
-
-        The product runs in the vectors' dtype (into ``out``, shape ``(B, k)`` of that dtype, when
-        given).  With the small state on the host, entries that came out non-finite are recomputed
-        in float64 from scaled copies: float32 data then never overflows (magnitudes up to 3.4e38),
-        and float64 data only when the true value exceeds the float64 range.  On a device the
-        check would synchronise, so there a non-finite entry stays as it is.
-        """
-        if out is None:
-            prod = (A @ v[:, :, None])[:, :, 0]
-        else:
-            self.matvec(out, A, v)
-            prod = out
-        s = self.sxp.astype(self.small(prod), self.sdtype)
-        if self.small_on_host and not np.isfinite(s).all():
-            bad = np.nonzero(~np.isfinite(s).all(axis=1))[0]
-            A64, v64 = self._host_float64(A[bad, ...]), self._host_float64(v[bad, ...])
-            sa = np.max(np.abs(A64), axis=2, keepdims=True)
-            sv = np.max(np.abs(v64), axis=1, keepdims=True)
-            sa, sv = np.where(sa > 0, sa, 1.0), np.where(sv > 0, sv, 1.0)
-            scaled = np.einsum("bkn,bn->bk", A64 / sa, v64 / sv)
-            s = np.array(s, copy=True)
-            s[bad, :] = scaled * sa[:, :, 0] * sv
-        return s
+        return self.matvec_small(a[None, ...], b)[:, 0]
 
     def norms(self, a: Array) -> Array:
         """Euclidean norm of each row of ``a`` (shape ``(B, n)``): small state of shape ``(B,)``, :attr:`sdtype`.
@@ -385,13 +501,48 @@ class Kernels:
         norm that overflowed there is recomputed in float64 with scaling, so that it is finite
         whenever the vector is finite and its norm fits in float64 (see :meth:`matvec_small`).
         """
-        sq = self.sxp.astype(self.small((a[:, None, :] @ a[:, :, None])[:, 0, 0]), self.sdtype)
-        r = self.sxp.sqrt(sq)
+        r = self.sxp.sqrt(self._sqsum(a))
         if self.small_on_host and not np.isfinite(r).all():
             r = np.array(r, copy=True)
             for i in np.nonzero(~np.isfinite(r))[0]:
                 r[i] = self.safe_norm(self._host_float64(a[i, ...]))
         return r
+
+    def diff_norms(self, a: Array, b: Array) -> Array:
+        """‖a[i] − b[i]‖₂ per row of ``(B, n)`` arrays, as :meth:`norms`, without a temporary of size n.
+
+        The difference is formed block by block in a scratch array of a fixed size
+        (2**16 elements; CuPy: one fused reduction kernel), so forward iteration needs no
+        residual vector of its own.
+        """
+        B, n = a.shape
+        if self.mode == "cupy":
+            return self.sxp.sqrt(self.sxp.astype(_cupy_sqdiff()(a, b, axis=1), self.sdtype))
+        if self.mode == "generic" or B * n <= _BLOCK:
+            return self.norms(a - b)
+        if self._scratch is None or self._scratch.dtype != a.dtype:
+            self._scratch = self.xp.empty((_BLOCK,), dtype=a.dtype, device=self.device)
+        acc = self.sxp.zeros((B,), dtype=self.sdtype, device=self.sdevice)
+        if n >= _BLOCK:  # long rows: column blocks of each row
+            for i in range(B):
+                parts = []
+                for c in range(0, n, _BLOCK):
+                    tmp = self._scratch[: min(_BLOCK, n - c)][None, :]
+                    self.sub(tmp, a[i:i + 1, c:c + _BLOCK], b[i:i + 1, c:c + _BLOCK])
+                    parts.append(self._sqsum(tmp))
+                acc[i:i + 1] = sum(parts[1:], parts[0])
+        else:  # short rows: blocks of whole rows
+            rows = _BLOCK // n
+            for r in range(0, B, rows):
+                tmp = self.xp.reshape(self._scratch[: min(rows, B - r) * n], (-1, n))
+                self.sub(tmp, a[r:r + rows], b[r:r + rows])
+                acc[r:r + rows] = self._sqsum(tmp)
+        out = self.sxp.sqrt(acc)
+        if self.small_on_host and not np.isfinite(out).all():
+            out = np.array(out, copy=True)
+            for i in np.nonzero(~np.isfinite(out))[0]:
+                out[i] = self.safe_norm(self._host_float64(a[i, ...]) - self._host_float64(b[i, ...]))
+        return out
 
     @staticmethod
     def safe_norm(v: np.ndarray) -> float:
@@ -403,19 +554,26 @@ class Kernels:
             return 0.0
         return scale * float(np.sqrt(np.dot(v / scale, v / scale)))
 
+    # --- the small solve -----------------------------------------------------------------------------
+
     def solve(self, A: Array, b: Array) -> Array:
         """Batched solve of ``A[i] @ x[i] = b[i]`` for small state ``A`` ``(B, k, k)`` and ``b`` ``(B, k)``.
 
         Never raises for a singular system and never synchronises with the host on
         GPUs: rows whose system is singular come back non-finite, which the caller
-        treats as a failed extrapolation.
+        treats as a failed extrapolation.  With NumPy and many samples the systems are
+        solved together by vectorised Gaussian elimination with partial pivoting (one
+        NumPy operation per elimination step over the whole batch, instead of one
+        LAPACK call per sample).
         """
         sxp, slib = self.sxp, library_name(self.sxp)
         if slib == "torch":
-            return self._raw.linalg.solve_ex(A, b)[0]
+            return self._raw_torch().linalg.solve_ex(A, b)[0]
         if slib == "cupy":  # cuSOLVER path: no singularity check, no synchronisation
             return sxp.linalg.solve(A, b[:, :, None])[:, :, 0]
         if slib == "numpy":
+            if A.shape[0] >= _MANY_SAMPLES:
+                return _eliminate(np.array(A, dtype=np.float64), np.array(b, dtype=np.float64))
             sxp = np  # the wrapped namespace's solve adds tens of microseconds of checks
         try:
             return sxp.linalg.solve(A, b[:, :, None])[:, :, 0]
@@ -427,6 +585,34 @@ class Kernels:
                 except Exception:
                     rows.append(sxp.full(b.shape[1:], float("nan"), dtype=b.dtype, device=array_api_compat.device(b)))
             return sxp.stack(rows)
+
+
+def _eliminate(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve ``A[i] x[i] = b[i]`` for a batch of small systems by Gaussian elimination with partial pivoting,
+    vectorised over the batch (A and b are overwritten).  Singular systems give non-finite rows."""
+    B, k, _ = A.shape
+    rows = np.arange(B)
+    for p in range(k):
+        piv = p + np.argmax(np.abs(A[:, p:, p]), axis=1)
+        swap = piv != p
+        if swap.any():
+            idx = rows[swap]
+            A[idx, p], A[idx, piv[swap]] = A[idx, piv[swap]].copy(), A[idx, p].copy()
+            b[idx, p], b[idx, piv[swap]] = b[idx, piv[swap]].copy(), b[idx, p].copy()
+        factor = A[:, p + 1:, p] / A[:, p, p][:, None]
+        A[:, p + 1:, p:] -= factor[:, :, None] * A[:, p, None, p:]
+        b[:, p + 1:] -= factor * b[:, p, None]
+    x = np.empty_like(b)
+    for p in range(k - 1, -1, -1):
+        x[:, p] = (b[:, p] - np.einsum("bj,bj->b", A[:, p, p + 1:], x[:, p + 1:])) / A[:, p, p]
+    return x
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_sqdiff() -> Any:
+    """A CuPy reduction kernel: Σ (a − b)² along an axis, in one pass and without a temporary."""
+    cupy = importlib.import_module("cupy")
+    return cupy.ReductionKernel("T a, T b", "T y", "(a - b) * (a - b)", "a + b", "y = a", "0", "fixedpoint_sqdiff")
 
 
 def synchronize(where: Any) -> None:

@@ -118,13 +118,13 @@ class _BroydenState(MethodState):
         self.m, self.beta = m, _ = method.m, method.beta
         self.degenerate_tol, self.restart_growth = method.degenerate_tol, method.restart_growth
         xp, dev, sxp, sdev, sdt = kern.xp, kern.device, kern.sxp, kern.sdevice, kern.sdtype
-        # U: the u_i in rows 0..m-1 and f_k in row m; V: the v_i in rows 0..m-1 and the last step p in row m,
+        # Stacks U: the u_i in 0..m-1 and f_k in m; V: the v_i in 0..m-1 and the last step p in m,
         # so that h = -beta f + sum c_i u_i and v_new = -beta p + sum d_i v_i are one product each.
-        self.U = xp.zeros((B, m + 1, n), dtype=dtype, device=dev)
-        self.V = xp.zeros((B, m + 1, n), dtype=dtype, device=dev)
-        self.f, self.p = self.U[:, m, :], self.V[:, m, :]
-        self.u_slots = [self.U[:, s, :] for s in range(m)]
-        self.v_slots = [self.V[:, s, :] for s in range(m)]
+        self.U = xp.zeros((m + 1, B, n), dtype=dtype, device=dev)
+        self.V = xp.zeros((m + 1, B, n), dtype=dtype, device=dev)
+        self.f, self.p = self.U[m, ...], self.V[m, ...]
+        self.u_slots = [self.U[s, ...] for s in range(m)]
+        self.v_slots = [self.V[s, ...] for s in range(m)]
         self.h = xp.empty((B, n), dtype=dtype, device=dev)
         self.v_new = xp.empty((B, n), dtype=dtype, device=dev)
         self.row = xp.zeros((B, m), dtype=dtype, device=dev)
@@ -139,7 +139,7 @@ class _BroydenState(MethodState):
 
     def _coefficients(self, basis, vector):
         """⟨basis_i, vector⟩ for the stored slots (small state (B, m)), zero for slots not in use."""
-        self.kern.matvec(self.row, basis[:, : self.m, :], vector)
+        self.kern.matvec(self.row, basis[: self.m, ...], vector)
         c = self.kern.sxp.astype(self.kern.small(self.row), self.kern.sdtype)
         return self.kern.sxp.where(self.valid, c, 0.0)
 

@@ -32,8 +32,8 @@ class ForwardIteration(Method):
 
     Notes
     -----
-    Memory: one vector of size n per sample (the residual) besides the loop's
-    iterates.  Work per iteration besides g: O(n).
+    Memory: nothing besides the loop's iterates (the residual norm is computed
+    without forming the residual).  Work per iteration besides g: O(n).
     """
 
     name = "forward"
@@ -49,12 +49,14 @@ class ForwardIteration(Method):
 
 
 class _ForwardState(MethodState):
+    """No buffer of its own: the loop measures ‖g(x) − x‖ without forming the residual."""
+
     def __init__(self, kern: Kernels, B: int, n: int, dtype: Any, damping: float) -> None:
-        super().__init__(kern, B, n, dtype)
+        super().__init__(kern, B, n, dtype, residual=False)
         self.damping = damping
 
     def step(self, x: Any, gx: Any, f: Any, active: Any, out: Any) -> None:
         if self.damping == 1.0:
             self.kern.copy(out, gx)
         else:
-            self.kern.add_scaled(out, x, self.damping, f)
+            self.kern.lerp(out, x, gx, self.damping)

@@ -208,10 +208,11 @@ class _Loop:
                 gx = xp.reshape(call(xp.reshape(x, shape)), (B, n))
                 self.n_fev += 1
                 f = state.residual_buffer()
-                kern.sub(f, gx, x)
+                if f is not None:
+                    kern.sub(f, gx, x)
                 fnorm = state.observe(x, gx, f)
                 if fnorm is None:
-                    fnorm = kern.norms(f)
+                    fnorm = kern.norms(f) if f is not None else kern.diff_norms(gx, x)
                 r = fnorm
                 if rel:  # a non-finite ‖g(x)‖ makes the residual non-finite, never 0
                     gnorm = kern.norms(gx)

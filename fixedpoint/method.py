@@ -49,14 +49,21 @@ class MethodState:
         Number of samples and length of each sample's vector.
     dtype
         Dtype of the vectors (the iterate's floating dtype).
+    residual : bool, default True
+        Allocate the residual buffer ``self.f`` (False: :meth:`residual_buffer` returns None).
     """
 
-    def __init__(self, kern: Kernels, B: int, n: int, dtype: Any) -> None:
+    def __init__(self, kern: Kernels, B: int, n: int, dtype: Any, *, residual: bool = True) -> None:
         self.kern, self.B, self.n, self.dtype = kern, B, n, dtype
-        self.f = kern.xp.empty((B, n), dtype=dtype, device=kern.device)
+        self.f = kern.xp.empty((B, n), dtype=dtype, device=kern.device) if residual else None
 
-    def residual_buffer(self) -> Any:
-        """The ``(B, n)`` buffer into which the loop writes f_k = g(x_k) − x_k before :meth:`observe`."""
+    def residual_buffer(self) -> Any | None:
+        """The ``(B, n)`` buffer into which the loop writes f_k = g(x_k) − x_k before :meth:`observe`.
+
+        A method that needs no more than the norms of f_k may return None: the loop then computes
+        ‖g(x_k) − x_k‖ without forming f_k (:meth:`Kernels.diff_norms`), and ``observe`` and
+        ``step`` receive ``f=None``.
+        """
         return self.f
 
     def observe(self, x: Any, gx: Any, f: Any) -> Any | None:
