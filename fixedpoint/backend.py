@@ -385,7 +385,7 @@ class Kernels:
             out[...] = alpha * a
 
     def lerp(self, out: Array, a: Array, b: Array, weight: float) -> None:
-        """``out[...] = a + weight * (b - a)`` for a Python float ``weight``; ``out`` must not overlap ``a`` or ``b``."""
+        """``out[...] = a + weight * (b - a)`` for a Python float ``weight``; ``out`` may not overlap ``a``, ``b``."""
         if self.mode == "torch":
             self._raw.lerp(a, b, weight, out=out)
         elif self._raw is not None:
@@ -453,7 +453,7 @@ class Kernels:
     # --- reductions into small state ---------------------------------------------------------------
 
     def matvec_small(self, A: Array, v: Array, out: Array | None = None) -> Array:
-        """:meth:`matvec` of a stack ``A`` ``(k, B, n)`` and ``v`` ``(B, n)`` as small state ``(B, k)`` in :attr:`sdtype`.
+        """:meth:`matvec` of a stack ``A`` ``(k, B, n)`` and ``v`` ``(B, n)``: small state ``(B, k)``, :attr:`sdtype`.
 
         The product runs in the vectors' dtype (into ``out``, shape ``(B, k)`` of that dtype; a
         temporary when not given).  With the small state on the host, entries that came out
@@ -608,7 +608,7 @@ def _eliminate(A: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cupy_sqdiff() -> Any:
     """A CuPy reduction kernel: Σ (a − b)² along an axis, in one pass and without a temporary."""
     cupy = importlib.import_module("cupy")
