@@ -348,11 +348,11 @@ def conv_case(batch: int, libs: set[str]) -> Case:
     cell64, x64 = copy.deepcopy(deq.cell).double(), deq.x.double()
 
     def g_numpy(z: np.ndarray) -> np.ndarray:
-        return deq.g(torch.from_numpy(z)).numpy()
+        return deq.g(torch.from_dlpack(z)).numpy()
 
     def g64(z: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return cell64(torch.from_numpy(z), x64).numpy()
+            return cell64(torch.from_dlpack(z), x64).numpy()
 
     def reference() -> np.ndarray:
         res = fixedpoint.solve(g64, np.zeros(tuple(deq.x.shape)), method=fixedpoint.Anderson(), tol=1e-10,

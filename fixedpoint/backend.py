@@ -540,8 +540,8 @@ class Kernels:
         out = self.sxp.sqrt(acc)
         if self.small_on_host and not np.isfinite(out).all():
             out = np.array(out, copy=True)
-            for i in np.nonzero(~np.isfinite(out))[0]:
-                out[i] = self.safe_norm(self._host_float64(a[i, ...]) - self._host_float64(b[i, ...]))
+            for j in np.nonzero(~np.isfinite(out))[0]:
+                out[j] = self.safe_norm(self._host_float64(a[j, ...]) - self._host_float64(b[j, ...]))
         return out
 
     @staticmethod
