@@ -118,37 +118,37 @@ class _BroydenState(MethodState):
         self.m, self.beta = m, _ = method.m, method.beta
         self.degenerate_tol, self.restart_growth = method.degenerate_tol, method.restart_growth
         xp, dev, sxp, sdev, sdt = kern.xp, kern.device, kern.sxp, kern.sdevice, kern.sdtype
-        # Stacks U: the u_i in 0..m-1 and f_k in m; V: the v_i in 0..m-1 and the last step p in m,
-        # so that h = -beta f + sum c_i u_i and v_new = -beta p + sum d_i v_i are one product each.
-        self.U = xp.zeros((m + 1, B, n), dtype=dtype, device=dev)
-        self.V = xp.zeros((m + 1, B, n), dtype=dtype, device=dev)
-        self.f, self.p = self.U[m, ...], self.V[m, ...]
-        self.u_slots = [self.U[s, ...] for s in range(m)]
-        self.v_slots = [self.V[s, ...] for s in range(m)]
+        # Stacks U: f_k in row 0 and the u_i in rows 1..m; V: the last step p in row 0 and the v_i in rows 1..m,
+        # so that h = -beta f + sum c_i u_i and v_new = -beta p + sum d_i v_i are one product each over the
+        # rows in use (rows are filled in order, so those are always the first ones; nothing is read unwritten).
+        self.U = xp.empty((m + 1, B, n), dtype=dtype, device=dev)
+        self.V = xp.empty((m + 1, B, n), dtype=dtype, device=dev)
+        self.f, self.p = self.U[0, ...], self.V[0, ...]
+        self.u_slots = [self.U[1 + s, ...] for s in range(m)]
+        self.v_slots = [self.V[1 + s, ...] for s in range(m)]
         self.h = xp.empty((B, n), dtype=dtype, device=dev)
         self.v_new = xp.empty((B, n), dtype=dtype, device=dev)
         self.row = xp.zeros((B, m), dtype=dtype, device=dev)
         self.w = xp.zeros((B, m + 1), dtype=dtype, device=dev)
+        self.w[:, 0] = -self.beta
         self.valid = sxp.zeros((B, m), dtype=sxp.bool, device=sdev)
         self.ref_r = sxp.full((B,), float("inf"), dtype=sdt, device=sdev)
-        self.zero = sxp.zeros((B,), dtype=sdt, device=sdev)
         slots = sxp.arange(m, device=sdev)
         self.onehot_b = [slots == s for s in range(m)]
         self.k = 0  # iterations observed
         self.n_updates = 0  # pairs written (the next one goes to slot n_updates % m)
 
-    def _coefficients(self, basis, vector):
-        """⟨basis_i, vector⟩ for the stored slots (small state (B, m)), zero for slots not in use."""
-        self.kern.matvec(self.row, basis[: self.m, ...], vector)
-        c = self.kern.sxp.astype(self.kern.small(self.row), self.kern.sdtype)
-        return self.kern.sxp.where(self.valid, c, 0.0)
+    def _coefficients(self, basis, vector, used):
+        """⟨basis_i, vector⟩ for the ``used`` stored pairs (small state (B, used)), zero for pairs not valid."""
+        row = self.row[:, :used]
+        self.kern.matvec(row, basis[1:1 + used, ...], vector)
+        c = self.kern.sxp.astype(self.kern.small(row), self.kern.sdtype)
+        return self.kern.sxp.where(self.valid[:, :used], c, 0.0)
 
-    def _combine(self, out, coef, basis):
-        """out = −β · basis[m] + Σ_i coef_i basis[i] (one product over the m + 1 rows)."""
-        sxp = self.kern.sxp
-        self.w[...] = self.kern.big(sxp.concat([coef, sxp.full((self.B, 1), -self.beta, dtype=coef.dtype,
-                                                                 device=self.kern.sdevice)], axis=1), self.dtype)
-        self.kern.vecmat(out, self.w, basis)
+    def _combine(self, out, coef, basis, used):
+        """out = −β · basis[0] + Σ_i coef_i basis[1 + i] over the ``used`` pairs (one product)."""
+        self.w[:, 1:1 + used] = self.kern.big(coef, self.dtype)
+        self.kern.vecmat(out, self.w[:, :1 + used], basis[:1 + used, ...])
 
     def observe(self, x: Any, gx: Any, f: Any) -> Any:
         r = self.kern.norms(f)
@@ -163,11 +163,11 @@ class _BroydenState(MethodState):
             kern.scale(self.p, f, self.beta)
             kern.add_scaled(out, x, 1.0, self.p)
             return None
-        s = self.n_updates % self.m
-        c = self._coefficients(self.V, f)                 # v_i . f_k
-        self._combine(self.h, c, self.U)                  # h = H f_k
-        d = self._coefficients(self.U, self.p)            # u_i . p
-        self._combine(self.v_new, d, self.V)              # v_new = H^T p
+        s, used, full = self.n_updates % self.m, min(self.n_updates, self.m), self.n_updates >= self.m
+        c = self._coefficients(self.V, f, used)           # v_i . f_k
+        self._combine(self.h, c, self.U, used)            # h = H f_k
+        d = self._coefficients(self.U, self.p, used)      # u_i . p
+        self._combine(self.v_new, d, self.V, used)        # v_new = H^T p
         hp, pp, hh = kern.dot(self.h, self.p), kern.dot(self.p, self.p), kern.dot(self.h, self.h)
         denom = hp + pp                                   # p^T H (f_k - f_{k-1})
         norm_a = sxp.sqrt(sxp.maximum(hh + 2.0 * hp + pp, 0.0))
@@ -176,10 +176,12 @@ class _BroydenState(MethodState):
         ok = (sxp.abs(denom) > self.degenerate_tol * sxp.sqrt(pp) * norm_a) & ~growth  # False for NaN
         restart = active & ~ok
         safe = sxp.where(ok, denom, 1.0)
-        c_old = c[:, s]
         # p_{k+1} = -h (1 - v_new.f / denom) + u_old (v_old.f) for a sample that updates; beta f after a restart
         kern.scale(out, self.h, sxp.where(ok, vf / safe - 1.0, 0.0))
-        kern.add_scaled(self.p, out, sxp.where(ok, c_old, 0.0), self.u_slots[s])
+        if full:  # the pair in slot s is dropped: remove it from the step
+            kern.add_scaled(self.p, out, sxp.where(ok, c[:, s], 0.0), self.u_slots[s])
+        else:
+            kern.copy(self.p, out)
         kern.copy_rows_where(self.p, f, ~ok)
         if self.beta != 1.0:
             kern.scale(out, self.p, sxp.where(ok, 1.0, self.beta))
