@@ -192,7 +192,7 @@ def _read_only_message(lib):
             "into a new array (y = 0.5 * x + 1, not x *= 0.5; x += 1; return x)")
 
 
-def call_map(g: Callable[[Array], Array], x: Array) -> Array:
+def call_map(g: Callable[..., Array], x: Array, *args: Any) -> Array:
     """Evaluate a user's map ``g`` at ``x`` as the solvers do, and check what it returns.
 
     ``g`` must not modify its argument (the solver's iterate) and must return an array of
@@ -207,14 +207,16 @@ def call_map(g: Callable[[Array], Array], x: Array) -> Array:
     Parameters
     ----------
     g : callable
-        ``g(x) -> array``.
+        ``g(x, *args) -> array``.
     x : array
         The argument, any shape.
+    *args
+        Further arguments passed on unchecked (e.g. the sample indices of a compacted batch).
 
     Returns
     -------
     array
-        ``g(x)``.
+        ``g(x, *args)``.
 
     Raises
     ------
@@ -233,7 +235,7 @@ def call_map(g: Callable[[Array], Array], x: Array) -> Array:
     elif lib == "torch" and not x.is_inference():
         version = x._version
     try:
-        y = g(x)
+        y = g(x, *args)
     except ValueError as exc:
         if lib == "numpy" and "read-only" in str(exc):
             raise ValueError(_read_only_message(lib)) from exc
@@ -281,7 +283,8 @@ def wrap_map(g: Callable[[Array], Array], caller: str | Namespace, solver: str |
     Returns
     -------
     callable
-        ``h(x_solver) -> array of the solver's library``, converting both ways with
+        ``h(x_solver, *args) -> array of the solver's library``, converting both ways (``args``
+        are arrays too, converted to the caller's library and device) with
         :func:`convert` (zero-copy on a shared device) and calling ``g`` through
         :func:`call_map`; ``g`` itself when both libraries and dtypes are the same.
     """
@@ -290,8 +293,9 @@ def wrap_map(g: Callable[[Array], Array], caller: str | Namespace, solver: str |
         return g
 
     @functools.wraps(g)
-    def wrapped(x):
-        y = call_map(g, convert(x, caller, device=caller_device, dtype=caller_dtype))
+    def wrapped(x, *args):
+        extra = [convert(a, caller, device=caller_device) for a in args]  # e.g. sample indices
+        y = call_map(g, convert(x, caller, device=caller_device, dtype=caller_dtype), *extra)
         return convert(y, solver, device=None, dtype=solver_dtype)
 
     return wrapped

@@ -15,6 +15,7 @@ with ``B = 1`` unless ``batch=True``.
 from __future__ import annotations
 
 import functools
+import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,7 +97,11 @@ _COMMON_CHECKS = {
     "batch": lambda v: _check_bool("batch", v),
     "backend": lambda v: v,
     "divtol": lambda v: None if v is None else check_real("divtol", v, 1.0, None, low_open=True, allow_inf=True),
+    "compact": lambda v: check_choice("compact", v, (False, True, "auto")),
 }
+
+#: With ``compact="auto"``, compaction starts once at most this fraction of the samples is still iterating.
+COMPACT_AUTO = 0.5
 
 
 def check_common(opts: dict) -> dict:
@@ -108,6 +113,28 @@ def check_common(opts: dict) -> dict:
         Naming the option, for a value of the wrong type or out of range.
     """
     return {key: _COMMON_CHECKS[key](value) for key, value in opts.items()}
+
+
+def _take_rows(xp, a, rows, out):
+    """``out[i] = a[rows[i]]`` into a preallocated ``out`` of ``len(rows)`` rows."""
+    lib = library_name(xp)
+    if lib == "torch":
+        importlib.import_module("torch").index_select(a, 0, rows, out=out)
+    elif lib in ("numpy", "cupy"):
+        importlib.import_module(lib).take(a, rows, axis=0, out=out)
+    else:
+        out[...] = xp.take(a, rows, axis=0)
+
+
+def _put_rows(xp, out, rows, a):
+    """``out[rows[i]] = a[i]``."""
+    if library_name(xp) == "torch":
+        out.index_copy_(0, rows, a)
+    elif library_name(xp) in ("numpy", "cupy"):
+        out[rows] = a
+    else:  # the standard has no scatter: one row at a time
+        for i in range(a.shape[0]):
+            out[int(rows[i]), ...] = a[i, ...]
 
 
 def run(method: Method, g: Callable[[Array], Array], x0: Array, opts: dict) -> FixedPointResult:
@@ -160,6 +187,10 @@ class _Loop:
         for s in shape:
             n *= s
         self.n = n = n // B
+        self.compact = opts.get("compact", False)
+        if self.compact is not False and not opts["batch"]:
+            raise ValueError(f"compact={self.compact!r} evaluates g on the samples still iterating, so it needs "
+                             "batch=True")
         self.check_every = opts["check_every"] or (10 if is_accelerator(xp, device) else 1)
         self.kern = kern = Kernels(xp, device)
         sxp, sdev, sdt = kern.sxp, kern.sdevice, kern.sdtype
@@ -179,6 +210,14 @@ class _Loop:
         self.active = sxp.ones((B,), dtype=sxp.bool, device=sdev)
         self.best_pending = sxp.zeros((B,), dtype=sxp.bool, device=sdev)
         self.n_restarts = sxp.zeros((B,), dtype=sxp.int64, device=sdev)
+        self.n_rows = 0  # samples passed to g in all
+        if self.compact is not False:
+            # g(x_rows, rows): the rows still iterating, gathered into x_rows, and their indices in the batch.
+            # Until compaction starts rows is every sample and x_rows the iterate itself.
+            self.rows = xp.arange(B, device=device)
+            self.n_rows_now = B
+            self.x_rows: Any = None
+            self.gx_full: Any = None
         self.diverged = sxp.zeros((B,), dtype=sxp.bool, device=sdev)
         self.f0 = None  # ‖f_0‖ per sample, the reference of the divergence test
         # Residual history: one row per iteration, _INACTIVE for samples that had stopped.  Per-sample
@@ -199,14 +238,21 @@ class _Loop:
         sxp = kern.sxp
         callback, tol, freeze, rel = self.opts["callback"], self.tol, B > 1, self.stop_mode == "rel"
         divtol = self.opts["divtol"]
-        call = self.g if self.wrapped else functools.partial(call_map, self.g)
+        call: Callable[..., Array] = self.g if self.wrapped else functools.partial(call_map, self.g)
+        compact = self.compact is not False
         status = None
         self.t0 = time.perf_counter()
         try:
             for k in range(self.max_iter):
                 x = self.x_cur
-                gx = xp.reshape(call(xp.reshape(x, shape)), (B, n))
+                if not compact:
+                    gx = xp.reshape(call(xp.reshape(x, shape)), (B, n))
+                elif self.x_rows is None:  # every sample, in place
+                    gx = xp.reshape(call(xp.reshape(x, shape), self.rows), (B, n))
+                else:
+                    gx = self._call_rows(call, x)
                 self.n_fev += 1
+                self.n_rows += self.n_rows_now if compact else B
                 f = state.residual_buffer()
                 if f is not None:
                     kern.sub(f, gx, x)
@@ -248,11 +294,36 @@ class _Loop:
                     self._flush_history()
                     if status is not None or not bool(sxp.any(active)):
                         break
+                    if compact:
+                        self._choose_rows(active)
         except BaseException as exc:
             self._flush_history()
             exc.fixedpoint_result = self.result("error")  # type: ignore[attr-defined]
             raise
         return self.result(status)
+
+    def _choose_rows(self, active):
+        """At a host check: evaluate g from now on only on the samples still iterating (see ``compact``)."""
+        mask = np.asarray(to_numpy(active), dtype=bool)
+        count = int(mask.sum())
+        if count == self.n_rows_now or (self.compact == "auto" and self.x_rows is None
+                                         and count > COMPACT_AUTO * self.B):
+            return
+        xp = self.xp
+        if self.x_rows is None:  # compaction starts: a gather buffer, and g's values kept for every sample
+            self.x_rows = xp.empty((self.B, self.n), dtype=self.dtype, device=self.device)
+            self.gx_full = xp.zeros((self.B, self.n), dtype=self.dtype, device=self.device)
+        self.rows = xp.asarray(np.nonzero(mask)[0], device=self.device)
+        self.n_rows_now = count
+
+    def _call_rows(self, call, x):
+        """g on the rows in ``self.rows`` only; their values scattered into ``gx_full``, which is returned."""
+        xp, k = self.xp, self.n_rows_now
+        rows_x = self.x_rows[:k, ...]
+        _take_rows(xp, x, self.rows, rows_x)
+        y = call(xp.reshape(rows_x, (k,) + self.shape[1:]), self.rows)
+        _put_rows(xp, self.gx_full, self.rows, xp.reshape(y, (k, self.n)))
+        return self.gx_full
 
     def _round(self, buf):
         """Round the iterate in ``buf`` to the caller's (half-precision) dtype, in place."""
@@ -296,6 +367,7 @@ class _Loop:
             per_sample.update(converged=bool(conv[0]), sample_status=str(sample_status[0]), n_iter=int(iters[0]),
                               residual=float(residual[0]), n_restarts=int(restarts[0]), residual_history=history[:, 0])
         return FixedPointResult(
-            x=x, status=status, n_fev=self.n_fev, wall_time=wall, method=self.method.name, **per_sample,
+            x=x, status=status, n_fev=self.n_fev, n_rows=self.n_rows, wall_time=wall, method=self.method.name,
+            **per_sample,
             options={**{key: val for key, val in self.opts.items() if key != "callback"}, **self.method.options()},
         )

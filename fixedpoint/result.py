@@ -51,6 +51,9 @@ class FixedPointResult:
     n_fev : int
         Evaluations of ``g`` done in all (one per iteration, whole batch at once).
         May exceed ``max(n_iter)`` by up to ``check_every - 1``.
+    n_rows : int
+        Samples passed to ``g`` in all: ``B * n_fev`` (1 per evaluation without batch
+        mode), fewer with ``compact``, which evaluates only the samples still iterating.
     residual : float or ndarray of float64, shape (B,)
         Residual of ``x`` in the solve's ``stop_mode`` (dimensionless for "rel",
         units of x for "abs").
@@ -73,6 +76,7 @@ class FixedPointResult:
     sample_status: str | np.ndarray
     n_iter: int | np.ndarray
     n_fev: int
+    n_rows: int
     residual: float | np.ndarray
     residual_history: np.ndarray
     n_restarts: int | np.ndarray

@@ -20,7 +20,7 @@ __all__ = ["solve", "anderson", "forward_iteration", "broyden", "METHODS", "COMM
 METHODS: dict[str, type[Method]] = {"anderson": Anderson, "forward": ForwardIteration, "broyden": Broyden}
 
 #: The options every method takes (keyword arguments of :func:`solve` besides the method's own).
-COMMON_OPTIONS = ("tol", "max_iter", "stop_mode", "divtol", "batch", "check_every", "callback", "backend")
+COMMON_OPTIONS = ("tol", "max_iter", "stop_mode", "divtol", "batch", "compact", "check_every", "callback", "backend")
 
 
 def resolve_method(method: str | Method, options: dict[str, Any],
@@ -70,8 +70,9 @@ def resolve_method(method: str | Method, options: dict[str, Any],
 
 
 def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float = 1e-5, max_iter: int = 1000,
-          stop_mode: str = "rel", divtol: float | None = 1e10, batch: bool = False, check_every: int | None = None,
-          callback: Callable | None = None, backend: Any = None, **method_options: Any) -> FixedPointResult:
+          stop_mode: str = "rel", divtol: float | None = 1e10, batch: bool = False, compact: bool | str = False,
+          check_every: int | None = None, callback: Callable | None = None, backend: Any = None,
+          **method_options: Any) -> FixedPointResult:
     """Find x with x = g(x) by Anderson acceleration (default), forward iteration, Broyden, or any method object.
 
     Parameters
@@ -117,6 +118,18 @@ def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float
         Treat the leading axis of ``x0`` as B independent problems: per-sample
         residuals, stopping, weights and iteration counts; converged samples stop
         moving.  Otherwise ``x0`` is one vector.
+    compact : {False, True, "auto"}, default False
+        With ``batch=True``: evaluate g only on the samples still iterating.  g is then
+        called as ``g(x_rows, rows)``, with ``x_rows`` of shape ``(k, *x0.shape[1:])``
+        holding the k samples still iterating and ``rows`` their indices in the batch
+        (integers, increasing, same library and device), and returns the k rows of
+        g(x).  True compacts from the first host check on; "auto" once at most half
+        the samples (:data:`fixedpoint.iteration.COMPACT_AUTO`) are still iterating.
+        The set of rows is updated at host checks (every ``check_every`` iterations);
+        the answers are the same as without compaction.  Costs two vectors of memory
+        (a gather buffer and g's values of every sample) and a gather and a scatter
+        of the active rows per iteration; pays when g's cost grows with the rows, as
+        in a DEQ layer (:class:`fixedpoint.torch.DEQ` uses it).
     check_every : int, optional
         Check for convergence on the host every this many iterations (default 1
         on CPUs, 10 on GPUs, where each check synchronises).  Up to
@@ -161,8 +174,8 @@ def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float
     >>> fixedpoint.solve(np.cos, np.zeros(3), method=fixedpoint.Broyden(m=4), tol=1e-10).n_iter < 10
     True
     """
-    opts = dict(tol=tol, max_iter=max_iter, stop_mode=stop_mode, divtol=divtol, batch=batch, check_every=check_every,
-                callback=callback, backend=backend)
+    opts = dict(tol=tol, max_iter=max_iter, stop_mode=stop_mode, divtol=divtol, batch=batch, compact=compact,
+                check_every=check_every, callback=callback, backend=backend)
     method_obj, _ = resolve_method(method, method_options)
     return run(method_obj, g, x0, opts)
 
