@@ -25,7 +25,6 @@ import dataclasses
 from typing import Any
 
 import array_api_compat
-import numpy as np
 
 from .backend import Kernels, namespace_of
 from .checks import check_choice, check_int, check_real
@@ -192,29 +191,33 @@ class AndersonHistory(MethodState):
         """The ring slot where the next f_k = g(x_k) − x_k is to be written, shape (B, n)."""
         return self.f_slots[self.k % self.m]
 
-    def push(self, g: Any, f: Any) -> Any:
+    def push(self, g: Any, f: Any, *, gnorm: bool = False) -> Any:
         """Store the pair (g_k, f_k), both ``(B, n)``, and add the Gram row ⟨f_j, f_k⟩.
 
         ``f`` may be the :meth:`residual_buffer` itself (no copy) or any array of that shape.
-        The oldest pair is dropped once m are stored.
+        The oldest pair is dropped once m are stored.  The row (and ‖g_k‖² with ``gnorm``) is
+        one reduction: one collective when the vectors are shards (``Kernels.comm``).
 
         Returns
         -------
-        small-state array, shape (B,)
-            ‖f_k‖₂ per sample (from the Gram diagonal), in :attr:`Kernels.sdtype`.
+        small-state array, shape (B,), or a pair of them
+            ‖f_k‖₂ per sample (from the Gram diagonal), in :attr:`Kernels.sdtype`; with
+            ``gnorm=True`` the pair (‖f_k‖₂, ‖g_k‖₂).
         """
         kern, s = self.kern, self.k % self.m
         if f is not self.f_slots[s]:
             kern.copy(self.f_slots[s], f)
         kern.copy(self.g_slots[s], g)
-        row = kern.matvec_small(self.R[self.m:, ...], self.f_slots[s], out=self.row)
+        terms = [("matvec", self.R[self.m:, ...], self.f_slots[s], self.row)] + ([("sqnorm", g)] if gnorm else [])
+        sums = kern.sums(*terms)
+        row = sums[0]
         self.G[:, s, :] = row
         self.G[:, :, s] = row
         self.valid[:, s] = True
-        self.r = kern.sxp.sqrt(row[:, s])
-        if kern.small_on_host and not np.isfinite(self.r).all():  # ‖f‖² overflowed even in float64
-            self.r = kern.norms(self.f_slots[s])
+        self.r = kern.root(row[:, s], ("sqnorm", self.f_slots[s]))
         self.k += 1
+        if gnorm:
+            return self.r, kern.root(sums[1], ("sqnorm", g))
         return self.r
 
     def size(self) -> Any:
@@ -294,8 +297,8 @@ class AndersonHistory(MethodState):
 
     # --- the solve loop's protocol (fixedpoint.method.MethodState) -------------------------------
 
-    def observe(self, x: Any, gx: Any, f: Any) -> Any:
-        return self.push(gx, f)
+    def observe(self, x: Any, gx: Any, f: Any, need_gnorm: bool = False) -> Any:
+        return self.push(gx, f, gnorm=need_gnorm)
 
     def step(self, x: Any, gx: Any, f: Any, active: Any, out: Any) -> Any:
         return self.extrapolate(active, out)

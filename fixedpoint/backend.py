@@ -46,6 +46,8 @@ Array = Any
 #: An array API namespace (a module such as ``numpy`` or array-api-compat's wrapper of ``torch``).
 Namespace = Any
 
+from .comm import as_communicator  # noqa: E402
+
 _NUMPY_IS_STANDARD = np.lib.NumpyVersion(np.__version__) >= "2.1.0"
 
 #: Library names accepted by ``backend=`` and by the problem constructors.
@@ -259,11 +261,16 @@ class Kernels:
         Array API namespace of the vectors.
     device : optional
         Their device (default: the library's default, e.g. the CPU for PyTorch).
+    comm : optional
+        A communicator (:mod:`fixedpoint.comm`) when the vectors are shards: every reduction
+        (:meth:`sums`) is then summed over its processes.
     """
 
-    def __init__(self, xp: Namespace, device: Any = None) -> None:
+    def __init__(self, xp: Namespace, device: Any = None, comm: Any = None) -> None:
         self.xp = xp
         self.device = device
+        #: The :class:`fixedpoint.comm.Communicator` over whose processes the vectors are sharded, or None.
+        self.comm = as_communicator(comm)
         self.lib = lib = library_name(xp)
         self._torch_cpu = _is_torch_cpu(lib, device)
         emulated = self._torch_cpu and _EMULATION["on"]
@@ -452,33 +459,88 @@ class Kernels:
 
     # --- reductions into small state ---------------------------------------------------------------
 
-    def matvec_small(self, A: Array, v: Array, out: Array | None = None) -> Array:
-        """:meth:`matvec` of a stack ``A`` ``(k, B, n)`` and ``v`` ``(B, n)``: small state ``(B, k)``, :attr:`sdtype`.
+    def _local(self, term: tuple) -> Array:
+        """The local partial sums of one reduction term, as small state in :attr:`sdtype`."""
+        kind, a = term[0], term[1]
+        if kind == "matvec":  # ("matvec", A (k, B, n), v (B, n)[, out (B, k) in the vectors' dtype])
+            out = term[3] if len(term) > 3 else None
+            if out is None:
+                out = self.xp.empty((a.shape[1], a.shape[0]), dtype=term[2].dtype, device=self.device)
+            self.matvec(out, a, term[2])
+            return self.sxp.astype(self.small(out), self.sdtype)
+        if kind == "dot":
+            return self._local(("matvec", a[None, ...], term[2]))[:, 0]
+        if kind == "sqnorm":
+            return self._sqsum(a)
+        if kind == "sqdiff":
+            return self._sqdiff(a, term[2])
+        raise ValueError(f"unknown reduction {kind!r}")
 
-        The product runs in the vectors' dtype (into ``out``, shape ``(B, k)`` of that dtype; a
-        temporary when not given).  With the small state on the host, entries that came out
-        non-finite are recomputed in float64 from scaled copies: float32 data then never
-        overflows (magnitudes up to 3.4e38), and float64 data only when the true value exceeds
-        the float64 range.  On a device the check would synchronise, so there a non-finite
-        entry stays as it is.
+    def sums(self, *terms: tuple) -> list[Array]:
+        """Sums over the vectors' entries, over every shard when the solve is sharded, in one collective.
+
+        Each term is one of ``("matvec", A, v[, out])`` (⟨A[j, b], v[b]⟩ for a stack ``A``
+        ``(k, B, n)``: shape ``(B, k)``), ``("dot", a, b)``, ``("sqnorm", a)`` or
+        ``("sqdiff", a, b)`` (‖a − b‖², without a temporary of size n): shape ``(B,)``.  The
+        local sums run in the vectors' dtype and are converted to small state in
+        :attr:`sdtype`; with a communicator (:mod:`fixedpoint.comm`) all the terms of one call
+        are summed over the processes in a single allreduce, so every process gets the same
+        values.  With the small state on the host, entries that came out non-finite are
+        recomputed in float64 from scaled copies (a float32 problem then never overflows, a
+        float64 one only where the true value exceeds the float64 range); on a device that check
+        would synchronise and is not made.
+
+        Returns
+        -------
+        list of small-state arrays
+            One per term, in order.
         """
-        if out is None:
-            out = self.xp.empty((v.shape[0], A.shape[0]), dtype=v.dtype, device=self.device)
-        self.matvec(out, A, v)
-        s = self.sxp.astype(self.small(out), self.sdtype)
-        if self.small_on_host and not np.isfinite(s).all():
-            bad = np.nonzero(~np.isfinite(s).all(axis=1))[0]
-            A64, v64 = self._host_float64(A[:, bad, :]), self._host_float64(v[bad, :])
-            sa = np.max(np.abs(A64), axis=2, keepdims=True)
-            sv = np.max(np.abs(v64), axis=1, keepdims=True)
-            sa, sv = np.where(sa > 0, sa, 1.0), np.where(sv > 0, sv, 1.0)
-            scaled = np.einsum("kbn,bn->bk", A64 / sa, v64 / sv)
-            s = np.array(s, copy=True)
-            s[bad, :] = scaled * sa[:, :, 0].T * sv
-        return s
+        local = [self._local(t) for t in terms]
+        if self.comm is not None:
+            flat = [self.sxp.reshape(v, (v.shape[0], -1)) for v in local]
+            total = self.comm.sum(self.sxp.concat(flat, axis=1))
+            out, start = [], 0
+            for v, f in zip(local, flat):
+                out.append(self.sxp.reshape(total[:, start:start + f.shape[1]], v.shape))
+                start += f.shape[1]
+            local = out
+        if self.small_on_host:
+            local = [self._rescue(t, v) if not np.isfinite(v).all() else v for t, v in zip(terms, local)]
+        return local
+
+    def _global_max(self, a: np.ndarray) -> np.ndarray:
+        return self.comm.max(a) if self.comm is not None else a
+
+    def _global_sum(self, a: np.ndarray) -> np.ndarray:
+        return self.comm.sum(a) if self.comm is not None else a
+
+    def _rescue(self, term: tuple, value: np.ndarray) -> np.ndarray:
+        """Recompute a term whose sums overflowed, in float64 from copies scaled by their (global) largest entries."""
+        kind = term[0]
+        if kind in ("sqnorm", "sqdiff"):
+            return self._safe_norms(term) ** 2
+        A = term[1] if kind == "matvec" else term[1][None, ...]
+        A64, v64 = self._host_float64(A), self._host_float64(term[2])
+        sa = self._global_max(np.max(np.abs(A64), axis=2).T.copy())  # (B, k)
+        sv = self._global_max(np.max(np.abs(v64), axis=1))
+        sa, sv = np.where(sa > 0, sa, 1.0), np.where(sv > 0, sv, 1.0)
+        scaled = self._global_sum(np.einsum("kbn,bn->bk", A64 / sa.T[:, :, None], v64 / sv[:, None]))
+        out = scaled * sa * sv[:, None]
+        return out[:, 0] if kind == "dot" else out
+
+    def _safe_norms(self, term: tuple) -> np.ndarray:
+        """‖a‖ (or ‖a − b‖) per row in float64, scaled by the largest entry: finite when the norm fits in float64."""
+        v = self._host_float64(term[1])
+        if term[0] == "sqdiff":
+            v = v - self._host_float64(term[2])
+        with np.errstate(all="ignore"):
+            scale = self._global_max(np.max(np.abs(v), axis=1))
+            safe = np.where((scale > 0) & np.isfinite(scale), scale, 1.0)
+            ss = self._global_sum(np.sum((v / safe[:, None]) ** 2, axis=1))
+            return np.where(np.isfinite(scale), safe * np.sqrt(ss), scale)
 
     def _sqsum(self, a: Array) -> Array:
-        """Σ_n a[b, n]² per row, in the vectors' dtype, as small state in :attr:`sdtype` (no temporary of size n)."""
+        """Σ_n a[b, n]² per row, local, in the vectors' dtype, as small state in :attr:`sdtype` (no temporary)."""
         if self.mode == "numpy":
             a = self._n(a)
             return np.asarray((a[:, None, :] @ a[:, :, None])[:, 0, 0], dtype=self.sdtype)
@@ -486,73 +548,57 @@ class Kernels:
             return self._raw.linalg.vector_norm(a, dim=1).to(self.sdtype) ** 2
         return self.sxp.astype((a[:, None, :] @ a[:, :, None])[:, 0, 0], self.sdtype)
 
-    def dot(self, a: Array, b: Array) -> Array:
-        """Inner product of each row of ``a`` with the same row of ``b`` (both ``(B, n)``).
-
-        Returns small state of shape ``(B,)`` in :attr:`sdtype`, with the overflow rescue of
-        :meth:`matvec_small`.
-        """
-        return self.matvec_small(a[None, ...], b)[:, 0]
-
-    def norms(self, a: Array) -> Array:
-        """Euclidean norm of each row of ``a`` (shape ``(B, n)``): small state of shape ``(B,)``, :attr:`sdtype`.
-
-        The squared norm is accumulated in the vectors' dtype; with the small state on the host a
-        norm that overflowed there is recomputed in float64 with scaling, so that it is finite
-        whenever the vector is finite and its norm fits in float64 (see :meth:`matvec_small`).
-        """
-        r = self.sxp.sqrt(self._sqsum(a))
-        if self.small_on_host and not np.isfinite(r).all():
-            r = np.array(r, copy=True)
-            for i in np.nonzero(~np.isfinite(r))[0]:
-                r[i] = self.safe_norm(self._host_float64(a[i, ...]))
-        return r
-
-    def diff_norms(self, a: Array, b: Array) -> Array:
-        """‖a[i] − b[i]‖₂ per row of ``(B, n)`` arrays, as :meth:`norms`, without a temporary of size n.
-
-        The difference is formed block by block in a scratch array of a fixed size
-        (2**16 elements; CuPy: one fused reduction kernel), so forward iteration needs no
-        residual vector of its own.
-        """
+    def _sqdiff(self, a: Array, b: Array) -> Array:
+        """Σ_n (a − b)[r, n]² per row, local, formed block by block in a fixed scratch (CuPy: one fused kernel)."""
         B, n = a.shape
         if self.mode == "cupy":
-            return self.sxp.sqrt(self.sxp.astype(_cupy_sqdiff()(a, b, axis=1), self.sdtype))
+            return self.sxp.astype(_cupy_sqdiff()(a, b, axis=1), self.sdtype)
         if self.mode == "generic" or B * n <= _BLOCK:
-            return self.norms(a - b)
+            return self._sqsum(a - b)
         if self._scratch is None or self._scratch.dtype != a.dtype:
             self._scratch = self.xp.empty((_BLOCK,), dtype=a.dtype, device=self.device)
         acc = self.sxp.zeros((B,), dtype=self.sdtype, device=self.sdevice)
         if n >= _BLOCK:  # long rows: column blocks of each row
             for i in range(B):
-                parts = []
                 for c in range(0, n, _BLOCK):
                     tmp = self._scratch[: min(_BLOCK, n - c)][None, :]
                     self.sub(tmp, a[i:i + 1, c:c + _BLOCK], b[i:i + 1, c:c + _BLOCK])
-                    parts.append(self._sqsum(tmp))
-                acc[i:i + 1] = sum(parts[1:], parts[0])
+                    acc[i:i + 1] = acc[i:i + 1] + self._sqsum(tmp)
         else:  # short rows: blocks of whole rows
             rows = _BLOCK // n
             for r in range(0, B, rows):
                 tmp = self.xp.reshape(self._scratch[: min(rows, B - r) * n], (-1, n))
                 self.sub(tmp, a[r:r + rows], b[r:r + rows])
                 acc[r:r + rows] = self._sqsum(tmp)
-        out = self.sxp.sqrt(acc)
-        if self.small_on_host and not np.isfinite(out).all():
-            out = np.array(out, copy=True)
-            for j in np.nonzero(~np.isfinite(out))[0]:
-                out[j] = self.safe_norm(self._host_float64(a[j, ...]) - self._host_float64(b[j, ...]))
-        return out
+        return acc
 
-    @staticmethod
-    def safe_norm(v: np.ndarray) -> float:
-        """Euclidean norm of a float64 NumPy vector, scaled so that it overflows only if the norm itself does."""
-        scale = float(np.max(np.abs(v))) if v.size else 0.0
-        if not np.isfinite(scale):
-            return scale if not np.isnan(v).any() else float("nan")
-        if scale == 0.0:
-            return 0.0
-        return scale * float(np.sqrt(np.dot(v / scale, v / scale)))
+    def matvec_small(self, A: Array, v: Array, out: Array | None = None) -> Array:
+        """``sums(("matvec", A, v, out))``: the products of a stack with ``v`` as small state ``(B, k)``."""
+        return self.sums(("matvec", A, v, out))[0]
+
+    def dot(self, a: Array, b: Array) -> Array:
+        """Inner product of each row of ``a`` with the same row of ``b`` (both ``(B, n)``): small state ``(B,)``."""
+        return self.sums(("dot", a, b))[0]
+
+    def norms(self, a: Array) -> Array:
+        """Euclidean norm of each row of ``a`` (shape ``(B, n)``): small state of shape ``(B,)``, :attr:`sdtype`.
+
+        Summed over the shards with a communicator; with the small state on the host it is finite
+        whenever the vector is finite and its norm fits in float64 (see :meth:`sums`).
+        """
+        return self.root(self.sums(("sqnorm", a))[0], ("sqnorm", a))
+
+    def diff_norms(self, a: Array, b: Array) -> Array:
+        """‖a[i] − b[i]‖₂ per row of ``(B, n)`` arrays, as :meth:`norms`, without a temporary of size n."""
+        return self.root(self.sums(("sqdiff", a, b))[0], ("sqdiff", a, b))
+
+    def root(self, sq: Array, term: tuple) -> Array:
+        """The square root of a reduced squared norm; on the host, a norm whose square overflowed float64 is
+        recomputed by scaling (``term`` is the ``("sqnorm", a)`` or ``("sqdiff", a, b)`` it came from)."""
+        r = self.sxp.sqrt(sq)
+        if self.small_on_host and not np.isfinite(r).all():
+            return self._safe_norms(term)
+        return r
 
     # --- the small solve -----------------------------------------------------------------------------
 

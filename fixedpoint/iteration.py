@@ -35,6 +35,7 @@ from .backend import (
     working_dtype,
 )
 from .checks import check_choice, check_int, check_real
+from .comm import Communicator, as_communicator
 from .interop import call_map, convert, to_numpy, wrap_map
 from .method import Method
 from .result import FixedPointResult
@@ -98,6 +99,7 @@ _COMMON_CHECKS = {
     "backend": lambda v: v,
     "divtol": lambda v: None if v is None else check_real("divtol", v, 1.0, None, low_open=True, allow_inf=True),
     "compact": lambda v: check_choice("compact", v, (False, True, "auto")),
+    "comm": as_communicator,
 }
 
 #: With ``compact="auto"``, compaction starts once at most this fraction of the samples is still iterating.
@@ -113,6 +115,19 @@ def check_common(opts: dict) -> dict:
         Naming the option, for a value of the wrong type or out of range.
     """
     return {key: _COMMON_CHECKS[key](value) for key, value in opts.items()}
+
+
+def _check_same_everywhere(method, x0, opts):
+    """With ``comm``: stop on every process, with the same error, unless all were given the same method,
+    options, dtype and batch size (one small collective before anything else can fail on one process only)."""
+    comm = Communicator(opts["comm"]) if not isinstance(opts["comm"], Communicator) else opts["comm"]
+    opts["comm"] = comm
+    shape = getattr(x0, "shape", None)
+    batch = shape[0] if opts.get("batch") and shape else None
+    settings = {k: v for k, v in opts.items() if k not in ("callback", "comm")}
+    description = (f"method={method!r}, options={settings!r}, x0 dtype={getattr(x0, 'dtype', None)}, "
+                   f"library={type(x0).__module__.split('.')[0]}, batch size={batch}")
+    comm.check_same("the method, the options, x0's dtype and library, and the batch size", description)
 
 
 def _take_rows(xp, a, rows, out):
@@ -153,6 +168,8 @@ class _Loop:
 
     def __init__(self, method, g, x0, opts):
         self.method, self.opts = method, opts
+        if opts.get("comm") is not None:
+            _check_same_everywhere(method, x0, opts)
         self.opts = opts = check_common(opts)
         self.tol, self.max_iter, self.stop_mode = opts["tol"], opts["max_iter"], opts["stop_mode"]
         if not callable(g):
@@ -168,7 +185,12 @@ class _Loop:
             raise ValueError(f"x0 must not be empty, got shape {shape}")
         if opts["batch"] and len(shape) < 1:
             raise ValueError("batch=True needs x0 with a leading batch axis, got a 0-d array")
-        if not bool(caller_xp.all(caller_xp.isfinite(x0))):
+        finite = bool(caller_xp.all(caller_xp.isfinite(x0)))
+        if opts.get("comm") is not None:  # every process raises, or none
+            bad = opts["comm"].max(np.array([0.0 if finite else 1.0]))[0]
+            if bad:
+                raise ValueError("x0 contains NaN or Inf" + ("" if not finite else " on another process"))
+        elif not finite:
             raise ValueError("x0 contains NaN or Inf")
         # Half precision is iterated in float32 (fixedpoint.backend.buffer_dtype), every iterate rounded to it.
         self.narrow = buffer_dtype(caller_xp, self.caller_dtype) != self.caller_dtype
@@ -192,7 +214,7 @@ class _Loop:
             raise ValueError(f"compact={self.compact!r} evaluates g on the samples still iterating, so it needs "
                              "batch=True")
         self.check_every = opts["check_every"] or (10 if is_accelerator(xp, device) else 1)
-        self.kern = kern = Kernels(xp, device)
+        self.kern = kern = Kernels(xp, device, opts.get("comm"))
         sxp, sdev, sdt = kern.sxp, kern.sdevice, kern.sdtype
         with self.kern.solver_context():
             self.state = method.init(kern, B, n, dtype)
@@ -256,12 +278,9 @@ class _Loop:
                 f = state.residual_buffer()
                 if f is not None:
                     kern.sub(f, gx, x)
-                fnorm = state.observe(x, gx, f)
-                if fnorm is None:
-                    fnorm = kern.norms(f) if f is not None else kern.diff_norms(gx, x)
+                fnorm, gnorm = self._norms(state.observe(x, gx, f, rel), x, gx, f, rel)
                 r = fnorm
                 if rel:  # a non-finite ‖g(x)‖ makes the residual non-finite, never 0
-                    gnorm = kern.norms(gx)
                     r = sxp.where(sxp.isfinite(gnorm), fnorm / (gnorm + REL_EPS), _INF)
                 active = self.active
                 if divtol is not None:
@@ -301,6 +320,20 @@ class _Loop:
             exc.fixedpoint_result = self.result("error")  # type: ignore[attr-defined]
             raise
         return self.result(status)
+
+    def _norms(self, observed, x, gx, f, rel):
+        """(‖f_k‖, ‖g_k‖ or None) from what the method's observe returned, computing what it left out (in one
+        reduction, so one collective when sharded)."""
+        if isinstance(observed, tuple):
+            return observed
+        if observed is not None and not rel:
+            return observed, None
+        kern = self.kern
+        fterm = ("sqnorm", f) if f is not None else ("sqdiff", gx, x)
+        terms = ([] if observed is not None else [fterm]) + ([("sqnorm", gx)] if rel else [])
+        sums = kern.sums(*terms)
+        fnorm = observed if observed is not None else kern.root(sums[0], fterm)
+        return fnorm, (kern.root(sums[-1], ("sqnorm", gx)) if rel else None)
 
     def _choose_rows(self, active):
         """At a host check: evaluate g from now on only on the samples still iterating (see ``compact``)."""
