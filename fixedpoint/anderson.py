@@ -25,6 +25,7 @@ import dataclasses
 from typing import Any
 
 import array_api_compat
+import numpy as np
 
 from .backend import Kernels, namespace_of
 from .checks import check_choice, check_int, check_real
@@ -240,6 +241,8 @@ class AndersonHistory(MethodState):
         (the safeguards still run).  Part of :meth:`extrapolate`; updates the restart
         bookkeeping, so call it once per pushed pair.
         """
+        if self.B == 1 and self.kern.small_on_host:
+            return self._weights_one(active)
         xp, s, v, method = self.kern.sxp, (self.k - 1) % self.m, self.valid, self.method
         vf = xp.astype(v, self.kern.sdtype)
         diag = xp.where(v, xp.linalg.diagonal(self.G), 0.0)
@@ -264,6 +267,46 @@ class AndersonHistory(MethodState):
         if self.k <= method.delay:
             return xp.broadcast_to(self.onehot[s], alpha.shape), restart
         return xp.where(restart[:, None], self.onehot[s], alpha), restart
+
+    def _weights_one(self, active: Any) -> tuple[Any, Any]:
+        """:meth:`weights` for one sample with the small state on the host: the bordered system of the valid
+        slots only, with Python scalars for the bookkeeping (the same weights; a fifth of the NumPy calls)."""
+        s, method = (self.k - 1) % self.m, self.method
+        idx = self.valid[0].nonzero()[0]
+        mk = idx.size
+        K, rhs = self._bordered(mk)
+        H = K[1:, 1:]
+        self.G[0].take(idx, axis=0).take(idx, axis=1, out=H)
+        d = H.diagonal()
+        scale = float(d.max())
+        scale = scale if scale > 0.0 else 1.0  # also for NaN
+        H /= scale
+        H.flat[::mk + 1] *= 1.0 + self.lam if self.lam_mode == "relative" else 1.0
+        if self.lam_mode != "relative":
+            H.flat[::mk + 1] += self.lam if self.lam_mode == "relative_max" else self.lam / scale
+        sol = self.kern.solve(K[None], rhs[None])[0]
+        alpha = np.zeros((1, self.m))
+        alpha[0, idx] = sol[1:]
+        r, ref = float(self.r[0]), float(self.ref_r[0])
+        ok = float(abs(sol[1:]).max()) <= method.restart_weight and r <= method.restart_growth * ref
+        restart = bool(active[0]) and not ok  # NaN weights fail the comparison, hence restart
+        if restart:
+            self.valid[0] = self.onehot_b[s]
+        self.ref_r[0] = r if restart else min(ref, r)
+        if restart or self.k <= method.delay:
+            alpha[0] = self.onehot[s]
+        return alpha, np.array([restart])
+
+    def _bordered(self, mk: int) -> tuple[np.ndarray, np.ndarray]:
+        """A (mk+1)×(mk+1) bordered matrix with its border set, and the right-hand side e_0 (reused buffers)."""
+        cache = self.__dict__.setdefault("_bordered_cache", {})
+        if mk not in cache:
+            K = np.zeros((mk + 1, mk + 1))
+            K[0, 1:] = K[1:, 0] = 1.0
+            rhs = np.zeros(mk + 1)
+            rhs[0] = 1.0
+            cache[mk] = (K, rhs)
+        return cache[mk]
 
     def combine(self, alpha: Any, out: Any) -> None:
         """x_{k+1} = Σ_j α_j [g_j − (1 − β) f_j] into ``out`` (shape (B, n)) for weights α of shape (B, m)."""

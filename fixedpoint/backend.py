@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -429,8 +430,8 @@ class Kernels:
         k, B, n = A.shape
         if self.mode == "numpy":
             A, v, out = self._n(A), self._n(v), self._n(out)
-            if B == 1:
-                np.matmul(A[:, 0, :], v[0], out=out[0])
+            if B == 1:  # np.dot: a third of matmul's call overhead
+                np.dot(A[:, 0, :], v[0], out=out[0])
             elif n <= _SHORT_ROWS:  # many short rows: per slot, one batched dot product (no BLAS call per row)
                 for j in range(k):
                     np.matmul(A[j][:, None, :], v[:, :, None], out=out[:, j, None, None])
@@ -449,7 +450,7 @@ class Kernels:
             if k == 1:
                 np.multiply(A[0], w, out=out)
             elif B == 1:
-                np.matmul(w[0], A[:, 0, :], out=out[0])
+                np.dot(w[0], A[:, 0, :], out=out[0])
             else:
                 np.matmul(w[:, None, :], A.transpose(1, 0, 2), out=out[:, None, :])
         elif self._raw is not None:
@@ -467,6 +468,8 @@ class Kernels:
             if out is None:
                 out = self.xp.empty((a.shape[1], a.shape[0]), dtype=term[2].dtype, device=self.device)
             self.matvec(out, a, term[2])
+            if self.mode == "numpy":
+                return np.asarray(self._n(out), dtype=self.sdtype)
             return self.sxp.astype(self.small(out), self.sdtype)
         if kind == "dot":
             return self._local(("matvec", a[None, ...], term[2]))[:, 0]
@@ -496,6 +499,11 @@ class Kernels:
             One per term, in order.
         """
         local = [self._local(t) for t in terms]
+        if self.comm is None and self.small_on_host:  # the common case, kept lean for tiny problems
+            for i, v in enumerate(local):
+                if not math.isfinite(float(v.sum())) and not np.isfinite(v).all():  # the sum: a cheap first test
+                    local[i] = self._rescue(terms[i], v)
+            return local
         if self.comm is not None:
             flat = [self.sxp.reshape(v, (v.shape[0], -1)) for v in local]
             total = self.comm.sum(self.sxp.concat(flat, axis=1))
@@ -543,6 +551,8 @@ class Kernels:
         """Σ_n a[b, n]² per row, local, in the vectors' dtype, as small state in :attr:`sdtype` (no temporary)."""
         if self.mode == "numpy":
             a = self._n(a)
+            if a.shape[0] == 1:
+                return np.array([np.dot(a[0], a[0])], dtype=self.sdtype)
             return np.asarray((a[:, None, :] @ a[:, :, None])[:, 0, 0], dtype=self.sdtype)
         if self.mode == "torch":
             return self._raw.linalg.vector_norm(a, dim=1).to(self.sdtype) ** 2
@@ -596,7 +606,7 @@ class Kernels:
         """The square root of a reduced squared norm; on the host, a norm whose square overflowed float64 is
         recomputed by scaling (``term`` is the ``("sqnorm", a)`` or ``("sqdiff", a, b)`` it came from)."""
         r = self.sxp.sqrt(sq)
-        if self.small_on_host and not np.isfinite(r).all():
+        if self.small_on_host and not math.isfinite(float(r.sum())) and not np.isfinite(r).all():
             return self._safe_norms(term)
         return r
 
@@ -620,7 +630,10 @@ class Kernels:
         if slib == "numpy":
             if A.shape[0] >= _MANY_SAMPLES:
                 return _eliminate(np.array(A, dtype=np.float64), np.array(b, dtype=np.float64))
-            sxp = np  # the wrapped namespace's solve adds tens of microseconds of checks
+            if _lapack_solve1 is not None:  # NumPy's own kernel without numpy.linalg.solve's 15 µs of checks;
+                with np.errstate(all="ignore"):  # a singular system gives NaN rather than LinAlgError
+                    return _lapack_solve1(A, b)
+            sxp = np
         try:
             return sxp.linalg.solve(A, b[:, :, None])[:, :, 0]
         except Exception:  # LinAlgError from a singular row: redo row by row, NaN for the singular ones
@@ -631,6 +644,17 @@ class Kernels:
                 except Exception:
                     rows.append(sxp.full(b.shape[1:], float("nan"), dtype=b.dtype, device=array_api_compat.device(b)))
             return sxp.stack(rows)
+
+
+def _numpy_solve1() -> Any:
+    """NumPy's LAPACK solver gufunc (``numpy.linalg._umath_linalg.solve1``, (k, k), (k) -> (k)), or None."""
+    try:
+        return importlib.import_module("numpy.linalg._umath_linalg").solve1
+    except (ImportError, AttributeError):
+        return None
+
+
+_lapack_solve1 = _numpy_solve1()
 
 
 def _eliminate(A: np.ndarray, b: np.ndarray) -> np.ndarray:
