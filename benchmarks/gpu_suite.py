@@ -185,7 +185,7 @@ def build_plan(dry_run: bool = False) -> Plan:
         deq = ["--epochs", "2", "--device", "cuda"]
         deq_backends = ("cupy", "torch")
         budgets = dict(env=25, overhead_cupy=70, overhead_torch=65, cvg_jacobi=80, gpu_tests=60, cvg_gpu=70, deq=40)
-    labels = [lib if dev == "cpu" else f"{lib}:{dev}" for lib, dev in gpus]
+    labels = [lib if dev == "cpu" or lib == "cupy" else f"{lib}:{dev}" for lib, dev in gpus]  # as --backends names them
     stages = [Stage("env", "environment and device report", "env", "",
                     ["benchmarks/device_report.py", "--json", "{dir}/device.json"], budgets["env"], "device.json")]
     overhead_names = {}
@@ -471,6 +471,8 @@ def render_report(summary: dict[str, Any]) -> str:
     lines += [f"Started {s['started']}, {state}, {s['wall_s']:.0f} s of a {s['time_limit_s']:.0f} s limit. "
               f"Command: `{shlex.join(s['command'])}`", ""]
     lines += ["## Environment", ""]
+    if env and not s["dry_run"] and not env.get("gpu_usable"):
+        lines += ["**No usable GPU was found on this machine**: the GPU stages cannot have measured anything.", ""]
     if env:
         pk = env.get("packages") or {}
         rows = [["GPU", ", ".join(map(str, env.get("gpus") or [])) or "none found"],
@@ -496,7 +498,12 @@ def render_report(summary: dict[str, Any]) -> str:
     lines += ["", "## Stages", ""]
     lines += _table(["stage", "status", "time [s]", "budget [s]", "result"], [
         [st["name"], st["status"], _fmt(st.get("wall_s"), "{:.1f}"), _fmt(st.get("timeout_s"), "{:.0f}"),
-         (st.get("headline") or st.get("note") or "").replace("|", "/")] for st in s["stages"]])
+         "; ".join(x for x in (st.get("note"), st.get("headline")) if x).replace("|", "/")] for st in s["stages"]])
+    failed = [st for st in s["stages"] if st.get("output_tail")]
+    if failed:
+        lines += ["", "The last lines of the output of each stage that did not succeed:", ""]
+        for st in failed:
+            lines += [f"{st['name']} ({st['status']}):", "", "```text", *st["output_tail"], "```", ""]
     lines += ["", "Commands (from the repository root; each stage's console output is `<stage>/output.log` in "
               "results.tar.gz):", ""]
     lines += [f"- {st['name']}: `{shlex.join(st['command'])}`" for st in s["stages"]]
@@ -793,10 +800,11 @@ class Suite:
         elif status == "failed":
             rec["note"] = f"exit status {rc}"
         self.collect(stage, rec)
-        self.say(f"{stage.name}: {status} in {rec['wall_s']:.1f} s" + (f" ({rec['note']})" if rec.get("note") else "")
-                 + (f": {rec['headline']}" if rec.get("headline") else ""))
-        if status != "ok":
-            tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-12:]
+        self.say(f"{stage.name}: {rec['status']} in {rec['wall_s']:.1f} s" + (
+            f" ({rec['note']})" if rec.get("note") else "") + (f": {rec['headline']}" if rec.get("headline") else ""))
+        if rec["status"] != "ok":
+            tail = log.read_text(encoding="utf-8", errors="replace").replace("\r", "\n").splitlines()[-12:]
+            rec["output_tail"] = [line[-300:] for line in tail]
             self.say("last lines of its output:\n" + "\n".join("  " + line[-200:] for line in tail))
         return rec
 

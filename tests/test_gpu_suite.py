@@ -200,6 +200,8 @@ def test_failed_and_timed_out_stages_are_recorded_and_the_suite_goes_on(tmp_path
     assert stages["hangs"]["status"] == "timeout" and stages["hangs"]["wall_s"] < 10
     assert stages["works"]["status"] == "ok"
     assert "boom" in (tmp_path / "work" / "fails" / "output.log").read_text()
+    assert "fails (failed):" in (tmp_path / "out" / "report.md").read_text()  # the report shows its last lines
+    assert "boom" in stages["fails"]["output_tail"]
     log = (tmp_path / "out" / "suite.log").read_text()
     assert "hangs: timeout" in log and "last lines of its output" in log
     assert gpu_suite.check_bundle(tmp_path / "out") == []
@@ -238,6 +240,22 @@ def test_a_stage_that_writes_no_result_file_fails(tmp_path, quick_limits):
     assert suite.run() == 1
     (st,) = _summary(tmp_path / "out")["stages"]
     assert st["status"] == "failed" and "overhead.json was not written" in st["note"]
+
+
+def test_on_a_gpu_run_all_skipped_gpu_tests_are_a_failure(tmp_path, quick_limits):
+    xml = ('<testsuites><testsuite tests="2" failures="0" errors="0" skipped="2">'
+           '<testcase classname="t" name="a"><skipped message="no CUDA"/></testcase>'
+           '<testcase classname="t" name="b"><skipped message="no CUDA"/></testcase></testsuite></testsuites>')
+    code = f"import sys; open(sys.argv[1], 'w').write({xml!r})"
+    stage = gpu_suite.Stage("gpu_tests", "tests", "tests", "", ["-c", code, "{dir}/junit.xml"], 30, "junit.xml")
+    for dry_run, status in ((True, "ok"), (False, "failed")):
+        out = tmp_path / str(dry_run)
+        suite = gpu_suite.Suite(gpu_suite.Plan(dry_run, [stage]), out, tmp_path / f"work{dry_run}", 60, {"gpu_tests"},
+                                echo=False)
+        suite.run()
+        (st,) = _summary(out)["stages"]
+        assert st["status"] == status and st["headline"] == "0 passed, 0 failed, 0 errors, 2 skipped"
+        assert ("no gpu test ran" in st.get("note", "")) is (not dry_run)
 
 
 # --- command line -------------------------------------------------------------------------------
