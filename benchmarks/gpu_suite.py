@@ -300,7 +300,30 @@ def read_deq(path: Path) -> dict[str, Any]:
                                                      "speedup_time_to_acc", "common_test_acc")})
 
 
+def read_cvg_rows(path: Path) -> dict[str, Any]:
+    """cpu_vs_gpu's rows.csv, which it rewrites after every configuration: the rows of a sweep stopped part way."""
+    import csv
+
+    def value(text: str) -> Any:
+        if text in ("True", "False"):
+            return text == "True"
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text or None
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = [{k: value(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+    keep = ("problem", "n", "backend", "method", "n_fev", "converged", "time", "time_per_iter", "g_time",
+            "overhead_per_iter", "gpu_speedup")
+    return dict(rows=[{k: r.get(k) for k in keep} for r in rows], ratios=[], crossovers=[], trace={}, partial=True)
+
+
 READERS = dict(env=read_env, tests=read_tests, overhead=read_overhead, cvg=read_cvg, deq=read_deq)
+#: What a stage of a kind leaves when it is stopped before its main output: (file, reader).
+PARTIAL_READERS = dict(cvg=("rows.csv", read_cvg_rows))
 
 
 # --- the two GPU targets ------------------------------------------------------------------------
@@ -813,12 +836,20 @@ class Suite:
         if not stage.result:  # a stage without a result file to read
             return
         path = self.work / stage.name / stage.result
+        reader = READERS.get(stage.kind)
         if not path.is_file():
             if rec["status"] == "ok":
                 rec.update(status="failed", note=f"{stage.result} was not written")
+            partial, reader = PARTIAL_READERS.get(stage.kind, ("", None))
+            path = self.work / stage.name / partial
+            if reader is None or not partial or not path.is_file():
+                return
+            why = f"{stage.result} not written: the rows of {partial} so far"
+            rec["note"] = f"{rec['note']}; {why}" if rec.get("note") else why
+        if reader is None:
             return
         try:
-            result = READERS[stage.kind](path)
+            result = reader(path)
         except Exception as exc:  # a broken output is recorded, not fatal
             why = f"cannot read {stage.result}: {type(exc).__name__}: {exc}"
             rec["note"] = f"{rec['note']}; {why}" if rec.get("note") else why

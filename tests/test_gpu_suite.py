@@ -242,6 +242,24 @@ def test_a_stage_that_writes_no_result_file_fails(tmp_path, quick_limits):
     assert st["status"] == "failed" and "overhead.json was not written" in st["note"]
 
 
+def test_a_demo_stopped_part_way_still_counts_the_rows_it_wrote(tmp_path, quick_limits):
+    """cpu_vs_gpu rewrites rows.csv after each configuration; the suite reads it when results.json is missing."""
+    csv_text = ("problem,n,backend,method,n_fev,converged,time\n"
+                "jacobi,10000000,numpy,forward,175,True,12.0\njacobi,10000000,cupy,forward,175,True,0.04\n")
+    code = (f"import sys, time; open(sys.argv[1] + '/rows.csv', 'w').write({csv_text!r}); print('row', flush=True); "
+            "time.sleep(60)")
+    stage = gpu_suite.Stage("cvg_jacobi", "demo", "cvg", "", ["-c", code, "{dir}"], 2.0, "results.json")
+    suite = gpu_suite.Suite(gpu_suite.Plan(False, [stage]), tmp_path / "out", tmp_path / "work", 60, {"cvg_jacobi"},
+                            echo=False)
+    assert suite.run() == 1
+    summary = _summary(tmp_path / "out")
+    (st,) = summary["stages"]
+    assert st["status"] == "timeout" and "rows of rows.csv so far" in st["note"]
+    assert summary["results"]["cvg_jacobi"]["partial"]
+    speedup = summary["targets"]["speedup"]
+    assert speedup["status"] == "met" and speedup["cupy"]["ratios"][0]["ratio"] == pytest.approx(300)
+
+
 def test_on_a_gpu_run_all_skipped_gpu_tests_are_a_failure(tmp_path, quick_limits):
     xml = ('<testsuites><testsuite tests="2" failures="0" errors="0" skipped="2">'
            '<testcase classname="t" name="a"><skipped message="no CUDA"/></testcase>'
