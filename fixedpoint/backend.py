@@ -274,6 +274,11 @@ class Kernels:
         self.comm = as_communicator(comm)
         self.lib = lib = library_name(xp)
         self._torch_cpu = _is_torch_cpu(lib, device)
+        if lib == "torch" and not self._torch_cpu:
+            torch = importlib.import_module("torch")
+            if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+                raise RuntimeError(f"device {device} was asked for, but torch {torch.__version__} sees no usable "
+                                   "CUDA device")
         emulated = self._torch_cpu and _EMULATION["on"]
         #: Which library does the vector work: "numpy", "cupy", "torch" or "generic".
         self.mode = "numpy" if lib == "numpy" or (self._torch_cpu and not emulated) else (
