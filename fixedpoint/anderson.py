@@ -22,6 +22,7 @@ solve is in float64 (float32 on a device without float64).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import array_api_compat
@@ -209,16 +210,39 @@ class AndersonHistory(MethodState):
         if f is not self.f_slots[s]:
             kern.copy(self.f_slots[s], f)
         kern.copy(self.g_slots[s], g)
+        if self.B == 1 and kern.mode == "numpy" and kern.comm is None:
+            return self._push_one(s, g, gnorm)
         terms = [("matvec", self.R[self.m:, ...], self.f_slots[s], self.row)] + ([("sqnorm", g)] if gnorm else [])
         sums = kern.sums(*terms)
         row = sums[0]
+        if kern.small_on_host and not math.isfinite(float(row[:, s].sum())):  # |f|^2 overflowed, so may the row
+            row = kern.rescued(terms[0], row)
+        self.r = kern.root(row[:, s], ("sqnorm", self.f_slots[s]))
         self.G[:, s, :] = row
         self.G[:, :, s] = row
         self.valid[:, s] = True
-        self.r = kern.root(row[:, s], ("sqnorm", self.f_slots[s]))
         self.k += 1
         if gnorm:
             return self.r, kern.root(sums[1], ("sqnorm", g))
+        return self.r
+
+    def _push_one(self, s: int, g: Any, gnorm: bool) -> Any:
+        """The Gram row of :meth:`push` for one sample on the host: direct ``np.dot`` calls and Python scalars."""
+        kern = self.kern
+        f1, row = kern._n(self.f_slots[s])[0], kern._n(self.row)[0]
+        np.dot(kern._n(self.R)[self.m:, 0, :], f1, out=row)
+        if not math.isfinite(float(row[s])):  # |f|^2 overflowed in the vectors' dtype (so may have the row)
+            row64 = kern.rescued(("matvec", self.R[self.m:, ...], self.f_slots[s]), row[None].astype(np.float64))[0]
+        else:
+            row64 = row
+        self.G[0, s, :] = row64
+        self.G[0, :, s] = row64
+        self.valid[0, s] = True
+        self.r = kern.root(np.array([row64[s]], dtype=kern.sdtype), ("sqnorm", self.f_slots[s]))
+        self.k += 1
+        if gnorm:
+            g1 = kern._n(g)[0]
+            return self.r, kern.root(np.array([np.dot(g1, g1)], dtype=kern.sdtype), ("sqnorm", g))
         return self.r
 
     def size(self) -> Any:
@@ -277,18 +301,21 @@ class AndersonHistory(MethodState):
         K, rhs = self._bordered(mk)
         H = K[1:, 1:]
         self.G[0].take(idx, axis=0).take(idx, axis=1, out=H)
-        d = H.diagonal()
-        scale = float(d.max())
+        diag = H.diagonal().tolist()
+        scale = max(diag)
         scale = scale if scale > 0.0 else 1.0  # also for NaN
+        if self.lam_mode == "relative":
+            new = [(1.0 + self.lam) * d / scale for d in diag]
+        else:
+            new = [d / scale + (self.lam if self.lam_mode == "relative_max" else self.lam / scale) for d in diag]
         H /= scale
-        H.flat[::mk + 1] *= 1.0 + self.lam if self.lam_mode == "relative" else 1.0
-        if self.lam_mode != "relative":
-            H.flat[::mk + 1] += self.lam if self.lam_mode == "relative_max" else self.lam / scale
-        sol = self.kern.solve(K[None], rhs[None])[0]
+        H.flat[::mk + 1] = new
+        sol = self.kern.solve_one(K, rhs)
+        weights = sol[1:]
         alpha = np.zeros((1, self.m))
-        alpha[0, idx] = sol[1:]
+        alpha[0, idx] = weights
         r, ref = float(self.r[0]), float(self.ref_r[0])
-        ok = float(abs(sol[1:]).max()) <= method.restart_weight and r <= method.restart_growth * ref
+        ok = max(map(abs, weights.tolist())) <= method.restart_weight and r <= method.restart_growth * ref
         restart = bool(active[0]) and not ok  # NaN weights fail the comparison, hence restart
         if restart:
             self.valid[0] = self.onehot_b[s]

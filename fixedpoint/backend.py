@@ -493,10 +493,10 @@ class Kernels:
         local sums run in the vectors' dtype and are converted to small state in
         :attr:`sdtype`; with a communicator (:mod:`fixedpoint.comm`) all the terms of one call
         are summed over the processes in a single allreduce, so every process gets the same
-        values.  With the small state on the host, entries that came out non-finite are
-        recomputed in float64 from scaled copies (a float32 problem then never overflows, a
-        float64 one only where the true value exceeds the float64 range); on a device that check
-        would synchronise and is not made.
+        values.  The results may have overflowed in the vectors' dtype: :meth:`root` (for norms)
+        and :meth:`rescued` recompute them in float64 from scaled copies where the small state
+        is on the host (a float32 problem then never overflows, a float64 one only where the
+        true value exceeds the float64 range); on a device that check would synchronise.
 
         Returns
         -------
@@ -504,10 +504,7 @@ class Kernels:
             One per term, in order.
         """
         local = [self._local(t) for t in terms]
-        if self.comm is None and self.small_on_host:  # the common case, kept lean for tiny problems
-            for i, v in enumerate(local):
-                if not math.isfinite(float(v.sum())) and not np.isfinite(v).all():  # the sum: a cheap first test
-                    local[i] = self._rescue(terms[i], v)
+        if self.comm is None:
             return local
         if self.comm is not None:
             flat = [self.sxp.reshape(v, (v.shape[0], -1)) for v in local]
@@ -516,10 +513,14 @@ class Kernels:
             for v, f in zip(local, flat):
                 out.append(self.sxp.reshape(total[:, start:start + f.shape[1]], v.shape))
                 start += f.shape[1]
-            local = out
-        if self.small_on_host:
-            local = [self._rescue(t, v) if not np.isfinite(v).all() else v for t, v in zip(terms, local)]
-        return local
+        return out
+
+    def rescued(self, term: tuple, value: Array) -> Array:
+        """``value`` (the result of ``term`` in :meth:`sums`), recomputed in float64 from scaled copies where it is
+        not finite and the small state is on the host (a device would synchronise for the check)."""
+        if self.small_on_host and not math.isfinite(float(value.sum())) and not np.isfinite(value).all():
+            return self._rescue(term, value)
+        return value
 
     def _global_max(self, a: np.ndarray) -> np.ndarray:
         return self.comm.max(a) if self.comm is not None else a
@@ -588,12 +589,14 @@ class Kernels:
         return acc
 
     def matvec_small(self, A: Array, v: Array, out: Array | None = None) -> Array:
-        """``sums(("matvec", A, v, out))``: the products of a stack with ``v`` as small state ``(B, k)``."""
-        return self.sums(("matvec", A, v, out))[0]
+        """The products of a stack with ``v`` (``("matvec", A, v, out)`` of :meth:`sums`, :meth:`rescued`): ``(B, k)``."""
+        term = ("matvec", A, v, out)
+        return self.rescued(term, self.sums(term)[0])
 
     def dot(self, a: Array, b: Array) -> Array:
         """Inner product of each row of ``a`` with the same row of ``b`` (both ``(B, n)``): small state ``(B,)``."""
-        return self.sums(("dot", a, b))[0]
+        term = ("dot", a, b)
+        return self.rescued(term, self.sums(term)[0])
 
     def norms(self, a: Array) -> Array:
         """Euclidean norm of each row of ``a`` (shape ``(B, n)``): small state of shape ``(B,)``, :attr:`sdtype`.
@@ -611,11 +614,18 @@ class Kernels:
         """The square root of a reduced squared norm; on the host, a norm whose square overflowed float64 is
         recomputed by scaling (``term`` is the ``("sqnorm", a)`` or ``("sqdiff", a, b)`` it came from)."""
         r = self.sxp.sqrt(sq)
-        if self.small_on_host and not math.isfinite(float(r.sum())) and not np.isfinite(r).all():
+        if self.small_on_host and not math.isfinite(float(r[0] if r.size == 1 else r.sum())) \
+                and not np.isfinite(r).all():  # the sum: a cheap first test
             return self._safe_norms(term)
         return r
 
     # --- the small solve -----------------------------------------------------------------------------
+
+    def solve_one(self, A: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """One small system ``A x = b`` in NumPy (host small state): NaN, not an error, when ``A`` is singular."""
+        if _lapack_solve1 is not None:
+            return _lapack_solve1(A, b)
+        return self.solve(A[None], b[None])[0]
 
     def solve(self, A: Array, b: Array) -> Array:
         """Batched solve of ``A[i] @ x[i] = b[i]`` for small state ``A`` ``(B, k, k)`` and ``b`` ``(B, k)``.
@@ -635,9 +645,8 @@ class Kernels:
         if slib == "numpy":
             if A.shape[0] >= _MANY_SAMPLES:
                 return _eliminate(np.array(A, dtype=np.float64), np.array(b, dtype=np.float64))
-            if _lapack_solve1 is not None:  # NumPy's own kernel without numpy.linalg.solve's 15 µs of checks;
-                with np.errstate(all="ignore"):  # a singular system gives NaN rather than LinAlgError
-                    return _lapack_solve1(A, b)
+            if _lapack_solve1 is not None:  # NumPy's own kernel without numpy.linalg.solve's 15 µs of checks:
+                return _lapack_solve1(A, b)  # a singular system gives NaN (under solver_context's errstate)
             sxp = np
         try:
             return sxp.linalg.solve(A, b[:, :, None])[:, :, 0]
