@@ -229,8 +229,6 @@ def is_accelerator(xp: Namespace, device: Any) -> bool:
 _SHORT_ROWS = 4096
 #: Elements of the scratch block with which residual norms are computed without a temporary of size n.
 _BLOCK = 1 << 16
-#: Batches of at least this many samples solve their small systems by vectorised elimination (NumPy).
-_MANY_SAMPLES = 64
 
 
 class Kernels:
@@ -632,10 +630,9 @@ class Kernels:
 
         Never raises for a singular system and never synchronises with the host on
         GPUs: rows whose system is singular come back non-finite, which the caller
-        treats as a failed extrapolation.  With NumPy and many samples the systems are
-        solved together by vectorised Gaussian elimination with partial pivoting (one
-        NumPy operation per elimination step over the whole batch, instead of one
-        LAPACK call per sample).
+        treats as a failed extrapolation.  With NumPy the batch goes straight to NumPy's
+        LAPACK gufunc (``numpy.linalg.solve`` adds its checks: twice the time for
+        thousands of small systems).
         """
         sxp, slib = self.sxp, library_name(self.sxp)
         if slib == "torch":
@@ -643,8 +640,6 @@ class Kernels:
         if slib == "cupy":  # cuSOLVER path: no singularity check, no synchronisation
             return sxp.linalg.solve(A, b[:, :, None])[:, :, 0]
         if slib == "numpy":
-            if A.shape[0] >= _MANY_SAMPLES:
-                return _eliminate(np.array(A, dtype=np.float64), np.array(b, dtype=np.float64))
             if _lapack_solve1 is not None:  # NumPy's own kernel without numpy.linalg.solve's 15 µs of checks:
                 return _lapack_solve1(A, b)  # a singular system gives NaN (under solver_context's errstate)
             sxp = np
@@ -669,27 +664,6 @@ def _numpy_solve1() -> Any:
 
 
 _lapack_solve1 = _numpy_solve1()
-
-
-def _eliminate(A: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Solve ``A[i] x[i] = b[i]`` for a batch of small systems by Gaussian elimination with partial pivoting,
-    vectorised over the batch (A and b are overwritten).  Singular systems give non-finite rows."""
-    B, k, _ = A.shape
-    rows = np.arange(B)
-    for p in range(k):
-        piv = p + np.argmax(np.abs(A[:, p:, p]), axis=1)
-        swap = piv != p
-        if swap.any():
-            idx = rows[swap]
-            A[idx, p], A[idx, piv[swap]] = A[idx, piv[swap]].copy(), A[idx, p].copy()
-            b[idx, p], b[idx, piv[swap]] = b[idx, piv[swap]].copy(), b[idx, p].copy()
-        factor = A[:, p + 1:, p] / A[:, p, p][:, None]
-        A[:, p + 1:, p:] -= factor[:, :, None] * A[:, p, None, p:]
-        b[:, p + 1:] -= factor * b[:, p, None]
-    x = np.empty_like(b)
-    for p in range(k - 1, -1, -1):
-        x[:, p] = (b[:, p] - np.einsum("bj,bj->b", A[:, p, p + 1:], x[:, p + 1:])) / A[:, p, p]
-    return x
 
 
 @functools.cache
