@@ -587,7 +587,7 @@ class Kernels:
         return acc
 
     def matvec_small(self, A: Array, v: Array, out: Array | None = None) -> Array:
-        """The products of a stack with ``v`` (``("matvec", A, v, out)`` of :meth:`sums`, :meth:`rescued`): ``(B, k)``."""
+        """Products of a stack with ``v``: ``("matvec", A, v, out)`` of :meth:`sums`, :meth:`rescued`; ``(B, k)``."""
         term = ("matvec", A, v, out)
         return self.rescued(term, self.sums(term)[0])
 
