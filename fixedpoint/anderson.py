@@ -179,6 +179,7 @@ class AndersonHistory(MethodState):
         self.ref_r = sxp.full((B,), float("inf"), dtype=sdt, device=sdev)
         self.r = sxp.zeros((B,), dtype=sdt, device=sdev)
         self.k = 0  # number of pairs pushed so far
+        self._alpha_one = sxp.zeros((1, m), dtype=sdt, device=sdev)  # the weights of _weights_one
         slots = sxp.arange(m, device=sdev)
         self.onehot_b = [slots == s for s in range(m)]
         self.onehot = [sxp.astype(h, sdt) for h in self.onehot_b]
@@ -238,12 +239,18 @@ class AndersonHistory(MethodState):
         self.G[0, s, :] = row64
         self.G[0, :, s] = row64
         self.valid[0, s] = True
-        self.r = kern.root(np.array([row64[s]], dtype=kern.sdtype), ("sqnorm", self.f_slots[s]))
+        self.r = self._sqrt_one(float(row64[s]), ("sqnorm", self.f_slots[s]))
         self.k += 1
         if gnorm:
             g1 = kern._n(g)[0]
-            return self.r, kern.root(np.array([np.dot(g1, g1)], dtype=kern.sdtype), ("sqnorm", g))
+            return self.r, self._sqrt_one(float(np.dot(g1, g1)), ("sqnorm", g))
         return self.r
+
+    def _sqrt_one(self, sq: float, term: tuple) -> Any:
+        """A one-sample norm from its square, rescued by the kernels when the square overflowed."""
+        if math.isfinite(sq):
+            return np.array([math.sqrt(sq)], dtype=self.kern.sdtype)
+        return self.kern.root(np.array([sq], dtype=self.kern.sdtype), term)
 
     def size(self) -> Any:
         """Number of stored pairs each sample's next extrapolation combines: small-state integers, shape (B,)."""
@@ -304,15 +311,15 @@ class AndersonHistory(MethodState):
         diag = H.diagonal().tolist()
         scale = max(diag)
         scale = scale if scale > 0.0 else 1.0  # also for NaN
-        if self.lam_mode == "relative":
-            new = [(1.0 + self.lam) * d / scale for d in diag]
-        else:
-            new = [d / scale + (self.lam if self.lam_mode == "relative_max" else self.lam / scale) for d in diag]
         H /= scale
-        H.flat[::mk + 1] = new
+        if self.lam_mode == "relative":
+            H.flat[::mk + 1] *= 1.0 + self.lam
+        else:
+            H.flat[::mk + 1] += self.lam if self.lam_mode == "relative_max" else self.lam / scale
         sol = self.kern.solve_one(K, rhs)
         weights = sol[1:]
-        alpha = np.zeros((1, self.m))
+        alpha = self._alpha_one
+        alpha[0] = 0.0
         alpha[0, idx] = weights
         r, ref = float(self.r[0]), float(self.ref_r[0])
         ok = max(map(abs, weights.tolist())) <= method.restart_weight and r <= method.restart_growth * ref

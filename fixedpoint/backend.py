@@ -313,6 +313,8 @@ class Kernels:
                 a = np.array(a)
             a = self._raw_torch().from_numpy(a)
             return a if dtype is None else a.to(dtype)
+        if self.mode == "numpy":
+            return a if dtype is None or a.dtype == dtype else a.astype(dtype)
         return a if dtype is None else self.xp.astype(a, dtype)
 
     def _raw_torch(self) -> Any:
