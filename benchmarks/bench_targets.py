@@ -39,7 +39,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root (demos/
 
 import fixedpoint  # noqa: E402
 from fixedpoint import Anderson, problems  # noqa: E402
-from fixedpoint.backend import Kernels, resolve_namespace  # noqa: E402
+from fixedpoint.backend import resolve_namespace  # noqa: E402
+from fixedpoint.kernels import Kernels  # noqa: E402
 from tooling import timing  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

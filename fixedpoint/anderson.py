@@ -28,9 +28,10 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from .backend import Kernels, namespace_of
+from .backend import namespace_of
 from .checks import check_choice, check_int, check_real
 from .interop import convert
+from .kernels import Kernels
 from .method import Method, MethodState
 
 __all__ = ["Anderson", "AndersonHistory", "LAM_MODES"]
@@ -138,7 +139,7 @@ class AndersonHistory(MethodState):
 
     Preallocates ``(2m, B, n)`` values (the last m map values g_j and residuals f_j)
     in the vectors' library, and the ``(B, m, m)`` Gram matrix with O(B·m²)
-    bookkeeping as small state (:class:`fixedpoint.backend.Kernels`: NumPy for
+    bookkeeping as small state (:class:`fixedpoint.kernels.Kernels`: NumPy for
     host memory, the device otherwise); nothing of size n is allocated afterwards
     on NumPy, CuPy or PyTorch.  It is the state :meth:`Anderson.init` gives the
     solve loop, and is driven the same way by any other loop that produces
@@ -150,7 +151,7 @@ class AndersonHistory(MethodState):
 
     Parameters
     ----------
-    kern : fixedpoint.backend.Kernels
+    kern : fixedpoint.kernels.Kernels
         Kernels for the vectors' library and device.
     B, n : int
         Batch size and vector length.

@@ -27,7 +27,6 @@ import numpy as np
 
 from .backend import (
     Array,
-    Kernels,
     buffer_dtype,
     is_accelerator,
     library_name,
@@ -38,6 +37,7 @@ from .backend import (
 from .checks import check_choice, check_int, check_real
 from .comm import Communicator, as_communicator
 from .interop import call_map, convert, read_only_message, to_numpy, wrap_map
+from .kernels import Kernels
 from .method import Method
 from .result import FixedPointResult
 

@@ -20,7 +20,7 @@ keep references to ``x``, ``gx`` or ``out`` beyond the call (the loop reuses the
 must not allocate arrays of size n (use the buffers made in ``init``) and must not
 read values on the host (that would synchronise a GPU); per-sample quantities are
 *small state*: arrays of ``kern.sxp`` of shape ``(B,)`` in ``kern.sdtype``
-(:class:`fixedpoint.backend.Kernels`).  docs/algorithm.md ("Writing a method") shows a
+(:class:`fixedpoint.kernels.Kernels`).  docs/algorithm.md ("Writing a method") shows a
 complete method written from scratch.
 """
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from .backend import Kernels
+from .kernels import Kernels
 
 __all__ = ["Method", "MethodState"]
 

@@ -10,7 +10,8 @@ import pytest
 
 import fixedpoint
 from fixedpoint import Anderson, Broyden, ForwardIteration, problems
-from fixedpoint.backend import Kernels, emulate_accelerator, resolve_namespace
+from fixedpoint.backend import emulate_accelerator, resolve_namespace
+from fixedpoint.kernels import Kernels
 
 torch = pytest.importorskip("torch")
 

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from ..anderson import Anderson
-from ..backend import Kernels, resolve_namespace
+from ..backend import resolve_namespace
 from ..checks import check_choice, check_int, check_options, check_real
+from ..kernels import Kernels
 
 __all__ = ["AndersonAcceleration", "ExtrapolationRecord"]
 
