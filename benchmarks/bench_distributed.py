@@ -34,7 +34,7 @@ The driver (no sub-command) launches the worker with P = 1 and 2 processes under
 launchers, fits the cost model of docs/distributed.md to the measurements and writes
 ``benchmarks/results/distributed.json`` (and prints the tables; ``--txt`` keeps a copy):
 
-    python benchmarks/bench_distributed.py --txt benchmarks/results/distributed.txt   # about 5 min on 2 cores
+    python benchmarks/bench_distributed.py --txt benchmarks/results/distributed.txt   # about 4 min on 2 cores
     python benchmarks/bench_distributed.py --quick --out /tmp/quick.json              # small sizes, 30 s
     python benchmarks/bench_distributed.py --model-only       # refit the model of the JSON, print the tables
 
