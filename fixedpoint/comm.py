@@ -30,6 +30,13 @@ class Communicator:
     comm : mpi4py.MPI.Comm, torch.distributed.ProcessGroup, or the module ``torch.distributed``
         The processes that hold the shards.  ``torch.distributed`` (the module) means its
         default group, which must be initialised.
+    abort_on_error : bool, default True
+        With MPI and more than one process: when a solve fails on this process (g or the
+        callback raised), print the traceback and call ``MPI_Abort`` so that the other
+        processes, which wait in their next collective, end too instead of waiting forever
+        (MPI has no timeouts).  False: raise, as without a communicator, and leave ending the
+        job to the caller.  torch.distributed has no abort: there the exception is raised,
+        and the other processes fail when this one exits (or at the process group's timeout).
 
     Raises
     ------
@@ -46,8 +53,10 @@ class Communicator:
         "mpi" or "torch".
     """
 
-    def __init__(self, comm: Any) -> None:
+    def __init__(self, comm: Any, *, abort_on_error: bool = True) -> None:
         self.comm = comm
+        self.abort_on_error = abort_on_error
+        self._device = None  # where torch collectives of host arrays run (a CUDA device for NCCL)
         module = type(comm).__module__.split(".")[0]
         if module == "mpi4py" and hasattr(comm, "Allreduce"):
             self.kind = "mpi"
@@ -63,6 +72,9 @@ class Communicator:
             self._group = None if comm is dist else comm
             self.rank = dist.get_rank(self._group)
             self.size = dist.get_world_size(self._group)
+            if str(dist.get_backend(self._group)).lower() == "nccl":  # NCCL reduces device tensors only
+                torch = importlib.import_module("torch")
+                self._device = torch.device("cuda", torch.cuda.current_device())
             return
         raise TypeError("comm must be an mpi4py communicator (e.g. mpi4py.MPI.COMM_WORLD), a torch.distributed "
                         f"process group, or the module torch.distributed (its default group); got {comm!r}")
@@ -90,11 +102,28 @@ class Communicator:
             t = a.contiguous()
         else:  # e.g. CuPy small state: handed to torch through DLPack, without a copy
             t = torch.from_dlpack(a)
-        self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM if op == "sum" else self._dist.ReduceOp.MAX,
+        moved = self._device is not None and t.device.type == "cpu"
+        work = t.to(self._device) if moved else t
+        self._dist.all_reduce(work, op=self._dist.ReduceOp.SUM if op == "sum" else self._dist.ReduceOp.MAX,
                               group=self._group)
+        if moved:
+            t.copy_(work)
         if module == "numpy":
             return buf
         return t if module == "torch" else a
+
+    def abort(self, exc: BaseException) -> None:
+        """After a failed solve on this process: end every process of an MPI job (see ``abort_on_error``)."""
+        if self.kind != "mpi" or self.size < 2 or not self.abort_on_error:
+            return
+        import sys
+        import traceback
+
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        print(f"fixedpoint: the solve failed on rank {self.rank} of {self.size}; calling MPI_Abort so that the "
+              "other processes, waiting in their next collective, end too (Communicator(comm, "
+              "abort_on_error=False) raises instead)", file=sys.stderr, flush=True)
+        self.comm.Abort(1)
 
     def sum(self, a: Any) -> Any:
         """The elementwise sum of ``a`` over the processes (a NumPy array, or a tensor/array of the device)."""

@@ -347,6 +347,8 @@ class _Loop:
         except BaseException as exc:
             self._flush_history()
             exc.fixedpoint_result = self.result("error")  # type: ignore[attr-defined]
+            if self.kern.comm is not None:
+                self.kern.comm.abort(exc)
             raise
         return self.result(status)
 
@@ -405,6 +407,8 @@ class _Loop:
         except BaseException as exc:
             self._keep_one(hist, best_r, active, diverged, restarts)
             exc.fixedpoint_result = self.result("error")  # type: ignore[attr-defined]
+            if self.kern.comm is not None:
+                self.kern.comm.abort(exc)
             raise
         self._keep_one(hist, best_r, active, diverged, restarts)
         return self.result(status)

@@ -45,7 +45,17 @@ def test_sharded_solves_equal_the_single_process_solve(engine):
     assert proc.stdout.count("all checks passed") == 2
 
 
-@pytest.mark.parametrize("engine", ["mpi", "torch"])
+@pytest.mark.parametrize("engine", ["mpi", "mpi-plain", "torch"])
 def test_a_failing_process_ends_the_job_instead_of_hanging(engine):
-    proc = _launch(_mpiexec() if engine == "mpi" else _torchrun(), engine, "fail")  # TimeoutExpired = a hang
+    """Under torchrun, and under mpiexec with or without mpi4py's runner (-m mpi4py): without it the library
+    itself calls MPI_Abort, since MPI has no timeouts and the other process would wait forever."""
+    if engine == "torch":
+        cmd = _torchrun()
+    else:
+        cmd = _mpiexec()
+        if engine == "mpi-plain":
+            cmd = cmd[:-2]  # drop "-m mpi4py"
+    proc = _launch(cmd, engine.split("-")[0], "fail")  # TimeoutExpired = a hang
     assert proc.returncode != 0 and "g failed on purpose" in proc.stderr
+    if engine == "mpi-plain":
+        assert "calling MPI_Abort" in proc.stderr
