@@ -105,7 +105,7 @@ class Stage:
     title : str
         What it does, for the report.
     kind : str
-        "env", "tests", "overhead", "cvg" or "deq": how its results are read.
+        "env", "tests", "overhead", "memory", "cvg" or "deq": how its results are read.
     label : str
         The backend it measures ("cupy", "torch:cuda:0"; in a dry run "numpy", "torch"), or "".
     args : list of str
@@ -172,7 +172,9 @@ def build_plan(dry_run: bool = False) -> Plan:
                "--inner-channels", "8", "--groups", "4", "--max-iter", "30", "--fig-iters", "5", "--device", "cpu",
                "--threads", "1"]
         deq_backends = ("numpy", "torch")
-        budgets = dict(env=60, overhead_numpy=60, overhead_torch=60, cvg_jacobi=60, gpu_tests=120, cvg_gpu=60, deq=60)
+        memory = ["--n", "1e4", "--iters", "10", "--m", "5"]
+        budgets = dict(env=60, overhead_numpy=60, overhead_torch=60, memory=30, cvg_jacobi=60, gpu_tests=120,
+                       cvg_gpu=60, deq=60)
     else:
         gpus = (("cupy", "cuda:0"), ("torch", "cuda:0"))
         # bench_overhead's default --max-history-gb 4 measures every window at n <= 1e7 and m <= 5 (float32) or
@@ -184,7 +186,9 @@ def build_plan(dry_run: bool = False) -> Plan:
                  "--repeats", "2"]
         deq = ["--epochs", "2", "--device", "cuda"]
         deq_backends = ("cupy", "torch")
-        budgets = dict(env=25, overhead_cupy=70, overhead_torch=65, cvg_jacobi=80, gpu_tests=60, cvg_gpu=70, deq=40)
+        memory = ["--n", "1e8", "--iters", "20", "--m", "5", "--dtype", "float32"]  # 400 MB vectors
+        budgets = dict(env=25, overhead_cupy=70, overhead_torch=65, memory=15, cvg_jacobi=70, gpu_tests=60,
+                       cvg_gpu=60, deq=40)
     labels = [lib if dev == "cpu" or lib == "cupy" else f"{lib}:{dev}" for lib, dev in gpus]  # as --backends names them
     stages = [Stage("env", "environment and device report", "env", "",
                     ["benchmarks/device_report.py", "--json", "{dir}/device.json"], budgets["env"], "device.json")]
@@ -195,6 +199,11 @@ def build_plan(dry_run: bool = False) -> Plan:
         stages.append(Stage(name, f"bench_overhead: Anderson's own cost per iteration, {label}", "overhead", label,
                             ["benchmarks/bench_overhead.py", "--backend", lib, "--device", dev, *overhead,
                              "--out", "{dir}/overhead.json"], budgets[f"overhead_{lib}"], "overhead.json"))
+    for (lib, dev), label in zip(gpus, labels):  # peak device memory of one solve (NumPy: tracemalloc)
+        mem_backend = lib if lib in ("numpy", "cupy") else f"{lib}:{dev}"
+        stages.append(Stage(f"memory_{lib}", f"bench_memory: peak memory of one solve in vectors, {label}", "memory",
+                            label, ["benchmarks/bench_memory.py", "--backend", mem_backend, *memory,
+                                    "--out", "{dir}/memory.json"], budgets["memory"], "memory.json"))
     stages.append(Stage("cvg_jacobi", "CPU vs GPU on the cheap Jacobi map (the speed-up target)", "cvg", "",
                         ["demos/cpu_vs_gpu.py", *jacobi, "--out", "{dir}"], budgets["cvg_jacobi"], "results.json"))
     stages.append(Stage("gpu_tests", "the gpu-marked tests", "tests", "",
@@ -276,6 +285,13 @@ def read_overhead(path: Path) -> dict[str, Any]:
                 skipped=data.get("skipped", []), fits=data.get("fits", {}))
 
 
+def read_memory(path: Path) -> dict[str, Any]:
+    """bench_memory's JSON: per method, the peak in vectors of size n and its target."""
+    data = _load_json(path)
+    return dict(backend=data.get("backend"), device=data.get("device"), n=data.get("n"), dtype=data.get("dtype"),
+                rows=data.get("rows", []))
+
+
 def read_cvg(path: Path) -> dict[str, Any]:
     """cpu_vs_gpu's results.json without the residual traces (kept in results.tar.gz)."""
     data = _load_json(path)
@@ -321,7 +337,8 @@ def read_cvg_rows(path: Path) -> dict[str, Any]:
     return dict(rows=[{k: r.get(k) for k in keep} for r in rows], ratios=[], crossovers=[], trace={}, partial=True)
 
 
-READERS = dict(env=read_env, tests=read_tests, overhead=read_overhead, cvg=read_cvg, deq=read_deq)
+READERS = dict(env=read_env, tests=read_tests, overhead=read_overhead, memory=read_memory, cvg=read_cvg,
+               deq=read_deq)
 #: What a stage of a kind leaves when it is stopped before its main output: (file, reader).
 PARTIAL_READERS = dict(cvg=("rows.csv", read_cvg_rows))
 
@@ -581,6 +598,14 @@ def _results_sections(s: dict[str, Any]) -> list[str]:
         lines += _table(["dtype", "n"] + [f"m={m}" for m in ms], table)
     for st in s["stages"]:
         r = res.get(st["name"])
+        if not r or st["kind"] != "memory":
+            continue
+        lines += ["", f"## bench_memory, {st['label']} (n = {sci(r['n'])}, {r['dtype']})", ""]
+        lines += _table(["method", "peak [vectors of n]", "target", "met"],
+                        [[row["method"], _fmt(row["vectors"], "{:.3f}"), _fmt(row["target"]),
+                          _fmt(row["meets_target"])] for row in r["rows"]])
+    for st in s["stages"]:
+        r = res.get(st["name"])
         if not r or st["kind"] != "cvg":
             continue
         lines += ["", f"## {st['name']}: time to tolerance [s], forward / Anderson", ""]
@@ -627,6 +652,8 @@ def headline(stage: Stage, result: dict[str, Any] | None, plan: Plan) -> str:
         if "min" in t:
             copy += f"; /copy {t['min']:.2f}-{t['max']:.2f} at n >= {sci(plan.bandwidth_n_min)}"
         return copy
+    if stage.kind == "memory":
+        return ", ".join(f"{r['method']} {_fmt(r['vectors'], '{:.2f}')} (<= {r['target']})" for r in result["rows"])
     if stage.kind == "cvg":
         rows = result["rows"]
         probs = sorted({r["problem"] for r in rows})
