@@ -231,8 +231,8 @@ class AndersonHistory(MethodState):
     def _push_one(self, s: int, g: Any, gnorm: bool) -> Any:
         """The Gram row of :meth:`push` for one sample on the host: direct ``np.dot`` calls and Python scalars."""
         kern = self.kern
-        f1, row = kern._n(self.f_slots[s])[0], kern._n(self.row)[0]
-        np.dot(kern._n(self.R)[self.m:, 0, :], f1, out=row)
+        f1, row = kern.small(self.f_slots[s])[0], kern.small(self.row)[0]
+        np.dot(kern.small(self.R)[self.m:, 0, :], f1, out=row)
         if not math.isfinite(float(row[s])):  # |f|^2 overflowed in the vectors' dtype (so may have the row)
             row64 = kern.rescued(("matvec", self.R[self.m:, ...], self.f_slots[s]), row[None].astype(np.float64))[0]
         else:
@@ -243,7 +243,7 @@ class AndersonHistory(MethodState):
         self.r = self._sqrt_one(float(row64[s]), ("sqnorm", self.f_slots[s]))
         self.k += 1
         if gnorm:
-            g1 = kern._n(g)[0]
+            g1 = kern.small(g)[0]
             return self.r, self._sqrt_one(float(np.dot(g1, g1)), ("sqnorm", g))
         return self.r
 

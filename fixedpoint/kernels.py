@@ -57,8 +57,9 @@ class Kernels:
     are several times faster than PyTorch's on the CPU), in CuPy for CuPy arrays, in
     PyTorch for PyTorch tensors on an accelerator, and through the standard for any
     other library.  Which kernel serves an operation also depends on the shape:
-    e.g. many short samples use batched dot products and a vectorised elimination
-    where long ones use one BLAS call per sample.
+    e.g. the products with a stack use one batched dot product per stored vector
+    for many short samples, one BLAS call per sample for long ones, and plain
+    ``np.dot`` for a single sample.
 
     The solvers also keep O(B·m²) *small* state (Gram matrix, masks, per-sample
     residuals).  It lives in :attr:`sxp` on :attr:`sdevice`: NumPy when the vectors
@@ -110,12 +111,9 @@ class Kernels:
 
     # --- conversions ---------------------------------------------------------------------------
 
-    def _n(self, a: Array) -> Array:
-        """The array the vector work runs on: a NumPy view of a PyTorch CPU tensor, else ``a`` itself."""
-        return a.detach().numpy() if self._views else a
-
     def small(self, a: Array) -> Array:
-        """View an array of the vectors' library as an array of :attr:`sxp` (no copy)."""
+        """View an array of the vectors' library as an array of :attr:`sxp` (no copy): a NumPy view of a PyTorch
+        CPU tensor, else ``a`` itself.  The vector work of NumPy mode runs on these views too."""
         return a.detach().numpy() if self._views else a
 
     def big(self, a: Array, dtype: Any = None) -> Array:
@@ -145,7 +143,7 @@ class Kernels:
         if isinstance(alpha, (int, float)):
             return float(alpha)
         if self.mode == "numpy":
-            return np.asarray(alpha, dtype=self._n(like).dtype)[:, None]
+            return np.asarray(alpha, dtype=self.small(like).dtype)[:, None]
         return self.xp.astype(alpha, like.dtype)[:, None]
 
     def solver_context(self) -> contextlib.ExitStack:
@@ -166,7 +164,7 @@ class Kernels:
         if self.mode == "torch":
             self._raw.sub(a, b, out=out)
         elif self._raw is not None:
-            n = self._n
+            n = self.small
             self._raw.subtract(n(a), n(b), out=n(out))
         else:
             out[...] = a - b
@@ -176,7 +174,7 @@ class Kernels:
         if self.mode == "torch":
             out.copy_(a)
         elif self._raw is not None:
-            self._raw.copyto(self._n(out), self._n(a))
+            self._raw.copyto(self.small(out), self.small(a))
         else:
             out[...] = a
 
@@ -192,7 +190,7 @@ class Kernels:
             else:
                 self._raw.addcmul(a, b, alpha, out=out)
         elif self._raw is not None:
-            n = self._n
+            n = self.small
             o = n(out)
             self._raw.multiply(n(b), alpha, out=o)
             self._raw.add(o, n(a), out=o)
@@ -205,7 +203,7 @@ class Kernels:
         if self.mode == "torch":
             self._raw.mul(a, alpha, out=out)
         elif self._raw is not None:
-            self._raw.multiply(self._n(a), alpha, out=self._n(out))
+            self._raw.multiply(self.small(a), alpha, out=self.small(out))
         else:
             out[...] = alpha * a
 
@@ -214,7 +212,7 @@ class Kernels:
         if self.mode == "torch":
             self._raw.lerp(a, b, weight, out=out)
         elif self._raw is not None:
-            n = self._n
+            n = self.small
             o = n(out)
             self._raw.subtract(n(b), n(a), out=o)
             self._raw.multiply(o, weight, out=o)
@@ -236,7 +234,7 @@ class Kernels:
         if self.mode == "torch":
             self._raw.where(mask[:, None], a, out, out=out)
         elif self._raw is not None:
-            self._raw.copyto(self._n(out), self._n(a), where=mask[:, None])
+            self._raw.copyto(self.small(out), self.small(a), where=mask[:, None])
         else:
             out[...] = self.xp.where(mask[:, None], a, out)
 
@@ -246,7 +244,7 @@ class Kernels:
         """``out[b, j] = ⟨A[j, b], v[b]⟩`` for a stack ``A`` ``(k, B, n)``, ``v`` ``(B, n)``, ``out`` ``(B, k)``."""
         k, B, n = A.shape
         if self.mode == "numpy":
-            A, v, out = self._n(A), self._n(v), self._n(out)
+            A, v, out = self.small(A), self.small(v), self.small(out)
             if B == 1:  # np.dot: a third of matmul's call overhead
                 np.dot(A[:, 0, :], v[0], out=out[0])
             elif n <= _SHORT_ROWS:  # many short rows: per slot, one batched dot product (no BLAS call per row)
@@ -263,7 +261,7 @@ class Kernels:
         """``out[b] = Σ_j w[b, j] A[j, b]`` for ``w`` ``(B, k)``, a stack ``A`` ``(k, B, n)``, ``out`` ``(B, n)``."""
         k, B, n = A.shape
         if self.mode == "numpy":
-            A, w, out = self._n(A), self._n(w), self._n(out)
+            A, w, out = self.small(A), self.small(w), self.small(out)
             if k == 1:
                 np.multiply(A[0], w, out=out)
             elif B == 1:
@@ -286,7 +284,7 @@ class Kernels:
                 out = self.xp.empty((a.shape[1], a.shape[0]), dtype=term[2].dtype, device=self.device)
             self.matvec(out, a, term[2])
             if self.mode == "numpy":
-                return np.asarray(self._n(out), dtype=self.sdtype)
+                return np.asarray(self.small(out), dtype=self.sdtype)
             return self.sxp.astype(self.small(out), self.sdtype)
         if kind == "dot":
             return self._local(("matvec", a[None, ...], term[2]))[:, 0]
@@ -368,7 +366,7 @@ class Kernels:
     def _sqsum(self, a: Array) -> Array:
         """Σ_n a[b, n]² per row, local, in the vectors' dtype, as small state in :attr:`sdtype` (no temporary)."""
         if self.mode == "numpy":
-            a = self._n(a)
+            a = self.small(a)
             if a.shape[0] == 1:
                 return np.array([np.dot(a[0], a[0])], dtype=self.sdtype)
             return np.asarray((a[:, None, :] @ a[:, :, None])[:, 0, 0], dtype=self.sdtype)
