@@ -308,7 +308,10 @@ class AndersonHistory(MethodState):
         mk = idx.size
         K, rhs = self._bordered(mk)
         H = K[1:, 1:]
-        self.G[0].take(idx, axis=0).take(idx, axis=1, out=H)
+        if mk == self.m:  # the usual case: every slot in use
+            H[...] = self.G[0]
+        else:
+            self.G[0].take(idx, axis=0).take(idx, axis=1, out=H)
         diag = H.diagonal().tolist()
         scale = max(diag)
         scale = scale if scale > 0.0 else 1.0  # also for NaN
@@ -320,8 +323,11 @@ class AndersonHistory(MethodState):
         sol = self.kern.solve_one(K, rhs)
         weights = sol[1:]
         alpha = self._alpha_one
-        alpha[0] = 0.0
-        alpha[0, idx] = weights
+        if mk == self.m:
+            alpha[0] = weights
+        else:
+            alpha[0] = 0.0
+            alpha[0, idx] = weights
         r, ref = float(self.r[0]), float(self.ref_r[0])
         ok = max(map(abs, weights.tolist())) <= method.restart_weight and r <= method.restart_growth * ref
         restart = bool(active[0]) and not ok  # NaN weights fail the comparison, hence restart
