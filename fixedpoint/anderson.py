@@ -39,6 +39,11 @@ __all__ = ["Anderson", "AndersonHistory", "LAM_MODES"]
 #: How the regularisation λ is measured (see :class:`Anderson`).
 LAM_MODES = ("relative", "relative_max", "absolute")
 
+# The one-sample restart flags _weights_one returns, indexed by whether the sample restarted (read-only).
+_RESTARTED = (np.zeros(1, dtype=bool), np.ones(1, dtype=bool))
+for _flag in _RESTARTED:
+    _flag.flags.writeable = False
+
 
 @dataclasses.dataclass(frozen=True)
 class Anderson(Method):
@@ -181,6 +186,10 @@ class AndersonHistory(MethodState):
         self.r = sxp.zeros((B,), dtype=sdt, device=sdev)
         self.k = 0  # number of pairs pushed so far
         self._alpha_one = sxp.zeros((1, m), dtype=sdt, device=sdev)  # the weights of _weights_one
+        if B == 1 and kern.mode == "numpy":  # host views for _push_one, made once (R is never replaced)
+            stack = kern.small(self.R)
+            self._f_one = [stack[m + s, 0] for s in range(m)]
+            self._fstack_one, self._row_one = stack[m:, 0, :], kern.small(self.row)[0]
         slots = sxp.arange(m, device=sdev)
         self.onehot_b = [slots == s for s in range(m)]
         self.onehot = [sxp.astype(h, sdt) for h in self.onehot_b]
@@ -230,28 +239,29 @@ class AndersonHistory(MethodState):
 
     def _push_one(self, s: int, g: Any, gnorm: bool) -> Any:
         """The Gram row of :meth:`push` for one sample on the host: direct ``np.dot`` calls and Python scalars."""
-        kern = self.kern
-        f1, row = kern.small(self.f_slots[s])[0], kern.small(self.row)[0]
-        np.dot(kern.small(self.R)[self.m:, 0, :], f1, out=row)
-        if not math.isfinite(float(row[s])):  # |f|^2 overflowed in the vectors' dtype (so may have the row)
-            row64 = kern.rescued(("matvec", self.R[self.m:, ...], self.f_slots[s]), row[None].astype(np.float64))[0]
-        else:
-            row64 = row
-        self.G[0, s, :] = row64
-        self.G[0, :, s] = row64
+        row = self._row_one
+        np.dot(self._fstack_one, self._f_one[s], out=row)
+        sq = float(row[s])
+        if not math.isfinite(sq):  # |f|^2 overflowed in the vectors' dtype (so may have the row)
+            row = self.kern.rescued(("matvec", self.R[self.m:, ...], self.f_slots[s]), row[None].astype(np.float64))[0]
+            sq = float(row[s])
+        G = self.G[0]
+        G[s, :] = row
+        G[:, s] = row
         self.valid[0, s] = True
-        self.r = self._sqrt_one(float(row64[s]), ("sqnorm", self.f_slots[s]))
+        self.r = self._sqrt_one(sq, self.f_slots[s])
         self.k += 1
         if gnorm:
-            g1 = kern.small(g)[0]
-            return self.r, self._sqrt_one(float(np.dot(g1, g1)), ("sqnorm", g))
+            g1 = self.kern.small(g)[0]
+            return self.r, self._sqrt_one(float(np.dot(g1, g1)), g)
         return self.r
 
-    def _sqrt_one(self, sq: float, term: tuple) -> Any:
-        """A one-sample norm from its square, rescued by the kernels when the square overflowed."""
+    def _sqrt_one(self, sq: float, v: Any) -> Any:
+        """The norm of the one-sample vector ``v`` from its square ``sq``, rescued by the kernels when the square
+        overflowed."""
         if math.isfinite(sq):
             return np.array([math.sqrt(sq)], dtype=self.kern.sdtype)
-        return self.kern.root(np.array([sq], dtype=self.kern.sdtype), term)
+        return self.kern.root(np.array([sq], dtype=self.kern.sdtype), ("sqnorm", v))
 
     def size(self) -> Any:
         """Number of stored pairs each sample's next extrapolation combines: small-state integers, shape (B,)."""
@@ -303,27 +313,24 @@ class AndersonHistory(MethodState):
     def _weights_one(self, active: Any) -> tuple[Any, Any]:
         """:meth:`weights` for one sample with the small state on the host: the bordered system of the valid
         slots only, with Python scalars for the bookkeeping (the same weights; a fifth of the NumPy calls)."""
-        s, method = (self.k - 1) % self.m, self.method
-        idx = self.valid[0].nonzero()[0]
-        mk = idx.size
-        K, rhs = self._bordered(mk)
-        H = K[1:, 1:]
-        if mk == self.m:  # the usual case: every slot in use
-            H[...] = self.G[0]
+        s, method, m, G = (self.k - 1) % self.m, self.method, self.m, self.G[0]
+        mk = int(np.count_nonzero(self.valid[0]))
+        K, H, H_diag, rhs = self._bordered(mk)
+        if mk == m:  # the usual case: every slot in use
+            sub, idx = G, None
         else:
-            self.G[0].take(idx, axis=0).take(idx, axis=1, out=H)
-        diag = H.diagonal().tolist()
-        scale = max(diag)
+            idx = self.valid[0].nonzero()[0]
+            sub = G.take(idx, axis=0).take(idx, axis=1)
+        scale = max(sub.diagonal().tolist())
         scale = scale if scale > 0.0 else 1.0  # also for NaN
-        H /= scale
+        np.divide(sub, scale, out=H)
         if self.lam_mode == "relative":
-            H.flat[::mk + 1] *= 1.0 + self.lam
+            H_diag *= 1.0 + self.lam
         else:
-            H.flat[::mk + 1] += self.lam if self.lam_mode == "relative_max" else self.lam / scale
-        sol = self.kern.solve_one(K, rhs)
-        weights = sol[1:]
+            H_diag += self.lam if self.lam_mode == "relative_max" else self.lam / scale
+        weights = self.kern.solve_one(K, rhs)[1:]
         alpha = self._alpha_one
-        if mk == self.m:
+        if idx is None:
             alpha[0] = weights
         else:
             alpha[0] = 0.0
@@ -336,17 +343,18 @@ class AndersonHistory(MethodState):
         self.ref_r[0] = r if restart else min(ref, r)
         if restart or self.k <= method.delay:
             alpha[0] = self.onehot[s]
-        return alpha, np.array([restart])
+        return alpha, _RESTARTED[restart]
 
-    def _bordered(self, mk: int) -> tuple[np.ndarray, np.ndarray]:
-        """A (mk+1)×(mk+1) bordered matrix with its border set, and the right-hand side e_0 (reused buffers)."""
+    def _bordered(self, mk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """A (mk+1)×(mk+1) bordered matrix K with its border set, views of its block H = K[1:, 1:] and of H's
+        diagonal, and the right-hand side e_0 (buffers reused from call to call)."""
         cache = self.__dict__.setdefault("_bordered_cache", {})
         if mk not in cache:
             K = np.zeros((mk + 1, mk + 1))
             K[0, 1:] = K[1:, 0] = 1.0
             rhs = np.zeros(mk + 1)
             rhs[0] = 1.0
-            cache[mk] = (K, rhs)
+            cache[mk] = (K, K[1:, 1:], K.reshape(-1)[mk + 2::mk + 2], rhs)
         return cache[mk]
 
     def combine(self, alpha: Any, out: Any) -> None:

@@ -45,6 +45,28 @@ def test_residual_blow_up_restarts_history():
     assert res.residual_history[5] > 1e6
 
 
+@pytest.mark.parametrize("lam_mode", ["relative", "relative_max", "absolute"])
+def test_one_sample_path_takes_the_batched_steps_through_restarts(lam_mode):
+    # B = 1 runs a host-scalar path of its own; two identical samples run the batched one.  Both must take
+    # the same steps, through partial windows and a restart after a residual blow-up.
+    p = problems.linear_contraction(20, rho=0.5)
+
+    def wild_at_6(x, count):  # one wild evaluation, the 6th
+        count.append(1)
+        return p.g(x) + (1e7 if len(count) == 6 else 0.0)
+
+    method = fixedpoint.Anderson(m=4, lam_mode=lam_mode, lam=1e-10)
+    c1, c2 = [], []
+    one = fixedpoint.solve(lambda x: wild_at_6(x, c1), p.x0, method=method, tol=1e-12, stop_mode="abs")
+    both = fixedpoint.solve(lambda x: wild_at_6(x, c2), np.stack([p.x0, p.x0]), method=method, batch=True,
+                            tol=1e-12, stop_mode="abs")
+    assert one.converged and one.n_restarts >= 1
+    assert list(both.n_iter) == [one.n_iter] * 2 and list(both.n_restarts) == [one.n_restarts] * 2
+    # after the blow-up (1e7) the residuals carry its rounding: 1e7 x 1e-16 x a few steps
+    np.testing.assert_allclose(both.residual_history[:, 0], one.residual_history, rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(both.x[1], one.x, rtol=1e-12, atol=1e-14)
+
+
 def test_error_in_g_keeps_what_was_computed():
     p = problems.chandrasekhar(20, 0.9)
     count = [0]
