@@ -285,7 +285,23 @@ class AndersonHistory(MethodState):
         """
         if self.B == 1 and self.kern.small_on_host:
             return self._weights_one(active)
-        xp, s, v, method = self.kern.sxp, (self.k - 1) % self.m, self.valid, self.method
+        if self.kern.small_on_host and bool(self.valid.all()):
+            self._bordered_full()
+        else:
+            self._bordered_masked()
+        xp, s, method = self.kern.sxp, (self.k - 1) % self.m, self.method
+        alpha = self.kern.solve(self.A, self.rhs)[:, 1:]
+        ok = (xp.max(xp.abs(alpha), axis=1) <= method.restart_weight) & (self.r <= method.restart_growth * self.ref_r)
+        restart = active & ~ok  # NaN weights fail the comparison, hence restart
+        self.valid = xp.where(restart[:, None], self.onehot_b[s], self.valid)
+        self.ref_r = xp.where(restart, self.r, xp.minimum(self.ref_r, self.r))
+        if self.k <= method.delay:
+            return xp.broadcast_to(self.onehot[s], alpha.shape), restart
+        return xp.where(restart[:, None], self.onehot[s], alpha), restart
+
+    def _bordered_masked(self) -> None:
+        """The bordered systems of :meth:`weights` in ``self.A``, any slots valid (array API: any device)."""
+        xp, v = self.kern.sxp, self.valid
         vf = xp.astype(v, self.kern.sdtype)
         diag = xp.where(v, xp.linalg.diagonal(self.G), 0.0)
         scale = xp.max(diag, axis=1)
@@ -301,14 +317,24 @@ class AndersonHistory(MethodState):
         A[:, 1:, 1:] = H + self.eye * xp.where(v, reg, 1.0)[:, None, :]
         A[:, 0, 1:] = vf
         A[:, 1:, 0] = vf
-        alpha = self.kern.solve(A, self.rhs)[:, 1:]
-        ok = (xp.max(xp.abs(alpha), axis=1) <= method.restart_weight) & (self.r <= method.restart_growth * self.ref_r)
-        restart = active & ~ok  # NaN weights fail the comparison, hence restart
-        self.valid = xp.where(restart[:, None], self.onehot_b[s], v)
-        self.ref_r = xp.where(restart, self.r, xp.minimum(self.ref_r, self.r))
-        if self.k <= method.delay:
-            return xp.broadcast_to(self.onehot[s], alpha.shape), restart
-        return xp.where(restart[:, None], self.onehot[s], alpha), restart
+
+    def _bordered_full(self) -> None:
+        """:meth:`_bordered_masked` when every slot of every sample is valid and the small state is NumPy: the
+        same systems by in-place operations on views, without masks (the usual case once the window is full;
+        a third of the time for thousands of samples)."""
+        B, m, A = self.B, self.m, self.A
+        scale = self.G.reshape(B, m * m)[:, :: m + 1].max(axis=1)
+        scale[~(scale > 0.0)] = 1.0  # also for NaN
+        np.divide(self.G, scale[:, None, None], out=A[:, 1:, 1:])
+        h_diag = A.reshape(B, (m + 1) * (m + 1))[:, m + 2:: m + 2]
+        if self.lam_mode == "relative":
+            h_diag *= 1.0 + self.lam
+        elif self.lam_mode == "relative_max":
+            h_diag += self.lam
+        else:
+            h_diag += self.lam / scale[:, None]
+        A[:, 0, 1:] = 1.0
+        A[:, 1:, 0] = 1.0
 
     def _weights_one(self, active: Any) -> tuple[Any, Any]:
         """:meth:`weights` for one sample with the small state on the host: the bordered system of the valid

@@ -67,3 +67,26 @@ def test_nonfinite_sample_does_not_spoil_the_others():
 def test_batch_needs_a_batch_axis():
     with pytest.raises(ValueError, match="batch"):
         fixedpoint.solve(lambda x: x, np.asarray(1.0), batch=True)
+
+
+@pytest.mark.parametrize("lam_mode", ["relative", "relative_max", "absolute"])
+def test_full_window_systems_equal_the_masked_ones(lam_mode):
+    # Once every window is full, the host path builds the bordered systems without masks; they must be the
+    # systems of the general (masked) path, including a sample whose residuals are all zero (scale 1).
+    from fixedpoint.backend import resolve_namespace
+    from fixedpoint.kernels import Kernels
+
+    kern = Kernels(resolve_namespace("numpy"), "cpu")
+    rng = np.random.default_rng(3)
+    B, m, n = 6, 4, 30
+    h = fixedpoint.Anderson(m=m, lam=1e-3, lam_mode=lam_mode).init(kern, B, n, np.float64)
+    for _ in range(m + 1):
+        f = rng.standard_normal((B, n))
+        f[0] = 0.0
+        h.push(rng.standard_normal((B, n)), f)
+    assert h.valid.all()
+    h._bordered_masked()
+    masked = h.A.copy()
+    h.A[:, 1:, :] = h.A[:, 0, 1:] = np.nan  # everything the systems' builders write
+    h._bordered_full()
+    np.testing.assert_allclose(h.A, masked, rtol=1e-15, atol=0)
