@@ -50,9 +50,11 @@ def main(argv=None):
     work = Path(args.work or tempfile.mkdtemp(prefix="overhead-compare-"))
     work.mkdir(parents=True, exist_ok=True)
     times: dict[tuple, dict[str, list[float]]] = {}
+    commits: dict[str, str | None] = {}  # each tree's commit, as its own run recorded it
     for i in range(args.rounds):
         for name, tree in (("old", old), ("new", new)):
             data = run(tree, bench_args, work / f"{name}{i}.json")
+            commits[name] = data.get("machine", {}).get("git_commit")
             for r in data["results"]:
                 times.setdefault((r["dtype"], r["n"], r["m"]), {"old": [], "new": []})[name].append(
                     r["time_per_iter_s"])
@@ -66,9 +68,11 @@ def main(argv=None):
                               ("old_us", "old us/iter", "{:.1f}"), ("new_us", "new us/iter", "{:.1f}"),
                               ("ratio", "new/old", "{:.2f}")])
     ratios = [r["ratio"] for r in rows]
-    print(f"\nnew/old over {len(rows)} configurations: median {statistics.median(ratios):.2f}, "
+    print(f"\nold: {old} at commit {commits.get('old')}; new: {new} at commit {commits.get('new')}")
+    print(f"new/old over {len(rows)} configurations: median {statistics.median(ratios):.2f}, "
           f"min {min(ratios):.2f}, max {max(ratios):.2f}")
     path = timing.write_json(args.out, dict(benchmark="compare_overhead", command=["python"] + sys.argv, old=str(old),
+                                            old_commit=commits.get("old"), new_commit=commits.get("new"),
                                             machine=timing.machine_info({"numpy"}), rounds=args.rounds,
                                             bench_args=bench_args, rows=rows))
     print(f"wrote {path}")
