@@ -1,16 +1,21 @@
-"""Train a Deep Equilibrium Model with forward iteration and with Anderson acceleration, and compare them.
+"""Train a Deep Equilibrium Model with forward iteration, Anderson acceleration and Broyden, and compare them.
 
 The experiment of M. Al Dajani & D. Keyes, "Accelerating AI Performance using
 Anderson Extrapolation on GPUs" (arXiv 2410.19460): the DEQ of the "Deep Implicit
 Layers" tutorial (deq_model.py) trained on CIFAR-10, its implicit layer solved by
 forward iteration or by Anderson (m = 5, β = 1.0, λ = 1e-5, tolerance 1e-2, at
-most 1000 iterations), gradients by implicit differentiation.  The fixed-point
-solves run in fixedpoint's NumPy solver for CPU tensors and its CuPy solver for
-CUDA tensors, the model's tensors crossing over zero-copy through DLPack.
+most 1000 iterations), gradients by implicit differentiation; here also by
+limited-memory Broyden, with samples that have converged leaving the batch
+(``--compact``), with phantom or Jacobian-free gradients (``--gradient``) and with
+Jacobian regularisation (``--jac-reg``).  The fixed-point solves run in
+fixedpoint's NumPy solver for CPU tensors and its CuPy solver for CUDA tensors,
+the model's tensors crossing over zero-copy through DLPack.
 
 Examples
 --------
     python demos/deq_cifar10.py --dataset digits --solver both --epochs 5 --out out/deq-digits
+    python demos/deq_cifar10.py --dataset digits --solver forward anderson broyden --compact on --out out/deq-3
+    python demos/deq_cifar10.py --dataset digits --solver anderson --gradient phantom --jac-reg 0.1 --out out/deq-pg
     python demos/deq_cifar10.py --dataset fashion-mnist --limit-train 5000 --epochs 3 --out out/deq-fmnist
     python demos/deq_cifar10.py --dataset cifar10 --data-dir ~/data --device cuda --epochs 20
 
@@ -44,6 +49,7 @@ from demos.batches import Batches  # noqa: E402
 from demos.data import DATASETS, DataError, load_dataset  # noqa: E402
 from demos.deq_report import OUTPUT_FILES, compare, comparison_table, machine_info, totals, write_outputs  # noqa: E402
 from demos.deq_training import (  # noqa: E402
+    COMPACT,
     SOLVERS,
     CheckpointError,
     Terminated,
@@ -63,7 +69,8 @@ from tooling.timing import add_threads_flag, positive_float, positive_int, use_t
 RESUME_KEYS = ("dataset", "limit_train", "limit_test", "batch_size", "lr", "weight_decay", "epochs", "channels",
                "inner_channels", "groups", "m", "beta", "lam", "lam_mode", "backward_lam_mode", "tol", "max_iter",
                "stop_mode", "whole_batch", "backward_tol", "backward_max_iter", "seed", "augment", "device",
-               "solver_backend")
+               "solver_backend", "broyden_m", "compact", "gradient", "gradient_steps", "gradient_damping", "jac_reg",
+               "jac_probes")
 
 #: Exit status of a run stopped by a signal: 128 + the signal's number, as a shell reports it.
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
@@ -89,12 +96,14 @@ def make_parser():
                    help="random crop (padding 4) and horizontal flip; auto: on for cifar10 only (default: "
                         "%(default)s)")
     s = p.add_argument_group("solver (defaults: arXiv 2410.19460)")
-    s.add_argument("--solver", choices=("forward", "anderson", "both"), default="both",
-                   help="fixed-point solver; both trains the same model from the same seed with each (default: "
-                        "%(default)s)")
+    s.add_argument("--solver", nargs="+", choices=(*SOLVERS, "both"), default=["both"], metavar="SOLVER",
+                   help="fixed-point solvers, any of forward, anderson, broyden (both: forward and anderson); each "
+                        "trains the same model from the same seed, compared side by side (default: both)")
     s.add_argument("--m", type=positive_int, default=5, help="Anderson window m (default: %(default)s)")
     s.add_argument("--beta", type=float, default=1.0, help="Anderson mixing beta in (0, 1] (default: %(default)s)")
     s.add_argument("--lam", type=float, default=1e-5, help="Anderson regularisation lambda (default: %(default)s)")
+    s.add_argument("--broyden-m", type=positive_int, default=20,
+                   help="Broyden: rank-one update pairs kept (default: %(default)s)")
     s.add_argument("--lam-mode", choices=("absolute", "relative"), default="absolute",
                    help="forward solve: lambda added as is (the paper) or scaled by the largest squared residual "
                         "(default: %(default)s)")
@@ -114,9 +123,25 @@ def make_parser():
     s.add_argument("--whole-batch", action="store_true",
                    help="stop when the residual of the whole batch, as one vector, is below --tol (the Deep "
                         "Implicit Layers tutorial's rule) instead of every sample's (default: per sample)")
+    s.add_argument("--compact", choices=tuple(COMPACT), default="auto",
+                   help="evaluate f only on the samples still iterating (forward and adjoint solves): on; off; auto: "
+                        "once at most half the batch iterates (default: %(default)s)")
     s.add_argument("--solver-backend", choices=("auto", "numpy", "cupy", "torch"), default="auto",
                    help="library the solver runs in; auto: NumPy on CPU, CuPy on CUDA (zero-copy via DLPack) "
                         "(default: %(default)s)")
+    g = p.add_argument_group("gradients and regularisation")
+    g.add_argument("--gradient", choices=("implicit", "phantom", "jfb"), default="implicit",
+                   help="implicit differentiation (an adjoint solve), phantom gradients (Geng et al. 2021) or "
+                        "Jacobian-free backpropagation (Fung et al. 2022) (default: %(default)s)")
+    g.add_argument("--gradient-steps", type=positive_int, default=5,
+                   help="phantom gradients: unrolled steps k (default: %(default)s)")
+    g.add_argument("--gradient-damping", type=float, default=0.5,
+                   help="phantom gradients: damping lambda in (0, 1], 1 undamped (default: %(default)s)")
+    g.add_argument("--jac-reg", type=float, default=0.0, metavar="WEIGHT",
+                   help="add WEIGHT times the batch mean of the Hutchinson estimate of ||df/dz||_F^2 at z* to the "
+                        "loss (Bai, Koltun & Kolter 2021); 0: off (default: %(default)s)")
+    g.add_argument("--jac-probes", type=positive_int, default=1,
+                   help="probes of that estimate per training batch (default: %(default)s)")
     m = p.add_argument_group("model and training")
     m.add_argument("--epochs", type=positive_int, default=10, help="training epochs (default: %(default)s)")
     m.add_argument("--batch-size", type=positive_int, default=100,
@@ -174,6 +199,13 @@ def _check_solver_values(args, parser):
         parser.error(f"--beta must be in (0, 1], got {args.beta}")
     if not 0 <= args.lam < float("inf"):
         parser.error(f"--lam must be a number >= 0, got {args.lam}")
+    if not 0.0 < args.gradient_damping <= 1.0:
+        parser.error(f"--gradient-damping must be in (0, 1], got {args.gradient_damping}")
+    if not 0 <= args.jac_reg < float("inf"):
+        parser.error(f"--jac-reg must be a number >= 0, got {args.jac_reg}")
+    if args.whole_batch and args.compact == "on":
+        parser.error("--compact on drops samples that have converged, which --whole-batch does not have; use "
+                     "--compact off or auto with --whole-batch")
     if not 0 <= args.weight_decay < float("inf"):
         parser.error(f"--weight-decay must be a number >= 0, got {args.weight_decay}")
     if args.channels % args.groups or args.inner_channels % args.groups:
@@ -184,11 +216,13 @@ def _check_solver_values(args, parser):
 def _epoch_line(rec, epochs):
     return (f"{rec['solver']:>8} epoch {rec['epoch']}/{epochs}: train loss {rec['train_loss']:.3f} "
             f"acc {rec['train_acc']:.2%} | test loss {rec['test_loss']:.3f} acc {rec['test_acc']:.2%} | "
-            f"time {rec['time_train']:.1f} s (forward solve {rec['time_forward_solve']:.1f}, backward solve "
-            f"{rec['time_backward_solve']:.1f}, rest {rec['time_rest']:.1f}) | f-evals/batch forward "
-            f"{rec['fwd_fev_mean']:.1f} (max {rec['fwd_fev_max']}), adjoint {rec['bwd_fev_mean']:.1f} "
-            f"(max {rec['bwd_fev_max']}) | iterations/sample {rec['fwd_iter_mean']:.1f} / {rec['bwd_iter_mean']:.1f}"
-            f" | converged {rec['fwd_converged']:.1%} / {rec['bwd_converged']:.1%}")
+            f"time {rec['time_train']:.1f} s (forward solve {rec['time_forward_solve']:.1f}, backward pass "
+            f"{rec['time_backward_pass']:.1f}, adjoint solve {rec['time_backward_solve']:.1f}) | f-evals/batch "
+            f"forward {rec['fwd_fev_mean']:.1f} (max {rec['fwd_fev_max']}), adjoint {rec['bwd_fev_mean']:.1f} "
+            f"(max {rec['bwd_fev_max']}) | rows of f forward / adjoint {rec['fwd_rows']} / {rec['bwd_rows']} | "
+            f"iterations/sample {rec['fwd_iter_mean']:.1f} / {rec['bwd_iter_mean']:.1f} | converged "
+            f"{rec['fwd_converged']:.1%} / {rec['bwd_converged']:.1%}"
+            + (f" | jacobian {rec['jac_frobenius']:.3g}" if "jac_frobenius" in rec else ""))
 
 
 def _curve_summary(curves, tol):
@@ -300,6 +334,12 @@ def _signal_name(exc):
     return "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted (SIGINT)"
 
 
+def _methods(chosen):
+    """The solvers of ``--solver``, in the order of :data:`SOLVERS` ("both": forward and anderson)."""
+    wanted = set(chosen) | ({"forward", "anderson"} if "both" in chosen else set())
+    return [s for s in SOLVERS if s in wanted]
+
+
 def _main(args, device, backend, argv):
     earlier = _check_out(args)
     try:
@@ -317,10 +357,10 @@ def _main(args, device, backend, argv):
     config = {k: getattr(args, k) for k in RESUME_KEYS}
     config.update(augment=augment, device=str(device), solver_backend=backend, n_train=int(len(data.train_y)),
                   n_test=int(len(data.test_y)), image_shape=list(data.shape))
-    settings = dict(config, solver=args.solver, data_source=data.source,
+    settings = dict(config, solver=" ".join(args.solver), data_source=data.source,
                     blas_threads=args.blas_threads or (1 if backend == "numpy" else "library default"),
                     command=shlex.join(["python", "demos/deq_cifar10.py", *(sys.argv[1:] if argv is None else argv)]))
-    methods = ["forward", "anderson"] if args.solver == "both" else [args.solver]
+    methods = _methods(args.solver)
 
     # Every checkpoint is checked before anything is trained or written.  With --resume, the other
     # solver's checkpoint is read too, so that its records are kept in the outputs.
@@ -373,7 +413,8 @@ def _main(args, device, backend, argv):
     try:
         for method in methods:
             current = runs[method]
-            train(current, train_batches, test_batches, args.epochs, device, on_epoch_end, progress)
+            train(current, train_batches, test_batches, args.epochs, device, on_epoch_end, progress, args.jac_reg,
+                  args.jac_probes)
         current = None
         fig_model = runs["anderson" if "anderson" in methods else methods[-1]].model
         images, _ = test_batches.batch(0, 0)
@@ -388,7 +429,7 @@ def _main(args, device, backend, argv):
         print(comparison_table(runs, summary["comparison"]))
         rc = summary["residual_curves"]
         print(f"\nOne fixed test batch of {rc['batch_size']}, relative residual to {args.tol:g} (Figure 1, "
-              f"residuals.png): " + "; ".join(_curve_line(k, rc) for k in ("forward", "anderson") if k in rc))
+              f"residuals.png): " + "; ".join(_curve_line(k, rc) for k in SOLVERS if k in rc))
         print(f"outputs: {out}/summary.json, metrics.jsonl, metrics.csv, batches.csv, residuals.csv, *.png")
     except BaseException as exc:
         _save_what_was_done(out, runs, current, config, summary, exc)
