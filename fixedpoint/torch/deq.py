@@ -411,8 +411,27 @@ def _timed_solve(g, u0, *args):
     return res, stats
 
 
-def _same_rows(a, b):
-    return a is not None and a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
+class _RowSet:
+    """Tells whether the solver's ``rows`` are the set seen last time, without synchronising a GPU.
+
+    The solver keeps one index array between host checks and only ever drops samples, so a set
+    with as many rows is the same set: on a GPU the count and the array's address are compared;
+    on the CPU, where it costs no synchronisation, the indices themselves.
+    """
+
+    def __init__(self):
+        self.key, self.rows = None, None
+
+    def changed(self, rows):
+        key = (rows.shape[0], rows.data_ptr(), rows.device)
+        if rows.device.type == "cpu":
+            same = self.rows is not None and self.rows.shape == rows.shape and bool(torch.equal(self.rows, rows))
+        else:
+            same = key == self.key
+        if same:
+            return False
+        self.key, self.rows = key, rows.clone()
+        return True
 
 
 class _RowsOf:
@@ -423,13 +442,13 @@ class _RowsOf:
     """
 
     def __init__(self, t):
-        self.t, self.rows, self.value = t, None, None
+        self.t, self.seen, self.value = t, _RowSet(), None
 
     def __call__(self, rows):
         if self.t.dim() == 0 or rows.shape[0] == self.t.shape[0]:  # increasing and distinct: every row
             return self.t
-        if not _same_rows(self.rows, rows):
-            self.rows, self.value = rows.clone(), self.t.index_select(0, rows.to(self.t.device))
+        if self.seen.changed(rows):
+            self.value = self.t.index_select(0, rows.to(self.t.device))
         return self.value
 
 
@@ -486,7 +505,7 @@ class _Adjoint:
         self.graph_rows = None  # indices of the graph's samples in the batch; None: every sample
         self.size = z.shape[0] if batch else 1  # samples of the graph in use
         self.batch = batch
-        self.rows, self.pos, self.grad_rows = None, None, None
+        self.seen, self.pos, self.grad_rows = _RowSet(), None, None
         self.vjp_rows = 0  # samples of the graphs the products were taken on, in all
         self.rebuilt_rows = 0  # samples f was evaluated on again
 
@@ -499,7 +518,7 @@ class _Adjoint:
     def __call__(self, u, rows=None):
         if rows is None or (self.graph_rows is None and rows.shape[0] == self.size):
             return self._vjp(u) + self.grad  # out of place: the product may be u itself (f(z) = z + ...)
-        if not _same_rows(self.rows, rows):
+        if self.seen.changed(rows):
             self._select(rows)
         if self.pos is None:  # the graph holds exactly these rows
             return self._vjp(u) + self.grad_rows
@@ -509,7 +528,7 @@ class _Adjoint:
 
     def _select(self, rows):
         """New rows (at a host check): rebuild the graph on them when they are few enough; their places in it."""
-        self.rows = rows.clone()
+        rows = self.seen.rows  # a copy: the solver's array is its own
         self.grad_rows = self.grad.index_select(0, rows)
         k = rows.shape[0]
         if k <= REBUILD_FRACTION * self.size:
@@ -517,12 +536,12 @@ class _Adjoint:
                 leaf = self.z_star.index_select(0, rows).requires_grad_()
                 x = self.x if self.x.dim() == 0 else self.x.index_select(0, rows)
                 self.graph = (self.f(leaf, x), leaf)
-            self.graph_rows, self.size = self.rows, k
+            self.graph_rows, self.size = rows, k
             self.rebuilt_rows += k
         if k == self.size:
             self.pos = None
         elif self.graph_rows is None:
-            self.pos = self.rows
+            self.pos = rows
         else:
             self.pos = torch.searchsorted(self.graph_rows, rows)
 
