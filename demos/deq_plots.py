@@ -99,7 +99,7 @@ def plot_iterations(path, runs, summary):
     recorded = [b for run in runs.values() for b in run.batches]
     if recorded:  # records of older runs lack the rows
         panels = [p for p in panels if any(p[0] in b for b in recorded)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.4), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.4), dpi=80, squeeze=False)
     axes = axes[0]
     for name, run in runs.items():
         if not run.batches:
