@@ -265,3 +265,22 @@ def test_bad_new_flags_are_refused(tmp_path, capsys, flags, word):
         deq_cifar10.main(tiny(tmp_path / "x", *flags))
     assert exc.value.code == 2 and word in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_compaction_measurement_counts_rows_per_setting(tmp_path, capsys):
+    from demos import deq_compaction
+
+    out = tmp_path / "run"
+    assert deq_cifar10.main(tiny(out, solver="forward", epochs=1, train=100)) == 0
+    report = tmp_path / "compaction.json"
+    assert deq_compaction.main([str(out / "checkpoint-forward.pt"), "--batches", "1", "--threads", "1",
+                                "--settings", "off", "on/0", "on/1", "--out", str(report)]) == 0
+    rows = {r["setting"]: r for r in json.loads(report.read_text())["measurements"]}
+    off, never, always = rows["off"], rows["on/0"], rows["on/1"]
+    size = 50
+    assert off["fwd_rows"] == size * off["fwd_fev"] and off["bwd_rows"] == size * off["bwd_fev"]
+    # the same solves (same evaluations), fewer rows with compaction
+    assert never["fwd_fev"] == off["fwd_fev"] and never["fwd_rows"] < off["fwd_rows"]
+    assert never["bwd_rebuilt_rows"] == 0 and never["bwd_rows"] == off["bwd_rows"]  # products on the full graph
+    assert always["bwd_rebuilt_rows"] > 0 and always["bwd_rows"] < never["bwd_rows"]
+    assert "totals over the batches" in capsys.readouterr().out
