@@ -52,8 +52,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root (demos/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fixedpoint import Anderson  # noqa: E402
-from fixedpoint.backend import Kernels  # noqa: E402
 from fixedpoint.interop import to_numpy  # noqa: E402
+from fixedpoint.kernels import Kernels  # noqa: E402
 from tooling import timing  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -25,7 +25,8 @@ The sizes swept are the decades from 1e3 to ``--max-n`` (1e6 by default) unless
 ``--sizes`` lists them.  torch uses as many threads as there are idle CPUs unless
 ``--threads`` says otherwise.  Writes ``rows.csv``, ``results.json`` (rows, ratios,
 crossovers, machine), ``time_vs_n.png`` and ``residual_vs_time.png`` under ``--out``
-(default ``out/cpu_vs_gpu``).
+(default ``out/cpu_vs_gpu``); ``rows.csv`` is rewritten after every configuration, so
+that a sweep stopped part way keeps the rows it measured.
 """
 
 from __future__ import annotations
@@ -364,6 +365,7 @@ def main(argv=None):
     rows = []
     for prob, n, spec in tqdm(jobs, desc="sweep", unit="config", file=sys.stdout):
         rows += measure(prob, n, spec, args)
+        timing.write_csv(out / "rows.csv", rows)  # after each configuration: a stopped sweep keeps its rows
     rat = ratios(rows)
     cross = crossovers(rows)
     tprob, _, tn = args.trace.partition(":")

@@ -22,14 +22,16 @@ solve is in float64 (float32 on a device without float64).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import array_api_compat
 import numpy as np
 
-from .backend import Kernels, namespace_of
+from .backend import namespace_of
 from .checks import check_choice, check_int, check_real
 from .interop import convert
+from .kernels import Kernels
 from .method import Method, MethodState
 
 __all__ = ["Anderson", "AndersonHistory", "LAM_MODES"]
@@ -137,7 +139,7 @@ class AndersonHistory(MethodState):
 
     Preallocates ``(2m, B, n)`` values (the last m map values g_j and residuals f_j)
     in the vectors' library, and the ``(B, m, m)`` Gram matrix with O(B·m²)
-    bookkeeping as small state (:class:`fixedpoint.backend.Kernels`: NumPy for
+    bookkeeping as small state (:class:`fixedpoint.kernels.Kernels`: NumPy for
     host memory, the device otherwise); nothing of size n is allocated afterwards
     on NumPy, CuPy or PyTorch.  It is the state :meth:`Anderson.init` gives the
     solve loop, and is driven the same way by any other loop that produces
@@ -149,7 +151,7 @@ class AndersonHistory(MethodState):
 
     Parameters
     ----------
-    kern : fixedpoint.backend.Kernels
+    kern : fixedpoint.kernels.Kernels
         Kernels for the vectors' library and device.
     B, n : int
         Batch size and vector length.
@@ -178,6 +180,7 @@ class AndersonHistory(MethodState):
         self.ref_r = sxp.full((B,), float("inf"), dtype=sdt, device=sdev)
         self.r = sxp.zeros((B,), dtype=sdt, device=sdev)
         self.k = 0  # number of pairs pushed so far
+        self._alpha_one = sxp.zeros((1, m), dtype=sdt, device=sdev)  # the weights of _weights_one
         slots = sxp.arange(m, device=sdev)
         self.onehot_b = [slots == s for s in range(m)]
         self.onehot = [sxp.astype(h, sdt) for h in self.onehot_b]
@@ -192,30 +195,63 @@ class AndersonHistory(MethodState):
         """The ring slot where the next f_k = g(x_k) − x_k is to be written, shape (B, n)."""
         return self.f_slots[self.k % self.m]
 
-    def push(self, g: Any, f: Any) -> Any:
+    def push(self, g: Any, f: Any, *, gnorm: bool = False) -> Any:
         """Store the pair (g_k, f_k), both ``(B, n)``, and add the Gram row ⟨f_j, f_k⟩.
 
         ``f`` may be the :meth:`residual_buffer` itself (no copy) or any array of that shape.
-        The oldest pair is dropped once m are stored.
+        The oldest pair is dropped once m are stored.  The row (and ‖g_k‖² with ``gnorm``) is
+        one reduction: one collective when the vectors are shards (``Kernels.comm``).
 
         Returns
         -------
-        small-state array, shape (B,)
-            ‖f_k‖₂ per sample (from the Gram diagonal), in :attr:`Kernels.sdtype`.
+        small-state array, shape (B,), or a pair of them
+            ‖f_k‖₂ per sample (from the Gram diagonal), in :attr:`Kernels.sdtype`; with
+            ``gnorm=True`` the pair (‖f_k‖₂, ‖g_k‖₂).
         """
         kern, s = self.kern, self.k % self.m
         if f is not self.f_slots[s]:
             kern.copy(self.f_slots[s], f)
         kern.copy(self.g_slots[s], g)
-        row = kern.matvec_small(self.R[self.m:, ...], self.f_slots[s], out=self.row)
+        if self.B == 1 and kern.mode == "numpy" and kern.comm is None:
+            return self._push_one(s, g, gnorm)
+        terms = [("matvec", self.R[self.m:, ...], self.f_slots[s], self.row)] + ([("sqnorm", g)] if gnorm else [])
+        sums = kern.sums(*terms)
+        row = sums[0]
+        if kern.small_on_host and not math.isfinite(float(row[:, s].sum())):  # |f|^2 overflowed, so may the row
+            row = kern.rescued(terms[0], row)
+        self.r = kern.root(row[:, s], ("sqnorm", self.f_slots[s]))
         self.G[:, s, :] = row
         self.G[:, :, s] = row
         self.valid[:, s] = True
-        self.r = kern.sxp.sqrt(row[:, s])
-        if kern.small_on_host and not np.isfinite(self.r).all():  # ‖f‖² overflowed even in float64
-            self.r = kern.norms(self.f_slots[s])
         self.k += 1
+        if gnorm:
+            return self.r, kern.root(sums[1], ("sqnorm", g))
         return self.r
+
+    def _push_one(self, s: int, g: Any, gnorm: bool) -> Any:
+        """The Gram row of :meth:`push` for one sample on the host: direct ``np.dot`` calls and Python scalars."""
+        kern = self.kern
+        f1, row = kern.small(self.f_slots[s])[0], kern.small(self.row)[0]
+        np.dot(kern.small(self.R)[self.m:, 0, :], f1, out=row)
+        if not math.isfinite(float(row[s])):  # |f|^2 overflowed in the vectors' dtype (so may have the row)
+            row64 = kern.rescued(("matvec", self.R[self.m:, ...], self.f_slots[s]), row[None].astype(np.float64))[0]
+        else:
+            row64 = row
+        self.G[0, s, :] = row64
+        self.G[0, :, s] = row64
+        self.valid[0, s] = True
+        self.r = self._sqrt_one(float(row64[s]), ("sqnorm", self.f_slots[s]))
+        self.k += 1
+        if gnorm:
+            g1 = kern.small(g)[0]
+            return self.r, self._sqrt_one(float(np.dot(g1, g1)), ("sqnorm", g))
+        return self.r
+
+    def _sqrt_one(self, sq: float, term: tuple) -> Any:
+        """A one-sample norm from its square, rescued by the kernels when the square overflowed."""
+        if math.isfinite(sq):
+            return np.array([math.sqrt(sq)], dtype=self.kern.sdtype)
+        return self.kern.root(np.array([sq], dtype=self.kern.sdtype), term)
 
     def size(self) -> Any:
         """Number of stored pairs each sample's next extrapolation combines: small-state integers, shape (B,)."""
@@ -237,6 +273,8 @@ class AndersonHistory(MethodState):
         (the safeguards still run).  Part of :meth:`extrapolate`; updates the restart
         bookkeeping, so call it once per pushed pair.
         """
+        if self.B == 1 and self.kern.small_on_host:
+            return self._weights_one(active)
         xp, s, v, method = self.kern.sxp, (self.k - 1) % self.m, self.valid, self.method
         vf = xp.astype(v, self.kern.sdtype)
         diag = xp.where(v, xp.linalg.diagonal(self.G), 0.0)
@@ -261,6 +299,55 @@ class AndersonHistory(MethodState):
         if self.k <= method.delay:
             return xp.broadcast_to(self.onehot[s], alpha.shape), restart
         return xp.where(restart[:, None], self.onehot[s], alpha), restart
+
+    def _weights_one(self, active: Any) -> tuple[Any, Any]:
+        """:meth:`weights` for one sample with the small state on the host: the bordered system of the valid
+        slots only, with Python scalars for the bookkeeping (the same weights; a fifth of the NumPy calls)."""
+        s, method = (self.k - 1) % self.m, self.method
+        idx = self.valid[0].nonzero()[0]
+        mk = idx.size
+        K, rhs = self._bordered(mk)
+        H = K[1:, 1:]
+        if mk == self.m:  # the usual case: every slot in use
+            H[...] = self.G[0]
+        else:
+            self.G[0].take(idx, axis=0).take(idx, axis=1, out=H)
+        diag = H.diagonal().tolist()
+        scale = max(diag)
+        scale = scale if scale > 0.0 else 1.0  # also for NaN
+        H /= scale
+        if self.lam_mode == "relative":
+            H.flat[::mk + 1] *= 1.0 + self.lam
+        else:
+            H.flat[::mk + 1] += self.lam if self.lam_mode == "relative_max" else self.lam / scale
+        sol = self.kern.solve_one(K, rhs)
+        weights = sol[1:]
+        alpha = self._alpha_one
+        if mk == self.m:
+            alpha[0] = weights
+        else:
+            alpha[0] = 0.0
+            alpha[0, idx] = weights
+        r, ref = float(self.r[0]), float(self.ref_r[0])
+        ok = max(map(abs, weights.tolist())) <= method.restart_weight and r <= method.restart_growth * ref
+        restart = bool(active[0]) and not ok  # NaN weights fail the comparison, hence restart
+        if restart:
+            self.valid[0] = self.onehot_b[s]
+        self.ref_r[0] = r if restart else min(ref, r)
+        if restart or self.k <= method.delay:
+            alpha[0] = self.onehot[s]
+        return alpha, np.array([restart])
+
+    def _bordered(self, mk: int) -> tuple[np.ndarray, np.ndarray]:
+        """A (mk+1)×(mk+1) bordered matrix with its border set, and the right-hand side e_0 (reused buffers)."""
+        cache = self.__dict__.setdefault("_bordered_cache", {})
+        if mk not in cache:
+            K = np.zeros((mk + 1, mk + 1))
+            K[0, 1:] = K[1:, 0] = 1.0
+            rhs = np.zeros(mk + 1)
+            rhs[0] = 1.0
+            cache[mk] = (K, rhs)
+        return cache[mk]
 
     def combine(self, alpha: Any, out: Any) -> None:
         """x_{k+1} = Σ_j α_j [g_j − (1 − β) f_j] into ``out`` (shape (B, n)) for weights α of shape (B, m)."""
@@ -294,8 +381,8 @@ class AndersonHistory(MethodState):
 
     # --- the solve loop's protocol (fixedpoint.method.MethodState) -------------------------------
 
-    def observe(self, x: Any, gx: Any, f: Any) -> Any:
-        return self.push(gx, f)
+    def observe(self, x: Any, gx: Any, f: Any, need_gnorm: bool = False) -> Any:
+        return self.push(gx, f, gnorm=need_gnorm)
 
     def step(self, x: Any, gx: Any, f: Any, active: Any, out: Any) -> Any:
         return self.extrapolate(active, out)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .backend import Kernels
 from .checks import check_real
+from .kernels import Kernels
 from .method import Method, MethodState
 
 __all__ = ["ForwardIteration"]

@@ -187,6 +187,11 @@ def may_share_memory(a: Array, b: Array) -> bool:
     return bool(np.may_share_memory(np.from_dlpack(a), np.from_dlpack(b)))  # host libraries: NumPy views
 
 
+def read_only_message(lib: str) -> str:
+    """The error for a map that wrote into its argument (the solver's iterate)."""
+    return _read_only_message(lib)
+
+
 def _read_only_message(lib):
     return (f"g must not modify its argument in place: it is the solver's iterate ({lib} array). Compute the result "
             "into a new array (y = 0.5 * x + 1, not x *= 0.5; x += 1; return x)")

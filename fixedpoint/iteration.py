@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,6 @@ import numpy as np
 
 from .backend import (
     Array,
-    Kernels,
     buffer_dtype,
     is_accelerator,
     library_name,
@@ -35,7 +35,9 @@ from .backend import (
     working_dtype,
 )
 from .checks import check_choice, check_int, check_real
-from .interop import call_map, convert, to_numpy, wrap_map
+from .comm import Communicator, as_communicator
+from .interop import call_map, convert, read_only_message, to_numpy, wrap_map
+from .kernels import Kernels
 from .method import Method
 from .result import FixedPointResult
 
@@ -98,6 +100,7 @@ _COMMON_CHECKS = {
     "backend": lambda v: v,
     "divtol": lambda v: None if v is None else check_real("divtol", v, 1.0, None, low_open=True, allow_inf=True),
     "compact": lambda v: check_choice("compact", v, (False, True, "auto")),
+    "comm": as_communicator,
 }
 
 #: With ``compact="auto"``, compaction starts once at most this fraction of the samples is still iterating.
@@ -113,6 +116,45 @@ def check_common(opts: dict) -> dict:
         Naming the option, for a value of the wrong type or out of range.
     """
     return {key: _COMMON_CHECKS[key](value) for key, value in opts.items()}
+
+
+class _MapCall:
+    """:func:`fixedpoint.interop.call_map` for one solve, with the checks of g's result made cheap: the
+    expected library, shape, dtype and device are taken once from the iterate, and the full check runs
+    only when the quick one fails."""
+
+    def __init__(self, g, like):
+        self.g = g
+        self.numpy = isinstance(like, np.ndarray)
+        self.type, self.shape, self.dtype = type(like), tuple(like.shape), like.dtype
+
+    def __call__(self, x, *args):
+        if self.numpy:
+            view = x.view()
+            view.flags.writeable = False
+            try:
+                y = self.g(view, *args)
+            except ValueError as exc:
+                if "read-only" in str(exc):
+                    raise ValueError(read_only_message("numpy")) from exc
+                raise
+            if type(y) is np.ndarray and y.shape == self.shape and y.dtype == self.dtype:
+                return y  # even a view of its argument: read-only, so unmodified
+            return call_map(lambda _x, *_a: y, x, *args)  # the full checks, with their messages
+        return call_map(self.g, x, *args)
+
+
+def _check_same_everywhere(method, x0, opts):
+    """With ``comm``: stop on every process, with the same error, unless all were given the same method,
+    options, dtype and batch size (one small collective before anything else can fail on one process only)."""
+    comm = Communicator(opts["comm"]) if not isinstance(opts["comm"], Communicator) else opts["comm"]
+    opts["comm"] = comm
+    shape = getattr(x0, "shape", None)
+    batch = shape[0] if opts.get("batch") and shape else None
+    settings = {k: v for k, v in opts.items() if k not in ("callback", "comm")}
+    description = (f"method={method!r}, options={settings!r}, x0 dtype={getattr(x0, 'dtype', None)}, "
+                   f"library={type(x0).__module__.split('.')[0]}, batch size={batch}")
+    comm.check_same("the method, the options, x0's dtype and library, and the batch size", description)
 
 
 def _take_rows(xp, a, rows, out):
@@ -153,6 +195,8 @@ class _Loop:
 
     def __init__(self, method, g, x0, opts):
         self.method, self.opts = method, opts
+        if opts.get("comm") is not None:
+            _check_same_everywhere(method, x0, opts)
         self.opts = opts = check_common(opts)
         self.tol, self.max_iter, self.stop_mode = opts["tol"], opts["max_iter"], opts["stop_mode"]
         if not callable(g):
@@ -168,7 +212,12 @@ class _Loop:
             raise ValueError(f"x0 must not be empty, got shape {shape}")
         if opts["batch"] and len(shape) < 1:
             raise ValueError("batch=True needs x0 with a leading batch axis, got a 0-d array")
-        if not bool(caller_xp.all(caller_xp.isfinite(x0))):
+        finite = bool(caller_xp.all(caller_xp.isfinite(x0)))
+        if opts.get("comm") is not None:  # every process raises, or none
+            bad = opts["comm"].max(np.array([0.0 if finite else 1.0]))[0]
+            if bad:
+                raise ValueError("x0 contains NaN or Inf" + ("" if not finite else " on another process"))
+        elif not finite:
             raise ValueError("x0 contains NaN or Inf")
         # Half precision is iterated in float32 (fixedpoint.backend.buffer_dtype), every iterate rounded to it.
         self.narrow = buffer_dtype(caller_xp, self.caller_dtype) != self.caller_dtype
@@ -192,7 +241,7 @@ class _Loop:
             raise ValueError(f"compact={self.compact!r} evaluates g on the samples still iterating, so it needs "
                              "batch=True")
         self.check_every = opts["check_every"] or (10 if is_accelerator(xp, device) else 1)
-        self.kern = kern = Kernels(xp, device)
+        self.kern = kern = Kernels(xp, device, opts.get("comm"))
         sxp, sdev, sdt = kern.sxp, kern.sdevice, kern.sdtype
         with self.kern.solver_context():
             self.state = method.init(kern, B, n, dtype)
@@ -234,6 +283,8 @@ class _Loop:
             self.pending = 0
 
     def run(self):
+        if self.B == 1 and self.kern.small_on_host and self.compact is False:
+            return self._run_one()
         xp, kern, state, shape, B, n = self.xp, self.kern, self.state, self.shape, self.B, self.n
         sxp = kern.sxp
         callback, tol, freeze, rel = self.opts["callback"], self.tol, B > 1, self.stop_mode == "rel"
@@ -256,12 +307,9 @@ class _Loop:
                 f = state.residual_buffer()
                 if f is not None:
                     kern.sub(f, gx, x)
-                fnorm = state.observe(x, gx, f)
-                if fnorm is None:
-                    fnorm = kern.norms(f) if f is not None else kern.diff_norms(gx, x)
+                fnorm, gnorm = self._norms(state.observe(x, gx, f, rel), x, gx, f, rel)
                 r = fnorm
                 if rel:  # a non-finite ‖g(x)‖ makes the residual non-finite, never 0
-                    gnorm = kern.norms(gx)
                     r = sxp.where(sxp.isfinite(gnorm), fnorm / (gnorm + REL_EPS), _INF)
                 active = self.active
                 if divtol is not None:
@@ -299,8 +347,92 @@ class _Loop:
         except BaseException as exc:
             self._flush_history()
             exc.fixedpoint_result = self.result("error")  # type: ignore[attr-defined]
+            if self.kern.comm is not None:
+                self.kern.comm.abort(exc)
             raise
         return self.result(status)
+
+    def _run_one(self):
+        """:meth:`run` for one sample whose small state is on the host: the per-sample bookkeeping in Python
+        floats instead of one-element arrays (a tenth of the cost per iteration on tiny problems)."""
+        xp, kern, state, shape, n = self.xp, self.kern, self.state, self.shape, self.n
+        callback, tol, rel, divtol = self.opts["callback"], self.tol, self.stop_mode == "rel", self.opts["divtol"]
+        call: Callable[..., Array] = self.g if self.wrapped else _MapCall(self.g, xp.reshape(self.x_cur, shape))
+        on, off = np.ones(1, dtype=bool), np.zeros(1, dtype=bool)
+        hist: list[float] = []
+        best_r, active, diverged, restarts, f0, status = _INF, True, False, 0, None, None
+        self.t0 = time.perf_counter()
+        try:
+            for k in range(self.max_iter):
+                x = self.x_cur
+                gx = xp.reshape(call(xp.reshape(x, shape)), (1, n))
+                self.n_fev += 1
+                f = state.residual_buffer()
+                if f is not None:
+                    kern.sub(f, gx, x)
+                fnorm, gnorm = self._norms(state.observe(x, gx, f, rel), x, gx, f, rel)
+                fn = float(fnorm[0])
+                if rel:  # a non-finite ‖g(x)‖ makes the residual non-finite, never 0
+                    gn = float(gnorm[0])
+                    r = fn / (gn + REL_EPS) if math.isfinite(gn) else _INF
+                else:
+                    r = fn
+                was_active = active
+                if divtol is not None:
+                    f0 = fn if f0 is None else f0
+                    if active and fn > divtol * f0:
+                        diverged, active = True, False
+                improved = active and r < best_r  # False for NaN
+                if improved:
+                    best_r = r
+                if self.best_buf is not None and self.best_pending[0] and not improved:
+                    kern.copy(self.best_x, self.best_buf)  # x_next, about to be overwritten by the step
+                self.best_buf, self.best_pending = x, (on if improved else off)
+                hist.append(r if was_active else _INACTIVE)
+                active = active and tol < r < _INF  # converged or non-finite: stop
+                restarted = state.step(x, gx, f, on if active else off, self.x_next)
+                if restarted is not None and restarted[0]:
+                    restarts += 1
+                if self.narrow:
+                    self._round(self.x_next)
+                del gx, f  # g's result is not kept alive while g computes the next one
+                if callback is not None:
+                    info = IterationInfo(k, xp.reshape(x, shape), kern.big(np.array([r])),
+                                         kern.big(on if active else off))
+                    if callback(info):
+                        status = "stopped"
+                self.x_cur, self.x_next = self.x_next, x
+                if status is not None or ((k + 1) % self.check_every == 0 and not active):
+                    break
+        except BaseException as exc:
+            self._keep_one(hist, best_r, active, diverged, restarts)
+            exc.fixedpoint_result = self.result("error")  # type: ignore[attr-defined]
+            if self.kern.comm is not None:
+                self.kern.comm.abort(exc)
+            raise
+        self._keep_one(hist, best_r, active, diverged, restarts)
+        return self.result(status)
+
+    def _keep_one(self, hist, best_r, active, diverged, restarts):
+        """Store the Python-scalar state of :meth:`_run_one` where :meth:`result` reads it."""
+        self.hist_host = [np.array(hist, dtype=np.float64).reshape(-1, 1)]
+        self.best_r = np.array([best_r])
+        self.active, self.diverged = np.array([active]), np.array([diverged])
+        self.n_restarts = np.array([restarts], dtype=np.int64)
+
+    def _norms(self, observed, x, gx, f, rel):
+        """(‖f_k‖, ‖g_k‖ or None) from what the method's observe returned, computing what it left out (in one
+        reduction, so one collective when sharded)."""
+        if isinstance(observed, tuple):
+            return observed
+        if observed is not None and not rel:
+            return observed, None
+        kern = self.kern
+        fterm = ("sqnorm", f) if f is not None else ("sqdiff", gx, x)
+        terms = ([] if observed is not None else [fterm]) + ([("sqnorm", gx)] if rel else [])
+        sums = kern.sums(*terms)
+        fnorm = observed if observed is not None else kern.root(sums[0], fterm)
+        return fnorm, (kern.root(sums[-1], ("sqnorm", gx)) if rel else None)
 
     def _choose_rows(self, active):
         """At a host check: evaluate g from now on only on the samples still iterating (see ``compact``)."""

@@ -10,7 +10,7 @@ bridge and the result.  Each iteration k it does, with x = x_k of shape ``(B, n)
     gx = g(x)                                   # the loop calls the map
     f = state.residual_buffer()                 # (B, n), the method's buffer
     f[...] = gx - x                             # the loop writes f_k = g(x_k) - x_k there
-    norm = state.observe(x, gx, f)              # ‖f_k‖ per sample, or None (the loop computes it)
+    norm = state.observe(x, gx, f, need_gnorm)  # ‖f_k‖ (and ‖g_k‖) per sample, or None: the loop computes
     ...                                         # stopping test, best iterate, per-sample flags
     restarted = state.step(x, gx, f, active, out)   # the method writes x_{k+1} into out
 
@@ -20,7 +20,7 @@ keep references to ``x``, ``gx`` or ``out`` beyond the call (the loop reuses the
 must not allocate arrays of size n (use the buffers made in ``init``) and must not
 read values on the host (that would synchronise a GPU); per-sample quantities are
 *small state*: arrays of ``kern.sxp`` of shape ``(B,)`` in ``kern.sdtype``
-(:class:`fixedpoint.backend.Kernels`).  docs/algorithm.md ("Writing a method") shows a
+(:class:`fixedpoint.kernels.Kernels`).  docs/algorithm.md ("Writing a method") shows a
 complete method written from scratch.
 """
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from .backend import Kernels
+from .kernels import Kernels
 
 __all__ = ["Method", "MethodState"]
 
@@ -66,11 +66,13 @@ class MethodState:
         """
         return self.f
 
-    def observe(self, x: Any, gx: Any, f: Any) -> Any | None:
-        """Record the pair (g_k, f_k); return ‖f_k‖₂ per sample (small state, shape ``(B,)``) or None.
+    def observe(self, x: Any, gx: Any, f: Any, need_gnorm: bool = False) -> Any | None:
+        """Record the pair (g_k, f_k); return ‖f_k‖₂ per sample (small state, shape ``(B,)``), or None.
 
-        Return None to let the loop compute the norms; a method that computes them anyway
-        (Anderson's Gram matrix holds ‖f_k‖²) returns them to save a pass over f.
+        Return None to let the loop compute the norms itself.  A method that reduces over the
+        vectors anyway (Anderson's Gram row holds ‖f_k‖²) returns ‖f_k‖₂ to save a pass, and, when
+        ``need_gnorm`` (the relative stopping test), the pair (‖f_k‖₂, ‖g_k‖₂) computed in the
+        same :meth:`Kernels.sums` call: a sharded solve then needs one collective per iteration.
         """
         return None
 

@@ -20,7 +20,8 @@ __all__ = ["solve", "anderson", "forward_iteration", "broyden", "METHODS", "COMM
 METHODS: dict[str, type[Method]] = {"anderson": Anderson, "forward": ForwardIteration, "broyden": Broyden}
 
 #: The options every method takes (keyword arguments of :func:`solve` besides the method's own).
-COMMON_OPTIONS = ("tol", "max_iter", "stop_mode", "divtol", "batch", "compact", "check_every", "callback", "backend")
+COMMON_OPTIONS = ("tol", "max_iter", "stop_mode", "divtol", "batch", "compact", "check_every", "callback", "backend",
+                  "comm")
 
 
 def resolve_method(method: str | Method, options: dict[str, Any],
@@ -72,7 +73,7 @@ def resolve_method(method: str | Method, options: dict[str, Any],
 def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float = 1e-5, max_iter: int = 1000,
           stop_mode: str = "rel", divtol: float | None = 1e10, batch: bool = False, compact: bool | str = False,
           check_every: int | None = None, callback: Callable | None = None, backend: Any = None,
-          **method_options: Any) -> FixedPointResult:
+          comm: Any = None, **method_options: Any) -> FixedPointResult:
     """Find x with x = g(x) by Anderson acceleration (default), forward iteration, Broyden, or any method object.
 
     Parameters
@@ -143,6 +144,17 @@ def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float
         ``"torch"``, ``"cupy"``, ``"array_api_strict"``): x0 is converted (zero-copy
         through DLPack on the same device), g is still called with arrays of x0's
         library, and the result comes back in x0's library, dtype and device.
+    comm : mpi4py communicator or torch.distributed process group, optional
+        Solve one problem sharded over processes (:mod:`fixedpoint.comm`): ``x0`` is this
+        process's shard (shards may differ in size; in batch mode each process holds a
+        shard of every sample), ``g`` maps the local shard (any exchange between shards is
+        g's own), and every inner product and norm is summed over the processes, in one
+        allreduce of O(B·m) numbers per iteration for the built-in methods.  Every process
+        takes the same decisions and returns its shard of the solution.  All processes
+        must call with the same method and options (checked: otherwise ``ValueError`` on
+        every process).  If g raises on one process, that process raises (with the partial
+        result) and the others wait in their next collective until the launcher ends the
+        job (``torchrun`` and ``python -m mpi4py`` do) or the process group's timeout.
     **method_options
         With a method name: that method's options (e.g. ``m``, ``beta``, ``lam`` for
         Anderson; ``damping`` for forward iteration); see the method classes.
@@ -175,7 +187,7 @@ def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float
     True
     """
     opts = dict(tol=tol, max_iter=max_iter, stop_mode=stop_mode, divtol=divtol, batch=batch, compact=compact,
-                check_every=check_every, callback=callback, backend=backend)
+                check_every=check_every, callback=callback, backend=backend, comm=comm)
     method_obj, _ = resolve_method(method, method_options)
     return run(method_obj, g, x0, opts)
 

@@ -10,7 +10,8 @@ import pytest
 
 import fixedpoint
 from fixedpoint import Anderson, Broyden, ForwardIteration, problems
-from fixedpoint.backend import Kernels, emulate_accelerator, resolve_namespace
+from fixedpoint.backend import emulate_accelerator, resolve_namespace
+from fixedpoint.kernels import Kernels
 
 torch = pytest.importorskip("torch")
 
@@ -94,3 +95,10 @@ def test_deq_layer_on_emulated_device():
         dev = run()
     for a, b in zip(host, dev):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_a_cuda_device_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is usable here")
+    with pytest.raises(RuntimeError, match="no usable CUDA device"):
+        Kernels(resolve_namespace("torch"), torch.device("cuda:0"))

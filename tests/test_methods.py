@@ -118,7 +118,8 @@ def test_method_written_from_the_docs_gets_batch_mode_and_every_backend(backend)
 
 def test_history_driven_by_hand_equals_the_solve_loop():
     """AndersonHistory.push / extrapolate, driven by another loop, give the solver's iterates."""
-    from fixedpoint.backend import Kernels, resolve_namespace
+    from fixedpoint.backend import resolve_namespace
+    from fixedpoint.kernels import Kernels
 
     p = problems.chandrasekhar(30, 0.99)
     seen = []

@@ -5,6 +5,7 @@ least-squares solve of the unconstrained (difference) form, the RSD and the movi
 recomputed from prescribed steps, loss values logged by the closure, and uninterrupted runs.
 """
 
+import dataclasses
 import io
 import math
 import os
@@ -400,35 +401,86 @@ def test_records_summary_and_reset():
 
 # --- distributed data parallel -------------------------------------------------------------------
 
+#: Wrapper settings of the DDP test: with the safeguard (its loss comparison is the one quantity each rank
+#: computes on its own data), the "auto" moving average near its threshold, and restarts forced by a tight
+#: restart_growth; and without the safeguard (no communication in the wrapper at all), with lam=0 so that
+#: nearly collinear optimizer steps give huge weights and restarts.
+DDP_SETTINGS = {
+    "safeguard": dict(m=3, store_every=2, average="auto", rsd_threshold=0.7, restart_growth=1.2, safeguard=True),
+    "plain": dict(m=4, store_every=2, average="auto", rsd_threshold=0.5, lam=0.0, restart_weight=3.0),
+}
+DDP_STEPS = 60
+DDP_TIMEOUT = 150  # seconds for the whole 2-process job: a hang fails the test instead of stalling CI
+
+
 def _ddp_worker(rank, world, init_file, out_dir):
+    """One rank: the same model and optimizer on every rank, its own mini-batches, gradients averaged by DDP.
+
+    Saves the flat weights after every optimizer step, every extrapolation record and the summary."""
+    import datetime
+
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(6, 1))
-    opt = AndersonAcceleration(torch.optim.SGD(model.parameters(), lr=0.2), m=4, store_every=2, average="off",
-                               safeguard=True)
-    g = torch.Generator().manual_seed(rank)  # every rank sees its own data
-    for _ in range(40):
-        x = torch.randn(16, 6, generator=g)
-        mse_step(model, opt, x, x @ torch.arange(6.0)[:, None] / 6)
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    torch.save({"flat": flat, "records": [(r.status, r.averaged) for r in opt.records]},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.set_num_threads(1)
+    # a collective that waits on a dead or diverged peer fails after this long instead of blocking forever
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    out = {}
+    for name, settings in DDP_SETTINGS.items():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        model = torch.nn.parallel.DistributedDataParallel(net)
+        sgd = torch.optim.SGD([{"params": net[0].parameters()}, {"params": net[2].parameters(), "lr": 0.05}],
+                              lr=0.1, momentum=0.5)
+        opt = AndersonAcceleration(sgd, **settings)
+        g = torch.Generator().manual_seed(rank)  # every rank sees its own data
+        trajectory = []
+        for _ in range(DDP_STEPS):
+            x = torch.randn(16, 6, generator=g)
+            mse_step(model, opt, x, torch.sin(x @ torch.arange(6.0)[:, None] / 6))
+            trajectory.append(torch.cat([p.detach().reshape(-1) for p in net.parameters()]))
+        out[name] = {"trajectory": torch.stack(trajectory), "summary": opt.summary(),
+                     # repr: exact for floats, and NaN (no loss, no RSD) equals NaN
+                     "records": [repr(dataclasses.astuple(r)) for r in opt.records],
+                     "statuses": [(r.status, r.averaged) for r in opt.records]}
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
 def test_distributed_data_parallel_ranks_stay_identical(tmp_path):
+    """Under DDP (2 processes, gloo, each rank with its own mini-batches) both ranks hold bit-identical weights
+    after every optimizer step and log identical records, through accepted and rejected extrapolations,
+    restarts and switches of the "auto" moving average.  With the safeguard, each rank's own loss decides
+    nothing: the comparison uses the losses averaged over the ranks (without that all_reduce the ranks
+    take different decisions and this test fails)."""
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
+    import time
+
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ctx = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + DDP_TIMEOUT
+    try:
+        while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):  # raises if a rank failed
+            if time.monotonic() >= deadline:
+                pytest.fail(f"the 2-process DDP run did not finish within {DDP_TIMEOUT} s (a hang?)")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in range(2))
-    assert torch.equal(r0["flat"], r1["flat"])
-    assert r0["records"] == r1["records"]
-    assert any(status == "accepted" for status, _ in r0["records"])
+    for name in DDP_SETTINGS:
+        a, b = r0[name], r1[name]
+        same = [torch.equal(u, v) for u, v in zip(a["trajectory"], b["trajectory"])]
+        assert len(same) == DDP_STEPS and all(same), f"{name}: weights differ from step {same.index(False) + 1} on"
+        assert a["records"] == b["records"] and a["summary"] == b["summary"], name
+        seen = set(a["statuses"])
+        assert {status for status, _ in seen} >= {"accepted", "restart", "short_history"}, (name, seen)
+        assert {averaged for _, averaged in seen} == {True, False}, (name, seen)  # "auto" switched
+    assert any(status == "rejected" for status, _ in r0["safeguard"]["statuses"])
 
 
 # --- GPU -----------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ import numpy as np
 
 from fixedpoint import __version__ as _fixedpoint_version
 from fixedpoint import solve
-from fixedpoint.backend import Kernels, backends, resolve_namespace, synchronize
+from fixedpoint.backend import backends, resolve_namespace, synchronize
+from fixedpoint.kernels import Kernels
 
 # --- backends -----------------------------------------------------------------------------------
 

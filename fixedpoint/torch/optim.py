@@ -20,11 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..anderson import Anderson
-from ..backend import Kernels, resolve_namespace
+from ..backend import resolve_namespace
 from ..checks import check_choice, check_int, check_options, check_real
+from ..kernels import Kernels
 
 __all__ = ["AndersonAcceleration", "ExtrapolationRecord"]
 
@@ -418,7 +420,7 @@ class AndersonAcceleration:
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         self.n_steps += 1
         store = self.n_steps % self.store_every == 0
-        with torch.no_grad():
+        with torch.no_grad(), np.errstate(all="ignore"):  # a singular small system is a restart, not a warning
             stored = [g.after_step(store, self.average, self.rsd_threshold) for g in self.groups]
             if store and self.n_steps > self.delay and self.n_steps % self.every == 0:
                 self._extrapolate(closure, stored)

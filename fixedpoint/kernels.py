@@ -1,0 +1,485 @@
+"""In-place array kernels of the solver loops, and where the small per-sample state lives (:class:`Kernels`).
+
+Everything a method does to its vectors of size n goes through a :class:`Kernels`:
+in-place operations into preallocated buffers (the standard has no ``out=``), the
+products with a stack of stored vectors, and the reductions into per-sample *small
+state* (summed over the processes of a sharded solve, rescued from overflow on the
+host), and the small batched solve.  The kernels are chosen by library (NumPy,
+PyTorch CPU tensors through NumPy views, CuPy, PyTorch on accelerators, any other
+array API library) and by shape.
+
+Nothing here imports torch or cupy at module import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import math
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from .backend import (
+    _EMULATION,
+    Array,
+    Namespace,
+    _is_torch_cpu,
+    library_name,
+    resolve_namespace,
+    solve_dtype,
+)
+from .comm import as_communicator
+
+__all__ = ["Kernels"]
+
+
+#: Rows of at most this many elements use per-slot batched dot products for the Gram row (NumPy);
+#: longer rows use one matrix-vector product per sample (BLAS).
+_SHORT_ROWS = 4096
+#: Elements of the scratch block with which residual norms are computed without a temporary of size n.
+_BLOCK = 1 << 16
+
+
+class Kernels:
+    """In-place array operations used inside the solver loops, and where the small per-sample state lives.
+
+    Vectors are ``(B, n)`` arrays (B samples of length n) of one dtype on one device;
+    a *stack* of k vectors is a ``(k, B, n)`` array (vector j of every sample
+    contiguous).  ``out`` arguments are preallocated and are written, never
+    reallocated, for NumPy, CuPy and PyTorch.  Other array API libraries get the
+    same results through assignment (which allocates a temporary).
+
+    The vector work runs in NumPy for NumPy arrays and for PyTorch CPU tensors
+    (through zero-copy ``.numpy()`` views: NumPy's batched products and reductions
+    are several times faster than PyTorch's on the CPU), in CuPy for CuPy arrays, in
+    PyTorch for PyTorch tensors on an accelerator, and through the standard for any
+    other library.  Which kernel serves an operation also depends on the shape:
+    e.g. the products with a stack use one batched dot product per stored vector
+    for many short samples, one BLAS call per sample for long ones, and plain
+    ``np.dot`` for a single sample.
+
+    The solvers also keep O(B·m²) *small* state (Gram matrix, masks, per-sample
+    residuals).  It lives in :attr:`sxp` on :attr:`sdevice`: NumPy when the vectors
+    are in host memory (a NumPy operation on a few numbers costs a fraction of a
+    PyTorch one, and reading it costs no synchronisation), else the vectors' own
+    library and device (no host synchronisation on GPUs).
+
+    Parameters
+    ----------
+    xp : namespace
+        Array API namespace of the vectors.
+    device : optional
+        Their device (default: the library's default, e.g. the CPU for PyTorch).
+    comm : optional
+        A communicator (:mod:`fixedpoint.comm`) when the vectors are shards: every reduction
+        (:meth:`sums`) is then summed over its processes.
+    """
+
+    def __init__(self, xp: Namespace, device: Any = None, comm: Any = None) -> None:
+        self.xp = xp
+        self.device = device
+        #: The :class:`fixedpoint.comm.Communicator` over whose processes the vectors are sharded, or None.
+        self.comm = as_communicator(comm)
+        self.lib = lib = library_name(xp)
+        self._torch_cpu = _is_torch_cpu(lib, device)
+        if lib == "torch" and not self._torch_cpu:
+            torch = importlib.import_module("torch")
+            if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+                raise RuntimeError(f"device {device} was asked for, but torch {torch.__version__} sees no usable "
+                                   "CUDA device")
+        emulated = self._torch_cpu and _EMULATION["on"]
+        #: Which library does the vector work: "numpy", "cupy", "torch" or "generic".
+        self.mode = "numpy" if lib == "numpy" or (self._torch_cpu and not emulated) else (
+            lib if lib in ("cupy", "torch") else "generic")
+        self._raw: Any = None  # the module whose out= operations do the vector work
+        if self.mode != "generic":
+            self._raw = importlib.import_module(self.mode)
+        self._views = self.mode == "numpy" and lib == "torch"  # torch CPU tensors seen as NumPy arrays
+        if self.mode == "numpy":
+            self.sxp, self.sdevice = resolve_namespace("numpy"), "cpu"
+        else:
+            self.sxp, self.sdevice = xp, device
+        self.sdtype = solve_dtype(self.sxp, self.sdevice)
+        if emulated and not _EMULATION["float64"]:
+            self.sdtype = self.sxp.float32
+        #: True when the small state is NumPy, so reading it costs no device synchronisation.
+        self.small_on_host = library_name(self.sxp) == "numpy"
+        self._scratch: Any = None  # a block of _BLOCK elements for norms of differences (made on first use)
+
+    # --- conversions ---------------------------------------------------------------------------
+
+    def small(self, a: Array) -> Array:
+        """View an array of the vectors' library as an array of :attr:`sxp` (no copy): a NumPy view of a PyTorch
+        CPU tensor, else ``a`` itself.  The vector work of NumPy mode runs on these views too."""
+        return a.detach().numpy() if self._views else a
+
+    def big(self, a: Array, dtype: Any = None) -> Array:
+        """An array of :attr:`sxp` as an array of the vectors' library, cast to ``dtype`` if given."""
+        if self._views:
+            if not a.flags.writeable:  # e.g. a broadcast view: torch.from_numpy wants writeable memory
+                a = np.array(a)
+            a = self._raw_torch().from_numpy(a)
+            return a if dtype is None else a.to(dtype)
+        if self.mode == "numpy":
+            return a if dtype is None or a.dtype == dtype else a.astype(dtype)
+        return a if dtype is None else self.xp.astype(a, dtype)
+
+    def _raw_torch(self) -> Any:
+        return importlib.import_module("torch")
+
+    def _host_float64(self, a: Array) -> np.ndarray:
+        """The values of a vectors' array on the host as float64 NumPy (a copy unless already so)."""
+        if self.lib == "torch":
+            a = a.detach().cpu().to(self._raw_torch().float64)
+        elif self.lib == "cupy":
+            a = a.get()
+        return np.asarray(a, dtype=np.float64)
+
+    def _coef(self, alpha: float | Array, like: Array) -> Any:
+        """A Python float as is; a per-sample small-state array ``(B,)`` as ``(B, 1)`` for the vector work."""
+        if isinstance(alpha, (int, float)):
+            return float(alpha)
+        if self.mode == "numpy":
+            return np.asarray(alpha, dtype=self.small(like).dtype)[:, None]
+        return self.xp.astype(alpha, like.dtype)[:, None]
+
+    def solver_context(self) -> contextlib.ExitStack:
+        """Context in which the solver runs: ``torch.no_grad()`` for PyTorch (the solve is not
+        differentiated through; gradients come from implicit differentiation), and NumPy's floating
+        point warnings off (the solver detects non-finite values itself; NumPy holds the small
+        state on the host, and array-api-strict computes with NumPy)."""
+        stack = contextlib.ExitStack()
+        if self.lib == "torch":
+            stack.enter_context(self._raw_torch().no_grad())
+        stack.enter_context(np.errstate(all="ignore"))
+        return stack
+
+    # --- elementwise -----------------------------------------------------------------------------
+
+    def sub(self, out: Array, a: Array, b: Array) -> None:
+        """``out[...] = a - b``."""
+        if self.mode == "torch":
+            self._raw.sub(a, b, out=out)
+        elif self._raw is not None:
+            n = self.small
+            self._raw.subtract(n(a), n(b), out=n(out))
+        else:
+            out[...] = a - b
+
+    def copy(self, out: Array, a: Array) -> None:
+        """``out[...] = a``."""
+        if self.mode == "torch":
+            out.copy_(a)
+        elif self._raw is not None:
+            self._raw.copyto(self.small(out), self.small(a))
+        else:
+            out[...] = a
+
+    def add_scaled(self, out: Array, a: Array, alpha: float | Array, b: Array) -> None:
+        """``out[...] = a + alpha * b``, ``alpha`` a Python float or a per-sample small-state array of shape ``(B,)``.
+
+        ``out`` must not overlap ``a`` or ``b``.
+        """
+        alpha = self._coef(alpha, out)
+        if self.mode == "torch":
+            if isinstance(alpha, float):
+                self._raw.add(a, b, alpha=alpha, out=out)
+            else:
+                self._raw.addcmul(a, b, alpha, out=out)
+        elif self._raw is not None:
+            n = self.small
+            o = n(out)
+            self._raw.multiply(n(b), alpha, out=o)
+            self._raw.add(o, n(a), out=o)
+        else:
+            out[...] = a + alpha * b
+
+    def scale(self, out: Array, a: Array, alpha: float | Array) -> None:
+        """``out[...] = alpha * a``, ``alpha`` a Python float or a per-sample small-state array of shape ``(B,)``."""
+        alpha = self._coef(alpha, out)
+        if self.mode == "torch":
+            self._raw.mul(a, alpha, out=out)
+        elif self._raw is not None:
+            self._raw.multiply(self.small(a), alpha, out=self.small(out))
+        else:
+            out[...] = alpha * a
+
+    def lerp(self, out: Array, a: Array, b: Array, weight: float) -> None:
+        """``out[...] = a + weight * (b - a)`` for a Python float ``weight``; ``out`` may not overlap ``a``, ``b``."""
+        if self.mode == "torch":
+            self._raw.lerp(a, b, weight, out=out)
+        elif self._raw is not None:
+            n = self.small
+            o = n(out)
+            self._raw.subtract(n(b), n(a), out=o)
+            self._raw.multiply(o, weight, out=o)
+            self._raw.add(o, n(a), out=o)
+        else:
+            out[...] = a + weight * (b - a)
+
+    def copy_rows_where(self, out: Array, a: Array, mask: Array) -> None:
+        """``out[i] = a[i]`` for the rows ``i`` where the boolean ``mask`` (shape ``(B,)``, small state) is true.
+
+        With the small state on the host, an all-false mask costs nothing and an all-true one a plain copy.
+        """
+        if self.small_on_host:
+            if not mask.any():
+                return
+            if mask.all():
+                self.copy(out, a)
+                return
+        if self.mode == "torch":
+            self._raw.where(mask[:, None], a, out, out=out)
+        elif self._raw is not None:
+            self._raw.copyto(self.small(out), self.small(a), where=mask[:, None])
+        else:
+            out[...] = self.xp.where(mask[:, None], a, out)
+
+    # --- products with a stack of vectors ----------------------------------------------------------
+
+    def matvec(self, out: Array, A: Array, v: Array) -> None:
+        """``out[b, j] = ⟨A[j, b], v[b]⟩`` for a stack ``A`` ``(k, B, n)``, ``v`` ``(B, n)``, ``out`` ``(B, k)``."""
+        k, B, n = A.shape
+        if self.mode == "numpy":
+            A, v, out = self.small(A), self.small(v), self.small(out)
+            if B == 1:  # np.dot: a third of matmul's call overhead
+                np.dot(A[:, 0, :], v[0], out=out[0])
+            elif n <= _SHORT_ROWS:  # many short rows: per slot, one batched dot product (no BLAS call per row)
+                for j in range(k):
+                    np.matmul(A[j][:, None, :], v[:, :, None], out=out[:, j, None, None])
+            else:
+                np.matmul(A.transpose(1, 0, 2), v[:, :, None], out=out[:, :, None])
+        elif self._raw is not None:
+            self._raw.matmul(self.xp.permute_dims(A, (1, 0, 2)), v[:, :, None], out=out[:, :, None])
+        else:
+            out[...] = (self.xp.permute_dims(A, (1, 0, 2)) @ v[:, :, None])[:, :, 0]
+
+    def vecmat(self, out: Array, w: Array, A: Array) -> None:
+        """``out[b] = Σ_j w[b, j] A[j, b]`` for ``w`` ``(B, k)``, a stack ``A`` ``(k, B, n)``, ``out`` ``(B, n)``."""
+        k, B, n = A.shape
+        if self.mode == "numpy":
+            A, w, out = self.small(A), self.small(w), self.small(out)
+            if k == 1:
+                np.multiply(A[0], w, out=out)
+            elif B == 1:
+                np.dot(w[0], A[:, 0, :], out=out[0])
+            else:
+                np.matmul(w[:, None, :], A.transpose(1, 0, 2), out=out[:, None, :])
+        elif self._raw is not None:
+            self._raw.matmul(w[:, None, :], self.xp.permute_dims(A, (1, 0, 2)), out=out[:, None, :])
+        else:
+            out[...] = (w[:, None, :] @ self.xp.permute_dims(A, (1, 0, 2)))[:, 0, :]
+
+    # --- reductions into small state ---------------------------------------------------------------
+
+    def _local(self, term: tuple) -> Array:
+        """The local partial sums of one reduction term, as small state in :attr:`sdtype`."""
+        kind, a = term[0], term[1]
+        if kind == "matvec":  # ("matvec", A (k, B, n), v (B, n)[, out (B, k) in the vectors' dtype])
+            out = term[3] if len(term) > 3 else None
+            if out is None:
+                out = self.xp.empty((a.shape[1], a.shape[0]), dtype=term[2].dtype, device=self.device)
+            self.matvec(out, a, term[2])
+            if self.mode == "numpy":
+                return np.asarray(self.small(out), dtype=self.sdtype)
+            return self.sxp.astype(self.small(out), self.sdtype)
+        if kind == "dot":
+            return self._local(("matvec", a[None, ...], term[2]))[:, 0]
+        if kind == "sqnorm":
+            return self._sqsum(a)
+        if kind == "sqdiff":
+            return self._sqdiff(a, term[2])
+        raise ValueError(f"unknown reduction {kind!r}")
+
+    def sums(self, *terms: tuple) -> list[Array]:
+        """Sums over the vectors' entries, over every shard when the solve is sharded, in one collective.
+
+        Each term is one of ``("matvec", A, v[, out])`` (⟨A[j, b], v[b]⟩ for a stack ``A``
+        ``(k, B, n)``: shape ``(B, k)``), ``("dot", a, b)``, ``("sqnorm", a)`` or
+        ``("sqdiff", a, b)`` (‖a − b‖², without a temporary of size n): shape ``(B,)``.  The
+        local sums run in the vectors' dtype and are converted to small state in
+        :attr:`sdtype`; with a communicator (:mod:`fixedpoint.comm`) all the terms of one call
+        are summed over the processes in a single allreduce, so every process gets the same
+        values.  The results may have overflowed in the vectors' dtype: :meth:`root` (for norms)
+        and :meth:`rescued` recompute them in float64 from scaled copies where the small state
+        is on the host (a float32 problem then never overflows, a float64 one only where the
+        true value exceeds the float64 range); on a device that check would synchronise.
+
+        Returns
+        -------
+        list of small-state arrays
+            One per term, in order.
+        """
+        local = [self._local(t) for t in terms]
+        if self.comm is None:
+            return local
+        if self.comm is not None:
+            flat = [self.sxp.reshape(v, (v.shape[0], -1)) for v in local]
+            total = self.comm.sum(self.sxp.concat(flat, axis=1))
+            out, start = [], 0
+            for v, f in zip(local, flat):
+                out.append(self.sxp.reshape(total[:, start:start + f.shape[1]], v.shape))
+                start += f.shape[1]
+        return out
+
+    def rescued(self, term: tuple, value: Array) -> Array:
+        """``value`` (the result of ``term`` in :meth:`sums`), recomputed in float64 from scaled copies where it is
+        not finite and the small state is on the host (a device would synchronise for the check)."""
+        if self.small_on_host and not math.isfinite(float(value.sum())) and not np.isfinite(value).all():
+            return self._rescue(term, value)
+        return value
+
+    def _global_max(self, a: np.ndarray) -> np.ndarray:
+        return self.comm.max(a) if self.comm is not None else a
+
+    def _global_sum(self, a: np.ndarray) -> np.ndarray:
+        return self.comm.sum(a) if self.comm is not None else a
+
+    def _rescue(self, term: tuple, value: np.ndarray) -> np.ndarray:
+        """Recompute a term whose sums overflowed, in float64 from copies scaled by their (global) largest entries."""
+        kind = term[0]
+        if kind in ("sqnorm", "sqdiff"):
+            return self._safe_norms(term) ** 2
+        A = term[1] if kind == "matvec" else term[1][None, ...]
+        A64, v64 = self._host_float64(A), self._host_float64(term[2])
+        sa = self._global_max(np.max(np.abs(A64), axis=2).T.copy())  # (B, k)
+        sv = self._global_max(np.max(np.abs(v64), axis=1))
+        sa, sv = np.where(sa > 0, sa, 1.0), np.where(sv > 0, sv, 1.0)
+        scaled = self._global_sum(np.einsum("kbn,bn->bk", A64 / sa.T[:, :, None], v64 / sv[:, None]))
+        out = scaled * sa * sv[:, None]
+        return out[:, 0] if kind == "dot" else out
+
+    def _safe_norms(self, term: tuple) -> np.ndarray:
+        """‖a‖ (or ‖a − b‖) per row in float64, scaled by the largest entry: finite when the norm fits in float64."""
+        v = self._host_float64(term[1])
+        if term[0] == "sqdiff":
+            v = v - self._host_float64(term[2])
+        with np.errstate(all="ignore"):
+            scale = self._global_max(np.max(np.abs(v), axis=1))
+            safe = np.where((scale > 0) & np.isfinite(scale), scale, 1.0)
+            ss = self._global_sum(np.sum((v / safe[:, None]) ** 2, axis=1))
+            return np.where(np.isfinite(scale), safe * np.sqrt(ss), scale)
+
+    def _sqsum(self, a: Array) -> Array:
+        """Σ_n a[b, n]² per row, local, in the vectors' dtype, as small state in :attr:`sdtype` (no temporary)."""
+        if self.mode == "numpy":
+            a = self.small(a)
+            if a.shape[0] == 1:
+                return np.array([np.dot(a[0], a[0])], dtype=self.sdtype)
+            return np.asarray((a[:, None, :] @ a[:, :, None])[:, 0, 0], dtype=self.sdtype)
+        if self.mode == "torch":
+            return self._raw.linalg.vector_norm(a, dim=1).to(self.sdtype) ** 2
+        return self.sxp.astype((a[:, None, :] @ a[:, :, None])[:, 0, 0], self.sdtype)
+
+    def _sqdiff(self, a: Array, b: Array) -> Array:
+        """Σ_n (a − b)[r, n]² per row, local, formed block by block in a fixed scratch (CuPy: one fused kernel)."""
+        B, n = a.shape
+        if self.mode == "cupy":
+            return self.sxp.astype(_cupy_sqdiff()(a, b, axis=1), self.sdtype)
+        if self.mode == "generic" or B * n <= _BLOCK:
+            return self._sqsum(a - b)
+        if self._scratch is None or self._scratch.dtype != a.dtype:
+            self._scratch = self.xp.empty((_BLOCK,), dtype=a.dtype, device=self.device)
+        acc = self.sxp.zeros((B,), dtype=self.sdtype, device=self.sdevice)
+        if n >= _BLOCK:  # long rows: column blocks of each row
+            for i in range(B):
+                for c in range(0, n, _BLOCK):
+                    tmp = self._scratch[: min(_BLOCK, n - c)][None, :]
+                    self.sub(tmp, a[i:i + 1, c:c + _BLOCK], b[i:i + 1, c:c + _BLOCK])
+                    acc[i:i + 1] = acc[i:i + 1] + self._sqsum(tmp)
+        else:  # short rows: blocks of whole rows
+            rows = _BLOCK // n
+            for r in range(0, B, rows):
+                tmp = self.xp.reshape(self._scratch[: min(rows, B - r) * n], (-1, n))
+                self.sub(tmp, a[r:r + rows], b[r:r + rows])
+                acc[r:r + rows] = self._sqsum(tmp)
+        return acc
+
+    def matvec_small(self, A: Array, v: Array, out: Array | None = None) -> Array:
+        """Products of a stack with ``v``: ``("matvec", A, v, out)`` of :meth:`sums`, :meth:`rescued`; ``(B, k)``."""
+        term = ("matvec", A, v, out)
+        return self.rescued(term, self.sums(term)[0])
+
+    def dot(self, a: Array, b: Array) -> Array:
+        """Inner product of each row of ``a`` with the same row of ``b`` (both ``(B, n)``): small state ``(B,)``."""
+        term = ("dot", a, b)
+        return self.rescued(term, self.sums(term)[0])
+
+    def norms(self, a: Array) -> Array:
+        """Euclidean norm of each row of ``a`` (shape ``(B, n)``): small state of shape ``(B,)``, :attr:`sdtype`.
+
+        Summed over the shards with a communicator; with the small state on the host it is finite
+        whenever the vector is finite and its norm fits in float64 (see :meth:`sums`).
+        """
+        return self.root(self.sums(("sqnorm", a))[0], ("sqnorm", a))
+
+    def diff_norms(self, a: Array, b: Array) -> Array:
+        """‖a[i] − b[i]‖₂ per row of ``(B, n)`` arrays, as :meth:`norms`, without a temporary of size n."""
+        return self.root(self.sums(("sqdiff", a, b))[0], ("sqdiff", a, b))
+
+    def root(self, sq: Array, term: tuple) -> Array:
+        """The square root of a reduced squared norm; on the host, a norm whose square overflowed float64 is
+        recomputed by scaling (``term`` is the ``("sqnorm", a)`` or ``("sqdiff", a, b)`` it came from)."""
+        r = self.sxp.sqrt(sq)
+        if self.small_on_host and not math.isfinite(float(r[0] if r.size == 1 else r.sum())) \
+                and not np.isfinite(r).all():  # the sum: a cheap first test
+            return self._safe_norms(term)
+        return r
+
+    # --- the small solve -----------------------------------------------------------------------------
+
+    def solve_one(self, A: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """One small system ``A x = b`` in NumPy (host small state): NaN, not an error, when ``A`` is singular."""
+        if _lapack_solve1 is not None:
+            return _lapack_solve1(A, b)
+        return self.solve(A[None], b[None])[0]
+
+    def solve(self, A: Array, b: Array) -> Array:
+        """Batched solve of ``A[i] @ x[i] = b[i]`` for small state ``A`` ``(B, k, k)`` and ``b`` ``(B, k)``.
+
+        Never raises for a singular system and never synchronises with the host on
+        GPUs: rows whose system is singular come back non-finite, which the caller
+        treats as a failed extrapolation.  With NumPy the batch goes straight to NumPy's
+        LAPACK gufunc (``numpy.linalg.solve`` adds its checks: twice the time for
+        thousands of small systems).
+        """
+        sxp, slib = self.sxp, library_name(self.sxp)
+        if slib == "torch":
+            return self._raw_torch().linalg.solve_ex(A, b)[0]
+        if slib == "cupy":  # cuSOLVER path: no singularity check, no synchronisation
+            return sxp.linalg.solve(A, b[:, :, None])[:, :, 0]
+        if slib == "numpy":
+            if _lapack_solve1 is not None:  # NumPy's own kernel without numpy.linalg.solve's 15 µs of checks:
+                return _lapack_solve1(A, b)  # a singular system gives NaN (under solver_context's errstate)
+            sxp = np
+        try:
+            return sxp.linalg.solve(A, b[:, :, None])[:, :, 0]
+        except Exception:  # LinAlgError from a singular row: redo row by row, NaN for the singular ones
+            rows = []
+            for i in range(A.shape[0]):
+                try:
+                    rows.append(sxp.linalg.solve(A[i, ...], b[i, :, None])[:, 0])
+                except Exception:
+                    rows.append(sxp.full(b.shape[1:], float("nan"), dtype=b.dtype, device=array_api_compat.device(b)))
+            return sxp.stack(rows)
+
+
+def _numpy_solve1() -> Any:
+    """NumPy's LAPACK solver gufunc (``numpy.linalg._umath_linalg.solve1``, (k, k), (k) -> (k)), or None."""
+    try:
+        return importlib.import_module("numpy.linalg._umath_linalg").solve1
+    except (ImportError, AttributeError):
+        return None
+
+
+_lapack_solve1 = _numpy_solve1()
+
+
+@functools.cache
+def _cupy_sqdiff() -> Any:
+    """A CuPy reduction kernel: Σ (a − b)² along an axis, in one pass and without a temporary."""
+    cupy = importlib.import_module("cupy")
+    return cupy.ReductionKernel("T a, T b", "T y", "(a - b) * (a - b)", "a + b", "y = a", "0", "fixedpoint_sqdiff")
