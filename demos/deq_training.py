@@ -92,6 +92,7 @@ class Run:
     epochs: list = field(default_factory=list)    # one record per completed epoch
     batches: list = field(default_factory=list)   # one record per training batch
     rng: dict = field(default_factory=dict)       # torch's random state after the last completed batch
+    net: torch.nn.Module | None = None  # what training calls: None (the model) or its DDP wrapper (demos/ddp.py)
 
     @property
     def train_time(self):
@@ -304,28 +305,34 @@ def solve_record(stats):
     return rec
 
 
-def _train_batch(run, images, labels, device, jac_reg=0.0, jac_probes=1):
+def _train_batch(run, images, labels, device, jac_reg=0.0, jac_probes=1, ranks=None, global_rows=None):
     """One optimizer step on one batch, all or nothing.
 
     If the batch does not complete (Ctrl-C, SIGTERM, an error), everything it changed is
     restored: the model's buffers (BatchNorm's running statistics and batch counts, updated by
     the forward pass), and the parameters, optimizer and schedule should an error strike inside
     the step; the random state is the run's.  The step, the schedule and the record are made with
-    the stop signals held back.
+    the stop signals held back.  Data-parallel (``ranks``, :class:`demos.ddp.Ranks`): ``images``
+    are this rank's share of a global batch of ``global_rows``, the loss is scaled so that DDP's
+    average of the gradients is the global batch's (:meth:`demos.ddp.Ranks.loss_scale`), and the
+    record is that of the global batch (:meth:`demos.ddp.Ranks.reduce_batch`).
     """
     t0, c0 = time.perf_counter(), time.process_time()
     before = _copy_state((run.model.state_dict(), run.optimizer.state_dict(), run.scheduler.state_dict()))
     committed = False
     try:
         run.model.train()
+        net = run.model if run.net is None else run.net
         if jac_reg:
-            logits, jac = run.model(images, jacobian_probes=jac_probes)
+            logits, jac = net(images, jacobian_probes=jac_probes)
             jac_mean = jac.mean()
             loss = F.cross_entropy(logits, labels)
             total = loss + jac_reg * jac_mean
         else:
-            logits, jac_mean = run.model(images), None
+            logits, jac_mean = net(images), None
             total = loss = F.cross_entropy(logits, labels)
+        if ranks is not None:
+            total = total * ranks.loss_scale(int(labels.shape[0]), global_rows)
         run.optimizer.zero_grad(set_to_none=True)
         t_back = time.perf_counter()
         total.backward()
@@ -343,6 +350,8 @@ def _train_batch(run, images, labels, device, jac_reg=0.0, jac_probes=1):
                        time_backward_pass=t_back, time_total=elapsed, cpu_total=cpu)
             if jac_mean is not None:
                 rec["jac_frobenius"] = float(jac_mean.detach())
+            if ranks is not None:
+                rec = ranks.reduce_batch(rec)
             rng = _rng_state(device)
             run.batches.append(rec)
             run.next_batch += 1
@@ -359,13 +368,22 @@ def _train_batch(run, images, labels, device, jac_reg=0.0, jac_probes=1):
     return rec
 
 
-def evaluate(model, batches, device):
-    """Test loss, accuracy and forward-solve statistics, in eval mode without autograd."""
+def evaluate(model, batches, device, ranks=None):
+    """Test loss, accuracy and forward-solve statistics, in eval mode without autograd.
+
+    ``test_count`` is the number of test images.  Data-parallel (``ranks``): each rank
+    evaluates its share of every batch, and the losses, correct answers, images, rows and
+    converged samples are summed over the ranks, the evaluations per batch and the time are
+    their maxima (:class:`demos.ddp.Ranks`).
+    """
     model.eval()
     t0 = time.perf_counter()
     loss_sum, correct, count, fevs, rows, conv = 0.0, 0, 0, [], [], []
     with torch.no_grad():
         for _, images, labels in batches.epoch(0):
+            if labels.shape[0] == 0:  # this rank's share of a batch smaller than the ranks
+                fevs.append(0)
+                continue
             logits = model(images)
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(1) == labels).sum())
@@ -375,10 +393,13 @@ def evaluate(model, batches, device):
             rows.append(st.n_rows)
             conv.append(st.converged_fraction * labels.shape[0])
     _sync(device)
-    return dict(test_loss=loss_sum / count, test_acc=correct / count, time_eval=time.perf_counter() - t0,
+    elapsed, n_rows, n_converged = time.perf_counter() - t0, int(np.sum(rows)), np.sum(conv)
+    if ranks is not None:
+        loss_sum, correct, count, n_rows, n_converged = ranks.sum([loss_sum, correct, count, n_rows, n_converged])
+        fevs, (elapsed,) = ranks.max(fevs), ranks.max([elapsed])
+    return dict(test_loss=loss_sum / count, test_acc=correct / count, test_count=count, time_eval=elapsed,
                 test_fwd_fev_mean=float(np.mean(fevs)), test_fwd_fev_max=int(np.max(fevs)),
-                test_fwd_rows=int(np.sum(rows)),
-                test_fwd_converged=float(np.sum(conv) / count))
+                test_fwd_rows=n_rows, test_fwd_converged=float(n_converged / count))
 
 
 def _epoch_record(run, test):
@@ -418,7 +439,8 @@ def _epoch_record(run, test):
     return rec
 
 
-def train(run, train_batches, test_batches, epochs, device, on_epoch_end, progress=None, jac_reg=0.0, jac_probes=1):
+def train(run, train_batches, test_batches, epochs, device, on_epoch_end, progress=None, jac_reg=0.0, jac_probes=1,
+          ranks=None):
     """Train ``run`` until ``epochs`` epochs are complete, evaluating after each.
 
     ``on_epoch_end(run, record)`` is called after each epoch (it writes the
@@ -428,7 +450,8 @@ def train(run, train_batches, test_batches, epochs, device, on_epoch_end, progre
     batch, or the interrupted evaluation, is redone on resume.  torch's random
     state is the run's own while it trains.  With ``jac_reg`` > 0 the loss is the cross entropy
     plus ``jac_reg`` times the batch mean of the DEQ's estimate of ‖∂f/∂z‖²_F at z* with
-    ``jac_probes`` probes (Bai, Koltun & Kolter, ICML 2021).
+    ``jac_probes`` probes (Bai, Koltun & Kolter, ICML 2021).  Data-parallel training: ``ranks``
+    (:class:`demos.ddp.Ranks`), batches of this rank's shares, ``run.net`` the DDP wrapper.
     """
     n = len(train_batches)
     _set_rng_state(run.rng)
@@ -436,12 +459,12 @@ def train(run, train_batches, test_batches, epochs, device, on_epoch_end, progre
         bar = tqdm(total=n, initial=run.next_batch, desc=f"{run.solver} epoch {run.epoch + 1}/{epochs}",
                    unit="batch", disable=progress, leave=False, dynamic_ncols=True)
         with bar:
-            for _, images, labels in train_batches.epoch(run.epoch, start=run.next_batch):
-                rec = _train_batch(run, images, labels, device, jac_reg, jac_probes)
+            for index, images, labels in train_batches.epoch(run.epoch, start=run.next_batch):
+                rec = _train_batch(run, images, labels, device, jac_reg, jac_probes, ranks, train_batches.rows(index))
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['correct'] / rec['size']:.3f}",
                                 fwd_it=rec["fwd_fev"], bwd_it=rec["bwd_fev"])
-        test = evaluate(run.model, test_batches, device)
+        test = evaluate(run.model, test_batches, device, ranks)
         record = _epoch_record(run, test)
         with signals_held():
             run.epochs.append(record)
