@@ -18,6 +18,11 @@ Examples
     python demos/deq_cifar10.py --dataset digits --solver anderson --gradient phantom --jac-reg 0.1 --out out/deq-pg
     python demos/deq_cifar10.py --dataset fashion-mnist --limit-train 5000 --epochs 3 --out out/deq-fmnist
     python demos/deq_cifar10.py --dataset cifar10 --data-dir ~/data --device cuda --epochs 20
+    torchrun --standalone --nproc_per_node=2 demos/deq_cifar10.py --dataset digits --solver anderson --out out/deq-2
+
+Under torchrun the demo trains data-parallel (DistributedDataParallel; gloo on the CPU,
+NCCL with --device cuda): --batch-size is the global batch, each rank takes its share,
+and rank 0 alone prints and writes (see demos/ddp.py and docs/distributed.md).
 
 Ctrl-C or SIGTERM (what job schedulers send) saves a checkpoint and the metrics
 so far; run the same command with ``--resume`` to continue: the resumed run
@@ -47,6 +52,7 @@ import torch  # noqa: E402
 
 from demos.batches import Batches  # noqa: E402
 from demos.data import DATASETS, DataError, load_dataset  # noqa: E402
+from demos.ddp import Ranks, add_distributed_flags  # noqa: E402
 from demos.deq_report import OUTPUT_FILES, compare, comparison_table, machine_info, totals, write_outputs  # noqa: E402
 from demos.deq_training import (  # noqa: E402
     COMPACT,
@@ -145,7 +151,8 @@ def make_parser():
     m = p.add_argument_group("model and training")
     m.add_argument("--epochs", type=positive_int, default=10, help="training epochs (default: %(default)s)")
     m.add_argument("--batch-size", type=positive_int, default=100,
-                   help="images per training and test batch (default: %(default)s)")
+                   help="images per training and test batch; under torchrun the global batch, shared by the ranks "
+                        "(default: %(default)s)")
     m.add_argument("--lr", type=positive_float, default=1e-3,
                    help="Adam learning rate, with a cosine schedule (default: %(default)s)")
     m.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay (default: %(default)s)")
@@ -177,6 +184,7 @@ def make_parser():
                    help="NumPy BLAS threads while training (default: 1 with the NumPy solver, which otherwise "
                         "competes with torch's threads for the cores; unchanged otherwise)")
     r.add_argument("--no-progress", action="store_true", help="no tqdm progress bars (they are shown on a terminal)")
+    add_distributed_flags(r)
     return p
 
 
@@ -318,16 +326,31 @@ def main(argv=None):
     args = parser.parse_args(argv)
     _check_solver_values(args, parser)
     device, backend = _resolve_device(args, parser)
-    print(use_threads(args.threads), flush=True)
-    with sigterm_stops(), _blas_threads(args, backend):
-        try:
-            return _main(args, device, backend, argv)
-        except _Refused as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt as exc:  # raised before training began (later ones are handled in _main)
-            print(f"\n{_signal_name(exc)}: stopped before training began; nothing was written", file=sys.stderr)
-            return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
+    try:  # under torchrun: join the process group (None otherwise)
+        ranks = Ranks.start(device, args.dist_timeout)
+    except ValueError as exc:
+        parser.error(str(exc))
+    lead = ranks is None or ranks.is_main  # the process that prints and writes
+    with ranks.quiet() if ranks is not None else contextlib.nullcontext():
+        print(use_threads(args.threads), flush=True)
+        with sigterm_stops(), _blas_threads(args, backend):
+            try:
+                status = _main(args, device, backend, argv, ranks)
+            except _Refused as exc:
+                message = str(exc)
+                if ranks is not None and not ranks.agreed:  # tell the other ranks, which wait for this one
+                    message = ranks.agree(message) or message
+                if lead:
+                    print(f"error: {message}", file=sys.stderr)
+                status = 2
+            except KeyboardInterrupt as exc:  # raised before training began (later ones are handled in _main)
+                if lead:
+                    print(f"\n{_signal_name(exc)}: stopped before training began; nothing was written",
+                          file=sys.stderr)
+                return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
+    if ranks is not None:  # not after an exception, which ends the job anyway
+        ranks.close()
+    return status
 
 
 def _signal_name(exc):
@@ -340,7 +363,8 @@ def _methods(chosen):
     return [s for s in SOLVERS if s in wanted]
 
 
-def _main(args, device, backend, argv):
+def _main(args, device, backend, argv, ranks=None):
+    lead = ranks is None or ranks.is_main
     earlier = _check_out(args)
     try:
         data = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
@@ -349,17 +373,21 @@ def _main(args, device, backend, argv):
     data = data.limited(args.limit_train, args.limit_test)
     augment = args.augment == "on" or (args.augment == "auto" and args.dataset == "cifar10")
     mean, std = data.channel_stats()
+    share = {} if ranks is None else dict(rank=ranks.rank, world_size=ranks.world_size)
     train_batches = Batches(data.train_x, data.train_y, args.batch_size, mean, std, data.max_value, device,
-                            shuffle=True, augment=augment, seed=args.seed)
+                            shuffle=True, augment=augment, seed=args.seed, **share)
     test_batches = Batches(data.test_x, data.test_y, args.batch_size, mean, std, data.max_value, device,
-                           shuffle=False, augment=False, seed=args.seed)
+                           shuffle=False, augment=False, seed=args.seed, **share)
+    if ranks is not None and (short := ranks.check_shares(len(data.train_y), args.batch_size, "training")):
+        raise _Refused(short)
     out = args.out
     config = {k: getattr(args, k) for k in RESUME_KEYS}
     config.update(augment=augment, device=str(device), solver_backend=backend, n_train=int(len(data.train_y)),
                   n_test=int(len(data.test_y)), image_shape=list(data.shape))
     settings = dict(config, solver=" ".join(args.solver), data_source=data.source,
                     blas_threads=args.blas_threads or (1 if backend == "numpy" else "library default"),
-                    command=shlex.join(["python", "demos/deq_cifar10.py", *(sys.argv[1:] if argv is None else argv)]))
+                    command=shlex.join([*(["python"] if ranks is None else ranks.launcher()), "demos/deq_cifar10.py",
+                                        *(sys.argv[1:] if argv is None else argv)]))
     methods = _methods(args.solver)
 
     # Every checkpoint is checked before anything is trained or written.  With --resume, the other
@@ -389,21 +417,37 @@ def _main(args, device, backend, argv):
         elif args.resume:
             print(f"{method}: no checkpoint {path}; starting afresh")
         runs[method] = run
+    if ranks is not None:  # every rank must start from the same checkpoints, which rank 0 alone will write
+        where = {k: (r.epoch, r.next_batch, len(r.batches)) for k, r in runs.items()}
+        refusal = ranks.agree(None, where, f"the ranks see different runs in {out}, which must be a folder every "
+                                           "rank reads (a shared file system); solver: (epoch, next batch, records)")
+        if refusal:
+            raise _Refused(refusal)
+    if not lead:  # the other ranks write nothing
+        earlier = []
     if args.overwrite and earlier:
         for name in earlier:
             os.remove(os.path.join(out, name))
         print(f"--overwrite: deleted the earlier run's {', '.join(earlier)} in {out}")
     try:
-        os.makedirs(out, exist_ok=True)
+        if lead:
+            os.makedirs(out, exist_ok=True)
     except OSError as exc:
         raise _Refused(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
 
-    summary = dict(settings=settings, machine=machine_info(device))
+    summary = dict(settings=settings, machine=machine_info(device), world_size=1 if ranks is None else ranks.world_size)
     print(f"DEQ on {data.name}: {len(data.train_y)} training / {len(data.test_y)} test images of shape "
           f"{data.shape}, {device}, solver in {backend}; solvers: {', '.join(methods)}; output in {out}")
-    progress = True if args.no_progress else None
+    progress = True if args.no_progress or not lead else None
 
     def on_epoch_end(run, rec):
+        if ranks is not None:
+            if not ranks.check_replicas(run) and lead:
+                print(f"warning: the ranks' weights differ after epoch {run.epoch} of {run.solver} (summary.json, "
+                      "distributed.replica_checks)", file=sys.stderr)
+            summary["distributed"] = ranks.describe()
+        if not lead:
+            return
         save_checkpoint(run, checkpoint_path(out, run.solver), config)
         summary["totals"] = {k: totals(r) for k, r in runs.items()}
         write_outputs(out, runs, summary, plots=False)
@@ -413,11 +457,15 @@ def _main(args, device, backend, argv):
     try:
         for method in methods:
             current = runs[method]
+            if ranks is not None:
+                ranks.prepare(current)
             train(current, train_batches, test_batches, args.epochs, device, on_epoch_end, progress, args.jac_reg,
-                  args.jac_probes)
+                  args.jac_probes, ranks)
         current = None
+        if not lead:
+            return 0
         fig_model = runs["anderson" if "anderson" in methods else methods[-1]].model
-        images, _ = test_batches.batch(0, 0)
+        images, _ = test_batches.whole().batch(0, 0)
         t0 = time.perf_counter()
         curves = residual_curves(fig_model, images, methods if len(methods) > 1 else ["forward", "anderson"],
                                  args, backend, device)
@@ -432,10 +480,12 @@ def _main(args, device, backend, argv):
               f"residuals.png): " + "; ".join(_curve_line(k, rc) for k in SOLVERS if k in rc))
         print(f"outputs: {out}/summary.json, metrics.jsonl, metrics.csv, batches.csv, residuals.csv, *.png")
     except BaseException as exc:
-        _save_what_was_done(out, runs, current, config, summary, exc)
+        if lead:
+            _save_what_was_done(out, runs, current, config, summary, exc)
         if isinstance(exc, KeyboardInterrupt):
-            print(f"\n{_signal_name(exc)}: checkpoint and metrics so far saved in {out}; run the same command "
-                  "with --resume to continue", file=sys.stderr)
+            if lead:
+                print(f"\n{_signal_name(exc)}: checkpoint and metrics so far saved in {out}; run the same command "
+                      "with --resume to continue", file=sys.stderr)
             return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
         raise
     return 0
