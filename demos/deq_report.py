@@ -173,7 +173,7 @@ def comparison_table(runs, comparison):
         ("epochs", "{:d}", "epochs"), ("train accuracy (last epoch)", "{:.2%}", "train_acc"),
         ("test accuracy (last epoch)", "{:.2%}", "test_acc"), ("best test accuracy", "{:.2%}", "best_test_acc"),
         ("training time [s]", "{:.1f}", "time_train"), ("  per epoch [s]", "{:.1f}", "time_per_epoch"),
-        ("training CPU time [s] (this process)", "{:.1f}", "cpu_train"),
+        ("training CPU time [s] (sum over ranks)", "{:.1f}", "cpu_train"),
         ("  forward solves [s]", "{:.1f}", "time_forward_solve"),
         ("  backward passes [s]", "{:.1f}", "time_backward_pass"),
         ("    adjoint solves [s]", "{:.1f}", "time_backward_solve"),
