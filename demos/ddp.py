@@ -22,9 +22,9 @@ What every rank does, for each solver:
   test, Anderson weights and iteration count) and its cell's GroupNorm is per sample,
   so a rank's solves are those of its rows in the one-process run up to rounding.
   Together: N ranks compute the one-process training up to rounding, which the solves
-  amplify (measured with N = 2: first-step gradients agree to 3e-5 relative, as closely
-  as one process agrees with itself when only the order of BatchNorm's sums changes;
-  the first loss to 2e-7; tested).  Not the same as one process: ``--whole-batch``
+  amplify (measured with N = 2: the first loss agrees to 2e-7, the first gradient to
+  2.7e-5 relative, as closely as one process agrees with itself when only the order of
+  BatchNorm's sums changes, 3.3e-5; tested on the losses).  Not the same as one process: ``--whole-batch``
   stops each rank's share on its own residual, and the Jacobian regulariser's probes
   are drawn per rank.
 - **Records.** Each training batch's record is reduced over the ranks before it is
