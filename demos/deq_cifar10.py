@@ -435,7 +435,8 @@ def _main(args, device, backend, argv, ranks=None):
     except OSError as exc:
         raise _Refused(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
 
-    summary = dict(settings=settings, machine=machine_info(device), world_size=1 if ranks is None else ranks.world_size)
+    world_size = 1 if ranks is None else ranks.world_size  # processes training together (torchrun)
+    summary = dict(settings=dict(settings, world_size=world_size), machine=machine_info(device), world_size=world_size)
     print(f"DEQ on {data.name}: {len(data.train_y)} training / {len(data.test_y)} test images of shape "
           f"{data.shape}, {device}, solver in {backend}; solvers: {', '.join(methods)}; output in {out}")
     progress = True if args.no_progress or not lead else None

@@ -88,7 +88,8 @@ def test_two_ranks_train_what_one_process_trains_and_rank_0_alone_writes(two_ran
     assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES, "checkpoint-anderson.pt"])
     assert job.stdout.count("anderson epoch 1/3:") == 1 and job.stdout.count("outputs:") == 1  # printed once
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["distributed"]["backend"] == "gloo"
+    assert summary["world_size"] == summary["settings"]["world_size"] == 2
+    assert summary["distributed"]["backend"] == "gloo"
     assert summary["distributed"]["replicas_identical"] is True  # the ranks' weights and buffers, after every epoch
     assert len(summary["distributed"]["replica_checks"]) == 3
     assert summary["settings"]["command"].startswith("torchrun --standalone --nproc_per_node=2 demos/deq_cifar10.py")
