@@ -170,3 +170,14 @@ def test_a_refusal_is_printed_once_and_every_rank_stops(two_ranks):
     assert job.returncode != 0
     assert job.stderr.count("error: ") == 1 and "--resume" in job.stderr, job.stderr[-3000:]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_without_torchrun_nothing_distributed_starts_and_a_partial_environment_is_an_error():
+    from demos.ddp import Ranks
+
+    cpu = torch.device("cpu")
+    assert Ranks.start(cpu, environ={}) is None
+    with pytest.raises(ValueError, match="incomplete.*LOCAL_RANK=None"):
+        Ranks.start(cpu, environ={"WORLD_SIZE": "2", "RANK": "0"})
+    with pytest.raises(ValueError, match="incomplete"):
+        Ranks.start(cpu, environ={"WORLD_SIZE": "two", "RANK": "0", "LOCAL_RANK": "0"})
