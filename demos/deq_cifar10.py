@@ -1,18 +1,28 @@
-"""Train a Deep Equilibrium Model with forward iteration and with Anderson acceleration, and compare them.
+"""Train a Deep Equilibrium Model with forward iteration, Anderson acceleration and Broyden, and compare them.
 
 The experiment of M. Al Dajani & D. Keyes, "Accelerating AI Performance using
 Anderson Extrapolation on GPUs" (arXiv 2410.19460): the DEQ of the "Deep Implicit
 Layers" tutorial (deq_model.py) trained on CIFAR-10, its implicit layer solved by
 forward iteration or by Anderson (m = 5, β = 1.0, λ = 1e-5, tolerance 1e-2, at
-most 1000 iterations), gradients by implicit differentiation.  The fixed-point
-solves run in fixedpoint's NumPy solver for CPU tensors and its CuPy solver for
-CUDA tensors, the model's tensors crossing over zero-copy through DLPack.
+most 1000 iterations), gradients by implicit differentiation; here also by
+limited-memory Broyden, with samples that have converged leaving the batch
+(``--compact``), with phantom or Jacobian-free gradients (``--gradient``) and with
+Jacobian regularisation (``--jac-reg``).  The fixed-point solves run in
+fixedpoint's NumPy solver for CPU tensors and its CuPy solver for CUDA tensors,
+the model's tensors crossing over zero-copy through DLPack.
 
 Examples
 --------
     python demos/deq_cifar10.py --dataset digits --solver both --epochs 5 --out out/deq-digits
+    python demos/deq_cifar10.py --dataset digits --solver forward anderson broyden --compact on --out out/deq-3
+    python demos/deq_cifar10.py --dataset digits --solver anderson --gradient phantom --jac-reg 0.1 --out out/deq-pg
     python demos/deq_cifar10.py --dataset fashion-mnist --limit-train 5000 --epochs 3 --out out/deq-fmnist
     python demos/deq_cifar10.py --dataset cifar10 --data-dir ~/data --device cuda --epochs 20
+    torchrun --standalone --nproc_per_node=2 demos/deq_cifar10.py --dataset digits --solver anderson --out out/deq-2
+
+Under torchrun the demo trains data-parallel (DistributedDataParallel; gloo on the CPU,
+NCCL with --device cuda): --batch-size is the global batch, each rank takes its share,
+and rank 0 alone prints and writes (see demos/ddp.py and docs/distributed.md).
 
 Ctrl-C or SIGTERM (what job schedulers send) saves a checkpoint and the metrics
 so far; run the same command with ``--resume`` to continue: the resumed run
@@ -42,8 +52,10 @@ import torch  # noqa: E402
 
 from demos.batches import Batches  # noqa: E402
 from demos.data import DATASETS, DataError, load_dataset  # noqa: E402
+from demos.ddp import Ranks, add_distributed_flags  # noqa: E402
 from demos.deq_report import OUTPUT_FILES, compare, comparison_table, machine_info, totals, write_outputs  # noqa: E402
 from demos.deq_training import (  # noqa: E402
+    COMPACT,
     SOLVERS,
     CheckpointError,
     Terminated,
@@ -63,7 +75,8 @@ from tooling.timing import add_threads_flag, positive_float, positive_int, use_t
 RESUME_KEYS = ("dataset", "limit_train", "limit_test", "batch_size", "lr", "weight_decay", "epochs", "channels",
                "inner_channels", "groups", "m", "beta", "lam", "lam_mode", "backward_lam_mode", "tol", "max_iter",
                "stop_mode", "whole_batch", "backward_tol", "backward_max_iter", "seed", "augment", "device",
-               "solver_backend")
+               "solver_backend", "broyden_m", "compact", "gradient", "gradient_steps", "gradient_damping", "jac_reg",
+               "jac_probes")
 
 #: Exit status of a run stopped by a signal: 128 + the signal's number, as a shell reports it.
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
@@ -89,12 +102,14 @@ def make_parser():
                    help="random crop (padding 4) and horizontal flip; auto: on for cifar10 only (default: "
                         "%(default)s)")
     s = p.add_argument_group("solver (defaults: arXiv 2410.19460)")
-    s.add_argument("--solver", choices=("forward", "anderson", "both"), default="both",
-                   help="fixed-point solver; both trains the same model from the same seed with each (default: "
-                        "%(default)s)")
+    s.add_argument("--solver", nargs="+", choices=(*SOLVERS, "both"), default=["both"], metavar="SOLVER",
+                   help="fixed-point solvers, any of forward, anderson, broyden (both: forward and anderson); each "
+                        "trains the same model from the same seed, compared side by side (default: both)")
     s.add_argument("--m", type=positive_int, default=5, help="Anderson window m (default: %(default)s)")
     s.add_argument("--beta", type=float, default=1.0, help="Anderson mixing beta in (0, 1] (default: %(default)s)")
     s.add_argument("--lam", type=float, default=1e-5, help="Anderson regularisation lambda (default: %(default)s)")
+    s.add_argument("--broyden-m", type=positive_int, default=20,
+                   help="Broyden: rank-one update pairs kept (default: %(default)s)")
     s.add_argument("--lam-mode", choices=("absolute", "relative"), default="absolute",
                    help="forward solve: lambda added as is (the paper) or scaled by the largest squared residual "
                         "(default: %(default)s)")
@@ -114,13 +129,30 @@ def make_parser():
     s.add_argument("--whole-batch", action="store_true",
                    help="stop when the residual of the whole batch, as one vector, is below --tol (the Deep "
                         "Implicit Layers tutorial's rule) instead of every sample's (default: per sample)")
+    s.add_argument("--compact", choices=tuple(COMPACT), default="auto",
+                   help="evaluate f only on the samples still iterating (forward and adjoint solves): on; off; auto: "
+                        "once at most half the batch iterates (default: %(default)s)")
     s.add_argument("--solver-backend", choices=("auto", "numpy", "cupy", "torch"), default="auto",
                    help="library the solver runs in; auto: NumPy on CPU, CuPy on CUDA (zero-copy via DLPack) "
                         "(default: %(default)s)")
+    g = p.add_argument_group("gradients and regularisation")
+    g.add_argument("--gradient", choices=("implicit", "phantom", "jfb"), default="implicit",
+                   help="implicit differentiation (an adjoint solve), phantom gradients (Geng et al. 2021) or "
+                        "Jacobian-free backpropagation (Fung et al. 2022) (default: %(default)s)")
+    g.add_argument("--gradient-steps", type=positive_int, default=5,
+                   help="phantom gradients: unrolled steps k (default: %(default)s)")
+    g.add_argument("--gradient-damping", type=float, default=0.5,
+                   help="phantom gradients: damping lambda in (0, 1], 1 undamped (default: %(default)s)")
+    g.add_argument("--jac-reg", type=float, default=0.0, metavar="WEIGHT",
+                   help="add WEIGHT times the batch mean of the Hutchinson estimate of ||df/dz||_F^2 at z* to the "
+                        "loss (Bai, Koltun & Kolter 2021); 0: off (default: %(default)s)")
+    g.add_argument("--jac-probes", type=positive_int, default=1,
+                   help="probes of that estimate per training batch (default: %(default)s)")
     m = p.add_argument_group("model and training")
     m.add_argument("--epochs", type=positive_int, default=10, help="training epochs (default: %(default)s)")
     m.add_argument("--batch-size", type=positive_int, default=100,
-                   help="images per training and test batch (default: %(default)s)")
+                   help="images per training and test batch; under torchrun the global batch, shared by the ranks "
+                        "(default: %(default)s)")
     m.add_argument("--lr", type=positive_float, default=1e-3,
                    help="Adam learning rate, with a cosine schedule (default: %(default)s)")
     m.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay (default: %(default)s)")
@@ -152,6 +184,7 @@ def make_parser():
                    help="NumPy BLAS threads while training (default: 1 with the NumPy solver, which otherwise "
                         "competes with torch's threads for the cores; unchanged otherwise)")
     r.add_argument("--no-progress", action="store_true", help="no tqdm progress bars (they are shown on a terminal)")
+    add_distributed_flags(r)
     return p
 
 
@@ -174,6 +207,13 @@ def _check_solver_values(args, parser):
         parser.error(f"--beta must be in (0, 1], got {args.beta}")
     if not 0 <= args.lam < float("inf"):
         parser.error(f"--lam must be a number >= 0, got {args.lam}")
+    if not 0.0 < args.gradient_damping <= 1.0:
+        parser.error(f"--gradient-damping must be in (0, 1], got {args.gradient_damping}")
+    if not 0 <= args.jac_reg < float("inf"):
+        parser.error(f"--jac-reg must be a number >= 0, got {args.jac_reg}")
+    if args.whole_batch and args.compact == "on":
+        parser.error("--compact on drops samples that have converged, which --whole-batch does not have; use "
+                     "--compact off or auto with --whole-batch")
     if not 0 <= args.weight_decay < float("inf"):
         parser.error(f"--weight-decay must be a number >= 0, got {args.weight_decay}")
     if args.channels % args.groups or args.inner_channels % args.groups:
@@ -184,11 +224,13 @@ def _check_solver_values(args, parser):
 def _epoch_line(rec, epochs):
     return (f"{rec['solver']:>8} epoch {rec['epoch']}/{epochs}: train loss {rec['train_loss']:.3f} "
             f"acc {rec['train_acc']:.2%} | test loss {rec['test_loss']:.3f} acc {rec['test_acc']:.2%} | "
-            f"time {rec['time_train']:.1f} s (forward solve {rec['time_forward_solve']:.1f}, backward solve "
-            f"{rec['time_backward_solve']:.1f}, rest {rec['time_rest']:.1f}) | f-evals/batch forward "
-            f"{rec['fwd_fev_mean']:.1f} (max {rec['fwd_fev_max']}), adjoint {rec['bwd_fev_mean']:.1f} "
-            f"(max {rec['bwd_fev_max']}) | iterations/sample {rec['fwd_iter_mean']:.1f} / {rec['bwd_iter_mean']:.1f}"
-            f" | converged {rec['fwd_converged']:.1%} / {rec['bwd_converged']:.1%}")
+            f"time {rec['time_train']:.1f} s (forward solve {rec['time_forward_solve']:.1f}, backward pass "
+            f"{rec['time_backward_pass']:.1f}, adjoint solve {rec['time_backward_solve']:.1f}) | f-evals/batch "
+            f"forward {rec['fwd_fev_mean']:.1f} (max {rec['fwd_fev_max']}), adjoint {rec['bwd_fev_mean']:.1f} "
+            f"(max {rec['bwd_fev_max']}) | rows of f forward / adjoint {rec['fwd_rows']} / {rec['bwd_rows']} | "
+            f"iterations/sample {rec['fwd_iter_mean']:.1f} / {rec['bwd_iter_mean']:.1f} | converged "
+            f"{rec['fwd_converged']:.1%} / {rec['bwd_converged']:.1%}"
+            + (f" | jacobian {rec['jac_frobenius']:.3g}" if "jac_frobenius" in rec else ""))
 
 
 def _curve_summary(curves, tol):
@@ -284,23 +326,45 @@ def main(argv=None):
     args = parser.parse_args(argv)
     _check_solver_values(args, parser)
     device, backend = _resolve_device(args, parser)
-    print(use_threads(args.threads), flush=True)
-    with sigterm_stops(), _blas_threads(args, backend):
-        try:
-            return _main(args, device, backend, argv)
-        except _Refused as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt as exc:  # raised before training began (later ones are handled in _main)
-            print(f"\n{_signal_name(exc)}: stopped before training began; nothing was written", file=sys.stderr)
-            return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
+    try:  # under torchrun: join the process group (None otherwise)
+        ranks = Ranks.start(device, args.dist_timeout)
+    except ValueError as exc:
+        parser.error(str(exc))
+    lead = ranks is None or ranks.is_main  # the process that prints and writes
+    with ranks.quiet() if ranks is not None else contextlib.nullcontext():
+        print(use_threads(args.threads), flush=True)
+        with sigterm_stops(), _blas_threads(args, backend):
+            try:
+                status = _main(args, device, backend, argv, ranks)
+            except _Refused as exc:
+                message = str(exc)
+                if ranks is not None and not ranks.agreed:  # tell the other ranks, which wait for this one
+                    message = ranks.agree(message) or message
+                if lead:
+                    print(f"error: {message}", file=sys.stderr)
+                status = 2
+            except KeyboardInterrupt as exc:  # raised before training began (later ones are handled in _main)
+                if lead:
+                    print(f"\n{_signal_name(exc)}: stopped before training began; nothing was written",
+                          file=sys.stderr)
+                return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
+    if ranks is not None:  # not after an exception, which ends the job anyway
+        ranks.close()
+    return status
 
 
 def _signal_name(exc):
     return "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted (SIGINT)"
 
 
-def _main(args, device, backend, argv):
+def _methods(chosen):
+    """The solvers of ``--solver``, in the order of :data:`SOLVERS` ("both": forward and anderson)."""
+    wanted = set(chosen) | ({"forward", "anderson"} if "both" in chosen else set())
+    return [s for s in SOLVERS if s in wanted]
+
+
+def _main(args, device, backend, argv, ranks=None):
+    lead = ranks is None or ranks.is_main
     earlier = _check_out(args)
     try:
         data = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
@@ -309,18 +373,22 @@ def _main(args, device, backend, argv):
     data = data.limited(args.limit_train, args.limit_test)
     augment = args.augment == "on" or (args.augment == "auto" and args.dataset == "cifar10")
     mean, std = data.channel_stats()
+    share = {} if ranks is None else dict(rank=ranks.rank, world_size=ranks.world_size)
     train_batches = Batches(data.train_x, data.train_y, args.batch_size, mean, std, data.max_value, device,
-                            shuffle=True, augment=augment, seed=args.seed)
+                            shuffle=True, augment=augment, seed=args.seed, **share)
     test_batches = Batches(data.test_x, data.test_y, args.batch_size, mean, std, data.max_value, device,
-                           shuffle=False, augment=False, seed=args.seed)
+                           shuffle=False, augment=False, seed=args.seed, **share)
+    if ranks is not None and (short := ranks.check_shares(len(data.train_y), args.batch_size, "training")):
+        raise _Refused(short)
     out = args.out
     config = {k: getattr(args, k) for k in RESUME_KEYS}
     config.update(augment=augment, device=str(device), solver_backend=backend, n_train=int(len(data.train_y)),
                   n_test=int(len(data.test_y)), image_shape=list(data.shape))
-    settings = dict(config, solver=args.solver, data_source=data.source,
+    settings = dict(config, solver=" ".join(args.solver), data_source=data.source,
                     blas_threads=args.blas_threads or (1 if backend == "numpy" else "library default"),
-                    command=shlex.join(["python", "demos/deq_cifar10.py", *(sys.argv[1:] if argv is None else argv)]))
-    methods = ["forward", "anderson"] if args.solver == "both" else [args.solver]
+                    command=shlex.join([*(["python"] if ranks is None else ranks.launcher()), "demos/deq_cifar10.py",
+                                        *(sys.argv[1:] if argv is None else argv)]))
+    methods = _methods(args.solver)
 
     # Every checkpoint is checked before anything is trained or written.  With --resume, the other
     # solver's checkpoint is read too, so that its records are kept in the outputs.
@@ -349,21 +417,38 @@ def _main(args, device, backend, argv):
         elif args.resume:
             print(f"{method}: no checkpoint {path}; starting afresh")
         runs[method] = run
+    if ranks is not None:  # every rank must start from the same checkpoints, which rank 0 alone will write
+        where = {k: (r.epoch, r.next_batch, len(r.batches)) for k, r in runs.items()}
+        refusal = ranks.agree(None, where, f"the ranks see different runs in {out}, which must be a folder every "
+                                           "rank reads (a shared file system); solver: (epoch, next batch, records)")
+        if refusal:
+            raise _Refused(refusal)
+    if not lead:  # the other ranks write nothing
+        earlier = []
     if args.overwrite and earlier:
         for name in earlier:
             os.remove(os.path.join(out, name))
         print(f"--overwrite: deleted the earlier run's {', '.join(earlier)} in {out}")
     try:
-        os.makedirs(out, exist_ok=True)
+        if lead:
+            os.makedirs(out, exist_ok=True)
     except OSError as exc:
         raise _Refused(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
 
-    summary = dict(settings=settings, machine=machine_info(device))
+    world_size = 1 if ranks is None else ranks.world_size  # processes training together (torchrun)
+    summary = dict(settings=dict(settings, world_size=world_size), machine=machine_info(device), world_size=world_size)
     print(f"DEQ on {data.name}: {len(data.train_y)} training / {len(data.test_y)} test images of shape "
           f"{data.shape}, {device}, solver in {backend}; solvers: {', '.join(methods)}; output in {out}")
-    progress = True if args.no_progress else None
+    progress = True if args.no_progress or not lead else None
 
     def on_epoch_end(run, rec):
+        if ranks is not None:
+            if not ranks.check_replicas(run) and lead:
+                print(f"warning: the ranks' weights differ after epoch {run.epoch} of {run.solver} (summary.json, "
+                      "distributed.replica_checks)", file=sys.stderr)
+            summary["distributed"] = ranks.describe()
+        if not lead:
+            return
         save_checkpoint(run, checkpoint_path(out, run.solver), config)
         summary["totals"] = {k: totals(r) for k, r in runs.items()}
         write_outputs(out, runs, summary, plots=False)
@@ -373,10 +458,15 @@ def _main(args, device, backend, argv):
     try:
         for method in methods:
             current = runs[method]
-            train(current, train_batches, test_batches, args.epochs, device, on_epoch_end, progress)
+            if ranks is not None:
+                ranks.prepare(current)
+            train(current, train_batches, test_batches, args.epochs, device, on_epoch_end, progress, args.jac_reg,
+                  args.jac_probes, ranks)
         current = None
+        if not lead:
+            return 0
         fig_model = runs["anderson" if "anderson" in methods else methods[-1]].model
-        images, _ = test_batches.batch(0, 0)
+        images, _ = test_batches.whole().batch(0, 0)
         t0 = time.perf_counter()
         curves = residual_curves(fig_model, images, methods if len(methods) > 1 else ["forward", "anderson"],
                                  args, backend, device)
@@ -388,13 +478,15 @@ def _main(args, device, backend, argv):
         print(comparison_table(runs, summary["comparison"]))
         rc = summary["residual_curves"]
         print(f"\nOne fixed test batch of {rc['batch_size']}, relative residual to {args.tol:g} (Figure 1, "
-              f"residuals.png): " + "; ".join(_curve_line(k, rc) for k in ("forward", "anderson") if k in rc))
+              f"residuals.png): " + "; ".join(_curve_line(k, rc) for k in SOLVERS if k in rc))
         print(f"outputs: {out}/summary.json, metrics.jsonl, metrics.csv, batches.csv, residuals.csv, *.png")
     except BaseException as exc:
-        _save_what_was_done(out, runs, current, config, summary, exc)
+        if lead:
+            _save_what_was_done(out, runs, current, config, summary, exc)
         if isinstance(exc, KeyboardInterrupt):
-            print(f"\n{_signal_name(exc)}: checkpoint and metrics so far saved in {out}; run the same command "
-                  "with --resume to continue", file=sys.stderr)
+            if lead:
+                print(f"\n{_signal_name(exc)}: checkpoint and metrics so far saved in {out}; run the same command "
+                      "with --resume to continue", file=sys.stderr)
             return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
         raise
     return 0

@@ -86,6 +86,10 @@ class DEQClassifier(nn.Module):
         """The DEQ's input x for a batch of images: stem convolution and batch norm."""
         return self.bn_in(self.stem(images))
 
-    def forward(self, images):
-        z = self.deq(self.injection(images))
-        return self.head(torch.flatten(self.pool(self.bn_out(z)), 1))
+    def forward(self, images, jacobian_probes=0):
+        """Logits of shape (B, classes); with ``jacobian_probes`` > 0 also the DEQ's estimate of
+        ‖∂f/∂z‖²_F per sample at z* (:func:`fixedpoint.torch.jacobian_frobenius`), shape (B,)."""
+        out = self.deq(self.injection(images), jacobian_probes=jacobian_probes)
+        z, jac = out if jacobian_probes else (out, None)
+        logits = self.head(torch.flatten(self.pool(self.bn_out(z)), 1))
+        return logits if jac is None else (logits, jac)

@@ -12,8 +12,8 @@ from matplotlib.ticker import LogFormatter  # noqa: E402
 
 __all__ = ["plot_all", "plot_accuracy", "plot_residuals", "plot_iterations"]
 
-COLORS = {"forward": "tab:blue", "anderson": "tab:red"}
-LABELS = {"forward": "forward iteration", "anderson": "Anderson (m=5)"}
+COLORS = {"forward": "tab:blue", "anderson": "tab:red", "broyden": "tab:green"}
+LABELS = {"forward": "forward iteration", "anderson": "Anderson", "broyden": "Broyden"}
 
 
 def _legend(ax):
@@ -87,20 +87,32 @@ def plot_residuals(path, curves, summary):
 
 
 def plot_iterations(path, runs, summary):
-    """Solver iterations of every training batch: evaluations per batch (the cost) and mean per sample.
+    """Solver iterations of every training batch: evaluations per batch (the slowest sample), rows of f
+    per sample of the batch (what was paid: with compaction close to the mean iterations per sample),
+    and mean iterations per sample.
 
     The logarithmic axes are labelled with plain numbers (20, 30, 100), also between powers of ten.
     Returns the figure."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    panels = [("fwd_fev", "bwd_fev", "evaluations per batch (slowest sample)"),
+              ("fwd_rows", "bwd_rows", "rows of f per sample (paid)"),
+              ("fwd_iter_mean", "bwd_iter_mean", "mean iterations per sample")]
+    recorded = [b for run in runs.values() for b in run.batches]
+    if recorded:  # records of older runs lack the rows
+        panels = [p for p in panels if any(p[0] in b for b in recorded)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.4), dpi=80, squeeze=False)
+    axes = axes[0]
     for name, run in runs.items():
         if not run.batches:
             continue
         steps = [b["step"] for b in run.batches]
         c, label = COLORS.get(name), LABELS.get(name, name)
-        for ax, (fwd, bwd) in zip(axes, (("fwd_fev", "bwd_fev"), ("fwd_iter_mean", "bwd_iter_mean"))):
-            ax.plot(steps, [b[fwd] for b in run.batches], "-", color=c, lw=1, label=f"{label}, forward solve")
-            ax.plot(steps, [b[bwd] for b in run.batches], ":", color=c, lw=1, label=f"{label}, adjoint solve")
-    for ax, ylabel in zip(axes, ("evaluations per batch (slowest sample)", "mean iterations per sample")):
+        for ax, (fwd, bwd, _) in zip(axes, panels):
+            per = (lambda b: b["size"]) if fwd == "fwd_rows" else (lambda b: 1)
+            ax.plot(steps, [b.get(fwd, float("nan")) / per(b) for b in run.batches], "-", color=c, lw=1,
+                    label=f"{label}, forward solve")
+            ax.plot(steps, [b.get(bwd, float("nan")) / per(b) for b in run.batches], ":", color=c, lw=1,
+                    label=f"{label}, adjoint solve")
+    for ax, (_, _, ylabel) in zip(axes, panels):
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
         ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))

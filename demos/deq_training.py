@@ -35,11 +35,14 @@ from demos.deq_model import DEQClassifier
 from tooling.timing import traced_solve
 
 __all__ = ["Run", "build_run", "train", "evaluate", "save_checkpoint", "load_checkpoint", "residual_curves",
-           "solver_options", "checkpoint_path", "CheckpointError", "Terminated", "sigterm_stops", "signals_held",
-           "SOLVERS"]
+           "solver_options", "solve_record", "checkpoint_path", "CheckpointError", "Terminated", "sigterm_stops",
+           "signals_held", "SOLVERS", "COMPACT"]
 
 #: The solvers the demo trains, in the order of its outputs.
-SOLVERS = ("forward", "anderson")
+SOLVERS = ("forward", "anderson", "broyden")
+
+#: ``--compact`` values and the layer's ``compact`` argument they stand for.
+COMPACT = {"auto": "auto", "on": True, "off": False}
 
 #: Signals that stop training after a checkpoint: Ctrl-C, and what schedulers send before they kill a job.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -61,10 +64,18 @@ def checkpoint_path(out, solver):
 def solver_options(method, args, backend):
     """Keyword arguments of :class:`fixedpoint.torch.DEQ` for ``method`` from the command-line flags."""
     opts = dict(method=method, backend=backend, tol=args.tol, max_iter=args.max_iter, stop_mode=args.stop_mode,
-                backward_tol=args.backward_tol, backward_max_iter=args.backward_max_iter, batch=not args.whole_batch)
+                batch=not args.whole_batch, compact=COMPACT[args.compact] if not args.whole_batch else False,
+                gradient=args.gradient)
+    if args.gradient == "implicit":
+        opts.update(backward_tol=args.backward_tol, backward_max_iter=args.backward_max_iter)
+        if method == "anderson":
+            opts.update(backward_options=dict(m=args.m, beta=args.beta, lam=args.lam, lam_mode=args.backward_lam_mode))
+    elif args.gradient == "phantom":
+        opts.update(gradient_steps=args.gradient_steps, gradient_damping=args.gradient_damping)
     if method == "anderson":
-        opts.update(m=args.m, beta=args.beta, lam=args.lam, lam_mode=args.lam_mode,
-                    backward_options=dict(m=args.m, beta=args.beta, lam=args.lam, lam_mode=args.backward_lam_mode))
+        opts.update(m=args.m, beta=args.beta, lam=args.lam, lam_mode=args.lam_mode)
+    elif method == "broyden":
+        opts.update(m=args.broyden_m)
     return opts
 
 
@@ -81,6 +92,7 @@ class Run:
     epochs: list = field(default_factory=list)    # one record per completed epoch
     batches: list = field(default_factory=list)   # one record per training batch
     rng: dict = field(default_factory=dict)       # torch's random state after the last completed batch
+    net: torch.nn.Module | None = None  # what training calls: None (the model) or its DDP wrapper (demos/ddp.py)
 
     @property
     def train_time(self):
@@ -256,39 +268,90 @@ def _sync(device):
 
 # ---------------------------------------------------------------- training and evaluation
 
-def _train_batch(run, images, labels, device):
+def solve_record(stats):
+    """The per-batch record of one call's :class:`fixedpoint.torch.DEQStats` (after its backward pass).
+
+    ``fwd_*``: the forward solve (``fwd_fev`` evaluations of f, each on the samples still
+    iterating, ``fwd_rows`` samples in all).  ``bwd_*``: the backward pass's products through
+    f besides the one that carries the gradient to x and the parameters: the adjoint solve
+    (implicit gradients: ``bwd_fev`` products, ``bwd_rows`` samples, per-sample iterations,
+    convergence) or the unrolled steps (phantom: ``gradient_steps``; JFB: none), for which
+    convergence does not apply (NaN).  ``graph_rows``: samples f was evaluated on with
+    autograd (after the solve, and again in the adjoint solve with compaction).
+    ``cpu_*``: CPU seconds of this process (a cost that other processes on a shared
+    machine do not inflate, unlike the wall times ``time_*``).  ``time_*_map``: the part
+    of a solve's time spent in its map (f, or the products), the rest being the solver's
+    own work (CPU only, else NaN).  ``time_backward_layer``: the layer's whole backward
+    pass.
+    """
+    fwd, bwd = stats.forward, stats.backward
+    rec = dict(fwd_fev=fwd.n_fev, fwd_rows=fwd.n_rows, fwd_iter_mean=fwd.n_iter_mean, fwd_iter_max=fwd.n_iter_max,
+               fwd_converged=fwd.converged_fraction, fwd_residual_max=fwd.residual_max)
+    size = fwd.batch_size
+    if bwd is not None:
+        rec.update(bwd_fev=bwd.n_fev, bwd_rows=bwd.n_rows, bwd_iter_mean=bwd.n_iter_mean, bwd_iter_max=bwd.n_iter_max,
+                   bwd_converged=bwd.converged_fraction, bwd_residual_max=bwd.residual_max,
+                   graph_rows=size * stats.graph_evals + bwd.n_graph_rows)
+    else:  # phantom gradients or JFB: k - 1 products through the unrolled steps besides the last
+        k = (stats.backward_vjps or 1) - 1
+        rec.update(bwd_fev=k, bwd_rows=k * size, bwd_iter_mean=float(k), bwd_iter_max=k, bwd_converged=float("nan"),
+                   bwd_residual_max=float("nan"), graph_rows=size * stats.graph_evals)
+    nan = float("nan")
+    rec.update(cpu_forward_solve=fwd.cpu_time, cpu_backward_solve=bwd.cpu_time if bwd is not None else 0.0,
+               time_forward_solve=fwd.wall_time, time_forward_map=nan if fwd.map_time is None else fwd.map_time,
+               time_backward_solve=bwd.wall_time if bwd is not None else 0.0,
+               time_backward_map=(nan if bwd.map_time is None else bwd.map_time) if bwd is not None else 0.0,
+               time_backward_layer=nan if stats.backward_time is None else stats.backward_time)
+    return rec
+
+
+def _train_batch(run, images, labels, device, jac_reg=0.0, jac_probes=1, ranks=None, global_rows=None):
     """One optimizer step on one batch, all or nothing.
 
     If the batch does not complete (Ctrl-C, SIGTERM, an error), everything it changed is
     restored: the model's buffers (BatchNorm's running statistics and batch counts, updated by
     the forward pass), and the parameters, optimizer and schedule should an error strike inside
     the step; the random state is the run's.  The step, the schedule and the record are made with
-    the stop signals held back.
+    the stop signals held back.  Data-parallel (``ranks``, :class:`demos.ddp.Ranks`): ``images``
+    are this rank's share of a global batch of ``global_rows``, the loss is scaled so that DDP's
+    average of the gradients is the global batch's (:meth:`demos.ddp.Ranks.loss_scale`), and the
+    record is that of the global batch (:meth:`demos.ddp.Ranks.reduce_batch`).
     """
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     before = _copy_state((run.model.state_dict(), run.optimizer.state_dict(), run.scheduler.state_dict()))
     committed = False
     try:
         run.model.train()
-        logits = run.model(images)
-        loss = F.cross_entropy(logits, labels)
+        net = run.model if run.net is None else run.net
+        if jac_reg:
+            logits, jac = net(images, jacobian_probes=jac_probes)
+            jac_mean = jac.mean()
+            loss = F.cross_entropy(logits, labels)
+            total = loss + jac_reg * jac_mean
+        else:
+            logits, jac_mean = net(images), None
+            total = loss = F.cross_entropy(logits, labels)
+        if ranks is not None:
+            total = total * ranks.loss_scale(int(labels.shape[0]), global_rows)
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        t_back = time.perf_counter()
+        total.backward()
+        _sync(device)
+        t_back = time.perf_counter() - t_back
         stats = run.model.deq.stats
         with signals_held():
             run.optimizer.step()
             run.scheduler.step()
             _sync(device)
-            elapsed = time.perf_counter() - t0
-            fwd, bwd = stats.forward, stats.backward
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
             rec = dict(solver=run.solver, epoch=run.epoch + 1, batch=run.next_batch, step=len(run.batches) + 1,
                        size=int(labels.shape[0]), loss=float(loss.detach()),
-                       correct=int((logits.argmax(1) == labels).sum()),
-                       fwd_fev=fwd.n_fev, fwd_iter_mean=fwd.n_iter_mean, fwd_iter_max=fwd.n_iter_max,
-                       fwd_converged=fwd.converged_fraction, fwd_residual_max=fwd.residual_max,
-                       bwd_fev=bwd.n_fev, bwd_iter_mean=bwd.n_iter_mean, bwd_iter_max=bwd.n_iter_max,
-                       bwd_converged=bwd.converged_fraction, bwd_residual_max=bwd.residual_max,
-                       time_forward_solve=fwd.wall_time, time_backward_solve=bwd.wall_time, time_total=elapsed)
+                       correct=int((logits.argmax(1) == labels).sum()), **solve_record(stats),
+                       time_backward_pass=t_back, time_total=elapsed, cpu_total=cpu)
+            if jac_mean is not None:
+                rec["jac_frobenius"] = float(jac_mean.detach())
+            if ranks is not None:
+                rec = ranks.reduce_batch(rec)
             rng = _rng_state(device)
             run.batches.append(rec)
             run.next_batch += 1
@@ -305,24 +368,38 @@ def _train_batch(run, images, labels, device):
     return rec
 
 
-def evaluate(model, batches, device):
-    """Test loss, accuracy and forward-solve statistics, in eval mode without autograd."""
+def evaluate(model, batches, device, ranks=None):
+    """Test loss, accuracy and forward-solve statistics, in eval mode without autograd.
+
+    ``test_count`` is the number of test images.  Data-parallel (``ranks``): each rank
+    evaluates its share of every batch, and the losses, correct answers, images, rows and
+    converged samples are summed over the ranks, the evaluations per batch and the time are
+    their maxima (:class:`demos.ddp.Ranks`).
+    """
     model.eval()
     t0 = time.perf_counter()
-    loss_sum, correct, count, fevs, conv = 0.0, 0, 0, [], []
+    loss_sum, correct, count, fevs, rows, conv = 0.0, 0, 0, [], [], []
     with torch.no_grad():
         for _, images, labels in batches.epoch(0):
+            if labels.shape[0] == 0:  # this rank's share of a batch smaller than the ranks
+                fevs.append(0)
+                continue
             logits = model(images)
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(1) == labels).sum())
             count += int(labels.shape[0])
             st = model.deq.stats.forward
             fevs.append(st.n_fev)
+            rows.append(st.n_rows)
             conv.append(st.converged_fraction * labels.shape[0])
     _sync(device)
-    return dict(test_loss=loss_sum / count, test_acc=correct / count, time_eval=time.perf_counter() - t0,
+    elapsed, n_rows, n_converged = time.perf_counter() - t0, int(np.sum(rows)), np.sum(conv)
+    if ranks is not None:
+        loss_sum, correct, count, n_rows, n_converged = ranks.sum([loss_sum, correct, count, n_rows, n_converged])
+        fevs, (elapsed,) = ranks.max(fevs), ranks.max([elapsed])
+    return dict(test_loss=loss_sum / count, test_acc=correct / count, test_count=count, time_eval=elapsed,
                 test_fwd_fev_mean=float(np.mean(fevs)), test_fwd_fev_max=int(np.max(fevs)),
-                test_fwd_converged=float(np.sum(conv) / count))
+                test_fwd_rows=n_rows, test_fwd_converged=float(n_converged / count))
 
 
 def _epoch_record(run, test):
@@ -334,6 +411,9 @@ def _epoch_record(run, test):
 
     def weighted(key):
         return float(sum(b[key] * b["size"] for b in mine) / n)
+
+    def total(key):
+        return int(sum(b.get(key, 0) for b in mine))
 
     t_train = sum(b["time_total"] for b in mine)
     t_fwd = sum(b["time_forward_solve"] for b in mine)
@@ -348,12 +428,19 @@ def _epoch_record(run, test):
                bwd_fev_mean=mean("bwd_fev"), bwd_fev_max=int(max(b["bwd_fev"] for b in mine)),
                bwd_iter_mean=mean("bwd_iter_mean"), bwd_iter_max=int(max(b["bwd_iter_max"] for b in mine)),
                bwd_converged=weighted("bwd_converged"),
+               fwd_rows=total("fwd_rows"), bwd_rows=total("bwd_rows"), graph_rows=total("graph_rows"),
+               time_backward_pass=float(sum(b["time_backward_pass"] for b in mine)),
+               cpu_train=float(sum(b["cpu_total"] for b in mine)),
+               cpu_cumulative=float(sum(b["cpu_total"] for b in run.batches)),
                fwd_fev_cumulative=int(sum(b["fwd_fev"] for b in run.batches)),
                bwd_fev_cumulative=int(sum(b["bwd_fev"] for b in run.batches)))
+    if all("jac_frobenius" in b for b in mine):
+        rec["jac_frobenius"] = mean("jac_frobenius")
     return rec
 
 
-def train(run, train_batches, test_batches, epochs, device, on_epoch_end, progress=None):
+def train(run, train_batches, test_batches, epochs, device, on_epoch_end, progress=None, jac_reg=0.0, jac_probes=1,
+          ranks=None):
     """Train ``run`` until ``epochs`` epochs are complete, evaluating after each.
 
     ``on_epoch_end(run, record)`` is called after each epoch (it writes the
@@ -361,7 +448,10 @@ def train(run, train_batches, test_batches, epochs, device, on_epoch_end, progre
     the run is left in the state after its last completed batch (see
     :func:`_train_batch`), so that the caller can checkpoint it; the interrupted
     batch, or the interrupted evaluation, is redone on resume.  torch's random
-    state is the run's own while it trains.
+    state is the run's own while it trains.  With ``jac_reg`` > 0 the loss is the cross entropy
+    plus ``jac_reg`` times the batch mean of the DEQ's estimate of ‖∂f/∂z‖²_F at z* with
+    ``jac_probes`` probes (Bai, Koltun & Kolter, ICML 2021).  Data-parallel training: ``ranks``
+    (:class:`demos.ddp.Ranks`), batches of this rank's shares, ``run.net`` the DDP wrapper.
     """
     n = len(train_batches)
     _set_rng_state(run.rng)
@@ -369,12 +459,12 @@ def train(run, train_batches, test_batches, epochs, device, on_epoch_end, progre
         bar = tqdm(total=n, initial=run.next_batch, desc=f"{run.solver} epoch {run.epoch + 1}/{epochs}",
                    unit="batch", disable=progress, leave=False, dynamic_ncols=True)
         with bar:
-            for _, images, labels in train_batches.epoch(run.epoch, start=run.next_batch):
-                rec = _train_batch(run, images, labels, device)
+            for index, images, labels in train_batches.epoch(run.epoch, start=run.next_batch):
+                rec = _train_batch(run, images, labels, device, jac_reg, jac_probes, ranks, train_batches.rows(index))
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['correct'] / rec['size']:.3f}",
                                 fwd_it=rec["fwd_fev"], bwd_it=rec["bwd_fev"])
-        test = evaluate(run.model, test_batches, device)
+        test = evaluate(run.model, test_batches, device, ranks)
         record = _epoch_record(run, test)
         with signals_held():
             run.epochs.append(record)
@@ -407,7 +497,7 @@ def residual_curves(model, images, methods, args, backend, device):
         z0 = torch.zeros_like(x)
         for method in methods:
             opts = solver_options(method, args, backend)
-            own = {k: opts[k] for k in ("m", "beta", "lam", "lam_mode") if k in opts}
+            own = {k: opts[k] for k in ("m", "beta", "lam", "lam_mode") if k in opts}  # Anderson's or Broyden's
             run_opts = dict(method=method, tol=args.fig_tol, stop_mode="rel", batch=False,
                             backend=opts["backend"], **own)
             fixedpoint.solve(lambda z: f(z, x), z0, max_iter=3, **run_opts)  # warm-up: lazy initialisation

@@ -259,15 +259,16 @@ def test_digits_end_to_end(tmp_path, capsys):
         assert r["time_forward_solve"] + r["time_backward_solve"] + r["time_rest"] == pytest.approx(r["time_train"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["m"] == 5 and summary["settings"]["tol"] == 0.01
-    assert summary["comparison"]["compute_saved_total"] < 1 and "cpu" in summary["machine"]
+    assert summary["comparison"]["anderson"]["compute_saved_total"] < 1 and "cpu" in summary["machine"]
     from demos import deq_report  # the summary and plots can be recomputed from the records alone
 
     (out / "accuracy_vs_time.png").unlink()
     assert deq_report.main([str(out)]) == 0 and (out / "accuracy_vs_time.png").is_file()
     assert "iterations saved per sample" in capsys.readouterr().out
-    again = json.loads((out / "summary.json").read_text())["comparison"]
-    for key in ("speedup_total_time", "compute_saved_total", "per_sample_saved_total", "common_test_acc"):
-        assert again[key] == pytest.approx(summary["comparison"][key]), key
+    again = json.loads((out / "summary.json").read_text())["comparison"]["anderson"]
+    for key in ("speedup_total_time", "compute_saved_total", "rows_saved_total", "per_sample_saved_total",
+                "time_vs_iteration_saving", "common_test_acc"):
+        assert again[key] == pytest.approx(summary["comparison"]["anderson"][key]), key
     # A finished run resumes to the same result, and a changed setting is refused: one line naming the
     # checkpoint and the setting, exit status 2.
     assert deq_cifar10.main(argv + ["--resume"]) == 0

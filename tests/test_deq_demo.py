@@ -204,3 +204,83 @@ def test_out_that_is_a_file_or_unusable_checkpoints_are_one_line_errors(tmp_path
     assert deq_cifar10.main(tiny(out, "--resume", epochs=1, train=100, solver="forward")) == 2
     assert "checkpoint-anderson.pt" in one_error_line(capsys)
     assert {r["solver"] for r in epoch_records(out)} == {"anderson"}
+
+
+def test_every_solver_side_by_side_with_compaction(tmp_path, capsys):
+    out = tmp_path / "three"
+    assert deq_cifar10.main(tiny(out, "--compact", "on", "--solver", "forward", "anderson", "broyden", epochs=1,
+                                 train=100)) == 0
+    printed = capsys.readouterr().out
+    assert "anderson vs forward iteration" in printed and "broyden vs forward iteration" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["totals"]) == {"forward", "anderson", "broyden"}
+    assert set(summary["comparison"]) == {"anderson", "broyden"}
+    assert summary["settings"]["compact"] == "on"
+    with open(out / "batches.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["solver"] for r in rows} == {"forward", "anderson", "broyden"}
+    for r in rows:  # rows of f: at most the whole batch per evaluation, at least one per sample and evaluation
+        size, fev, f_rows = int(r["size"]), int(r["fwd_fev"]), int(r["fwd_rows"])
+        assert fev <= f_rows <= size * fev
+        assert f_rows == round(float(r["fwd_iter_mean"]) * size)  # compaction from the first check on
+    assert any(int(r["fwd_rows"]) < int(r["size"]) * int(r["fwd_fev"]) for r in rows)
+    c = summary["comparison"]["anderson"]
+    assert c["time_vs_iteration_saving"] == pytest.approx(c["time_per_epoch_saved"] / c["per_sample_saved_total"])
+    totals = summary["totals"]
+    assert c["rows_saved_total"] == pytest.approx(1 - (totals["anderson"]["fwd_rows"] + totals["anderson"]["bwd_rows"])
+                                                  / (totals["forward"]["fwd_rows"] + totals["forward"]["bwd_rows"]))
+
+
+@pytest.mark.parametrize("extra", [["--gradient", "phantom", "--gradient-steps", "3", "--gradient-damping", "0.7"],
+                                   ["--gradient", "jfb"], ["--jac-reg", "0.5", "--jac-probes", "2"]])
+def test_gradient_modes_and_jacobian_regularisation(tmp_path, extra):
+    out = tmp_path / "run"
+    assert deq_cifar10.main(tiny(out, *extra, solver="anderson", epochs=1, train=100)) == 0
+    with open(out / "batches.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    assert settings["gradient"] == extra[1] if extra[0] == "--gradient" else settings["jac_reg"] == 0.5
+    for r in rows:
+        assert r["time_backward_layer"] != "nan"  # the layer's backward pass was observed from end to end
+        if "phantom" in extra:  # k - 1 products besides the last, no solve
+            assert int(r["bwd_fev"]) == 2 and float(r["time_backward_solve"]) == 0.0
+            assert int(r["graph_rows"]) == 3 * int(r["size"])
+        elif "jfb" in extra:
+            assert int(r["bwd_fev"]) == 0 and r["bwd_converged"] == "nan"
+        else:
+            assert float(r["jac_frobenius"]) > 0 and float(r["bwd_converged"]) == 1.0
+    assert deq_cifar10.main(tiny(out, *extra, "--resume", solver="anderson", epochs=1, train=100)) == 0
+
+
+@pytest.mark.parametrize("flags, word", [(["--gradient-damping", "0"], "--gradient-damping"),
+                                         (["--gradient-damping", "1.5"], "--gradient-damping"),
+                                         (["--gradient-steps", "0"], "--gradient-steps"),
+                                         (["--gradient", "newton"], "--gradient"),
+                                         (["--compact", "yes"], "--compact"),
+                                         (["--compact", "on", "--whole-batch"], "--compact"),
+                                         (["--jac-reg", "-1"], "--jac-reg"),
+                                         (["--solver", "newton"], "--solver")])
+def test_bad_new_flags_are_refused(tmp_path, capsys, flags, word):
+    with pytest.raises(SystemExit) as exc:
+        deq_cifar10.main(tiny(tmp_path / "x", *flags))
+    assert exc.value.code == 2 and word in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_compaction_measurement_counts_rows_per_setting(tmp_path, capsys):
+    from demos import deq_compaction
+
+    out = tmp_path / "run"
+    assert deq_cifar10.main(tiny(out, solver="forward", epochs=1, train=100)) == 0
+    report = tmp_path / "compaction.json"
+    assert deq_compaction.main([str(out / "checkpoint-forward.pt"), "--batches", "1", "--threads", "1",
+                                "--settings", "off", "on/0", "on/1", "--out", str(report)]) == 0
+    rows = {r["setting"]: r for r in json.loads(report.read_text())["measurements"]}
+    off, never, always = rows["off"], rows["on/0"], rows["on/1"]
+    size = 50
+    assert off["fwd_rows"] == size * off["fwd_fev"] and off["bwd_rows"] == size * off["bwd_fev"]
+    # the same solves (same evaluations), fewer rows with compaction
+    assert never["fwd_fev"] == off["fwd_fev"] and never["fwd_rows"] < off["fwd_rows"]
+    assert never["bwd_rebuilt_rows"] == 0 and never["bwd_rows"] == off["bwd_rows"]  # products on the full graph
+    assert always["bwd_rebuilt_rows"] > 0 and always["bwd_rows"] < never["bwd_rows"]
+    assert "totals over the batches" in capsys.readouterr().out

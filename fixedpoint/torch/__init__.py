@@ -3,8 +3,8 @@
 Importing this subpackage imports torch; ``import fixedpoint`` alone does not.
 """
 
-from .deq import DEQ, DEQStats, SolveStats, deq_fixed_point, solver_backend_for
+from .deq import DEQ, DEQStats, SolveStats, deq_fixed_point, jacobian_frobenius, solver_backend_for
 from .optim import AndersonAcceleration, ExtrapolationRecord
 
 __all__ = ["AndersonAcceleration", "ExtrapolationRecord", "DEQ", "DEQStats", "SolveStats", "deq_fixed_point",
-           "solver_backend_for"]
+           "jacobian_frobenius", "solver_backend_for"]

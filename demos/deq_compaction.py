@@ -1,0 +1,140 @@
+"""What compaction saves on real batches of a trained DEQ: rows of f and CPU seconds, per setting.
+
+Loads a checkpoint of ``demos/deq_cifar10.py`` (its model and settings), and for a few of
+its training batches runs the forward and backward pass of one training step (no optimizer
+step, so every setting sees the same weights and batch) with each setting of the layer:
+
+- ``off``: ``compact=False``, f evaluated on the whole batch until its slowest sample stops;
+- ``auto``: ``compact="auto"`` (from half the batch on, :data:`fixedpoint.iteration.COMPACT_AUTO`);
+- ``on/ρ``: ``compact=True``, the adjoint's graph of f rebuilt on the active rows once they are at
+  most ρ of the rows of the graph in use (:data:`fixedpoint.torch.deq.REBUILD_FRACTION`; ρ = 0
+  never rebuilds: every product runs on the whole graph).
+
+Reported per batch and setting: CPU seconds of this process (``time.process_time``, which
+other processes on a shared machine inflate less than wall time) for the forward pass (the
+solve) and the backward pass (the adjoint solve and the products), the part of the solves'
+wall time spent in f or the products, and the rows: of f in the forward solve, of the
+products in the adjoint solve, and of f re-evaluated to rebuild the adjoint's graph.
+Settings are interleaved batch by batch so that a change of load affects them alike.
+
+Example::
+
+    python demos/deq_compaction.py out/deq-fmnist/checkpoint-forward.pt --batches 4 --out compaction.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+import fixedpoint.torch.deq as deq_module  # noqa: E402
+from demos.batches import Batches  # noqa: E402
+from demos.data import load_dataset  # noqa: E402
+from demos.deq_model import DEQClassifier  # noqa: E402
+from demos.deq_training import solver_options  # noqa: E402
+from tooling.timing import add_threads_flag, positive_int, use_threads  # noqa: E402
+
+#: (name, --compact value, REBUILD_FRACTION) of each setting measured.
+SETTINGS = (("off", "off", 0.5), ("auto", "auto", 0.5), ("on/0", "on", 0.0), ("on/0.25", "on", 0.25),
+            ("on/0.5", "on", 0.5), ("on/1", "on", 1.0))
+
+
+def make_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="checkpoint-SOLVER.pt written by demos/deq_cifar10.py")
+    p.add_argument("--batches", type=positive_int, default=3, help="training batches measured (default: %(default)s)")
+    p.add_argument("--first", type=int, default=0, help="index of the first batch (default: %(default)s)")
+    p.add_argument("--epoch", type=int, default=1, help="epoch whose batch order is used (default: %(default)s)")
+    p.add_argument("--settings", nargs="+", default=[s[0] for s in SETTINGS], choices=[s[0] for s in SETTINGS],
+                   help="settings measured (default: all)")
+    p.add_argument("--data-dir", default=None, help="as for demos/deq_cifar10.py")
+    p.add_argument("--out", default=None, help="also write the measurements as JSON to this file")
+    add_threads_flag(p)
+    return p
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    print(use_threads(args.threads), flush=True)
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    cfg = argparse.Namespace(**state["config"])
+    solver = state["solver"]
+    data = load_dataset(cfg.dataset, args.data_dir).limited(cfg.limit_train, cfg.limit_test)
+    mean, std = data.channel_stats()
+    batches = Batches(data.train_x, data.train_y, cfg.batch_size, mean, std, data.max_value, torch.device("cpu"),
+                      shuffle=True, augment=False, seed=cfg.seed)
+    c, h, _ = data.shape
+    models = {}
+    for name, compact, _ in SETTINGS:
+        if name not in args.settings:
+            continue
+        opts = solver_options(solver, argparse.Namespace(**dict(vars(cfg), compact=compact)), "numpy")
+        model = DEQClassifier(c, h, len(data.classes), cfg.channels, cfg.inner_channels, cfg.groups, deq_options=opts)
+        model.load_state_dict(state["model"])
+        models[name] = model.train()
+    try:
+        from threadpoolctl import threadpool_limits
+
+        blas = threadpool_limits(limits=1, user_api="blas")
+    except ImportError:
+        blas = None
+    rows = []
+    default_fraction = deq_module.REBUILD_FRACTION
+    try:
+        for b in range(args.first, args.first + args.batches):
+            images, labels = batches.batch(args.epoch, b)
+            for name, _, fraction in SETTINGS:
+                if name not in models:
+                    continue
+                deq_module.REBUILD_FRACTION = fraction
+                model = models[name]
+                buffers = {k: v.clone() for k, v in model.state_dict().items()}
+                c0 = time.process_time()
+                loss = F.cross_entropy(model(images), labels)
+                c1 = time.process_time()
+                loss.backward()
+                c2 = time.process_time()
+                model.load_state_dict(buffers)  # BatchNorm's statistics: every setting sees the same model
+                model.zero_grad(set_to_none=True)
+                st = model.deq.stats
+                fw, bw = st.forward, st.backward
+                rec = dict(batch=b, setting=name, cpu_forward=c1 - c0, cpu_backward=c2 - c1,
+                           fwd_fev=fw.n_fev, fwd_rows=fw.n_rows, fwd_iter_max=fw.n_iter_max,
+                           bwd_fev=bw.n_fev, bwd_rows=bw.n_rows, bwd_rebuilt_rows=bw.n_graph_rows,
+                           bwd_iter_max=bw.n_iter_max, wall_forward_solve=fw.wall_time, wall_forward_f=fw.map_time,
+                           wall_adjoint_solve=bw.wall_time, wall_adjoint_products=bw.map_time)
+                rows.append(rec)
+                print(f"batch {b} {name:8s} CPU forward {rec['cpu_forward']:7.2f} s, backward "
+                      f"{rec['cpu_backward']:7.2f} s | rows of f {fw.n_rows:6d} ({fw.n_fev} evaluations), "
+                      f"of products {bw.n_rows:6d} ({bw.n_fev}), rebuilt {bw.n_graph_rows:4d} | wall in f "
+                      f"{fw.map_time:6.2f} of {fw.wall_time:6.2f} s, in products {bw.map_time:6.2f} of "
+                      f"{bw.wall_time:6.2f} s", flush=True)
+    finally:
+        deq_module.REBUILD_FRACTION = default_fraction
+        if blas is not None:
+            blas.unregister()
+    print("\ntotals over the batches: CPU seconds forward / backward, rows of f / products / rebuilt")
+    for name in models:
+        mine = [r for r in rows if r["setting"] == name]
+        print(f"  {name:8s} {sum(r['cpu_forward'] for r in mine):8.2f} / {sum(r['cpu_backward'] for r in mine):8.2f}"
+              f"   {sum(r['fwd_rows'] for r in mine):7d} / {sum(r['bwd_rows'] for r in mine):7d} / "
+              f"{sum(r['bwd_rebuilt_rows'] for r in mine):5d}")
+    if args.out:
+        command = " ".join(["python", "demos/deq_compaction.py", *(sys.argv[1:] if argv is None else argv)])
+        record = dict(command=command, checkpoint=str(args.checkpoint), solver=solver, settings=state["config"],
+                      measurements=rows)
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
