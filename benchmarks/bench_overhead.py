@@ -18,7 +18,7 @@ synchronisations (K chosen so that a block moves about 2 GB by the model below,
 1 <= K <= 200), so that a slow spell of a shared machine spoils one round of
 several windows rather than every repeat of one.  Per-iteration time: median
 (and min, max) over the rounds, divided by K.  The weights alone (h.weights:
-the bordered (m+1)x(m+1) solve and safeguards, no O(n) work) are timed apart.
+the m x m solve of the normal equations and safeguards, no O(n) work) are timed apart.
 
 Bytes-moved model for beta=1, per iteration: (2m + 6) n itemsize
   sub f = gx - x (read 2n, write n), copy gx into the ring (read n, write n),

@@ -6,13 +6,15 @@ last m_k ≤ m iterations, Type-II AA takes the weights α solving
     min ‖Σ_j α_j f_j‖₂   subject to   Σ_j α_j = 1,
 
 and steps to x_{k+1} = Σ_j α_j [g_j − (1 − β) f_j] = (1 − β) Σ α_j x_j + β Σ α_j g_j.
-The weights come from the (m+1)×(m+1) bordered system of the normal equations
+The weights solve the (m+1)×(m+1) bordered system of the normal equations
 
     [ 0   1ᵀ      ] [ ν ]   [ 1 ]
     [ 1   H + λ'I ] [ α ] = [ 0 ],       H_ij = ⟨f_i, f_j⟩,
 
 (the form used in the Deep Implicit Layers tutorial, Kolter, Duvenaud & Johnson,
-and by Al Dajani & Keyes, arXiv 2410.19460).  H is kept across iterations: each
+and by Al Dajani & Keyes, arXiv 2410.19460), computed with ν eliminated:
+α = y / Σ_j y_j with (H + λ'I) y = 1, an m×m symmetric positive definite solve
+(LDLᵀ vectorised over the batch for thousands of samples).  H is kept across iterations: each
 iteration adds one row, ⟨F, f_k⟩, in one matrix-vector product over the ring
 buffer, so AA's own work per iteration is O(m·n): that product, the combination
 Σ α_j g_j (over 2m stored vectors when β < 1), and O(n) copies; the small
@@ -95,8 +97,8 @@ class Anderson(Method):
     -----
     Memory: 2m vectors of size n per sample (the last m map values and residuals),
     plus O(m²) small state.  Work per iteration besides g: one Gram row (m inner
-    products), one combination of m (2m when β < 1) vectors, O(n) copies, and a
-    bordered (m+1)×(m+1) solve in float64 (float32 on a device without float64).
+    products), one combination of m (2m when β < 1) vectors, O(n) copies, and an
+    m×m solve of the normal equations in float64 (float32 on a device without float64).
 
     References
     ----------
@@ -194,9 +196,8 @@ class AndersonHistory(MethodState):
         self.onehot_b = [slots == s for s in range(m)]
         self.onehot = [sxp.astype(h, sdt) for h in self.onehot_b]
         self.eye = sxp.eye(m, dtype=sdt, device=sdev)
-        self.A = sxp.zeros((B, m + 1, m + 1), dtype=sdt, device=sdev)  # the bordered system
-        self.rhs = sxp.concat([sxp.ones((B, 1), dtype=sdt, device=sdev), sxp.zeros((B, m), dtype=sdt, device=sdev)],
-                              axis=1)
+        self.H = sxp.zeros((B, m, m), dtype=sdt, device=sdev)  # the regularised, normalised Gram matrices
+        self.ones = sxp.ones((B, m), dtype=sdt, device=sdev)
 
     # --- the pair (g_k, f_k) ---------------------------------------------------------------------
 
@@ -272,10 +273,10 @@ class AndersonHistory(MethodState):
     def weights(self, active: Any) -> tuple[Any, Any]:
         """Mixing weights α (shape (B, m)) for the newest pair, and the samples that restarted (shape (B,)).
 
-        Solves the bordered system of the module docstring with H normalised by its
+        Solves the normal equations of the module docstring with H normalised by its
         largest valid diagonal entry; "relative" λ multiplies each diagonal entry by
         1 + λ, "absolute" λ is added to it.  Slots outside a sample's current history get a decoupled unit
-        row and column, hence α_j = 0 exactly.  An ``active`` sample restarts
+        row and column and a zero right-hand side, hence α_j = 0 exactly.  An ``active`` sample restarts
         (history cleared to the newest pair, plain step α = e_k) when a weight is
         non-finite or exceeds ``restart_weight`` in magnitude, or when ‖f_k‖ exceeds
         ``restart_growth`` times its smallest residual norm since the last restart.
@@ -286,11 +287,12 @@ class AndersonHistory(MethodState):
         if self.B == 1 and self.kern.small_on_host:
             return self._weights_one(active)
         if self.kern.small_on_host and bool(self.valid.all()):
-            self._bordered_full()
+            rhs = self._system_full()
         else:
-            self._bordered_masked()
+            rhs = self._system_masked()
         xp, s, method = self.kern.sxp, (self.k - 1) % self.m, self.method
-        alpha = self.kern.solve(self.A, self.rhs)[:, 1:]
+        y = self.kern.solve_spd(self.H, rhs)
+        alpha = y / xp.sum(y, axis=1)[:, None]  # a singular system: non-finite, hence a restart below
         ok = (xp.max(xp.abs(alpha), axis=1) <= method.restart_weight) & (self.r <= method.restart_growth * self.ref_r)
         restart = active & ~ok  # NaN weights fail the comparison, hence restart
         self.valid = xp.where(restart[:, None], self.onehot_b[s], self.valid)
@@ -299,8 +301,9 @@ class AndersonHistory(MethodState):
             return xp.broadcast_to(self.onehot[s], alpha.shape), restart
         return xp.where(restart[:, None], self.onehot[s], alpha), restart
 
-    def _bordered_masked(self) -> None:
-        """The bordered systems of :meth:`weights` in ``self.A``, any slots valid (array API: any device)."""
+    def _system_masked(self) -> Any:
+        """The systems of :meth:`weights` in ``self.H``, any slots valid (array API: any device); returns their
+        right-hand sides (1 on valid slots, 0 elsewhere)."""
         xp, v = self.kern.sxp, self.valid
         vf = xp.astype(v, self.kern.sdtype)
         diag = xp.where(v, xp.linalg.diagonal(self.G), 0.0)
@@ -313,35 +316,32 @@ class AndersonHistory(MethodState):
         else:  # absolute: λ in the units of H
             reg = xp.full_like(diag, self.lam) / scale[:, None]
         H = xp.where(v[:, :, None] & v[:, None, :], self.G, 0.0) / scale[:, None, None]
-        A = self.A
-        A[:, 1:, 1:] = H + self.eye * xp.where(v, reg, 1.0)[:, None, :]
-        A[:, 0, 1:] = vf
-        A[:, 1:, 0] = vf
+        self.H[...] = H + self.eye * xp.where(v, reg, 1.0)[:, None, :]
+        return vf
 
-    def _bordered_full(self) -> None:
-        """:meth:`_bordered_masked` when every slot of every sample is valid and the small state is NumPy: the
+    def _system_full(self) -> Any:
+        """:meth:`_system_masked` when every slot of every sample is valid and the small state is NumPy: the
         same systems by in-place operations on views, without masks (the usual case once the window is full;
         a third of the time for thousands of samples)."""
-        B, m, A = self.B, self.m, self.A
+        B, m, H = self.B, self.m, self.H
         scale = self.G.reshape(B, m * m)[:, :: m + 1].max(axis=1)
         scale[~(scale > 0.0)] = 1.0  # also for NaN
-        np.divide(self.G, scale[:, None, None], out=A[:, 1:, 1:])
-        h_diag = A.reshape(B, (m + 1) * (m + 1))[:, m + 2:: m + 2]
+        np.divide(self.G, scale[:, None, None], out=H)
+        h_diag = H.reshape(B, m * m)[:, :: m + 1]
         if self.lam_mode == "relative":
             h_diag *= 1.0 + self.lam
         elif self.lam_mode == "relative_max":
             h_diag += self.lam
         else:
             h_diag += self.lam / scale[:, None]
-        A[:, 0, 1:] = 1.0
-        A[:, 1:, 0] = 1.0
+        return self.ones
 
     def _weights_one(self, active: Any) -> tuple[Any, Any]:
-        """:meth:`weights` for one sample with the small state on the host: the bordered system of the valid
-        slots only, with Python scalars for the bookkeeping (the same weights; a fifth of the NumPy calls)."""
+        """:meth:`weights` for one sample with the small state on the host: the system of the valid slots
+        only, with Python scalars for the bookkeeping (the same weights; a fifth of the NumPy calls)."""
         s, method, m, G = (self.k - 1) % self.m, self.method, self.m, self.G[0]
         mk = int(np.count_nonzero(self.valid[0]))
-        K, H, H_diag, rhs = self._bordered(mk)
+        H, H_diag, ones = self._system_one(mk)
         if mk == m:  # the usual case: every slot in use
             sub, idx = G, None
         else:
@@ -354,7 +354,8 @@ class AndersonHistory(MethodState):
             H_diag *= 1.0 + self.lam
         else:
             H_diag += self.lam if self.lam_mode == "relative_max" else self.lam / scale
-        weights = self.kern.solve_one(K, rhs)[1:]
+        y = self.kern.solve_one(H, ones)
+        weights = np.divide(y, float(y.sum()), out=y)
         alpha = self._alpha_one
         if idx is None:
             alpha[0] = weights
@@ -371,16 +372,13 @@ class AndersonHistory(MethodState):
             alpha[0] = self.onehot[s]
         return alpha, _RESTARTED[restart]
 
-    def _bordered(self, mk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """A (mk+1)×(mk+1) bordered matrix K with its border set, views of its block H = K[1:, 1:] and of H's
-        diagonal, and the right-hand side e_0 (buffers reused from call to call)."""
-        cache = self.__dict__.setdefault("_bordered_cache", {})
+    def _system_one(self, mk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """An mk×mk matrix for the system of :meth:`_weights_one`, a view of its diagonal, and a vector of
+        ones (buffers reused from call to call)."""
+        cache = self.__dict__.setdefault("_system_cache", {})
         if mk not in cache:
-            K = np.zeros((mk + 1, mk + 1))
-            K[0, 1:] = K[1:, 0] = 1.0
-            rhs = np.zeros(mk + 1)
-            rhs[0] = 1.0
-            cache[mk] = (K, K[1:, 1:], K.reshape(-1)[mk + 2::mk + 2], rhs)
+            H = np.zeros((mk, mk))
+            cache[mk] = (H, H.reshape(-1)[:: mk + 1], np.ones(mk))
         return cache[mk]
 
     def combine(self, alpha: Any, out: Any) -> None:

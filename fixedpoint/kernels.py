@@ -437,6 +437,20 @@ class Kernels:
             return _lapack_solve1(A, b)
         return self.solve(A[None], b[None])[0]
 
+    def solve_spd(self, A: Array, b: Array) -> Array:
+        """:meth:`solve` for symmetric positive definite ``A`` ``(B, k, k)``, ``b`` ``(B, k)``.
+
+        With the small state on the host and many systems (B ≥ :data:`MANY_SYSTEMS`, k ≤
+        :data:`MANY_SYSTEMS_MAX_K`) the solve is an LDLᵀ factorisation vectorised over the batch:
+        O(k²) NumPy operations on length-B columns instead of B LAPACK calls (a third of the
+        time for 3906 systems of 5).  Otherwise :meth:`solve`.  As there, a system that is singular
+        (a zero pivot) gives non-finite values instead of an error.
+        """
+        B, k = b.shape
+        if self.small_on_host and B >= MANY_SYSTEMS and k <= MANY_SYSTEMS_MAX_K:
+            return _ldl_solve(A, b)
+        return self.solve(A, b)
+
     def solve(self, A: Array, b: Array) -> Array:
         """Batched solve of ``A[i] @ x[i] = b[i]`` for small state ``A`` ``(B, k, k)`` and ``b`` ``(B, k)``.
 
@@ -465,6 +479,37 @@ class Kernels:
                 except Exception:
                     rows.append(sxp.full(b.shape[1:], float("nan"), dtype=b.dtype, device=array_api_compat.device(b)))
             return sxp.stack(rows)
+
+
+#: Batch size from which :meth:`Kernels.solve_spd` solves on the host by a vectorised LDLᵀ (measured on one
+#: core: LAPACK per system is faster for a few hundred systems of 5, the vectorised form for more).
+MANY_SYSTEMS = 384
+#: ... for systems of at most this size (the vectorised form does O(k³) small NumPy operations).
+MANY_SYSTEMS_MAX_K = 24
+
+
+def _ldl_solve(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve ``A[i] y[i] = b[i]`` for symmetric ``A`` ``(B, k, k)`` by A = L D Lᵀ (L unit lower triangular, no
+    pivoting: for positive definite systems), every step one NumPy operation over the batch."""
+    k = A.shape[-1]
+    W = A.transpose(1, 2, 0).copy()  # (k, k, B), W[i, j] the batch of entries (i, j); a copy even for k = 1
+    d = np.empty((k, A.shape[0]), dtype=A.dtype)
+    d[0] = W[0, 0]
+    for j in range(k):
+        if j:
+            t = W[j, :j] * d[:j]  # L_jl d_l for l < j
+            d[j] = W[j, j] - np.einsum("lb,lb->b", W[j, :j], t)
+            if j + 1 < k:
+                W[j + 1:, j] -= np.einsum("ilb,lb->ib", W[j + 1:, :j], t)
+        if j + 1 < k:
+            W[j + 1:, j] /= d[j]  # column j of L
+    y = b.T.copy()
+    for j in range(1, k):  # L z = b
+        y[j] -= np.einsum("lb,lb->b", W[j, :j], y[:j])
+    y /= d  # D w = z
+    for j in range(k - 2, -1, -1):  # Lᵀ y = w
+        y[j] -= np.einsum("lb,lb->b", W[j + 1:, j], y[j + 1:])
+    return y.T
 
 
 def _numpy_solve1() -> Any:

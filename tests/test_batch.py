@@ -85,8 +85,48 @@ def test_full_window_systems_equal_the_masked_ones(lam_mode):
         f[0] = 0.0
         h.push(rng.standard_normal((B, n)), f)
     assert h.valid.all()
-    h._bordered_masked()
-    masked = h.A.copy()
-    h.A[:, 1:, :] = h.A[:, 0, 1:] = np.nan  # everything the systems' builders write
-    h._bordered_full()
-    np.testing.assert_allclose(h.A, masked, rtol=1e-15, atol=0)
+    rhs_masked = h._system_masked().copy()
+    masked = h.H.copy()
+    h.H[...] = np.nan
+    np.testing.assert_array_equal(h._system_full(), rhs_masked)
+    np.testing.assert_allclose(h.H, masked, rtol=1e-15, atol=0)
+
+
+def test_many_small_systems_solve_like_lapack():
+    # Kernels.solve_spd takes a vectorised LDL^T from MANY_SYSTEMS systems on: check it against LAPACK,
+    # for well and badly conditioned systems, and a singular one (non-finite, no error).
+    from fixedpoint.backend import resolve_namespace
+    from fixedpoint.kernels import MANY_SYSTEMS, Kernels
+
+    kern = Kernels(resolve_namespace("numpy"), "cpu")
+    rng = np.random.default_rng(5)
+    for k in (1, 2, 5, 12):
+        F = rng.standard_normal((MANY_SYSTEMS, k, k + 3)) * np.logspace(0, -6, k)[:, None]
+        A = F @ F.transpose(0, 2, 1)
+        b = rng.standard_normal((MANY_SYSTEMS, k))
+        A0, b0 = A.copy(), b.copy()
+        y = kern.solve_spd(A, b)
+        np.testing.assert_array_equal(A, A0)  # the inputs are left as they were
+        np.testing.assert_array_equal(b, b0)
+        np.testing.assert_allclose(A @ y[:, :, None], b[:, :, None], rtol=0, atol=1e-7 * np.abs(b).max())
+        np.testing.assert_allclose(y, np.linalg.solve(A, b[:, :, None])[:, :, 0], rtol=1e-6, atol=0)
+    A[0] = 0.0
+    with np.errstate(all="ignore"):
+        y = kern.solve_spd(A, b)
+    assert not np.isfinite(y[0]).all() and np.isfinite(y[1:]).all()
+
+
+def test_thousands_of_samples_take_the_one_sample_steps():
+    # B = 400 solves its small systems by the vectorised LDL^T; the steps are those of one-sample solves
+    p = problems.tanh_layer(d=8, batch=400, rho=0.95, seed=2)
+    res = fixedpoint.solve(p.g, p.x0, batch=True, tol=1e-11)
+    assert res.converged.all()
+    for i in (0, 123, 399):
+        def gi(z, i=i):
+            zz = p.x0.copy()
+            zz[i] = z
+            return p.g(zz)[i]
+
+        one = fixedpoint.solve(gi, p.x0[i], tol=1e-11)
+        assert one.n_iter == res.n_iter[i]
+        np.testing.assert_allclose(res.x[i], one.x, rtol=1e-9, atol=1e-12)
