@@ -284,3 +284,13 @@ def test_compaction_measurement_counts_rows_per_setting(tmp_path, capsys):
     assert never["bwd_rebuilt_rows"] == 0 and never["bwd_rows"] == off["bwd_rows"]  # products on the full graph
     assert always["bwd_rebuilt_rows"] > 0 and always["bwd_rows"] < never["bwd_rows"]
     assert "totals over the batches" in capsys.readouterr().out
+
+
+def test_jacobian_of_the_trained_models(tmp_path):
+    from demos import deq_jacobian
+
+    out = tmp_path / "run"
+    assert deq_cifar10.main(tiny(out, solver="anderson", epochs=1, train=100)) == 0
+    first = deq_jacobian.jacobian_on_test_set(out / "checkpoint-anderson.pt", probes=2, seed=3)
+    again = deq_jacobian.jacobian_on_test_set(out / "checkpoint-anderson.pt", probes=2, seed=3)
+    assert first == again and first[0] > 0 and first[1] >= 1  # the same probes for the same seed
