@@ -81,7 +81,10 @@ def main(engine):
         res = fixedpoint.solve(g, np.zeros(hi - lo), method=method, tol=1e-10, max_iter=3000, comm=comm)
         check(res.converged and res.n_iter == ref.n_iter, f"{method}: {res} vs {ref}")
         np.testing.assert_allclose(res.x, ref.x[lo:hi], rtol=1e-9, atol=1e-12)
-        check(abs(res.residual - ref.residual) <= 1e-6 * ref.residual, "residuals")
+        # the residuals end near 5e-11 with entries of x near 1: the rounding of f = g(x) - x alone is ~1e-16 / 5e-11,
+        # about 2e-6 of the residual, and the reordered sums of the all-reduce change it by that much
+        check(abs(res.residual - ref.residual) <= 1e-4 * ref.residual,
+              f"residuals {method}: {res.residual} vs {ref.residual}")
 
     # 2. batch mode with compaction: B samples, each sharded the same way
     rates = np.array([0.3, 0.9, 0.6])
