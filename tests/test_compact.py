@@ -76,3 +76,21 @@ def test_torch_map_through_the_numpy_solver_gets_torch_rows():
     res = fixedpoint.solve(g, torch.zeros(2, 3, dtype=torch.float64), batch=True, compact=True, method="forward",
                            backend="numpy", tol=1e-10, stop_mode="abs")
     assert res.converged.all() and kinds == {("Tensor", "Tensor", "torch.int64")}
+
+
+def test_compaction_benchmark_meets_its_target(tmp_path):
+    # benchmarks/bench_compaction.py on a small batch: rows with compaction at most 60 % of those without,
+    # for the solver and for the DEQ layer (forward and adjoint), with the same answers
+    pytest.importorskip("torch")
+    import json
+
+    from benchmarks import bench_compaction
+
+    out = tmp_path / "compaction.json"
+    assert bench_compaction.main(["--batch", "8", "--n", "16", "--threads", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for method in bench_compaction.METHODS:
+        gen, lay = res["generic"][method], res["layer"][method]
+        assert gen["on"]["converged"] and gen["off"]["converged"] and gen["max_x_difference"] <= 1e-12
+        assert gen["ratio"] <= 0.6 and lay["forward_ratio"] <= 0.6 and lay["adjoint_ratio"] <= 0.6, (method, gen, lay)
+        assert lay["max_z_difference"] <= 1e-12 and lay["max_grad_relative_difference"] <= 1e-10
