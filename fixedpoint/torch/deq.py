@@ -17,8 +17,14 @@ Compaction (``compact``)
     ``compact`` option gathers their rows of z, the layer the matching rows of x,
     and the solver scatters the result back), so that a batch costs the sum of
     its samples' iterations instead of B times its slowest sample's.  The same
-    holds in the adjoint solve (below).  The answers are those without
-    compaction, up to the rounding of f on fewer rows.
+    holds in the adjoint solve (below).  Once the samples still iterating have
+    been at most :data:`RESTAGE_FRACTION` of a solve's samples for
+    :data:`RESTAGE_AFTER` iterations, the layer stops that solve and starts a new
+    one on them alone, from the iterates the stopped solve returned (the method's
+    memory starts afresh), so that the solver's own per-iteration bookkeeping then
+    runs on the stragglers only (docs/deq.md measures what that saves).  The
+    answers are those without compaction to the solver's tolerance (up to the
+    rounding of f on fewer rows when no new solve is started).
 
 Backward pass (``gradient``; first derivatives only: ``create_graph=True`` raises)
     ``"implicit"`` (the default): implicit differentiation.  With the loss gradient
