@@ -192,6 +192,9 @@ class AndersonHistory(MethodState):
             stack = kern.small(self.R)
             self._f_one = [stack[m + s, 0] for s in range(m)]
             self._fstack_one, self._row_one = stack[m:, 0, :], kern.small(self.row)[0]
+        # combine() for one float64 sample on the host with β = 1: one BLAS call on a view made once
+        self._gstack_one = (kern.small(self.R)[:m, 0, :] if B == 1 and kern.mode == "numpy" and self.beta == 1.0
+                            and np.dtype(kern.small(self.R).dtype) == np.float64 == np.dtype(sdt) else None)
         slots = sxp.arange(m, device=sdev)
         self.onehot_b = [slots == s for s in range(m)]
         self.onehot = [sxp.astype(h, sdt) for h in self.onehot_b]
@@ -338,32 +341,46 @@ class AndersonHistory(MethodState):
 
     def _weights_one(self, active: Any) -> tuple[Any, Any]:
         """:meth:`weights` for one sample with the small state on the host: the system of the valid slots
-        only, with Python scalars for the bookkeeping (the same weights; a fifth of the NumPy calls)."""
+        only, with Python scalars for the bookkeeping (the same weights; a fifth of the NumPy calls).
+
+        While the largest diagonal entry of H lies in [1e-100, 1e100] the system is solved without
+        dividing H by it (α does not depend on H's scale, and LU neither over- nor underflows there):
+        one NumPy operation sets up the system instead of two.
+        """
         s, method, m, G = (self.k - 1) % self.m, self.method, self.m, self.G[0]
         mk = int(np.count_nonzero(self.valid[0]))
-        H, H_diag, ones = self._system_one(mk)
+        H, H_diag, ones, W = self._system_one(mk)
         if mk == m:  # the usual case: every slot in use
             sub, idx = G, None
         else:
             idx = self.valid[0].nonzero()[0]
             sub = G.take(idx, axis=0).take(idx, axis=1)
         scale = max(sub.diagonal().tolist())
-        scale = scale if scale > 0.0 else 1.0  # also for NaN
-        np.divide(sub, scale, out=H)
-        if self.lam_mode == "relative":
-            H_diag *= 1.0 + self.lam
+        mode = self.lam_mode
+        if 1e-100 <= scale <= 1e100 and mode != "relative_max":  # (False for NaN)
+            if mode == "relative":  # H ⊙ W: each diagonal entry times 1 + λ
+                np.multiply(sub, W, out=H)
+            else:  # absolute: H + λI
+                np.add(sub, W, out=H)
         else:
-            H_diag += self.lam if self.lam_mode == "relative_max" else self.lam / scale
+            scale = scale if scale > 0.0 else 1.0  # also for NaN
+            np.divide(sub, scale, out=H)
+            if mode == "relative":
+                H_diag *= 1.0 + self.lam
+            else:
+                H_diag += self.lam if mode == "relative_max" else self.lam / scale
         y = self.kern.solve_one(H, ones)
-        weights = np.divide(y, float(y.sum()), out=y)
+        ys = y.tolist()
+        total = sum(ys)
+        inv = 1.0 / total if total != 0.0 else math.inf  # a singular system: non-finite, hence a restart below
         alpha = self._alpha_one
         if idx is None:
-            alpha[0] = weights
+            np.multiply(y, inv, out=alpha[0])
         else:
             alpha[0] = 0.0
-            alpha[0, idx] = weights
+            alpha[0, idx] = y * inv
         r, ref = float(self.r[0]), float(self.ref_r[0])
-        ok = max(map(abs, weights.tolist())) <= method.restart_weight and r <= method.restart_growth * ref
+        ok = max(map(abs, ys)) * abs(inv) <= method.restart_weight and r <= method.restart_growth * ref
         restart = bool(active[0]) and not ok  # NaN weights fail the comparison, hence restart
         if restart:
             self.valid[0] = self.onehot_b[s]
@@ -372,17 +389,23 @@ class AndersonHistory(MethodState):
             alpha[0] = self.onehot[s]
         return alpha, _RESTARTED[restart]
 
-    def _system_one(self, mk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """An mk×mk matrix for the system of :meth:`_weights_one`, a view of its diagonal, and a vector of
-        ones (buffers reused from call to call)."""
+    def _system_one(self, mk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """An mk×mk matrix for the system of :meth:`_weights_one`, a view of its diagonal, a vector of ones,
+        and the constant that λ contributes (relative: 1 + λ on the diagonal and 1 elsewhere, a factor;
+        absolute: λI, a term); buffers reused from call to call."""
         cache = self.__dict__.setdefault("_system_cache", {})
         if mk not in cache:
             H = np.zeros((mk, mk))
-            cache[mk] = (H, H.reshape(-1)[:: mk + 1], np.ones(mk))
+            eye = np.eye(mk)
+            W = 1.0 + self.lam * eye if self.lam_mode == "relative" else self.lam * eye
+            cache[mk] = (H, H.reshape(-1)[:: mk + 1], np.ones(mk), W)
         return cache[mk]
 
     def combine(self, alpha: Any, out: Any) -> None:
         """x_{k+1} = Σ_j α_j [g_j − (1 − β) f_j] into ``out`` (shape (B, n)) for weights α of shape (B, m)."""
+        if self._gstack_one is not None:
+            np.dot(alpha[0], self._gstack_one, out=self.kern.small(out)[0])
+            return
         a = self.kern.big(alpha, self.dtype)
         if self.beta == 1.0:
             self.kern.vecmat(out, a, self.R[: self.m, ...])

@@ -67,6 +67,28 @@ def test_one_sample_path_takes_the_batched_steps_through_restarts(lam_mode):
     np.testing.assert_allclose(both.x[1], one.x, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("lam_mode", ["relative", "relative_max", "absolute"])
+def test_one_sample_weights_do_not_depend_on_the_scale_of_the_problem(lam_mode):
+    # The one-sample path solves for the weights without normalising H while its diagonal lies in
+    # [1e-100, 1e100], and normalises outside: a problem scaled by 2^±400 (exact in floating point) must take
+    # the same steps, scaled (absolute residuals: the relative test's ε would dominate at 2^-400).  Absolute λ is
+    # in the units of H, so it is scaled with the problem there.
+    p = problems.linear_contraction(20, rho=0.9)
+    runs = []
+    for e in (0, 400, -400):
+        s = 2.0 ** e
+        lam = 1e-8 * s * s if lam_mode == "absolute" else 1e-8
+        res = fixedpoint.solve(lambda x, s=s: s * p.g(x / s), p.x0 * s, tol=1e-9 * s, stop_mode="abs",
+                               method=fixedpoint.Anderson(m=5, lam=lam, lam_mode=lam_mode))
+        runs.append((res, s))
+    (ref, _), *scaled = runs
+    assert ref.converged
+    for res, s in scaled:
+        assert res.converged and res.n_iter == ref.n_iter
+        np.testing.assert_allclose(res.x / s, ref.x, rtol=1e-9, atol=0)
+        np.testing.assert_allclose(res.residual_history / s, ref.residual_history, rtol=1e-6)
+
+
 def test_error_in_g_keeps_what_was_computed():
     p = problems.chandrasekhar(20, 0.9)
     count = [0]
