@@ -294,3 +294,22 @@ def test_jacobian_of_the_trained_models(tmp_path):
     first = deq_jacobian.jacobian_on_test_set(out / "checkpoint-anderson.pt", probes=2, seed=3)
     again = deq_jacobian.jacobian_on_test_set(out / "checkpoint-anderson.pt", probes=2, seed=3)
     assert first == again and first[0] > 0 and first[1] >= 1  # the same probes for the same seed
+
+
+def test_every_solver_on_the_same_model(tmp_path, capsys):
+    from demos import deq_solvers
+
+    out = tmp_path / "run"
+    assert deq_cifar10.main(tiny(out, solver="forward", epochs=1, train=100)) == 0
+    report = tmp_path / "solvers.json"
+    assert deq_solvers.main([str(out / "checkpoint-forward.pt"), "--batches", "1", "--threads", "1",
+                             "--out", str(report)]) == 0
+    (res,) = json.loads(report.read_text())["results"]
+    got = res["measurements"]
+    assert res["trained_with"] == "forward" and set(got) == set(deq_solvers.SOLVERS)
+    for r in got.values():  # with compaction, f sees each sample once per iteration (and no more than twice)
+        total = r["iterations_mean"] * r["samples"]
+        assert r["samples"] == 50 and total - 0.5 <= r["rows"] <= 2 * total
+        assert r["iterations_max"] >= r["iterations_median"] >= 1 and 0.0 <= r["converged"] <= 1.0
+    assert got["anderson"]["rows"] != got["forward"]["rows"]  # the solvers really differ
+    assert "trained with forward" in capsys.readouterr().out
