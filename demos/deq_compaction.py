@@ -35,14 +35,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import fixedpoint.torch.deq as deq_module  # noqa: E402
-from demos.batches import Batches  # noqa: E402
-from demos.data import load_dataset  # noqa: E402
-from demos.deq_model import DEQClassifier  # noqa: E402
-from demos.deq_training import solver_options  # noqa: E402
+from demos.deq_training import TrainedRun, solver_options  # noqa: E402
 from tooling.timing import add_threads_flag, positive_int, use_threads  # noqa: E402
 
 #: (name, --compact value, REBUILD_FRACTION, RESTAGE_FRACTION) of each setting measured.
@@ -68,22 +64,14 @@ def make_parser():
 def main(argv=None):
     args = make_parser().parse_args(argv)
     print(use_threads(args.threads), flush=True)
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    cfg = argparse.Namespace(**state["config"])
-    solver = state["solver"]
-    data = load_dataset(cfg.dataset, args.data_dir).limited(cfg.limit_train, cfg.limit_test)
-    mean, std = data.channel_stats()
-    batches = Batches(data.train_x, data.train_y, cfg.batch_size, mean, std, data.max_value, torch.device("cpu"),
-                      shuffle=True, augment=False, seed=cfg.seed)
-    c, h, _ = data.shape
+    run = TrainedRun(args.checkpoint, args.data_dir)
+    batches = run.batches(train=True)
     models = {}
     for name, compact, _, _ in SETTINGS:
         if name not in args.settings:
             continue
-        opts = solver_options(solver, argparse.Namespace(**dict(vars(cfg), compact=compact)), "numpy")
-        model = DEQClassifier(c, h, len(data.classes), cfg.channels, cfg.inner_channels, cfg.groups, deq_options=opts)
-        model.load_state_dict(state["model"])
-        models[name] = model.train()
+        opts = solver_options(run.solver, argparse.Namespace(**dict(vars(run.cfg), compact=compact)), "numpy")
+        models[name] = run.model(opts).train()
     try:
         from threadpoolctl import threadpool_limits
 
@@ -134,7 +122,7 @@ def main(argv=None):
               f"{sum(r['bwd_rebuilt_rows'] for r in mine):5d}")
     if args.out:
         command = " ".join(["python", "demos/deq_compaction.py", *(sys.argv[1:] if argv is None else argv)])
-        record = dict(command=command, checkpoint=str(args.checkpoint), solver=solver, settings=state["config"],
+        record = dict(command=command, checkpoint=str(args.checkpoint), solver=run.solver, settings=run.state["config"],
                       measurements=rows)
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     return 0

@@ -22,9 +22,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import torch  # noqa: E402
 
-from demos.batches import Batches  # noqa: E402
-from demos.data import load_dataset  # noqa: E402
-from demos.deq_model import DEQClassifier  # noqa: E402
+from demos.deq_training import TrainedRun  # noqa: E402
 from tooling.timing import add_threads_flag, positive_int, use_threads  # noqa: E402
 
 
@@ -40,16 +38,9 @@ def make_parser():
 
 def jacobian_on_test_set(path, probes, seed, data_dir=None):
     """(mean ‖∂f/∂z‖²_F estimate, mean per-sample iterations) over the test images of the run of ``path``."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = state["config"]
-    data = load_dataset(cfg["dataset"], data_dir).limited(cfg["limit_train"], cfg["limit_test"])
-    mean, std = data.channel_stats()
-    test = Batches(data.test_x, data.test_y, cfg["batch_size"], mean, std, data.max_value, torch.device("cpu"),
-                   shuffle=False, augment=False, seed=cfg["seed"])
-    c, h, _ = data.shape
-    model = DEQClassifier(c, h, len(data.classes), cfg["channels"], cfg["inner_channels"], cfg["groups"],
-                          deq_options=dict(method="anderson", tol=cfg["tol"], max_iter=cfg["max_iter"]))
-    model.load_state_dict(state["model"])
+    run = TrainedRun(path, data_dir)
+    test = run.batches(train=False)
+    model = run.model(dict(method="anderson", tol=run.cfg.tol, max_iter=run.cfg.max_iter))
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     total, count, iters = 0.0, 0, 0.0

@@ -29,10 +29,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from demos.batches import Batches  # noqa: E402
-from demos.data import load_dataset  # noqa: E402
-from demos.deq_model import DEQClassifier  # noqa: E402
-from demos.deq_training import solver_options  # noqa: E402
+from demos.deq_training import TrainedRun, solver_options  # noqa: E402
 from tooling.timing import add_threads_flag, positive_int, use_threads  # noqa: E402
 
 SOLVERS = ("forward", "anderson", "broyden")
@@ -52,18 +49,12 @@ def make_parser():
 
 def solvers_on_model(path, solvers, batches, data_dir=None):
     """{solver: measurements} for the model of checkpoint ``path`` on its first ``batches`` test batches."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = argparse.Namespace(**dict(state["config"], compact="on", gradient="implicit"))
-    data = load_dataset(cfg.dataset, data_dir).limited(cfg.limit_train, cfg.limit_test)
-    mean, std = data.channel_stats()
-    test = Batches(data.test_x, data.test_y, cfg.batch_size, mean, std, data.max_value, torch.device("cpu"),
-                   shuffle=False, augment=False, seed=cfg.seed)
-    c, h, _ = data.shape
+    run = TrainedRun(path, data_dir)
+    cfg = argparse.Namespace(**dict(vars(run.cfg), compact="on", gradient="implicit"))
+    test = run.batches(train=False)
     out = {}
     for solver in solvers:
-        model = DEQClassifier(c, h, len(data.classes), cfg.channels, cfg.inner_channels, cfg.groups,
-                              deq_options=solver_options(solver, cfg, "numpy"))
-        model.load_state_dict(state["model"])
+        model = run.model(solver_options(solver, cfg, "numpy"))
         model.eval()
         iters, rows, conv, cpu = [], 0, [], 0.0
         for b, (_, images, _) in enumerate(test.epoch(0)):
@@ -82,7 +73,7 @@ def solvers_on_model(path, solvers, batches, data_dir=None):
         out[solver] = dict(samples=int(it.size), iterations_mean=float(it.mean()),
                            iterations_median=float(np.median(it)), iterations_max=int(it.max()), rows=int(rows),
                            converged=float(sum(conv) / it.size), cpu_s=cpu)
-    return dict(checkpoint=str(path), trained_with=state["solver"], measurements=out)
+    return dict(checkpoint=str(path), trained_with=run.solver, measurements=out)
 
 
 def main(argv=None):

@@ -17,6 +17,7 @@ for bit, on the same machine with the same thread settings (tested).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import os
@@ -31,12 +32,14 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import fixedpoint
+from demos.batches import Batches
+from demos.data import load_dataset
 from demos.deq_model import DEQClassifier
 from tooling.timing import traced_solve
 
 __all__ = ["Run", "build_run", "train", "evaluate", "save_checkpoint", "load_checkpoint", "residual_curves",
            "solver_options", "solve_record", "checkpoint_path", "CheckpointError", "Terminated", "sigterm_stops",
-           "signals_held", "SOLVERS", "COMPACT"]
+           "signals_held", "SOLVERS", "COMPACT", "TrainedRun"]
 
 #: The solvers the demo trains, in the order of its outputs.
 SOLVERS = ("forward", "anderson", "broyden")
@@ -109,6 +112,47 @@ def build_run(method, args, shape, n_classes, steps_per_epoch, device, backend):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.epochs * steps_per_epoch))
     return Run(method, model, optimizer, scheduler, rng=_rng_state(device))
+
+
+class TrainedRun:
+    """A checkpoint of ``demos/deq_cifar10.py`` opened for study (``demos/deq_compaction.py``,
+    ``deq_solvers.py``, ``deq_jacobian.py``): the run's settings, its data as the run had them, its
+    batches, and its model with the trained weights under any DEQ options.
+
+    Attributes
+    ----------
+    state : dict
+        The checkpoint (:func:`save_checkpoint`), loaded on the CPU.
+    cfg : argparse.Namespace
+        The run's settings (``state["config"]``).
+    solver : str
+        The solver the model was trained with.
+    data : demos.data.ImageData
+        The run's images, limited as in the run.
+    """
+
+    def __init__(self, path, data_dir=None):
+        self.state = torch.load(path, map_location="cpu", weights_only=True)
+        self.cfg = argparse.Namespace(**self.state["config"])
+        self.solver = self.state["solver"]
+        self.data = load_dataset(self.cfg.dataset, data_dir).limited(self.cfg.limit_train, self.cfg.limit_test)
+        self._stats = self.data.channel_stats()
+
+    def batches(self, train):
+        """The run's training batches (in the run's order, without augmentation) or its test batches, on the CPU."""
+        x, y = (self.data.train_x, self.data.train_y) if train else (self.data.test_x, self.data.test_y)
+        mean, std = self._stats
+        return Batches(x, y, self.cfg.batch_size, mean, std, self.data.max_value, torch.device("cpu"),
+                       shuffle=train, augment=False, seed=self.cfg.seed)
+
+    def model(self, deq_options):
+        """The run's model with the checkpoint's weights, its DEQ layer built with ``deq_options``."""
+        c, h, _ = self.data.shape
+        cfg = self.cfg
+        model = DEQClassifier(c, h, len(self.data.classes), cfg.channels, cfg.inner_channels, cfg.groups,
+                              deq_options=deq_options)
+        model.load_state_dict(self.state["model"])
+        return model
 
 
 def _rng_state(device):

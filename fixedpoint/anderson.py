@@ -188,13 +188,13 @@ class AndersonHistory(MethodState):
         self.r = sxp.zeros((B,), dtype=sdt, device=sdev)
         self.k = 0  # number of pairs pushed so far
         self._alpha_one = sxp.zeros((1, m), dtype=sdt, device=sdev)  # the weights of _weights_one
-        if B == 1 and kern.mode == "numpy":  # host views for _push_one, made once (R is never replaced)
+        self._gstack_one = None  # combine()'s one-sample view, where it applies
+        if B == 1 and kern.mode == "numpy":  # host views for _push_one and combine, made once (R is never replaced)
             stack = kern.small(self.R)
             self._f_one = [stack[m + s, 0] for s in range(m)]
             self._fstack_one, self._row_one = stack[m:, 0, :], kern.small(self.row)[0]
-        # combine() for one float64 sample on the host with β = 1: one BLAS call on a view made once
-        self._gstack_one = (kern.small(self.R)[:m, 0, :] if B == 1 and kern.mode == "numpy" and self.beta == 1.0
-                            and np.dtype(kern.small(self.R).dtype) == np.float64 == np.dtype(sdt) else None)
+            if self.beta == 1.0 and stack.dtype == np.float64 == np.dtype(sdt):  # α needs no cast: one np.dot
+                self._gstack_one = stack[:m, 0, :]
         slots = sxp.arange(m, device=sdev)
         self.onehot_b = [slots == s for s in range(m)]
         self.onehot = [sxp.astype(h, sdt) for h in self.onehot_b]
