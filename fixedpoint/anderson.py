@@ -33,7 +33,7 @@ import numpy as np
 from .backend import namespace_of
 from .checks import check_choice, check_int, check_real
 from .interop import convert
-from .kernels import Kernels
+from .kernels import LDL_MAX_K, SHORT_ROWS, Kernels, ldl_solve_one
 from .method import Method, MethodState
 
 __all__ = ["Anderson", "AndersonHistory", "LAM_MODES"]
@@ -173,34 +173,64 @@ class AndersonHistory(MethodState):
     STATE = ("R", "G", "valid", "ref_r", "r")
 
     def __init__(self, kern: Kernels, B: int, n: int, dtype: Any, method: Anderson) -> None:
-        self.kern, self.B, self.n, self.dtype, self.method = kern, B, n, dtype, method
+        self.kern, self.n, self.dtype, self.method = kern, n, dtype, method
         self.m = m = method.m
         self.beta, self.lam, self.lam_mode = method.beta, method.lam, method.lam_mode
+        self.lam_factor = 1.0 + method.lam  # "relative": each diagonal entry times 1 + λ
         xp, dev, sxp, sdev, sdt = kern.xp, kern.device, kern.sxp, kern.sdevice, kern.sdtype
+        # Buffers for B samples; after pack() the state works on views of their first rows.
         self.R = xp.zeros((2 * m, B, n), dtype=dtype, device=dev)  # a stack: [:m] the g_j, [m:] the f_j
-        self.g_slots = [self.R[s, ...] for s in range(m)]  # views made once: push() recognises its own buffer
-        self.f_slots = [self.R[m + s, ...] for s in range(m)]
-        self.row = xp.zeros((B, m), dtype=dtype, device=dev)
-        self.w = xp.zeros((B, 2 * m), dtype=dtype, device=dev)
+        self._R_flat = xp.reshape(self.R, (-1,))  # pack() keeps the stack contiguous at its start
+        self._row = xp.zeros((B, m), dtype=dtype, device=dev)
+        self._w = xp.zeros((B, 2 * m), dtype=dtype, device=dev)
+        self._H = sxp.zeros((B, m, m), dtype=sdt, device=sdev)  # the regularised, normalised Gram matrices
+        self._ones = sxp.ones((B, m), dtype=sdt, device=sdev)
         self.G = sxp.zeros((B, m, m), dtype=sdt, device=sdev)
         self.valid = sxp.zeros((B, m), dtype=sxp.bool, device=sdev)
         self.ref_r = sxp.full((B,), float("inf"), dtype=sdt, device=sdev)
         self.r = sxp.zeros((B,), dtype=sdt, device=sdev)
         self.k = 0  # number of pairs pushed so far
         self._alpha_one = sxp.zeros((1, m), dtype=sdt, device=sdev)  # the weights of _weights_one
-        self._gstack_one = None  # combine()'s one-sample view, where it applies
-        if B == 1 and kern.mode == "numpy":  # host views for _push_one and combine, made once (R is never replaced)
-            stack = kern.small(self.R)
-            self._f_one = [stack[m + s, 0] for s in range(m)]
-            self._fstack_one, self._row_one = stack[m:, 0, :], kern.small(self.row)[0]
-            if self.beta == 1.0 and stack.dtype == np.float64 == np.dtype(sdt):  # α needs no cast: one np.dot
-                self._gstack_one = stack[:m, 0, :]
+        self._ones_one = [1.0] * m
         slots = sxp.arange(m, device=sdev)
         self.onehot_b = [slots == s for s in range(m)]
         self.onehot = [sxp.astype(h, sdt) for h in self.onehot_b]
         self.eye = sxp.eye(m, dtype=sdt, device=sdev)
-        self.H = sxp.zeros((B, m, m), dtype=sdt, device=sdev)  # the regularised, normalised Gram matrices
-        self.ones = sxp.ones((B, m), dtype=sdt, device=sdev)
+        self.eye_b = self.eye > 0.5
+        self._bind(B)
+
+    def _bind(self, B: int) -> None:
+        """Work on ``B`` samples: the stack ``self.R`` holds them; views of the first ``B`` rows of the rest."""
+        kern, m = self.kern, self.m
+        self.B = B
+        self.g_slots = [self.R[s, ...] for s in range(m)]  # views made once: push() recognises its own buffer
+        self.f_slots = [self.R[m + s, ...] for s in range(m)]
+        self.row, self.w, self.H, self.ones = (a[:B, ...] for a in (self._row, self._w, self._H, self._ones))
+        self._gstack_one = None  # combine()'s one-sample view, where it applies
+        if B == 1 and kern.mode == "numpy":  # host views for _push_one and combine, made once per layout
+            stack = kern.small(self.R)
+            self._row_one = kern.small(self.row)[0]
+            # the Gram row by Kernels.matvec's kernel for one sample (by n: dot products per slot, or gemv)
+            self._gram_one: tuple[Any, list[Any], Any, Any]
+            if self.n <= SHORT_ROWS:
+                self._gram_one = (stack[m:, 0, None, :], [stack[m + s, 0][:, None] for s in range(m)],
+                                  self._row_one[:, None, None], np.matmul)
+            else:
+                self._gram_one = (stack[m:, 0, :], [stack[m + s, 0] for s in range(m)], self._row_one, np.dot)
+            if self.beta == 1.0 and stack.dtype == np.float64 == np.dtype(kern.sdtype):  # α needs no cast
+                self._gstack_one = stack[:m, 0, :]
+
+    def pack(self, keep: Any) -> bool:
+        """Keep only the samples ``keep`` (increasing indices among the current ones), moved to the front in
+        place: the stored pairs (no buffer of size n is allocated), the Gram matrices and the restart
+        bookkeeping.  Part of the solve loop's protocol (:meth:`fixedpoint.method.MethodState.pack`)."""
+        self.R = self.kern.pack_stack(self._R_flat, tuple(self.R.shape), keep)
+        rows = self.kern.small_index(keep)
+        sxp = self.kern.sxp
+        self.G, self.valid = sxp.take(self.G, rows, axis=0), sxp.take(self.valid, rows, axis=0)
+        self.ref_r, self.r = sxp.take(self.ref_r, rows, axis=0), sxp.take(self.r, rows, axis=0)
+        self._bind(len(keep))
+        return True
 
     # --- the pair (g_k, f_k) ---------------------------------------------------------------------
 
@@ -244,7 +274,8 @@ class AndersonHistory(MethodState):
     def _push_one(self, s: int, g: Any, gnorm: bool) -> Any:
         """The Gram row of :meth:`push` for one sample on the host: direct ``np.dot`` calls and Python scalars."""
         row = self._row_one
-        np.dot(self._fstack_one, self._f_one[s], out=row)
+        fstack, f_one, out, product = self._gram_one
+        product(fstack, f_one[s], out=out)  # Kernels.matvec's one-sample kernel: the batch path's bits
         sq = float(row[s])
         if not math.isfinite(sq):  # |f|^2 overflowed in the vectors' dtype (so may have the row)
             row = self.kern.rescued(("matvec", self.R[self.m:, ...], self.f_slots[s]), row[None].astype(np.float64))[0]
@@ -276,7 +307,7 @@ class AndersonHistory(MethodState):
     def weights(self, active: Any) -> tuple[Any, Any]:
         """Mixing weights α (shape (B, m)) for the newest pair, and the samples that restarted (shape (B,)).
 
-        Solves the normal equations of the module docstring with H normalised by its
+        Solves the normal equations of the module docstring with H divided by its
         largest valid diagonal entry; "relative" λ multiplies each diagonal entry by
         1 + λ, "absolute" λ is added to it.  Slots outside a sample's current history get a decoupled unit
         row and column and a zero right-hand side, hence α_j = 0 exactly.  An ``active`` sample restarts
@@ -286,16 +317,23 @@ class AndersonHistory(MethodState):
         During the first ``delay`` iterations the weights are those of a plain step
         (the safeguards still run).  Part of :meth:`extrapolate`; updates the restart
         bookkeeping, so call it once per pushed pair.
+
+        With the small state on the host a sample's weights are the same to the bit whatever the
+        batch (:meth:`fixedpoint.kernels.Kernels.solve_spd`; the one-sample path does the same
+        operations in Python floats).
         """
-        if self.B == 1 and self.kern.small_on_host:
+        if self.B == 1 and self.kern.small_on_host and self.m <= LDL_MAX_K:
             return self._weights_one(active)
-        if self.kern.small_on_host and bool(self.valid.all()):
-            rhs = self._system_full()
-        else:
-            rhs = self._system_masked()
+        rhs = self._system()
         xp, s, method = self.kern.sxp, (self.k - 1) % self.m, self.method
         y = self.kern.solve_spd(self.H, rhs)
-        alpha = y / xp.sum(y, axis=1)[:, None]  # a singular system: non-finite, hence a restart below
+        if self.kern.small_on_host:  # Σ_j y_j left to right, as _weights_one
+            total = y[:, 0].copy()
+            for j in range(1, self.m):
+                total += y[:, j]
+        else:
+            total = xp.sum(y, axis=1)
+        alpha = y / total[:, None]  # a singular system: non-finite, hence a restart below
         ok = (xp.max(xp.abs(alpha), axis=1) <= method.restart_weight) & (self.r <= method.restart_growth * self.ref_r)
         restart = active & ~ok  # NaN weights fail the comparison, hence restart
         self.valid = xp.where(restart[:, None], self.onehot_b[s], self.valid)
@@ -304,107 +342,98 @@ class AndersonHistory(MethodState):
             return xp.broadcast_to(self.onehot[s], alpha.shape), restart
         return xp.where(restart[:, None], self.onehot[s], alpha), restart
 
-    def _system_masked(self) -> Any:
-        """The systems of :meth:`weights` in ``self.H``, any slots valid (array API: any device); returns their
-        right-hand sides (1 on valid slots, 0 elsewhere)."""
-        xp, v = self.kern.sxp, self.valid
-        vf = xp.astype(v, self.kern.sdtype)
-        diag = xp.where(v, xp.linalg.diagonal(self.G), 0.0)
-        scale = xp.max(diag, axis=1)
-        scale = xp.where(scale > 0.0, scale, 1.0)
-        if self.lam_mode == "relative":  # λ ‖f_j‖² on entry j
-            reg = self.lam * diag / scale[:, None]
-        elif self.lam_mode == "relative_max":  # λ max_j ‖f_j‖² on every entry (H is divided by that max)
-            reg = xp.full_like(diag, self.lam)
-        else:  # absolute: λ in the units of H
-            reg = xp.full_like(diag, self.lam) / scale[:, None]
-        H = xp.where(v[:, :, None] & v[:, None, :], self.G, 0.0) / scale[:, None, None]
-        self.H[...] = H + self.eye * xp.where(v, reg, 1.0)[:, None, :]
-        return vf
-
-    def _system_full(self) -> Any:
-        """:meth:`_system_masked` when every slot of every sample is valid and the small state is NumPy: the
-        same systems by in-place operations on views, without masks (the usual case once the window is full;
-        a third of the time for thousands of samples)."""
-        B, m, H = self.B, self.m, self.H
-        scale = self.G.reshape(B, m * m)[:, :: m + 1].max(axis=1)
-        scale[~(scale > 0.0)] = 1.0  # also for NaN
-        np.divide(self.G, scale[:, None, None], out=H)
-        h_diag = H.reshape(B, m * m)[:, :: m + 1]
-        if self.lam_mode == "relative":
-            h_diag *= 1.0 + self.lam
-        elif self.lam_mode == "relative_max":
-            h_diag += self.lam
+    def _system(self) -> Any:
+        """The systems of :meth:`weights` in ``self.H``; returns their right-hand sides (1 on valid slots, 0
+        elsewhere).  H = G / (largest valid diagonal entry), then the regularisation on the valid diagonal
+        entries; invalid slots get a unit diagonal.  Once every slot is valid and the small state is NumPy,
+        the same values by in-place operations without masks (a third of the time for thousands of samples)."""
+        xp, v, lam, mode = self.kern.sxp, self.valid, self.lam, self.lam_mode
+        full = self.kern.small_on_host and bool(v.all())
+        if full:
+            B, m, H = self.B, self.m, self.H
+            scale = self.G.reshape(B, m * m)[:, :: m + 1].max(axis=1)
         else:
-            h_diag += self.lam / scale[:, None]
-        return self.ones
+            scale = xp.max(xp.where(v, xp.linalg.diagonal(self.G), 0.0), axis=1)
+        scale = xp.where(scale > 0.0, scale, 1.0)  # also for NaN
+        if full:
+            np.divide(self.G, scale[:, None, None], out=H)
+            diag = H.reshape(B, m * m)[:, :: m + 1]
+            if mode == "relative":
+                diag *= self.lam_factor
+            elif mode == "relative_max":
+                diag += lam
+            else:
+                diag += lam / scale[:, None]
+            return self.ones
+        H = xp.where(v[:, :, None] & v[:, None, :], self.G, 0.0) / scale[:, None, None]
+        diag = xp.linalg.diagonal(H)
+        if mode == "relative":
+            diag = diag * self.lam_factor
+        elif mode == "relative_max":
+            diag = diag + lam
+        else:
+            diag = diag + lam / scale[:, None]
+        self.H[...] = xp.where(self.eye_b, xp.where(v, diag, 1.0)[:, None, :], H)
+        return xp.astype(v, self.kern.sdtype)
 
     def _weights_one(self, active: Any) -> tuple[Any, Any]:
-        """:meth:`weights` for one sample with the small state on the host: the system of the valid slots
-        only, with Python scalars for the bookkeeping (the same weights; a fifth of the NumPy calls).
-
-        While the largest diagonal entry of H lies in [1e-100, 1e100] the system is solved without
-        dividing H by it (α does not depend on H's scale, and LU neither over- nor underflows there):
-        one NumPy operation sets up the system instead of two.
-        """
-        s, method, m, G = (self.k - 1) % self.m, self.method, self.m, self.G[0]
-        mk = int(np.count_nonzero(self.valid[0]))
-        H, H_diag, ones, W = self._system_one(mk)
-        if mk == m:  # the usual case: every slot in use
-            sub, idx = G, None
+        """:meth:`weights` for one sample with the small state on the host, in Python floats: the same operations
+        in the same order as the batch path (:meth:`_system`, :func:`fixedpoint.kernels.ldl_solve_one`), so the
+        same weights to the bit, with a fraction of the NumPy calls."""
+        s, method, m = (self.k - 1) % self.m, self.method, self.m
+        on = self.valid[0].tolist()
+        Gl = self.G[0].ravel().tolist()
+        diag = [Gl[j * (m + 1)] if on[j] else 0.0 for j in range(m)]
+        scale = max(diag)
+        if not scale > 0.0 or any(d != d for d in diag):  # NumPy's max is NaN when any entry is
+            scale = 1.0
+        every = all(on)
+        if every:  # the usual case: every slot in use
+            H = [x / scale for x in Gl]
         else:
-            idx = self.valid[0].nonzero()[0]
-            sub = G.take(idx, axis=0).take(idx, axis=1)
-        scale = max(sub.diagonal().tolist())
-        mode = self.lam_mode
-        if 1e-100 <= scale <= 1e100 and mode != "relative_max":  # (False for NaN)
-            if mode == "relative":  # H ⊙ W: each diagonal entry times 1 + λ
-                np.multiply(sub, W, out=H)
-            else:  # absolute: H + λI
-                np.add(sub, W, out=H)
+            H = [Gl[i * m + j] / scale if on[i] and on[j] else 0.0 for i in range(m) for j in range(m)]
+        mode, lam = self.lam_mode, self.lam
+        if every and mode == "relative":
+            factor = self.lam_factor
+            for jj in range(0, m * m, m + 1):
+                H[jj] *= factor
         else:
-            scale = scale if scale > 0.0 else 1.0  # also for NaN
-            np.divide(sub, scale, out=H)
-            if mode == "relative":
-                H_diag *= 1.0 + self.lam
-            else:
-                H_diag += self.lam if mode == "relative_max" else self.lam / scale
-        y = self.kern.solve_one(H, ones)
-        ys = y.tolist()
-        total = sum(ys)
-        inv = 1.0 / total if total != 0.0 else math.inf  # a singular system: non-finite, hence a restart below
-        alpha = self._alpha_one
-        if idx is None:
-            np.multiply(y, inv, out=alpha[0])
+            for j in range(m):
+                jj = j * (m + 1)
+                if not on[j]:
+                    H[jj] = 1.0
+                elif mode == "relative":
+                    H[jj] *= self.lam_factor
+                elif mode == "relative_max":
+                    H[jj] += lam
+                else:
+                    H[jj] += lam / scale
+        y = ldl_solve_one(H, self._ones_one if every else [1.0 if v else 0.0 for v in on])
+        total = y[0]
+        for j in range(1, m):
+            total += y[j]
+        if total == 0.0 or total != total:  # NumPy: y / 0 is infinite or NaN, hence a restart (when active)
+            ys = [math.nan] * m
         else:
-            alpha[0] = 0.0
-            alpha[0, idx] = y * inv
-        r, ref = float(self.r[0]), float(self.ref_r[0])
-        ok = max(map(abs, ys)) * abs(inv) <= method.restart_weight and r <= method.restart_growth * ref
+            ys = [yj / total for yj in y]
+        r, ref = self.r.item(), self.ref_r.item()
+        bound = method.restart_weight
+        ok = all(-bound <= a <= bound for a in ys) and r <= method.restart_growth * ref  # False for NaN
         restart = bool(active[0]) and not ok  # NaN weights fail the comparison, hence restart
         if restart:
             self.valid[0] = self.onehot_b[s]
-        self.ref_r[0] = r if restart else min(ref, r)
+        self.ref_r[0] = r if restart else (math.nan if r != r or ref != ref else min(ref, r))
+        alpha = self._alpha_one
         if restart or self.k <= method.delay:
             alpha[0] = self.onehot[s]
+        else:
+            alpha[0] = ys
         return alpha, _RESTARTED[restart]
-
-    def _system_one(self, mk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """An mk×mk matrix for the system of :meth:`_weights_one`, a view of its diagonal, a vector of ones,
-        and the constant that λ contributes (relative: 1 + λ on the diagonal and 1 elsewhere, a factor;
-        absolute: λI, a term); buffers reused from call to call."""
-        cache = self.__dict__.setdefault("_system_cache", {})
-        if mk not in cache:
-            H = np.zeros((mk, mk))
-            eye = np.eye(mk)
-            W = 1.0 + self.lam * eye if self.lam_mode == "relative" else self.lam * eye
-            cache[mk] = (H, H.reshape(-1)[:: mk + 1], np.ones(mk), W)
-        return cache[mk]
 
     def combine(self, alpha: Any, out: Any) -> None:
         """x_{k+1} = Σ_j α_j [g_j − (1 − β) f_j] into ``out`` (shape (B, n)) for weights α of shape (B, m)."""
-        if self._gstack_one is not None:
-            np.dot(alpha[0], self._gstack_one, out=self.kern.small(out)[0])
+        if self._gstack_one is not None:  # Kernels.vecmat's one-sample product without its casts
+            np.matmul(alpha[0], self._gstack_one, out=self.kern.small(out)[0])
             return
         a = self.kern.big(alpha, self.dtype)
         if self.beta == 1.0:

@@ -118,23 +118,23 @@ class Broyden(Method):
 
 class _BroydenState(MethodState):
     def __init__(self, kern: Kernels, B: int, n: int, dtype: Any, method: Broyden) -> None:
-        self.kern, self.B, self.n, self.dtype = kern, B, n, dtype
+        self.kern, self.n, self.dtype = kern, n, dtype
         self.m, self.beta = m, _ = method.m, method.beta
         self.degenerate_tol, self.restart_growth = method.degenerate_tol, method.restart_growth
         xp, dev, sxp, sdev, sdt = kern.xp, kern.device, kern.sxp, kern.sdevice, kern.sdtype
         # Stacks U: f_k in row 0 and the u_i in rows 1..m; V: the last step p in row 0 and the v_i in rows 1..m,
         # so that h = -beta f + sum c_i u_i and v_new = -beta p + sum d_i v_i are one product each over the
         # rows in use (rows are filled in order, so those are always the first ones; nothing is read unwritten).
+        # Buffers for B samples; after pack() the state works on views of their first rows.
         self.U = xp.empty((m + 1, B, n), dtype=dtype, device=dev)
         self.V = xp.empty((m + 1, B, n), dtype=dtype, device=dev)
-        self.f, self.p = self.U[0, ...], self.V[0, ...]
-        self.u_slots = [self.U[1 + s, ...] for s in range(m)]
-        self.v_slots = [self.V[1 + s, ...] for s in range(m)]
-        self.h = xp.empty((B, n), dtype=dtype, device=dev)
-        self.v_new = xp.empty((B, n), dtype=dtype, device=dev)
-        self.rows = [xp.zeros((B, m), dtype=dtype, device=dev) for _ in range(3)]  # products c, d, e
-        self.w = xp.zeros((B, m + 1), dtype=dtype, device=dev)
-        self.w[:, 0] = -self.beta
+        # pack() keeps the stacks contiguous at the start of these flat views
+        self._U_flat, self._V_flat = xp.reshape(self.U, (-1,)), xp.reshape(self.V, (-1,))
+        self._h = xp.empty((B, n), dtype=dtype, device=dev)
+        self._v_new = xp.empty((B, n), dtype=dtype, device=dev)
+        self._rows = [xp.zeros((B, m), dtype=dtype, device=dev) for _ in range(3)]  # products c, d, e
+        self._w = xp.zeros((B, m + 1), dtype=dtype, device=dev)
+        self._w[:, 0] = -self.beta
         self.UG = sxp.zeros((B, m, m), dtype=sdt, device=sdev)  # the Gram matrix of the u_i, kept up to date
         self.valid = sxp.zeros((B, m), dtype=sxp.bool, device=sdev)
         self.ref_r = sxp.full((B,), float("inf"), dtype=sdt, device=sdev)
@@ -144,6 +144,27 @@ class _BroydenState(MethodState):
         self.n_updates = 0  # pairs written (the next one goes to slot n_updates % m)
         #: A denominator below this times |p·h| + ‖p‖² is rounding noise (64 ulps of the vectors' dtype).
         self.cancel = 64.0 * float(xp.finfo(dtype).eps)
+        self._bind(B)
+
+    def _bind(self, B: int) -> None:
+        """Work on ``B`` samples: the stacks U and V hold them; views of the first ``B`` rows of the rest."""
+        self.B, m = B, self.m
+        self.f, self.p = self.U[0, ...], self.V[0, ...]
+        self.u_slots = [self.U[1 + s, ...] for s in range(m)]
+        self.v_slots = [self.V[1 + s, ...] for s in range(m)]
+        self.h, self.v_new, self.w = self._h[:B, ...], self._v_new[:B, ...], self._w[:B, ...]
+        self.rows = [r[:B, ...] for r in self._rows]
+
+    def pack(self, keep: Any) -> bool:
+        """Keep the samples ``keep`` only, moved to the front in place (the update pairs, the last step, the
+        Gram matrix of the u_i and the restart bookkeeping); see :meth:`fixedpoint.method.MethodState.pack`."""
+        self.U = self.kern.pack_stack(self._U_flat, tuple(self.U.shape), keep)
+        self.V = self.kern.pack_stack(self._V_flat, tuple(self.V.shape), keep)
+        rows, sxp = self.kern.small_index(keep), self.kern.sxp
+        self.UG, self.valid = sxp.take(self.UG, rows, axis=0), sxp.take(self.valid, rows, axis=0)
+        self.ref_r = sxp.take(self.ref_r, rows, axis=0)  # (observe() computes the rest of the per-sample values anew)
+        self._bind(len(keep))
+        return True
 
     def observe(self, x: Any, gx: Any, f: Any, need_gnorm: bool = False) -> Any:
         """Every sum the iteration needs, in one reduction: c = Vᵀf, d = Uᵀp, e = Uᵀf, p·f, ‖p‖², ‖f‖² (‖g‖²)."""

@@ -51,6 +51,8 @@ class ForwardIteration(Method):
 class _ForwardState(MethodState):
     """No buffer of its own: the loop measures ‖g(x) − x‖ without forming the residual."""
 
+    PACKED_ROWS = ()  # nothing to move
+
     def __init__(self, kern: Kernels, B: int, n: int, dtype: Any, damping: float) -> None:
         super().__init__(kern, B, n, dtype, residual=False)
         self.damping = damping

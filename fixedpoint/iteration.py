@@ -15,7 +15,6 @@ with ``B = 1`` unless ``batch=True``.
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 import time
 from collections.abc import Callable
@@ -157,28 +156,6 @@ def _check_same_everywhere(method, x0, opts):
     comm.check_same("the method, the options, x0's dtype and library, and the batch size", description)
 
 
-def _take_rows(xp, a, rows, out):
-    """``out[i] = a[rows[i]]`` into a preallocated ``out`` of ``len(rows)`` rows."""
-    lib = library_name(xp)
-    if lib == "torch":
-        importlib.import_module("torch").index_select(a, 0, rows, out=out)
-    elif lib in ("numpy", "cupy"):
-        importlib.import_module(lib).take(a, rows, axis=0, out=out)
-    else:
-        out[...] = xp.take(a, rows, axis=0)
-
-
-def _put_rows(xp, out, rows, a):
-    """``out[rows[i]] = a[i]``."""
-    if library_name(xp) == "torch":
-        out.index_copy_(0, rows, a)
-    elif library_name(xp) in ("numpy", "cupy"):
-        out[rows] = a
-    else:  # the standard has no scatter: one row at a time
-        for i in range(a.shape[0]):
-            out[int(rows[i]), ...] = a[i, ...]
-
-
 def run(method: Method, g: Callable[[Array], Array], x0: Array, opts: dict) -> FixedPointResult:
     """Solve x = g(x) with ``method``; see :func:`fixedpoint.solve`.
 
@@ -269,6 +246,17 @@ class _Loop:
             self.gx_full: Any = None
         self.diverged = sxp.zeros((B,), dtype=sxp.bool, device=sdev)
         self.f0 = None  # ‖f_0‖ per sample, the reference of the divergence test
+        # The samples still in the working arrays (every per-sample array above holds their rows, in this
+        # order): at a host check where some have stopped, their results go to the out_* record once and every
+        # working array is packed to the others (_pack), so that each iteration costs what they cost.
+        self.idx = np.arange(B)  # their indices in the batch (host)
+        self.w = B  # how many
+        self.packs = B > 1  # False once the method's state turns out not to support pack()
+        self.out_x: Any = None  # (B, n): the finished samples' best iterates (made at the first pack)
+        self.out_r = np.full(B, np.inf)
+        self.out_restarts = np.zeros(B, dtype=np.int64)
+        self.out_diverged = np.zeros(B, dtype=bool)
+        self.gx_rows: Any = None  # (B, n): g's rows of the working samples when g sees the whole batch
         # Residual history: one row per iteration, _INACTIVE for samples that had stopped.  Per-sample
         # convergence, failure and iteration counts are derived from it on the host (see result()).
         self.inactive = sxp.full((B,), _INACTIVE, dtype=sdt, device=sdev)
@@ -279,31 +267,29 @@ class _Loop:
 
     def _flush_history(self):
         if self.pending:
-            self.hist_host.append(np.array(to_numpy(self.hist[: self.pending, ...]), dtype=np.float64))
+            block = np.array(to_numpy(self.hist[: self.pending, : self.w]), dtype=np.float64)
+            if self.w < self.B:
+                full = np.full((self.pending, self.B), _INACTIVE)
+                full[:, self.idx] = block
+                block = full
+            self.hist_host.append(block)
             self.pending = 0
 
     def run(self):
         if self.B == 1 and self.kern.small_on_host and self.compact is False:
             return self._run_one()
-        xp, kern, state, shape, B, n = self.xp, self.kern, self.state, self.shape, self.B, self.n
+        kern, state, B = self.kern, self.state, self.B
         sxp = kern.sxp
         callback, tol, freeze, rel = self.opts["callback"], self.tol, B > 1, self.stop_mode == "rel"
         divtol = self.opts["divtol"]
         call: Callable[..., Array] = self.g if self.wrapped else functools.partial(call_map, self.g)
-        compact = self.compact is not False
         status = None
         self.t0 = time.perf_counter()
         try:
             for k in range(self.max_iter):
                 x = self.x_cur
-                if not compact:
-                    gx = xp.reshape(call(xp.reshape(x, shape)), (B, n))
-                elif self.x_rows is None:  # every sample, in place
-                    gx = xp.reshape(call(xp.reshape(x, shape), self.rows), (B, n))
-                else:
-                    gx = self._call_rows(call, x)
+                gx = self._evaluate(call, x)
                 self.n_fev += 1
-                self.n_rows += self.n_rows_now if compact else B
                 f = state.residual_buffer()
                 if f is not None:
                     kern.sub(f, gx, x)
@@ -323,7 +309,7 @@ class _Loop:
                 if self.best_buf is not None:  # x_next, about to be overwritten by the step
                     kern.copy_rows_where(self.best_x, self.best_buf, self.best_pending & ~improved)
                 self.best_buf, self.best_pending = x, improved
-                self.hist[self.pending, ...] = sxp.where(self.active, r, self.inactive)
+                self.hist[self.pending, : self.w] = sxp.where(self.active, r, self.inactive[: self.w])
                 self.pending += 1
                 self.active = active = active & (r > tol) & (r < _INF)  # converged or non-finite: stop
                 restarted = state.step(x, gx, f, active, self.x_next)
@@ -335,15 +321,14 @@ class _Loop:
                     self._round(self.x_next)
                 del gx, f  # g's result is not kept alive while g computes the next one
                 if callback is not None:
-                    if callback(IterationInfo(k, xp.reshape(x, shape), kern.big(r), kern.big(active))):
+                    if callback(self._info(k, x, r, active)):
                         status = "stopped"
                 self.x_cur, self.x_next = self.x_next, x
                 if status is not None or (k + 1) % self.check_every == 0 or k + 1 == self.max_iter:
                     self._flush_history()
                     if status is not None or not bool(sxp.any(active)):
                         break
-                    if compact:
-                        self._choose_rows(active)
+                    self._shrink(active)
         except BaseException as exc:
             self._flush_history()
             exc.fixedpoint_result = self.result("error")  # type: ignore[attr-defined]
@@ -351,6 +336,96 @@ class _Loop:
                 self.kern.comm.abort(exc)
             raise
         return self.result(status)
+
+    def _g_sees_rows(self):
+        """Whether g is called on the working rows alone (``g(x_rows, rows)``) rather than the whole batch."""
+        if self.compact is True:
+            return True
+        return self.compact == "auto" and self.w <= COMPACT_AUTO * self.B
+
+    def _evaluate(self, call, x):
+        """g on the working rows ``x`` (shape ``(w, n)``), as the ``compact`` option has it; its rows of those
+        samples, ``(w, n)``."""
+        xp, B, n, w = self.xp, self.B, self.n, self.w
+        compact = self.compact is not False
+        if compact and not self.packs and self.x_rows is not None:  # a method without pack(): rows gathered
+            self.n_rows += self.n_rows_now
+            return self._call_rows(call, x)
+        if w == B:  # every sample, in place
+            self.n_rows += B
+            if compact:
+                return xp.reshape(call(xp.reshape(x, self.shape), self.rows), (B, n))
+            return xp.reshape(call(xp.reshape(x, self.shape)), (B, n))
+        if self._g_sees_rows():
+            self.n_rows += w
+            return xp.reshape(call(xp.reshape(x, (w,) + self.shape[1:]), self.rows), (w, n))
+        # g sees the whole batch: the working rows written into out_x (which holds the finished samples'
+        # results), g's rows of the working samples gathered
+        rows = self.rows_dev
+        self.kern.put_rows(self.out_x, rows, x)
+        full = xp.reshape(self.out_x, self.shape)
+        y = call(full, xp.arange(B, device=self.device)) if compact else call(full)
+        if self.gx_rows is None:
+            self.gx_rows = xp.empty((B, n), dtype=self.dtype, device=self.device)
+        self.kern.take_rows(self.gx_rows[:w, ...], xp.reshape(y, (B, n)), rows)
+        self.n_rows += B
+        return self.gx_rows[:w, ...]
+
+    def _info(self, k, x, r, active):
+        """The callback's :class:`IterationInfo`: whole-batch arrays even when the working arrays are packed."""
+        xp, kern = self.xp, self.kern
+        if self.w == self.B:
+            return IterationInfo(k, xp.reshape(x, self.shape), kern.big(r), kern.big(active))
+        x_all = xp.asarray(self.out_x, copy=True)
+        kern.put_rows(x_all, self.rows_dev, x)
+        r_all, on = self.out_r.copy(), np.zeros(self.B, dtype=bool)
+        r_all[self.idx] = np.asarray(to_numpy(r), dtype=np.float64)
+        on[self.idx] = np.asarray(to_numpy(active), dtype=bool)
+        lib, dev = self.lib, self.device
+        return IterationInfo(k, xp.reshape(x_all, self.shape), convert(r_all, lib, device=dev, dtype=None),
+                             convert(on, lib, device=dev, dtype=None))
+
+    def _shrink(self, active):
+        """At a host check: drop the samples that have stopped from every working array (:meth:`_pack`), or,
+        with a method that cannot pack its state, evaluate g on the samples still iterating only."""
+        if self.packs:
+            mask = np.asarray(to_numpy(active), dtype=bool)
+            if not mask.all():
+                self._pack(mask)
+        if not self.packs and self.compact is not False:
+            self._choose_rows(active)
+
+    def _pack(self, mask):
+        """Write the results of the working samples not in ``mask`` to the out_* record and pack every working
+        array (the loop's and the method's) to the others, in place."""
+        keep, gone = np.nonzero(mask)[0], np.nonzero(~mask)[0]
+        if not self.state.pack(keep):  # a method without pack(): its state stays per batch
+            self.packs = False
+            return
+        xp, kern, sxp, k = self.xp, self.kern, self.kern.sxp, keep.size
+        self._settle_best()
+        if self.out_x is None:
+            self.out_x = xp.empty((self.B, self.n), dtype=self.dtype, device=self.device)
+        scratch = self.x_next[: gone.size, ...]  # free: the step overwrites it next
+        kern.take_rows(scratch, self.best_x, xp.asarray(gone, device=self.device))
+        kern.put_rows(self.out_x, xp.asarray(self.idx[gone], device=self.device), scratch)
+        at = self.idx[gone]
+        self.out_r[at] = np.asarray(to_numpy(self.best_r), dtype=np.float64)[gone]
+        self.out_restarts[at] = np.asarray(to_numpy(self.n_restarts), dtype=np.int64)[gone]
+        self.out_diverged[at] = np.asarray(to_numpy(self.diverged), dtype=bool)[gone]
+        kern.pack_rows(self.x_cur, keep)
+        kern.pack_rows(self.best_x, keep)
+        self.x_cur, self.x_next, self.best_x = self.x_cur[:k, ...], self.x_next[:k, ...], self.best_x[:k, ...]
+        rows = kern.small_index(keep)
+        self.best_r, self.active = sxp.take(self.best_r, rows, axis=0), sxp.take(self.active, rows, axis=0)
+        self.n_restarts, self.diverged = sxp.take(self.n_restarts, rows, axis=0), sxp.take(self.diverged, rows, axis=0)
+        self.best_pending = self.best_pending[:k]
+        if self.f0 is not None:
+            self.f0 = sxp.take(self.f0, rows, axis=0)
+        self.idx, self.w = self.idx[keep], k
+        self.rows_dev = xp.asarray(self.idx, device=self.device)
+        if self.compact is not False:
+            self.rows = self.rows_dev
 
     def _run_one(self):
         """:meth:`run` for one sample whose small state is on the host: the per-sample bookkeeping in Python
@@ -452,9 +527,9 @@ class _Loop:
         """g on the rows in ``self.rows`` only; their values scattered into ``gx_full``, which is returned."""
         xp, k = self.xp, self.n_rows_now
         rows_x = self.x_rows[:k, ...]
-        _take_rows(xp, x, self.rows, rows_x)
+        self.kern.take_rows(rows_x, x, self.rows)
         y = call(xp.reshape(rows_x, (k,) + self.shape[1:]), self.rows)
-        _put_rows(xp, self.gx_full, self.rows, xp.reshape(y, (k, self.n)))
+        self.kern.put_rows(self.gx_full, self.rows, xp.reshape(y, (k, self.n)))
         return self.gx_full
 
     def _round(self, buf):
@@ -473,7 +548,17 @@ class _Loop:
         """The :class:`FixedPointResult` of what has been computed so far."""
         xp = self.xp
         self._settle_best()
-        x = xp.reshape(self.best_x, self.shape)
+        best_r = to_numpy(self.best_r).astype(np.float64)
+        restarts, diverged = to_numpy(self.n_restarts).astype(np.int64), to_numpy(self.diverged).astype(bool)
+        if self.out_x is None:  # never packed: the working arrays are the whole batch
+            x = self.best_x
+        else:  # the samples still working join the finished ones' record
+            self.kern.put_rows(self.out_x, self.rows_dev, self.best_x)
+            x = self.out_x
+            for record, value in ((self.out_r, best_r), (self.out_restarts, restarts), (self.out_diverged, diverged)):
+                record[self.idx] = value
+            best_r, restarts, diverged = self.out_r, self.out_restarts, self.out_diverged
+        x = xp.reshape(x, self.shape)
         if self.lib != self.caller_lib or self.narrow:
             x = convert(x, self.caller_lib, device=self.caller_device, dtype=self.caller_dtype)
         hist = np.concatenate(self.hist_host) if self.hist_host else np.empty((0, self.B))
@@ -483,15 +568,14 @@ class _Loop:
         fail = (~np.isfinite(hist)).any(axis=0)
         iters = ran.sum(axis=0)
         history = np.where(ran, hist, np.nan)
-        div = to_numpy(self.diverged).astype(bool) & ~conv & ~fail
+        div = diverged & ~conv & ~fail
         sample_status = np.where(conv, "converged", np.where(fail, "nonfinite", np.where(div, "diverged", "max_iter")))
         if status is None:
             status = ("converged" if conv.all() else "nonfinite" if fail.any() else "diverged" if div.any()
                       else "max_iter")
         elif status == "stopped":
             sample_status = np.where(conv | fail, sample_status, "stopped")
-        restarts = to_numpy(self.n_restarts).astype(np.int64)
-        residual = to_numpy(self.best_r).astype(np.float64)
+        residual = best_r
         wall = time.perf_counter() - self.t0
         per_sample: dict[str, Any] = dict(converged=conv, sample_status=sample_status, n_iter=iters, residual=residual,
                                           n_restarts=restarts, residual_history=history)

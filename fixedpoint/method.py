@@ -15,7 +15,13 @@ bridge and the result.  Each iteration k it does, with x = x_k of shape ``(B, n)
     restarted = state.step(x, gx, f, active, out)   # the method writes x_{k+1} into out
 
 Rows of ``out`` whose sample is no longer ``active`` are overwritten by the loop with
-x_k afterwards, so a method may compute every row.  ``observe`` and ``step`` must not
+x_k afterwards, so a method may compute every row.  At a host check where samples have
+stopped, the loop calls ``state.pack(keep)``: the state keeps only the samples ``keep``
+(moved to its first rows, in order) and from then on every array the loop passes has
+``len(keep)`` rows, so each iteration costs what the samples still iterating cost.  A
+state names its per-sample arrays in ``PACKED_ROWS`` for the default ``pack``, or
+overrides it; one that does neither keeps all B samples, and the loop keeps them too:
+every iteration then costs what the whole batch costs (except g, with ``compact``).  ``observe`` and ``step`` must not
 keep references to ``x``, ``gx`` or ``out`` beyond the call (the loop reuses them),
 must not allocate arrays of size n (use the buffers made in ``init``) and must not
 read values on the host (that would synchronise a GPU); per-sample quantities are
@@ -75,6 +81,46 @@ class MethodState:
         same :meth:`Kernels.sums` call: a sharded solve then needs one collective per iteration.
         """
         return None
+
+    #: Names of the state's arrays whose leading axis is the sample (``(B, n)`` vectors, ``(B,)`` or
+    #: ``(B, m)`` small state): the default :meth:`pack` moves their rows and keeps views of the first ones
+    #: (the residual buffer ``f`` is included by itself).  None: the state cannot pack.
+    PACKED_ROWS: ClassVar[tuple[str, ...] | None] = None
+
+    def pack(self, keep: Any) -> bool:
+        """Keep only the samples ``keep``, moved to the front in order; return True (False: not supported).
+
+        Parameters
+        ----------
+        keep : numpy.ndarray of int64, shape (k,)
+            Increasing indices, among the state's current samples, of those still iterating (on
+            the host whatever the device).  Sample ``keep[i]`` becomes sample ``i``, and the
+            arrays of later calls have ``k`` rows.
+
+        Returns
+        -------
+        bool
+            True once the state works on the k samples; False, changing nothing, when the class
+            sets no :attr:`PACKED_ROWS` (the loop then keeps every sample in every iteration).
+
+        Notes
+        -----
+        The default moves the rows of the arrays named in :attr:`PACKED_ROWS` (and ``f``) in place
+        with :meth:`Kernels.pack_rows` and keeps views of their first ``k`` rows: nothing of size n
+        is allocated.  A state with other layouts (stacks ``(m, B, n)``, per-sample matrices)
+        overrides it.  A sample's results must not depend on which other samples share the state:
+        that is what makes the answers independent of how the samples were batched.
+        """
+        names = type(self).PACKED_ROWS
+        if names is None:
+            return False
+        k = len(keep)
+        for name in (("f",) if self.f is not None else ()) + tuple(names):
+            a = getattr(self, name)
+            self.kern.pack_rows(a, keep)
+            setattr(self, name, a[:k, ...])
+        self.B = k
+        return True
 
     def step(self, x: Any, gx: Any, f: Any, active: Any, out: Any) -> Any | None:
         """Write the next iterate x_{k+1} into ``out`` (shape ``(B, n)``).

@@ -118,7 +118,13 @@ def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float
     batch : bool, default False
         Treat the leading axis of ``x0`` as B independent problems: per-sample
         residuals, stopping, weights and iteration counts; converged samples stop
-        moving.  Otherwise ``x0`` is one vector.
+        moving.  At each host check (``check_every``) the samples that have stopped
+        leave every working array (the iterates, the best iterates, the method's
+        history), so that an iteration costs what the samples still iterating cost.
+        A sample's iterates do not depend on how it was batched (alone, in any batch,
+        with or without ``compact``) wherever g's rows do not, to the bit with NumPy
+        and PyTorch CPU tensors (docs/algorithm.md, "Batch mode").  Otherwise ``x0``
+        is one vector.
     compact : {False, True, "auto"}, default False
         With ``batch=True``: evaluate g only on the samples still iterating.  g is then
         called as ``g(x_rows, rows)``, with ``x_rows`` of shape ``(k, *x0.shape[1:])``
@@ -127,10 +133,10 @@ def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float
         g(x).  True compacts from the first host check on; "auto" once at most half
         the samples (:data:`fixedpoint.iteration.COMPACT_AUTO`) are still iterating.
         The set of rows is updated at host checks (every ``check_every`` iterations);
-        the answers are the same as without compaction.  Costs two vectors of memory
-        (a gather buffer and g's values of every sample) and a gather and a scatter
-        of the active rows per iteration; pays when g's cost grows with the rows, as
-        in a DEQ layer (:class:`fixedpoint.torch.DEQ` uses it).
+        the answers are the same as without compaction.  Without compaction, once
+        samples have stopped, g is called on the whole batch (the stopped samples'
+        rows holding their results) and the working samples' rows are scattered into
+        it and gathered from it: one vector of memory more, and g's full cost.
     check_every : int, optional
         Check for convergence on the host every this many iterations (default 1
         on CPUs, 10 on GPUs, where each check synchronises).  Up to

@@ -86,7 +86,10 @@ def main(engine):
         check(abs(res.residual - ref.residual) <= 1e-4 * ref.residual,
               f"residuals {method}: {res.residual} vs {ref.residual}")
 
-    # 2. batch mode with compaction: B samples, each sharded the same way
+    # 2. batch mode: B samples, each sharded the same way; the samples stop at different iterations, so the
+    # working arrays are packed on every process alike.  With and without compaction, every method: the
+    # single-process answers, and each sample's iterates those of its sharded solve alone, to the bit (g's
+    # rows are computed one at a time, so they do not depend on the batch either)
     rates = np.array([0.3, 0.9, 0.6])
     Ab, bb = linear_problem(n, seed=1, batch=3)
 
@@ -94,15 +97,27 @@ def main(engine):
         rows = np.arange(3) if rows is None else rows
         return rates[rows, None] * (x @ Ab.T) + bb[rows]
 
-    ref = fixedpoint.solve(gb_full, np.zeros((3, n)), batch=True, tol=1e-10, method="forward", max_iter=3000)
+    def sharded(take):
+        def gb(x_local, rows=None):
+            rows = np.arange(len(take)) if rows is None else np.asarray(rows)
+            full = allgather(x_local)
+            return np.stack([rates[take[r]] * (Ab[lo:hi] @ full[i]) + bb[take[r], lo:hi] for i, r in enumerate(rows)])
+        return gb
 
-    def gb(x_local, rows):
-        return rates[np.asarray(rows), None] * (allgather(x_local) @ Ab[lo:hi].T) + bb[np.asarray(rows)][:, lo:hi]
-
-    res = fixedpoint.solve(gb, np.zeros((3, hi - lo)), batch=True, compact=True, tol=1e-10, method="forward",
-                           max_iter=3000, comm=comm)
-    check(res.converged.all() and (res.n_iter == ref.n_iter).all(), f"batch: {res.n_iter} vs {ref.n_iter}")
-    np.testing.assert_allclose(res.x, ref.x[:, lo:hi], rtol=1e-9, atol=1e-12)
+    for method in (ForwardIteration(), Anderson(), Broyden(m=6)):
+        ref = fixedpoint.solve(gb_full, np.zeros((3, n)), batch=True, tol=1e-10, method=method, max_iter=3000)
+        for compact in (False, True):
+            res = fixedpoint.solve(sharded([0, 1, 2]), np.zeros((3, hi - lo)), batch=True, compact=compact, tol=1e-10,
+                                   method=method, max_iter=3000, comm=comm)
+            check(res.converged.all() and (res.n_iter == ref.n_iter).all(), f"batch {method}: {res.n_iter} vs "
+                                                                            f"{ref.n_iter}")
+            check(len(set(res.n_iter.tolist())) == 3, f"the samples stop at different iterations: {res.n_iter}")
+            np.testing.assert_allclose(res.x, ref.x[:, lo:hi], rtol=1e-9, atol=1e-12)
+            for i in range(3):
+                one = fixedpoint.solve(sharded([i]), np.zeros((1, hi - lo)), batch=True, tol=1e-10, method=method,
+                                       max_iter=3000, comm=comm)
+                np.testing.assert_array_equal(one.x[0], res.x[i])
+                np.testing.assert_array_equal(one.residual_history[:, 0], res.residual_history[: one.n_iter[0], i])
 
     # 3. processes with other options, or another dtype: a clear error on every process, no hang
     for kwargs, x0 in ((dict(method=Anderson(m=5 + rank)), np.zeros(hi - lo)),

@@ -71,8 +71,9 @@ def test_batch_needs_a_batch_axis():
 
 @pytest.mark.parametrize("lam_mode", ["relative", "relative_max", "absolute"])
 def test_full_window_systems_equal_the_masked_ones(lam_mode):
-    # Once every window is full, the host path builds the bordered systems without masks; they must be the
-    # systems of the general (masked) path, including a sample whose residuals are all zero (scale 1).
+    # Once every window is full, the host path builds the systems without masks; a sample's system must be, to
+    # the bit, the one the general (masked) path builds, including a sample whose residuals are all zero
+    # (scale 1): otherwise a sample's steps would depend on its neighbours' windows.
     from fixedpoint.backend import resolve_namespace
     from fixedpoint.kernels import Kernels
 
@@ -85,31 +86,38 @@ def test_full_window_systems_equal_the_masked_ones(lam_mode):
         f[0] = 0.0
         h.push(rng.standard_normal((B, n)), f)
     assert h.valid.all()
-    rhs_masked = h._system_masked().copy()
-    masked = h.H.copy()
-    h.H[...] = np.nan
-    np.testing.assert_array_equal(h._system_full(), rhs_masked)
-    np.testing.assert_allclose(h.H, masked, rtol=1e-15, atol=0)
+    np.testing.assert_array_equal(h._system(), np.ones((B, m)))
+    full = h.H.copy()
+    h.valid = h.valid.copy()
+    h.valid[5, 1] = False  # one slot of one sample: the masked path for all
+    rhs = h._system()
+    np.testing.assert_array_equal(h.H[:5], full[:5])
+    np.testing.assert_array_equal(rhs[5], [1.0, 0.0, 1.0, 1.0])
+    assert h.H[5, 1, 1] == 1.0 and not h.H[5, 1, [0, 2, 3]].any() and not h.H[5, [0, 2, 3], 1].any()
 
 
-def test_many_small_systems_solve_like_lapack():
-    # Kernels.solve_spd takes a vectorised LDL^T from MANY_SYSTEMS systems on: check it against LAPACK,
-    # for well and badly conditioned systems, and a singular one (non-finite, no error).
+@pytest.mark.parametrize("B", [1, 3, 400])
+def test_small_systems_solve_like_lapack_and_alike_in_any_batch(B):
+    # Kernels.solve_spd solves by LDL^T, vectorised over the batch or one system at a time in Python floats:
+    # close to LAPACK, for well and badly conditioned systems, each system's solution the same to the bit in any
+    # batch, and a singular system non-finite (no error).
     from fixedpoint.backend import resolve_namespace
-    from fixedpoint.kernels import MANY_SYSTEMS, Kernels
+    from fixedpoint.kernels import LDL_MAX_K, Kernels
 
     kern = Kernels(resolve_namespace("numpy"), "cpu")
     rng = np.random.default_rng(5)
-    for k in (1, 2, 5, 12):
-        F = rng.standard_normal((MANY_SYSTEMS, k, k + 3)) * np.logspace(0, -6, k)[:, None]
+    for k in (1, 2, 5, LDL_MAX_K, LDL_MAX_K + 3):
+        F = rng.standard_normal((B, k, k + 3)) * np.logspace(0, -6, k)[:, None]
         A = F @ F.transpose(0, 2, 1)
-        b = rng.standard_normal((MANY_SYSTEMS, k))
+        b = rng.standard_normal((B, k))
         A0, b0 = A.copy(), b.copy()
         y = kern.solve_spd(A, b)
         np.testing.assert_array_equal(A, A0)  # the inputs are left as they were
         np.testing.assert_array_equal(b, b0)
         np.testing.assert_allclose(A @ y[:, :, None], b[:, :, None], rtol=0, atol=1e-7 * np.abs(b).max())
         np.testing.assert_allclose(y, np.linalg.solve(A, b[:, :, None])[:, :, 0], rtol=1e-6, atol=0)
+        for i in {0, B // 2, B - 1}:  # alone, and among 399 others (vectorised) or 2 (one at a time)
+            np.testing.assert_array_equal(kern.solve_spd(A[i:i + 1], b[i:i + 1])[0], y[i])
     A[0] = 0.0
     with np.errstate(all="ignore"):
         y = kern.solve_spd(A, b)
@@ -118,6 +126,7 @@ def test_many_small_systems_solve_like_lapack():
 
 def test_thousands_of_samples_take_the_one_sample_steps():
     # B = 400 solves its small systems by the vectorised LDL^T; the steps are those of one-sample solves
+    # (g is a matrix product, whose rows round differently for one row and for 400)
     p = problems.tanh_layer(d=8, batch=400, rho=0.95, seed=2)
     res = fixedpoint.solve(p.g, p.x0, batch=True, tol=1e-11)
     assert res.converged.all()
@@ -129,4 +138,4 @@ def test_thousands_of_samples_take_the_one_sample_steps():
 
         one = fixedpoint.solve(gi, p.x0[i], tol=1e-11)
         assert one.n_iter == res.n_iter[i]
-        np.testing.assert_allclose(res.x[i], one.x, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(res.x[i], one.x, rtol=1e-9, atol=1e-12)  # g's rows differ in the last bits
