@@ -8,9 +8,7 @@ step, so every setting sees the same weights and batch) with each setting of the
 - ``auto``: ``compact="auto"`` (from half the batch on, :data:`fixedpoint.iteration.COMPACT_AUTO`);
 - ``on/ρ``: ``compact=True``, the adjoint's graph of f rebuilt on the active rows once they are at
   most ρ of the rows of the graph in use (:data:`fixedpoint.torch.deq.REBUILD_FRACTION`; ρ = 0
-  never rebuilds: every product runs on the whole graph);
-- ``on/0.5/one-solve``: as ``on/0.5`` but without the layer's new solves on the stragglers
-  (:data:`fixedpoint.torch.deq.RESTAGE_FRACTION` = 0): the solver's compaction alone.
+  never rebuilds: every product runs on the whole graph).
 
 Reported per batch and setting: CPU seconds of this process (``time.process_time``, which
 other processes on a shared machine inflate less than wall time) for the forward pass (the
@@ -41,10 +39,9 @@ import fixedpoint.torch.deq as deq_module  # noqa: E402
 from demos.deq_training import TrainedRun, solver_options  # noqa: E402
 from tooling.timing import add_threads_flag, positive_int, use_threads  # noqa: E402
 
-#: (name, --compact value, REBUILD_FRACTION, RESTAGE_FRACTION) of each setting measured.
-SETTINGS = (("off", "off", 0.5, 0.25), ("auto", "auto", 0.5, 0.25), ("on/0", "on", 0.0, 0.25),
-            ("on/0.25", "on", 0.25, 0.25), ("on/0.5", "on", 0.5, 0.25), ("on/1", "on", 1.0, 0.25),
-            ("on/0.5/one-solve", "on", 0.5, 0.0))
+#: (name, --compact value, REBUILD_FRACTION) of each setting measured.
+SETTINGS = (("off", "off", 0.5), ("auto", "auto", 0.5), ("on/0", "on", 0.0), ("on/0.25", "on", 0.25),
+            ("on/0.5", "on", 0.5), ("on/1", "on", 1.0))
 
 
 def make_parser():
@@ -67,7 +64,7 @@ def main(argv=None):
     run = TrainedRun(args.checkpoint, args.data_dir)
     batches = run.batches(train=True)
     models = {}
-    for name, compact, _, _ in SETTINGS:
+    for name, compact, _ in SETTINGS:
         if name not in args.settings:
             continue
         opts = solver_options(run.solver, argparse.Namespace(**dict(vars(run.cfg), compact=compact)), "numpy")
@@ -79,14 +76,14 @@ def main(argv=None):
     except ImportError:
         blas = None
     rows = []
-    defaults = deq_module.REBUILD_FRACTION, deq_module.RESTAGE_FRACTION
+    default = deq_module.REBUILD_FRACTION
     try:
         for b in range(args.first, args.first + args.batches):
             images, labels = batches.batch(args.epoch, b)
-            for name, _, rebuild, restage in SETTINGS:
+            for name, _, rebuild in SETTINGS:
                 if name not in models:
                     continue
-                deq_module.REBUILD_FRACTION, deq_module.RESTAGE_FRACTION = rebuild, restage
+                deq_module.REBUILD_FRACTION = rebuild
                 model = models[name]
                 buffers = {k: v.clone() for k, v in model.state_dict().items()}
                 c0 = time.process_time()
@@ -100,7 +97,6 @@ def main(argv=None):
                 fw, bw = st.forward, st.backward
                 rec = dict(batch=b, setting=name, cpu_forward=c1 - c0, cpu_backward=c2 - c1,
                            fwd_fev=fw.n_fev, fwd_rows=fw.n_rows, fwd_iter_max=fw.n_iter_max,
-                           fwd_stages=fw.n_stages, bwd_stages=bw.n_stages,
                            bwd_fev=bw.n_fev, bwd_rows=bw.n_rows, bwd_rebuilt_rows=bw.n_graph_rows,
                            bwd_iter_max=bw.n_iter_max, wall_forward_solve=fw.wall_time, wall_forward_f=fw.map_time,
                            wall_adjoint_solve=bw.wall_time, wall_adjoint_products=bw.map_time)
@@ -111,7 +107,7 @@ def main(argv=None):
                       f"{fw.map_time:6.2f} of {fw.wall_time:6.2f} s, in products {bw.map_time:6.2f} of "
                       f"{bw.wall_time:6.2f} s", flush=True)
     finally:
-        deq_module.REBUILD_FRACTION, deq_module.RESTAGE_FRACTION = defaults
+        deq_module.REBUILD_FRACTION = default
         if blas is not None:
             blas.unregister()
     print("\ntotals over the batches: CPU seconds forward / backward, rows of f / products / rebuilt")

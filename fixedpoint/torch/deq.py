@@ -17,14 +17,10 @@ Compaction (``compact``)
     ``compact`` option gathers their rows of z, the layer the matching rows of x,
     and the solver scatters the result back), so that a batch costs the sum of
     its samples' iterations instead of B times its slowest sample's.  The same
-    holds in the adjoint solve (below).  Once the samples still iterating have
-    been at most :data:`RESTAGE_FRACTION` of a solve's samples for
-    :data:`RESTAGE_AFTER` iterations, the layer stops that solve and starts a new
-    one on them alone, from the iterates the stopped solve returned (the method's
-    memory starts afresh), so that the solver's own per-iteration bookkeeping then
-    runs on the stragglers only (docs/deq.md measures what that saves).  The
-    answers are those without compaction to the solver's tolerance (up to the
-    rounding of f on fewer rows when no new solve is started).
+    holds in the adjoint solve (below).  The solver's own work per iteration (norms,
+    best iterate, the method's step) follows the samples still iterating whether or
+    not f does (:func:`fixedpoint.solve`).  The answers are those without compaction,
+    to the bit where f's rows do not depend on how many rows it is given.
 
 Backward pass (``gradient``; first derivatives only: ``create_graph=True`` raises)
     ``"implicit"`` (the default): implicit differentiation.  With the loss gradient
@@ -81,14 +77,13 @@ import torch
 
 from ..backend import cupy_usable, synchronize
 from ..checks import check_choice, check_int, check_real
-from ..interop import to_numpy
 from ..iteration import check_common
 from ..method import Method
 from ..result import FixedPointResult
 from ..solve import resolve_method, solve
 
 __all__ = ["DEQ", "DEQStats", "SolveStats", "deq_fixed_point", "jacobian_frobenius", "solver_backend_for",
-           "GRADIENTS", "REBUILD_FRACTION", "RESTAGE_FRACTION"]
+           "GRADIENTS", "REBUILD_FRACTION"]
 
 #: Values of the ``backend`` argument of :class:`DEQ` and :func:`deq_fixed_point`.
 SOLVER_BACKENDS = ("auto", "numpy", "cupy", "torch")
@@ -103,13 +98,6 @@ PHANTOM_STEPS, PHANTOM_DAMPING = 5, 0.5
 #: Adjoint solve with compaction: f is evaluated again, with autograd, on the rows still iterating once they
 #: are at most this fraction of the rows of the graph the products run on (see docs/deq.md for the measurement).
 REBUILD_FRACTION = 0.5
-
-#: A stopgap while fixedpoint's solve loop does part of its work per iteration for every sample of its batch,
-#: active or not (docs/deq.md, Findings): with compaction the layer starts a new solve on the samples still
-#: iterating once they have been at most RESTAGE_FRACTION of the samples of the solve in progress for
-#: RESTAGE_AFTER iterations (the stragglers; samples about to converge are left alone, since a new solve
-#: starts the method's memory afresh).  RESTAGE_FRACTION = 0 never starts one.
-RESTAGE_FRACTION, RESTAGE_AFTER = 0.25, 10
 
 #: Solver options the layer sets itself (so they cannot be passed as ``options``).
 _RESERVED = ("tol", "max_iter", "batch", "backend", "callback", "compact")
@@ -201,10 +189,6 @@ class SolveStats:
         autograd, to take the products on a smaller graph (0 otherwise).
     compacted : bool
         Whether the solve evaluated its map on fewer samples than the batch at some point.
-    n_stages : int
-        Solves the layer ran (with compaction, a new one on the samples still iterating
-        whenever they are at most :data:`RESTAGE_FRACTION` of the samples of the one in
-        progress); 1 otherwise.
     cpu_time : float
         CPU seconds this process used during the solve (``time.process_time``): on a
         shared machine a measure of the cost that other processes do not inflate.
@@ -231,7 +215,6 @@ class SolveStats:
     n_rows: int = 0
     n_graph_rows: int = 0
     compacted: bool = False
-    n_stages: int = 1
     cpu_time: float = 0.0
     map_time: float | None = None
     residual_history: np.ndarray = field(repr=False, default_factory=lambda: np.empty((0, 0)))
@@ -430,112 +413,8 @@ def _timed_solve(g, u0, *args):
     return res, stats
 
 
-class _Restage:
-    """The solver's ``callback`` that stops a solve once its samples still iterating have been at most
-    :data:`RESTAGE_FRACTION` of its samples for :data:`RESTAGE_AFTER` iterations (looked at on
-    host-check iterations only, so that a GPU is not synchronised more often than the solver does);
-    it keeps which samples those are."""
-
-    def __init__(self, size, every):
-        self.limit, self.every, self.since, self.active = RESTAGE_FRACTION * size, every, None, None
-
-    def __call__(self, info):
-        if (info.iteration + 1) % self.every:
-            return False
-        count = int(info.active.sum())
-        if not 0 < count <= self.limit:
-            return False
-        if self.since is None:
-            self.since = info.iteration
-        if info.iteration - self.since < RESTAGE_AFTER:
-            return False
-        self.active = np.asarray(to_numpy(info.active), dtype=bool).copy()
-        return True
-
-
-def _solve_in_stages(g, u0, method, tol, max_iter, batch, options, backend, compact):
-    """Solve u = g(u) with compaction (``g(u_rows, rows)``, batch indices), in stages; return (x, SolveStats).
-
-    Each stage is one :func:`fixedpoint.solve` on the samples still iterating when the previous one
-    stopped, from their best iterates, with the iterations they have left; the method starts afresh
-    (its memory of earlier iterates is not carried over), so the answers are those of one solve to the
-    solver's tolerance.  Statistics add up over the stages.
-    """
-    if RESTAGE_FRACTION <= 0 or u0.shape[0] < 2:
-        res, stats = _timed_solve(g, u0, method, tol, max_iter, batch, options, backend, compact)
-        return res.x, stats
-    device, size_all = u0.device, u0.shape[0]
-    every = options.get("check_every") or (1 if device.type == "cpu" else 10)
-    t0, c0 = time.perf_counter(), time.process_time()
-    timed = _Timed(g) if device.type == "cpu" else None
-    call = timed if timed is not None else g
-    idx: torch.Tensor | None = None  # batch indices of the samples of the stage; None: every sample
-    u, left, x = u0, max_iter, None
-    stages: list[tuple[torch.Tensor | None, FixedPointResult]] = []
-    while True:
-        watch = _Restage(u.shape[0], every)
-        stage_map = call if idx is None else (lambda z, rows, idx=idx: call(z, idx.index_select(0, rows)))
-        with torch.no_grad():
-            res = solve(stage_map, u, method, tol=tol, max_iter=left, batch=batch, backend=backend, compact=compact,
-                        callback=watch, **options)
-        stages.append((idx, res))
-        if x is None:
-            x = res.x
-        else:
-            if len(stages) == 2:
-                x = x.clone()  # the first stage's result becomes the whole batch's, written into
-            x.index_copy_(0, idx, res.x)
-        if res.status != "stopped" or watch.active is None:
-            break
-        left -= res.n_fev  # the samples still iterating iterated at every evaluation of this stage
-        keep = torch.as_tensor(np.nonzero(watch.active)[0], device=device)
-        if left < 1:
-            break
-        u = res.x.index_select(0, keep)
-        idx = keep if idx is None else idx.index_select(0, keep)
-    synchronize(device)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    if len(stages) == 1 and res.status != "stopped":
-        stats = SolveStats.from_result(res, backend, wall)
-    else:
-        stats = _merge_stages(stages, size_all, backend, wall)
-    stats.cpu_time = cpu
-    stats.map_time = None if timed is None else timed.seconds
-    return x, stats
-
-
-def _merge_stages(stages, size, backend, wall):
-    """One :class:`SolveStats` for the stages of :func:`_solve_in_stages`: counts add up, and each sample's
-    result is that of the last stage it was part of."""
-    iters = np.zeros(size, dtype=np.int64)
-    resid = np.full(size, np.nan)
-    conv = np.zeros(size, dtype=bool)
-    sample_status = np.full(size, "max_iter", dtype=object)
-    blocks, n_fev, n_rows = [], 0, 0
-    for idx, res in stages:
-        at = np.arange(size) if idx is None else idx.cpu().numpy()
-        iters[at] += np.asarray(res.n_iter)
-        resid[at] = np.asarray(res.residual, dtype=np.float64)
-        conv[at] = np.asarray(res.converged, dtype=bool)
-        sample_status[at] = np.asarray(res.sample_status)
-        block = np.full((np.asarray(res.residual_history).shape[0], size), np.nan)
-        block[:, at] = np.asarray(res.residual_history, dtype=np.float64)
-        blocks.append(block)
-        n_fev += int(res.n_fev)
-        n_rows += int(res.n_rows)
-    status = ("converged" if conv.all() else "nonfinite" if (sample_status == "nonfinite").any()
-              else "diverged" if (sample_status == "diverged").any() else "max_iter")
-    return SolveStats(method=stages[0][1].method, backend=backend, batch_size=size, n_fev=n_fev,
-                      n_iter_mean=float(iters.mean()), n_iter_max=int(iters.max()), residual_mean=float(resid.mean()),
-                      residual_max=float(resid.max()), converged_fraction=float(conv.mean()), status=status,
-                      wall_time=wall, n_rows=n_rows, compacted=True, n_stages=len(stages),
-                      residual_history=np.concatenate(blocks))
-
-
 def _solve(g, u0, method, tol, max_iter, batch, options, backend, compact):
-    """The layer's solve of u = g(u): in stages with compaction, else one; returns (x, SolveStats)."""
-    if compact is not False:
-        return _solve_in_stages(g, u0, method, tol, max_iter, batch, options, backend, compact)
+    """The layer's solve of u = g(u); returns (x, SolveStats)."""
     res, stats = _timed_solve(g, u0, method, tol, max_iter, batch, options, backend, compact)
     return res.x, stats
 
