@@ -382,12 +382,12 @@ class AndersonHistory(MethodState):
         same weights to the bit, with a fraction of the NumPy calls."""
         s, method, m = (self.k - 1) % self.m, self.method, self.m
         on = self.valid[0].tolist()
+        every = all(on)
         Gl = self.G[0].ravel().tolist()
-        diag = [Gl[j * (m + 1)] if on[j] else 0.0 for j in range(m)]
+        diag = Gl[:: m + 1] if every else [Gl[j * (m + 1)] if on[j] else 0.0 for j in range(m)]
         scale = max(diag)
         if not scale > 0.0 or any(d != d for d in diag):  # NumPy's max is NaN when any entry is
             scale = 1.0
-        every = all(on)
         if every:  # the usual case: every slot in use
             H = [x / scale for x in Gl]
         else:
@@ -412,13 +412,13 @@ class AndersonHistory(MethodState):
         total = y[0]
         for j in range(1, m):
             total += y[j]
-        if total == 0.0 or total != total:  # NumPy: y / 0 is infinite or NaN, hence a restart (when active)
-            ys = [math.nan] * m
-        else:
-            ys = [yj / total for yj in y]
         r, ref = self.r.item(), self.ref_r.item()
         bound = method.restart_weight
-        ok = all(-bound <= a <= bound for a in ys) and r <= method.restart_growth * ref  # False for NaN
+        if total == 0.0 or not math.isfinite(total):  # some y_j, hence some α_j, not finite (NumPy: inf or NaN)
+            ys, ok = [math.nan] * m, False
+        else:  # every y_j finite, so every α_j: max and min see no NaN
+            ys = [yj / total for yj in y]
+            ok = max(ys) <= bound and min(ys) >= -bound and r <= method.restart_growth * ref  # False for NaN r
         restart = bool(active[0]) and not ok  # NaN weights fail the comparison, hence restart
         if restart:
             self.valid[0] = self.onehot_b[s]
