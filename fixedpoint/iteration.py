@@ -62,11 +62,14 @@ class IterationInfo:
     iteration : int
         0-based index k of the iterate x_k that was just evaluated.
     x : array, shape of x0
-        The iterate x_k.
+        The iterate x_k (a sample that has left the working arrays: its result).
+        Once samples have left, the whole-batch arrays are assembled for the call
+        (a copy of the batch per iteration: a callback costs that much more).
     residual : array, shape (B,)
         Its residual in the solve's ``stop_mode``, in the small-system dtype
         (float64 where the device has it); for a sample that has stopped, the
-        residual of its frozen iterate.
+        residual of its frozen iterate (once it has left the working arrays at a host
+        check: of its best iterate, the one it returns).
     active : array of bool, shape (B,)
         Samples still iterating after this step.
     """
