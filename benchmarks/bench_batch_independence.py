@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
         return r * np.tanh(half * z + quarter * (np.roll(z, 1, axis=-1) + np.roll(z, -1, axis=-1))) + uu
 
     x0 = np.zeros((B, n), np.float32)
-    kw = dict(method="anderson", tol=1e-6, max_iter=2000)
+    kw: dict[str, Any] = dict(method="anderson", tol=1e-6, max_iter=2000)
     whole = fixedpoint.solve(g, x0, batch=True, **kw)
     compact = fixedpoint.solve(g, x0, batch=True, compact=True, **kw)
     alone = [fixedpoint.solve(lambda z, i=i: g(z[None], np.array([i]))[0], x0[i], **kw) for i in hard]

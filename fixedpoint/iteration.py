@@ -39,10 +39,10 @@ from .interop import call_map, convert, read_only_message, to_numpy, wrap_map
 from .kernels import Kernels
 from .method import Method
 from .result import FixedPointResult
+from .samples import INACTIVE, SampleRecord
 
 __all__ = ["IterationInfo", "run", "check_common"]
 
-_INACTIVE = -1.0  # history entry of a sample that had stopped (residuals are >= 0 or NaN)
 _INF = float("inf")
 
 #: ε in the relative residual ‖g(x) − x‖ / (‖g(x)‖ + ε).
@@ -222,75 +222,40 @@ class _Loop:
                              "batch=True")
         self.check_every = opts["check_every"] or (10 if is_accelerator(xp, device) else 1)
         self.kern = kern = Kernels(xp, device, opts.get("comm"))
-        sxp, sdev, sdt = kern.sxp, kern.sdevice, kern.sdtype
         with self.kern.solver_context():
             self.state = method.init(kern, B, n, dtype)
-            # Two iterates (swapped each step), the best iterate, small per-sample state.
-            self.x_cur = xp.reshape(xp.astype(x0, dtype, copy=True), (B, n))
-            self.x_next = xp.empty_like(self.x_cur)
-            self.best_x = xp.asarray(self.x_cur, copy=True)
-        # The best iterate is copied into best_x lazily: the rows of samples whose best iterate is the
-        # last one still lie in the iterate buffer ``best_buf`` (mask ``best_pending``) and are copied
-        # only when that buffer is about to be overwritten without the sample having improved again.
-        # For a steadily converging sample this saves a copy of size n every iteration.
-        self.best_buf = None
-        # Per-sample state is small state (kern.sxp): NumPy for host memory, else on the device.
-        self.best_r = sxp.full((B,), float("inf"), dtype=sdt, device=sdev)
-        self.active = sxp.ones((B,), dtype=sxp.bool, device=sdev)
-        self.best_pending = sxp.zeros((B,), dtype=sxp.bool, device=sdev)
-        self.n_restarts = sxp.zeros((B,), dtype=sxp.int64, device=sdev)
+            # The per-sample record: the working rows of the samples still iterating, the others' results.
+            self.rec = SampleRecord(kern, xp.reshape(xp.astype(x0, dtype, copy=True), (B, n)), self.check_every)
+        self.packs = B > 1  # False once the method's state turns out not to support pack()
         self.n_rows = 0  # samples passed to g in all
         if self.compact is not False:
-            # g(x_rows, rows): the rows still iterating, gathered into x_rows, and their indices in the batch.
-            # Until compaction starts rows is every sample and x_rows the iterate itself.
+            # g(x_rows, rows): the rows still iterating and their indices in the batch.  Until compaction starts
+            # rows is every sample and x_rows the iterate itself; with a method that cannot pack, the rows are
+            # gathered into x_rows and g's values scattered into gx_full (_choose_rows, _call_rows).
             self.rows = xp.arange(B, device=device)
             self.n_rows_now = B
             self.x_rows: Any = None
             self.gx_full: Any = None
-        self.diverged = sxp.zeros((B,), dtype=sxp.bool, device=sdev)
-        self.f0 = None  # ‖f_0‖ per sample, the reference of the divergence test
-        # The samples still in the working arrays (every per-sample array above holds their rows, in this
-        # order): at a host check where some have stopped, their results go to the out_* record once and every
-        # working array is packed to the others (_pack), so that each iteration costs what they cost.
-        self.idx = np.arange(B)  # their indices in the batch (host)
-        self.w = B  # how many
-        self.packs = B > 1  # False once the method's state turns out not to support pack()
-        self.out_x: Any = None  # (B, n): the finished samples' best iterates (made at the first pack)
-        self.out_r = np.full(B, np.inf)
-        self.out_restarts = np.zeros(B, dtype=np.int64)
-        self.out_diverged = np.zeros(B, dtype=bool)
         self.gx_rows: Any = None  # (B, n): g's rows of the working samples when g sees the whole batch
-        # Residual history: one row per iteration, _INACTIVE for samples that had stopped.  Per-sample
-        # convergence, failure and iteration counts are derived from it on the host (see result()).
-        self.inactive = sxp.full((B,), _INACTIVE, dtype=sdt, device=sdev)
-        self.hist = sxp.empty((self.check_every, B), dtype=sdt, device=sdev)
-        self.hist_host = []
-        self.pending = 0  # rows of self.hist not yet copied to hist_host
         self.n_fev = 0
 
-    def _flush_history(self):
-        if self.pending:
-            block = np.array(to_numpy(self.hist[: self.pending, : self.w]), dtype=np.float64)
-            if self.w < self.B:
-                full = np.full((self.pending, self.B), _INACTIVE)
-                full[:, self.idx] = block
-                block = full
-            self.hist_host.append(block)
-            self.pending = 0
-
     def run(self):
+        """Iterate and return the result: one sample with its small state on the host takes :meth:`_run_one`."""
         if self.B == 1 and self.kern.small_on_host and self.compact is False:
             return self._run_one()
-        kern, state, B = self.kern, self.state, self.B
+        return self._run_batch()
+
+    def _run_batch(self):
+        kern, state, rec = self.kern, self.state, self.rec
         sxp = kern.sxp
-        callback, tol, freeze, rel = self.opts["callback"], self.tol, B > 1, self.stop_mode == "rel"
+        callback, tol, freeze, rel = self.opts["callback"], self.tol, self.B > 1, self.stop_mode == "rel"
         divtol = self.opts["divtol"]
         call: Callable[..., Array] = self.g if self.wrapped else functools.partial(call_map, self.g)
         status = None
         self.t0 = time.perf_counter()
         try:
             for k in range(self.max_iter):
-                x = self.x_cur
+                x = rec.x
                 gx = self._evaluate(call, x)
                 self.n_fev += 1
                 f = state.residual_buffer()
@@ -300,40 +265,35 @@ class _Loop:
                 r = fnorm
                 if rel:  # a non-finite ‖g(x)‖ makes the residual non-finite, never 0
                     r = sxp.where(sxp.isfinite(gnorm), fnorm / (gnorm + REL_EPS), _INF)
-                active = self.active
+                active = rec.active
                 if divtol is not None:
-                    if self.f0 is None:
-                        self.f0 = fnorm
-                    diverging = active & (fnorm > divtol * self.f0)
-                    self.diverged = self.diverged | diverging
+                    if rec.f0 is None:
+                        rec.f0 = fnorm
+                    diverging = active & (fnorm > divtol * rec.f0)
+                    rec.diverged = rec.diverged | diverging
                     active = active & ~diverging
-                improved = active & (r < self.best_r)  # False for NaN
-                self.best_r = sxp.where(improved, r, self.best_r)
-                if self.best_buf is not None:  # x_next, about to be overwritten by the step
-                    kern.copy_rows_where(self.best_x, self.best_buf, self.best_pending & ~improved)
-                self.best_buf, self.best_pending = x, improved
-                self.hist[self.pending, : self.w] = sxp.where(self.active, r, self.inactive[: self.w])
-                self.pending += 1
-                self.active = active = active & (r > tol) & (r < _INF)  # converged or non-finite: stop
-                restarted = state.step(x, gx, f, active, self.x_next)
+                rec.keep_best(active & (r < rec.best_r), r)  # False for NaN
+                rec.record(r)
+                rec.active = active = active & (r > tol) & (r < _INF)  # converged or non-finite: stop
+                restarted = state.step(x, gx, f, active, rec.x_next)
                 if restarted is not None:
-                    self.n_restarts = self.n_restarts + sxp.astype(restarted, sxp.int64)
+                    rec.n_restarts = rec.n_restarts + sxp.astype(restarted, sxp.int64)
                 if freeze:
-                    kern.copy_rows_where(self.x_next, x, ~active)
+                    kern.copy_rows_where(rec.x_next, x, ~active)
                 if self.narrow:
-                    self._round(self.x_next)
+                    self._round(rec.x_next)
                 del gx, f  # g's result is not kept alive while g computes the next one
                 if callback is not None:
                     if callback(self._info(k, x, r, active)):
                         status = "stopped"
-                self.x_cur, self.x_next = self.x_next, x
+                rec.swap()
                 if status is not None or (k + 1) % self.check_every == 0 or k + 1 == self.max_iter:
-                    self._flush_history()
+                    rec.flush_history()
                     if status is not None or not bool(sxp.any(active)):
                         break
                     self._shrink(active)
         except BaseException as exc:
-            self._flush_history()
+            rec.flush_history()
             exc.fixedpoint_result = self.result("error")  # type: ignore[attr-defined]
             if self.kern.comm is not None:
                 self.kern.comm.abort(exc)
@@ -344,12 +304,12 @@ class _Loop:
         """Whether g is called on the working rows alone (``g(x_rows, rows)``) rather than the whole batch."""
         if self.compact is True:
             return True
-        return self.compact == "auto" and self.w <= COMPACT_AUTO * self.B
+        return self.compact == "auto" and self.rec.w <= COMPACT_AUTO * self.B
 
     def _evaluate(self, call, x):
         """g on the working rows ``x`` (shape ``(w, n)``), as the ``compact`` option has it; its rows of those
         samples, ``(w, n)``."""
-        xp, B, n, w = self.xp, self.B, self.n, self.w
+        xp, B, n, w, rec = self.xp, self.B, self.n, self.rec.w, self.rec
         compact = self.compact is not False
         if compact and not self.packs and self.x_rows is not None:  # a method without pack(): rows gathered
             self.n_rows += self.n_rows_now
@@ -364,85 +324,59 @@ class _Loop:
             return xp.reshape(call(xp.reshape(x, (w,) + self.shape[1:]), self.rows), (w, n))
         # g sees the whole batch: the working rows written into out_x (which holds the finished samples'
         # results), g's rows of the working samples gathered
-        rows = self.rows_dev
-        self.kern.put_rows(self.out_x, rows, x)
-        full = xp.reshape(self.out_x, self.shape)
+        self.kern.put_rows(rec.out_x, rec.rows, x)
+        full = xp.reshape(rec.out_x, self.shape)
         y = call(full, xp.arange(B, device=self.device)) if compact else call(full)
         if self.gx_rows is None:
             self.gx_rows = xp.empty((B, n), dtype=self.dtype, device=self.device)
-        self.kern.take_rows(self.gx_rows[:w, ...], xp.reshape(y, (B, n)), rows)
+        self.kern.take_rows(self.gx_rows[:w, ...], xp.reshape(y, (B, n)), rec.rows)
         self.n_rows += B
         return self.gx_rows[:w, ...]
 
     def _info(self, k, x, r, active):
         """The callback's :class:`IterationInfo`: whole-batch arrays even when the working arrays are packed."""
-        xp, kern = self.xp, self.kern
-        if self.w == self.B:
+        xp, kern, rec = self.xp, self.kern, self.rec
+        if rec.w == self.B:
             return IterationInfo(k, xp.reshape(x, self.shape), kern.big(r), kern.big(active))
-        x_all = xp.asarray(self.out_x, copy=True)
-        kern.put_rows(x_all, self.rows_dev, x)
-        r_all, on = self.out_r.copy(), np.zeros(self.B, dtype=bool)
-        r_all[self.idx] = np.asarray(to_numpy(r), dtype=np.float64)
-        on[self.idx] = np.asarray(to_numpy(active), dtype=bool)
+        x_all = xp.asarray(rec.out_x, copy=True)
+        kern.put_rows(x_all, rec.rows, x)
+        r_all, on = rec.out_r.copy(), np.zeros(self.B, dtype=bool)
+        r_all[rec.idx] = np.asarray(to_numpy(r), dtype=np.float64)
+        on[rec.idx] = np.asarray(to_numpy(active), dtype=bool)
         lib, dev = self.lib, self.device
         return IterationInfo(k, xp.reshape(x_all, self.shape), convert(r_all, lib, device=dev, dtype=None),
                              convert(on, lib, device=dev, dtype=None))
 
     def _shrink(self, active):
-        """At a host check: drop the samples that have stopped from every working array (:meth:`_pack`), or,
-        with a method that cannot pack its state, evaluate g on the samples still iterating only."""
+        """At a host check: drop the samples that have stopped from every working array, the record's and the
+        method's, or, with a method that cannot pack its state, evaluate g on the samples still iterating only."""
         if self.packs:
             mask = np.asarray(to_numpy(active), dtype=bool)
             if not mask.all():
-                self._pack(mask)
+                keep = np.nonzero(mask)[0]
+                if self.state.pack(keep):
+                    self.rec.pack(keep)
+                    if self.compact is not False:
+                        self.rows = self.rec.rows
+                else:  # a method without pack(): its state, and so the record, stay per batch
+                    self.packs = False
         if not self.packs and self.compact is not False:
             self._choose_rows(active)
-
-    def _pack(self, mask):
-        """Write the results of the working samples not in ``mask`` to the out_* record and pack every working
-        array (the loop's and the method's) to the others, in place."""
-        keep, gone = np.nonzero(mask)[0], np.nonzero(~mask)[0]
-        if not self.state.pack(keep):  # a method without pack(): its state stays per batch
-            self.packs = False
-            return
-        xp, kern, sxp, k = self.xp, self.kern, self.kern.sxp, keep.size
-        self._settle_best()
-        if self.out_x is None:
-            self.out_x = xp.empty((self.B, self.n), dtype=self.dtype, device=self.device)
-        scratch = self.x_next[: gone.size, ...]  # free: the step overwrites it next
-        kern.take_rows(scratch, self.best_x, xp.asarray(gone, device=self.device))
-        kern.put_rows(self.out_x, xp.asarray(self.idx[gone], device=self.device), scratch)
-        at = self.idx[gone]
-        self.out_r[at] = np.asarray(to_numpy(self.best_r), dtype=np.float64)[gone]
-        self.out_restarts[at] = np.asarray(to_numpy(self.n_restarts), dtype=np.int64)[gone]
-        self.out_diverged[at] = np.asarray(to_numpy(self.diverged), dtype=bool)[gone]
-        kern.pack_rows(self.x_cur, keep)
-        kern.pack_rows(self.best_x, keep)
-        self.x_cur, self.x_next, self.best_x = self.x_cur[:k, ...], self.x_next[:k, ...], self.best_x[:k, ...]
-        rows = kern.small_index(keep)
-        self.best_r, self.active = sxp.take(self.best_r, rows, axis=0), sxp.take(self.active, rows, axis=0)
-        self.n_restarts, self.diverged = sxp.take(self.n_restarts, rows, axis=0), sxp.take(self.diverged, rows, axis=0)
-        self.best_pending = self.best_pending[:k]
-        if self.f0 is not None:
-            self.f0 = sxp.take(self.f0, rows, axis=0)
-        self.idx, self.w = self.idx[keep], k
-        self.rows_dev = xp.asarray(self.idx, device=self.device)
-        if self.compact is not False:
-            self.rows = self.rows_dev
 
     def _run_one(self):
         """:meth:`run` for one sample whose small state is on the host: the per-sample bookkeeping in Python
         floats instead of one-element arrays (a tenth of the cost per iteration on tiny problems)."""
         xp, kern, state, shape, n = self.xp, self.kern, self.state, self.shape, self.n
         callback, tol, rel, divtol = self.opts["callback"], self.tol, self.stop_mode == "rel", self.opts["divtol"]
-        call: Callable[..., Array] = self.g if self.wrapped else _MapCall(self.g, xp.reshape(self.x_cur, shape))
+        rec = self.rec
+        call: Callable[..., Array] = self.g if self.wrapped else _MapCall(self.g, xp.reshape(rec.x, shape))
         on, off = np.ones(1, dtype=bool), np.zeros(1, dtype=bool)
         hist: list[float] = []
         best_r, active, diverged, restarts, f0, status = _INF, True, False, 0, None, None
         self.t0 = time.perf_counter()
         try:
             for k in range(self.max_iter):
-                x = self.x_cur
+                x = rec.x
                 gx = xp.reshape(call(xp.reshape(x, shape)), (1, n))
                 self.n_fev += 1
                 f = state.residual_buffer()
@@ -463,23 +397,23 @@ class _Loop:
                 improved = active and r < best_r  # False for NaN
                 if improved:
                     best_r = r
-                if self.best_buf is not None and self.best_pending[0] and not improved:
-                    kern.copy(self.best_x, self.best_buf)  # x_next, about to be overwritten by the step
-                self.best_buf, self.best_pending = x, (on if improved else off)
-                hist.append(r if was_active else _INACTIVE)
+                if rec.best_buf is not None and rec.best_pending[0] and not improved:
+                    kern.copy(rec.best_x, rec.best_buf)  # x_next, about to be overwritten by the step
+                rec.best_buf, rec.best_pending = x, (on if improved else off)
+                hist.append(r if was_active else INACTIVE)
                 active = active and tol < r < _INF  # converged or non-finite: stop
-                restarted = state.step(x, gx, f, on if active else off, self.x_next)
+                restarted = state.step(x, gx, f, on if active else off, rec.x_next)
                 if restarted is not None and restarted[0]:
                     restarts += 1
                 if self.narrow:
-                    self._round(self.x_next)
+                    self._round(rec.x_next)
                 del gx, f  # g's result is not kept alive while g computes the next one
                 if callback is not None:
                     info = IterationInfo(k, xp.reshape(x, shape), kern.big(np.array([r])),
                                          kern.big(on if active else off))
                     if callback(info):
                         status = "stopped"
-                self.x_cur, self.x_next = self.x_next, x
+                rec.swap()
                 if status is not None or ((k + 1) % self.check_every == 0 and not active):
                     break
         except BaseException as exc:
@@ -493,10 +427,11 @@ class _Loop:
 
     def _keep_one(self, hist, best_r, active, diverged, restarts):
         """Store the Python-scalar state of :meth:`_run_one` where :meth:`result` reads it."""
-        self.hist_host = [np.array(hist, dtype=np.float64).reshape(-1, 1)]
-        self.best_r = np.array([best_r])
-        self.active, self.diverged = np.array([active]), np.array([diverged])
-        self.n_restarts = np.array([restarts], dtype=np.int64)
+        rec = self.rec
+        rec.hist_host = [np.array(hist, dtype=np.float64).reshape(-1, 1)]
+        rec.best_r = np.array([best_r])
+        rec.active, rec.diverged = np.array([active]), np.array([diverged])
+        rec.n_restarts = np.array([restarts], dtype=np.int64)
 
     def _norms(self, observed, x, gx, f, rel):
         """(‖f_k‖, ‖g_k‖ or None) from what the method's observe returned, computing what it left out (in one
@@ -540,32 +475,17 @@ class _Loop:
         rounded = convert(buf, self.caller_lib, device=self.caller_device, dtype=self.caller_dtype)
         self.kern.copy(buf, convert(rounded, self.lib, device=self.device, dtype=self.dtype))
 
-    def _settle_best(self):
-        """Copy the best-iterate rows that still lie in an iterate buffer into best_x."""
-        if self.best_buf is not None:
-            with self.kern.solver_context():
-                self.kern.copy_rows_where(self.best_x, self.best_buf, self.best_pending)
-            self.best_buf = None
-
     def result(self, status):
         """The :class:`FixedPointResult` of what has been computed so far."""
         xp = self.xp
-        self._settle_best()
-        best_r = to_numpy(self.best_r).astype(np.float64)
-        restarts, diverged = to_numpy(self.n_restarts).astype(np.int64), to_numpy(self.diverged).astype(bool)
-        if self.out_x is None:  # never packed: the working arrays are the whole batch
-            x = self.best_x
-        else:  # the samples still working join the finished ones' record
-            self.kern.put_rows(self.out_x, self.rows_dev, self.best_x)
-            x = self.out_x
-            for record, value in ((self.out_r, best_r), (self.out_restarts, restarts), (self.out_diverged, diverged)):
-                record[self.idx] = value
-            best_r, restarts, diverged = self.out_r, self.out_restarts, self.out_diverged
+        with self.kern.solver_context():
+            self.rec.settle_best()
+            x, best_r, restarts, diverged = self.rec.whole_batch()
         x = xp.reshape(x, self.shape)
         if self.lib != self.caller_lib or self.narrow:
             x = convert(x, self.caller_lib, device=self.caller_device, dtype=self.caller_dtype)
-        hist = np.concatenate(self.hist_host) if self.hist_host else np.empty((0, self.B))
-        ran = hist != _INACTIVE
+        hist = self.rec.history()
+        ran = hist != INACTIVE
         with np.errstate(invalid="ignore"):
             conv = ((hist >= 0) & (hist <= self.tol)).any(axis=0)
         fail = (~np.isfinite(hist)).any(axis=0)
