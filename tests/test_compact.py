@@ -111,3 +111,17 @@ def test_straggler_benchmark_runs_and_records_its_ratios(tmp_path):
         row = res["stragglers"][method]
         assert row["converged"] and row["ratio"] > 0 and len(row["slow_iterations"]) == 4
         assert res["deq_sized"][method]["k2"] == 40
+
+
+def test_one_sample_benchmark_runs_both_loops_and_restores_the_one_sample_path(tmp_path):
+    import json
+
+    from benchmarks import bench_one_sample
+    from fixedpoint import iteration
+
+    before = iteration._Loop._run_one
+    out = tmp_path / "one.json"
+    assert bench_one_sample.main(["--repeats", "1", "--out", str(out)]) == 0
+    assert iteration._Loop._run_one is before
+    res = json.loads(out.read_text())["methods"]
+    assert set(res) == {"forward", "anderson", "broyden"} and all(r["batch_loop_us"] > 0 for r in res.values())
