@@ -554,10 +554,8 @@ class Kernels:
         B, k = b.shape
         if self.small_on_host and k <= LDL_MAX_K:
             if B < LDL_SCALAR_BELOW:
-                out = np.empty((B, k), dtype=np.float64)
-                for i in range(B):
-                    out[i] = ldl_solve_one(A[i].ravel().tolist(), b[i].tolist())
-                return out
+                return np.array([ldl_solve_one(a, r) for a, r in zip(A.reshape(B, k * k).tolist(), b.tolist())],
+                                dtype=np.float64).reshape(B, k)
             return ldl_solve(A, b)
         return self.solve(A, b)
 
@@ -596,8 +594,10 @@ class Kernels:
 #: ~0.25 µs a system of 5 in a large batch against the LDLᵀ's ~0.05 µs).
 LDL_MAX_K = 6
 #: ... and fewer than this many systems one at a time in Python floats (measured on one core, k = 5: the
-#: vectorised form costs a fixed ~55 µs, a system in Python floats ~2.5 µs).
-LDL_SCALAR_BELOW = 16
+#: vectorised form costs ~55 µs for up to a hundred systems, a system in Python floats ~1.5 µs; k = 6: ~75
+#: and ~2 µs).  From 28 to a few hundred systems LAPACK would be faster (4–30 µs for 16–100 systems of 5), but
+#: its rounding differs, and a sample's weights must not depend on its batch.
+LDL_SCALAR_BELOW = 28
 
 
 def ldl_solve(A: np.ndarray, b: np.ndarray) -> np.ndarray:
