@@ -225,7 +225,7 @@ class _Loop:
         with self.kern.solver_context():
             self.state = method.init(kern, B, n, dtype)
             # The per-sample record: the working rows of the samples still iterating, the others' results.
-            self.rec = SampleRecord(kern, xp.reshape(xp.astype(x0, dtype, copy=True), (B, n)), self.check_every)
+            self.rec = SampleRecord(kern, x0, dtype, B, n, self.check_every)
         self.packs = B > 1  # False once the method's state turns out not to support pack()
         self.n_rows = 0  # samples passed to g in all
         if self.compact is not False:

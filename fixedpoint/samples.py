@@ -32,8 +32,10 @@ class SampleRecord:
     ----------
     kern : Kernels
         The solve's kernels (vectors' library and device, small-state namespace).
-    x0 : array, shape (B, n)
-        The initial iterates in the solve's dtype (copied).
+    x0 : array with B·n entries
+        The initial iterates (copied, in ``dtype``, as ``(B, n)``).
+    dtype, B, n
+        The solve's dtype, samples and sample length.
     check_every : int
         Iterations between host checks: the device-side history holds that many rows.
 
@@ -51,11 +53,10 @@ class SampleRecord:
         vectors' library and device (None until the first pack).
     """
 
-    def __init__(self, kern: Kernels, x0: Any, check_every: int) -> None:
+    def __init__(self, kern: Kernels, x0: Any, dtype: Any, B: int, n: int, check_every: int) -> None:
         xp, sxp, sdev, sdt = kern.xp, kern.sxp, kern.sdevice, kern.sdtype
-        self.kern = kern
-        self.B, self.n = B, n = x0.shape
-        self.x = xp.asarray(x0, copy=True)
+        self.kern, self.B, self.n = kern, B, n
+        self.x = xp.reshape(xp.astype(x0, dtype, copy=True), (B, n))
         self.x_next = xp.empty_like(self.x)
         self.best_x = xp.asarray(self.x, copy=True)
         self.best_buf: Any = None
@@ -79,7 +80,6 @@ class SampleRecord:
         self.hist = sxp.empty((check_every, B), dtype=sdt, device=sdev)
         self.hist_host: list[np.ndarray] = []
         self.pending = 0
-        del n
 
     # --- each iteration ----------------------------------------------------------------------------
 
