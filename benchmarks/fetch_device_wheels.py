@@ -1,12 +1,12 @@
-"""Fill .whl/ with the wheels the GPU machine lacks: array-api-compat and array-api-strict, for its Python 3.12.
+"""Fill .whl/ with the wheels an offline GPU machine may lack: array-api-compat and array-api-strict, for Python 3.12.
 
-The GPU machine (see docs/benchmarks.md, "GPU") has no network and no array-api-compat
-(which fixedpoint imports) nor array-api-strict (which the tests' conftest lists).  Both
-are pure-Python wheels (tag ``py3-none-any``); this script downloads them here with
-``pip download`` for CPython 3.12 on manylinux x86_64 into ``.whl/`` at the repository
-root (ignored by git, carried to the device with ``carry: [".whl"]``), where the device
-command installs them with ``pip install --no-index --no-deps --target /tmp/site
-.whl/*.whl``.
+A GPU machine without network access that has PyTorch, CuPy and the rest may still lack
+array-api-compat (which fixedpoint imports) and array-api-strict (which the tests' conftest
+lists); see docs/benchmarks.md, "Running it on a CUDA machine".  Both are pure-Python wheels
+(tag ``py3-none-any``); this script downloads them, on a machine with network access, with
+``pip download`` for CPython 3.12 on manylinux x86_64 into ``.whl/`` at the repository root
+(ignored by git: copy it along with the working tree), where the GPU machine installs them
+with ``pip install --no-index --no-deps --target /tmp/site .whl/*.whl``.
 
 Idempotent: a wheel already in ``.whl/`` at the wanted version is kept and nothing is
 downloaded; other versions of the same packages are removed, so that ``.whl/*.whl``

@@ -27,8 +27,9 @@ measured up to then:
 - ``results.tar.gz``: each stage's folder (its console output, JSON, CSV and plots; DEQ
   checkpoints and files over 8 MiB left out).
 
-That is 4 files in one folder, within what a device call returns (at most 8 files, 2 folders
-deep, names of letters, digits, ``.``, ``_`` and ``-``).  The GPU targets (issue 4):
+That is 4 files in one folder: a small bundle, easy to copy off a remote or batch-scheduled
+machine (the suite checks it stays within 8 files, 2 folders deep, 16 MiB a file, names of
+letters, digits, ``.``, ``_`` and ``-``).  The GPU targets (issue 4):
 
 - bandwidth: Anderson's own work per iteration at n >= 1e7 reaches at least 60% of the copy
   bandwidth measured in the same run (bench_overhead's "/copy" column), on every measured
@@ -42,7 +43,7 @@ test of the suite.  Its target statuses exercise the pipeline and say nothing ab
 
 Examples
 --------
-    python benchmarks/gpu_suite.py --out out/gpu_suite              # on the GPU machine
+    python benchmarks/gpu_suite.py --out out/gpu_suite              # on a CUDA machine
     python benchmarks/gpu_suite.py --dry-run --out /tmp/suite-dry   # rehearsal on a CPU
     python benchmarks/gpu_suite.py --list                           # the stages and commands
     python benchmarks/gpu_suite.py --only overhead_cupy deq_cupy --out out/rerun
@@ -75,7 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: The files the suite writes under --out.
 BUNDLE_FILES = ("report.md", "summary.json", "suite.log", "results.tar.gz")
-#: What a device call returns: at most this many files, folders deep, bytes each, with names of this form.
+#: The bundle stays small and plain: at most this many files, folders deep, bytes each, names of this form.
 MAX_FILES, MAX_DEPTH, MAX_FILE_BYTES = 8, 2, 16 * 2**20
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 #: Files larger than this, and DEQ checkpoints, are left out of results.tar.gz.
@@ -441,7 +442,7 @@ def _overall(per: dict[str, Any], title: str) -> dict[str, Any]:
 # --- bundle -------------------------------------------------------------------------------------
 
 def check_bundle(out: Path) -> list[str]:
-    """What in folder ``out`` a device call would not return: too many files, too deep, too big, odd names."""
+    """What in folder ``out`` breaks the bundle's limits: too many files, too deep, too big, odd names."""
     problems, files = [], []
     for path in sorted(out.rglob("*")):
         rel = path.relative_to(out)
@@ -942,7 +943,7 @@ class Suite:
                     self.say("  " + v["line"])
         problems = check_bundle(self.out)
         self.say(f"wrote {', '.join(BUNDLE_FILES)} in {self.out}" + (
-            "" if not problems else "; NOT RETURNABLE BY A DEVICE CALL: " + "; ".join(problems)))
+            "" if not problems else "; OVER THE BUNDLE'S LIMITS: " + "; ".join(problems)))
         _write_text(self.out / "suite.log", "\n".join(self.log_lines) + "\n")
 
 
@@ -983,7 +984,7 @@ def _check_out(out: Path, overwrite: bool) -> str | None:
     foreign = [e for e in entries if e not in BUNDLE_FILES and not e.endswith(".tmp")]
     if foreign:
         return (f"--out {out} holds other files ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); "
-                "choose an empty or new folder, so that the bundle stays within what a device call returns")
+                "choose an empty or new folder, so that the bundle stays small and plain")
     if entries and not overwrite:
         return f"--out {out} holds an earlier suite's bundle ({', '.join(entries)}); add --overwrite to replace it"
     return None

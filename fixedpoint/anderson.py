@@ -228,7 +228,7 @@ class AndersonHistory(MethodState):
         rows = self.kern.small_index(keep)
         sxp = self.kern.sxp
         self.G, self.valid = sxp.take(self.G, rows, axis=0), sxp.take(self.valid, rows, axis=0)
-        self.ref_r, self.r = sxp.take(self.ref_r, rows, axis=0), sxp.take(self.r, rows, axis=0)
+        self.ref_r = sxp.take(self.ref_r, rows, axis=0)  # (push() computes ‖f_k‖ anew)
         self._bind(len(keep))
         return True
 

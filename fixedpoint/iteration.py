@@ -232,7 +232,7 @@ class _Loop:
             # g(x_rows, rows): the rows still iterating and their indices in the batch.  Until compaction starts
             # rows is every sample and x_rows the iterate itself; with a method that cannot pack, the rows are
             # gathered into x_rows and g's values scattered into gx_full (_choose_rows, _call_rows).
-            self.rows = xp.arange(B, device=device)
+            self.every_row = self.rows = xp.arange(B, device=device)
             self.n_rows_now = B
             self.x_rows: Any = None
             self.gx_full: Any = None
@@ -326,7 +326,7 @@ class _Loop:
         # results), g's rows of the working samples gathered
         self.kern.put_rows(rec.out_x, rec.rows, x)
         full = xp.reshape(rec.out_x, self.shape)
-        y = call(full, xp.arange(B, device=self.device)) if compact else call(full)
+        y = call(full, self.every_row) if compact else call(full)
         if self.gx_rows is None:
             self.gx_rows = xp.empty((B, n), dtype=self.dtype, device=self.device)
         self.kern.take_rows(self.gx_rows[:w, ...], xp.reshape(y, (B, n)), rec.rows)

@@ -327,9 +327,8 @@ class Kernels:
             return
         row = math.prod(a.shape[1:])
         per_block = max(1, _BLOCK // row)
-        run_end = np.empty(keep.size, dtype=np.int64)  # run_end[i]: one past the run of consecutive rows from i
-        ends = np.append(np.nonzero(np.diff(keep) != 1)[0] + 1, keep.size)
-        run_end[:] = np.repeat(ends, np.diff(np.concatenate([[0], ends])))
+        ends = np.append(np.nonzero(np.diff(keep) != 1)[0] + 1, keep.size)  # one past each run of consecutive rows
+        run_end = np.repeat(ends, np.diff(ends, prepend=0))  # run_end[i]: the end of the run that holds i
         i = int(moved[0])
         while i < keep.size:
             length, gap = int(run_end[i]) - i, int(keep[i]) - i

@@ -21,8 +21,9 @@ stopped, the loop calls ``state.pack(keep)``: the state keeps only the samples `
 ``len(keep)`` rows, so each iteration costs what the samples still iterating cost.  A
 state names its per-sample arrays in ``PACKED_ROWS`` for the default ``pack``, or
 overrides it; one that does neither keeps all B samples, and the loop keeps them too:
-every iteration then costs what the whole batch costs (except g, with ``compact``).  ``observe`` and ``step`` must not
-keep references to ``x``, ``gx`` or ``out`` beyond the call (the loop reuses them),
+every iteration then costs what the whole batch costs (except g, with ``compact``).
+
+``observe`` and ``step`` must not keep references to ``x``, ``gx`` or ``out`` beyond the call (the loop reuses them),
 must not allocate arrays of size n (use the buffers made in ``init``) and must not
 read values on the host (that would synchronise a GPU); per-sample quantities are
 *small state*: arrays of ``kern.sxp`` of shape ``(B,)`` in ``kern.sdtype``

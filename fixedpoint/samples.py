@@ -45,7 +45,7 @@ class SampleRecord:
         The working samples' iterate, next iterate (scratch of the step) and best iterate.
     best_r, active, n_restarts, diverged, best_pending : small state, shape (w,)
         Their best residual, whether they still iterate, restart counts, divergence flags, and
-        whether their best iterate still lies in ``best_buf`` (copied lazily: see the loop).
+        whether their best iterate still lies in ``best_buf`` (copied lazily: :meth:`keep_best`).
     f0 : small state, shape (w,), or None
         ‖f_0‖ per sample, the reference of the divergence test (None before the first iteration).
     idx : numpy.ndarray of int64, shape (w,)
@@ -90,7 +90,12 @@ class SampleRecord:
 
     def keep_best(self, improved: Any, r: Any) -> None:
         """The samples ``improved`` have their best iterate in ``x``: remember it, and copy the best rows that were
-        pending in ``best_buf`` (the buffer the step is about to overwrite) for the samples that did not improve."""
+        pending in ``best_buf`` (the buffer the step is about to overwrite) for the samples that did not improve.
+
+        The best iterate is copied into ``best_x`` lazily: a sample whose best iterate is its latest one
+        leaves it in the iterate buffer (``best_pending``), and it is copied only when that buffer is about
+        to be overwritten without the sample having improved again.  For a steadily converging sample
+        this saves a copy of size n every iteration."""
         self.best_r = self.kern.sxp.where(improved, r, self.best_r)
         if self.best_buf is not None:
             self.kern.copy_rows_where(self.best_x, self.best_buf, self.best_pending & ~improved)

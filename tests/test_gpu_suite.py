@@ -1,4 +1,4 @@
-"""benchmarks/gpu_suite.py: the dry run end to end, the bundle a device call returns, the targets, stage failures.
+"""benchmarks/gpu_suite.py: the dry run end to end, the bundle's limits, the targets, stage failures.
 
 The dry run (the same stages on the CPU at tiny sizes) runs once for the module, as a
 subprocess with one thread per library; the other tests drive the suite's parts directly
