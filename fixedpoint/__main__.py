@@ -42,9 +42,29 @@ def _positive(kind):
     return parse
 
 
-def main(argv=None):
+class _OneDefault(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: ...)" to an option's help unless the help already says what its default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
+
+
+def compare(prob, tol, m=5, max_iter=10000):
+    """Solve ``prob`` by forward iteration, Anderson (window ``m``, ``delay=3``) and Broyden: {name: result}.
+
+    The settings of ``python -m fixedpoint``; ``tooling/doc_figures.py`` uses them for the README's figure.
+    """
+    # delay=3: three plain steps first, so that Anderson settles on the physical root near c = 1
+    methods = {"forward": ForwardIteration(), "anderson": Anderson(m=m, delay=3), "broyden": Broyden()}
+    return {name: solve(prob.g, prob.x0, method=method, tol=tol, max_iter=max_iter)
+            for name, method in methods.items()}
+
+
+def make_parser():
+    """The command line (``--help`` prints each default once)."""
     parser = argparse.ArgumentParser(prog="python -m fixedpoint", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_OneDefault)
     parser.add_argument("--n", type=_positive(int), default=400, help="quadrature nodes")
     parser.add_argument("--c", type=_albedo, default=0.99, help="albedo c in (0, 1]")
     parser.add_argument("--tol", type=_positive(float), default=None,
@@ -56,6 +76,11 @@ def main(argv=None):
     parser.add_argument("--dtype", default=None, choices=("float32", "float64"),
                         help="dtype (default: the library's default float)")
     parser.add_argument("--device", default=None, help="device for torch, e.g. cuda (default: the library's)")
+    return parser
+
+
+def main(argv=None):
+    parser = make_parser()
     args = parser.parse_args(argv)
 
     print("usable backends:", ", ".join(f"{b.library}:{b.device}" for b in backends(usable_only=True)))
@@ -69,14 +94,10 @@ def main(argv=None):
     eps = float(namespace_of(prob.x0).finfo(prob.x0.dtype).eps)
     print(f"problem: {prob.name}, {args.backend}, dtype {dtype}; relative tolerance {tol:g}"
           + (f"  (below {dtype}'s resolution {eps:.1e}: it may not be reached)" if tol < 10 * eps else ""))
-    # delay=3: three plain steps first, so that Anderson settles on the physical root near c = 1
-    methods = {"forward": ForwardIteration(), "anderson": Anderson(m=args.m, delay=3), "broyden": Broyden()}
+    runs = compare(prob, tol, m=args.m, max_iter=args.max_iter)
     print(f"\n{'method':<10}{'status':<11}{'g evals':>8}{'time [s]':>11}{'residual':>11}{'max error':>11}  root")
-    runs = {}
-    for name, method in methods.items():
-        res = solve(prob.g, prob.x0, method=method, tol=tol, max_iter=args.max_iter)
+    for name, res in runs.items():
         err = np.max(np.abs(to_numpy(res.x).astype(np.float64) - exact))
-        runs[name] = res
         print(f"{name:<10}{res.status:<11}{res.n_fev:>8}{res.wall_time:>11.4f}{res.residual:>11.2e}{err:>11.2e}"
               f"  {prob.params['root'](res.x)}")
     fw = runs["forward"]

@@ -32,3 +32,16 @@ def test_float32_backend_gets_a_tolerance_it_can_reach(capsys):
 def test_bad_arguments_are_argparse_errors_not_tracebacks(argv, word):
     proc = subprocess.run([sys.executable, "-m", "fixedpoint", *argv], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and word in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_prints_each_default_once():
+    proc = subprocess.run([sys.executable, "-m", "fixedpoint", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    # one entry per option: the lines from its flag to the next flag, joined
+    entries = re.split(r"\n  (?=-)", proc.stdout.split("options:", 1)[1])
+    defaults = {e.split()[0]: " ".join(e.split()).count("(default:") for e in entries if e.strip()}
+    assert defaults["--tol"] == 1 and "1e-10 in float64, 1e-5 in float32)" in " ".join(proc.stdout.split())
+    assert all(count <= 1 for count in defaults.values()), defaults
+    assert "(default: None)" not in proc.stdout
+    assert all(defaults[flag] == 1 for flag in ("--n", "--c", "--tol", "--m", "--max-iter", "--backend", "--dtype",
+                                                "--device")), defaults
