@@ -51,6 +51,15 @@ if __package__ in (None, ""):  # run as a file: make the repository root (demos/
 import torch  # noqa: E402
 
 from demos.batches import Batches  # noqa: E402
+from demos.cli import (  # noqa: E402
+    EXIT_REFUSED,
+    Refused,
+    add_progress_flag,
+    check_out_folder,
+    progress_disabled,
+    refuse,
+    remove_outputs,
+)
 from demos.data import DATASETS, DataError, load_dataset  # noqa: E402
 from demos.ddp import Ranks, add_distributed_flags  # noqa: E402
 from demos.deq_report import OUTPUT_FILES, compare, comparison_table, machine_info, totals, write_outputs  # noqa: E402
@@ -69,6 +78,7 @@ from demos.deq_training import (  # noqa: E402
     train,
 )
 from fixedpoint.torch import solver_backend_for  # noqa: E402
+from fixedpoint.torch.deq import PHANTOM_DAMPING, PHANTOM_STEPS  # noqa: E402
 from tooling.timing import add_threads_flag, positive_float, positive_int, use_threads  # noqa: E402
 
 #: Settings that must match for --resume to continue a run.
@@ -123,9 +133,10 @@ def make_parser():
     s.add_argument("--stop-mode", choices=("rel", "abs"), default="rel",
                    help="rel: ||f(z)-z|| / (||f(z)|| + eps), per sample; abs: ||f(z)-z|| (default: %(default)s)")
     s.add_argument("--backward-tol", type=positive_float, default=None,
-                   help="tolerance of the adjoint solve (default: the value of --tol)")
+                   help="tolerance of the adjoint solve of --gradient implicit (default: the value of --tol)")
     s.add_argument("--backward-max-iter", type=positive_int, default=None,
-                   help="iteration cap of the adjoint solve (default: the value of --max-iter)")
+                   help="iteration cap of the adjoint solve of --gradient implicit (default: the value of "
+                        "--max-iter)")
     s.add_argument("--whole-batch", action="store_true",
                    help="stop when the residual of the whole batch, as one vector, is below --tol (the Deep "
                         "Implicit Layers tutorial's rule) instead of every sample's (default: per sample)")
@@ -139,10 +150,12 @@ def make_parser():
     g.add_argument("--gradient", choices=("implicit", "phantom", "jfb"), default="implicit",
                    help="implicit differentiation (an adjoint solve), phantom gradients (Geng et al. 2021) or "
                         "Jacobian-free backpropagation (Fung et al. 2022) (default: %(default)s)")
-    g.add_argument("--gradient-steps", type=positive_int, default=5,
-                   help="phantom gradients: unrolled steps k (default: %(default)s)")
-    g.add_argument("--gradient-damping", type=float, default=0.5,
-                   help="phantom gradients: damping lambda in (0, 1], 1 undamped (default: %(default)s)")
+    g.add_argument("--gradient-steps", type=positive_int, default=None,
+                   help=f"phantom gradients: unrolled steps k; with another --gradient it is refused (default: "
+                        f"{PHANTOM_STEPS})")
+    g.add_argument("--gradient-damping", type=float, default=None,
+                   help=f"phantom gradients: damping lambda in (0, 1], 1 undamped; with another --gradient it is "
+                        f"refused (default: {PHANTOM_DAMPING})")
     g.add_argument("--jac-reg", type=float, default=0.0, metavar="WEIGHT",
                    help="add WEIGHT times the batch mean of the Hutchinson estimate of ||df/dz||_F^2 at z* to the "
                         "loss (Bai, Koltun & Kolter 2021); 0: off (default: %(default)s)")
@@ -183,7 +196,7 @@ def make_parser():
     r.add_argument("--blas-threads", type=positive_int, default=None, metavar="N",
                    help="NumPy BLAS threads while training (default: 1 with the NumPy solver, which otherwise "
                         "competes with torch's threads for the cores; unchanged otherwise)")
-    r.add_argument("--no-progress", action="store_true", help="no tqdm progress bars (they are shown on a terminal)")
+    add_progress_flag(r)
     add_distributed_flags(r)
     return p
 
@@ -202,7 +215,28 @@ def _resolve_device(args, parser):
     return device, backend
 
 
+def _check_gradient_flags(args, parser):
+    """Refuse flags of another gradient mode (the layer refuses them too), then fill in the phantom defaults.
+
+    ``--gradient-steps`` and ``--gradient-damping`` belong to phantom gradients, ``--backward-tol`` and
+    ``--backward-max-iter`` to the adjoint solve of implicit ones: given with another ``--gradient`` they would be
+    ignored, and yet recorded in summary.json as if they had been used.
+    """
+    owners = (("--gradient-steps", "gradient_steps", "phantom"), ("--gradient-damping", "gradient_damping", "phantom"),
+              ("--backward-tol", "backward_tol", "implicit"), ("--backward-max-iter", "backward_max_iter", "implicit"))
+    for flag, key, mode in owners:
+        if getattr(args, key) is not None and args.gradient != mode:
+            parser.error(f"{flag} applies to --gradient {mode} only, not to --gradient {args.gradient}; leave it "
+                         f"out or use --gradient {mode}")
+    # The settings a run records (and --resume compares) keep the phantom defaults whatever the mode, as before.
+    if args.gradient_steps is None:
+        args.gradient_steps = PHANTOM_STEPS
+    if args.gradient_damping is None:
+        args.gradient_damping = PHANTOM_DAMPING
+
+
 def _check_solver_values(args, parser):
+    _check_gradient_flags(args, parser)
     if not 0.0 < args.beta <= 1.0:
         parser.error(f"--beta must be in (0, 1], got {args.beta}")
     if not 0 <= args.lam < float("inf"):
@@ -269,32 +303,16 @@ def _blas_threads(args, backend):
     return threadpool_limits(limits=limit, user_api="blas")
 
 
-class _Refused(Exception):
-    """An error in the user's input (flags, data, checkpoints): printed as one line, exit status 2."""
-
-
-def _earlier_files(out):
-    """The files of an earlier run in folder ``out`` (checkpoints, metrics, summary, plots), sorted."""
-    names = set(OUTPUT_FILES) | {os.path.basename(checkpoint_path(out, s)) for s in SOLVERS}
-    names |= {n + ".tmp" for n in names}
-    try:
-        return sorted(n for n in os.listdir(out) if n in names)
-    except OSError:
-        return []
+def _output_names():
+    """The files of a run in its --out folder: the outputs (demos/deq_report.py) and every solver's checkpoint."""
+    return set(OUTPUT_FILES) | {os.path.basename(checkpoint_path("", s)) for s in SOLVERS}
 
 
 def _check_out(args):
-    """Refuse an --out that is not a usable folder, or that holds an earlier run without --resume or --overwrite."""
-    out = args.out
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise _Refused(f"--out {out} is a file; expected a folder (it is created when missing)")
-    if os.path.isdir(out) and not os.access(out, os.W_OK | os.X_OK):
-        raise _Refused(f"--out {out}: the folder is not writable")
-    earlier = _earlier_files(out)
-    if earlier and not (args.resume or args.overwrite):
-        raise _Refused(f"--out {out} holds an earlier run ({', '.join(earlier)}); add --resume to continue it, "
-                       "--overwrite to replace it, or choose another --out")
-    return earlier
+    """Refuse an --out that is not a usable folder, or that holds an earlier run without --resume or --overwrite
+    (the demos' one policy, :func:`demos.cli.check_out_folder`); returns the earlier run's files."""
+    return check_out_folder(args.out, _output_names(), overwrite=args.overwrite, resume=args.resume,
+                            can_resume=True)
 
 
 def _recorded_solvers(out):
@@ -336,13 +354,11 @@ def main(argv=None):
         with sigterm_stops(), _blas_threads(args, backend):
             try:
                 status = _main(args, device, backend, argv, ranks)
-            except _Refused as exc:
+            except Refused as exc:
                 message = str(exc)
                 if ranks is not None and not ranks.agreed:  # tell the other ranks, which wait for this one
                     message = ranks.agree(message) or message
-                if lead:
-                    print(f"error: {message}", file=sys.stderr)
-                status = 2
+                status = refuse(message) if lead else EXIT_REFUSED
             except KeyboardInterrupt as exc:  # raised before training began (later ones are handled in _main)
                 if lead:
                     print(f"\n{_signal_name(exc)}: stopped before training began; nothing was written",
@@ -369,7 +385,7 @@ def _main(args, device, backend, argv, ranks=None):
     try:
         data = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
     except DataError as exc:
-        raise _Refused(str(exc)) from None
+        raise Refused(str(exc)) from None
     data = data.limited(args.limit_train, args.limit_test)
     augment = args.augment == "on" or (args.augment == "auto" and args.dataset == "cifar10")
     mean, std = data.channel_stats()
@@ -379,7 +395,7 @@ def _main(args, device, backend, argv, ranks=None):
     test_batches = Batches(data.test_x, data.test_y, args.batch_size, mean, std, data.max_value, device,
                            shuffle=False, augment=False, seed=args.seed, **share)
     if ranks is not None and (short := ranks.check_shares(len(data.train_y), args.batch_size, "training")):
-        raise _Refused(short)
+        raise Refused(short)
     out = args.out
     config = {k: getattr(args, k) for k in RESUME_KEYS}
     config.update(augment=augment, device=str(device), solver_backend=backend, n_train=int(len(data.train_y)),
@@ -396,7 +412,7 @@ def _main(args, device, backend, argv, ranks=None):
     if args.resume:
         orphans = sorted(s for s in _recorded_solvers(out) if not os.path.exists(checkpoint_path(out, s)))
         if orphans:
-            raise _Refused(f"--resume: {out} holds records of the {' and '.join(orphans)} solver without "
+            raise Refused(f"--resume: {out} holds records of the {' and '.join(orphans)} solver without "
                            f"{', '.join(os.path.basename(checkpoint_path(out, s)) for s in orphans)}, so they "
                            "could not be kept; use --overwrite or another --out")
     for method in SOLVERS:
@@ -409,7 +425,7 @@ def _main(args, device, backend, argv, ranks=None):
             try:
                 load_checkpoint(run, path, config, len(train_batches))
             except CheckpointError as exc:
-                raise _Refused(str(exc)) from None
+                raise Refused(str(exc)) from None
             where = (f"at epoch {run.epoch + 1}, batch {run.next_batch}" if run.epoch < args.epochs
                      else "(finished)")
             role = "resumed" if method in methods else "records kept"
@@ -422,24 +438,22 @@ def _main(args, device, backend, argv, ranks=None):
         refusal = ranks.agree(None, where, f"the ranks see different runs in {out}, which must be a folder every "
                                            "rank reads (a shared file system); solver: (epoch, next batch, records)")
         if refusal:
-            raise _Refused(refusal)
+            raise Refused(refusal)
     if not lead:  # the other ranks write nothing
         earlier = []
-    if args.overwrite and earlier:
-        for name in earlier:
-            os.remove(os.path.join(out, name))
-        print(f"--overwrite: deleted the earlier run's {', '.join(earlier)} in {out}")
+    if args.overwrite:
+        remove_outputs(out, earlier)
     try:
         if lead:
             os.makedirs(out, exist_ok=True)
     except OSError as exc:
-        raise _Refused(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+        raise Refused(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
 
     world_size = 1 if ranks is None else ranks.world_size  # processes training together (torchrun)
     summary = dict(settings=dict(settings, world_size=world_size), machine=machine_info(device), world_size=world_size)
     print(f"DEQ on {data.name}: {len(data.train_y)} training / {len(data.test_y)} test images of shape "
           f"{data.shape}, {device}, solver in {backend}; solvers: {', '.join(methods)}; output in {out}")
-    progress = True if args.no_progress or not lead else None
+    progress = progress_disabled(args.no_progress) or not lead  # tqdm's disable: bars on a terminal only
 
     def on_epoch_end(run, rec):
         if ranks is not None:

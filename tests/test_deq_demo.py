@@ -252,8 +252,9 @@ def test_gradient_modes_and_jacobian_regularisation(tmp_path, extra):
     assert deq_cifar10.main(tiny(out, *extra, "--resume", solver="anderson", epochs=1, train=100)) == 0
 
 
-@pytest.mark.parametrize("flags, word", [(["--gradient-damping", "0"], "--gradient-damping"),
-                                         (["--gradient-damping", "1.5"], "--gradient-damping"),
+@pytest.mark.parametrize("flags, word", [(["--gradient", "phantom", "--gradient-damping", "0"], "--gradient-damping"),
+                                         (["--gradient", "phantom", "--gradient-damping", "1.5"],
+                                          "--gradient-damping"),
                                          (["--gradient-steps", "0"], "--gradient-steps"),
                                          (["--gradient", "newton"], "--gradient"),
                                          (["--compact", "yes"], "--compact"),
