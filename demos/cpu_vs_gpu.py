@@ -26,7 +26,10 @@ The sizes swept are the decades from 1e3 to ``--max-n`` (1e6 by default) unless
 ``--threads`` says otherwise.  Writes ``rows.csv``, ``results.json`` (rows, ratios,
 crossovers, machine), ``time_vs_n.png`` and ``residual_vs_time.png`` under ``--out``
 (default ``out/cpu_vs_gpu``); ``rows.csv`` is rewritten after every configuration, so
-that a sweep stopped part way keeps the rows it measured.
+that a sweep stopped part way keeps the rows it measured.  A folder that holds an earlier
+run is refused unless ``--overwrite`` is given, and a backend named in ``--backends`` that
+cannot run here is an error (one line on stderr, exit status 2); without ``--backends``
+the unusable ones are left out, and said so.
 """
 
 from __future__ import annotations
@@ -43,11 +46,22 @@ if __package__ in (None, ""):  # run as a file: make the repository root (demos/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fixedpoint  # noqa: E402
+from demos.cli import (  # noqa: E402
+    Refused,
+    add_overwrite_flag,
+    add_progress_flag,
+    check_out_folder,
+    make_out_folder,
+    progress_disabled,
+    refuse,
+)
 from fixedpoint import problems  # noqa: E402
 from tooling import timing  # noqa: E402
 from tooling.timing import add_threads_flag, positive_float, positive_int, use_threads  # noqa: E402
 
 METHODS = ("forward", "anderson")
+#: The files the demo writes into --out.
+OUTPUT_FILES = ("rows.csv", "results.json", "time_vs_n.png", "residual_vs_time.png")
 PROBLEMS = ("jacobi", "tanh", "h-equation", "conv")
 
 
@@ -275,6 +289,30 @@ def plot(rows, trace, out):
         plt.close(fig)
 
 
+def unusable(spec, found):
+    """Why backend ``spec`` (``timing.parse_backend``'s) cannot run here, or None.
+
+    ``found`` is :func:`fixedpoint.backends` (the libraries probed on each kind of device).
+    """
+    lib, dev = timing.parse_backend(spec)
+    kind, _, index = dev.partition(":")
+    if kind not in ("cpu", "cuda") or (kind == "cpu" and index) or (index and not index.isdigit()):
+        return f"unknown device {dev!r} (cpu, cuda, cuda:0, cuda:1, ...)"
+    if lib == "cupy" and kind != "cuda":
+        return "CuPy runs on a CUDA device only"
+    info = next((b for b in found if b.library == lib and b.device == kind), None)
+    if info is None:
+        return f"{lib} on {kind} is not available here"
+    if not info.usable:
+        return info.detail if info.detail.startswith(lib) else f"{lib} {info.detail}"
+    if kind == "cuda" and index:
+        count = (importlib.import_module("torch").cuda.device_count() if lib == "torch"
+                 else importlib.import_module("cupy").cuda.runtime.getDeviceCount())
+        if int(index) >= count:
+            return f"no CUDA device {index} here ({count} found)"
+    return None
+
+
 def _decades(max_n):
     """1e3, 1e4, ... up to ``max_n``."""
     return [10**k for k in range(3, 64) if 10**k <= max_n]
@@ -307,7 +345,11 @@ def make_parser():
                     help="problem and n of the residual-vs-time run (default: conv:1e5, the DEQ cell; jacobi:1e5 "
                          "without torch)")
     add_threads_flag(ap)
-    ap.add_argument("--out", default="out/cpu_vs_gpu", help="output folder (default: %(default)s)")
+    ap.add_argument("--out", default="out/cpu_vs_gpu",
+                    help="output folder; one that holds an earlier run is refused unless --overwrite is given "
+                         "(default: %(default)s)")
+    add_overwrite_flag(ap, "an earlier run in --out (its rows.csv, results.json and plots are deleted first)")
+    add_progress_flag(ap)
     ap.add_argument("--quick", action="store_true",
                     help="tiny sweep for tests: sizes 1e3 and 4e3 (H-equation 250, 500), no conv, 1 repeat")
     return ap
@@ -326,11 +368,15 @@ def _check_args(args, ap):
     args.dense_sizes = [int(s) for s in args.dense_sizes]
     if not args.sizes and set(args.problems) - {"h-equation"}:
         ap.error(f"no size left to sweep: every --sizes is above --max-n {args.max_n:g}")
+    found = fixedpoint.backends() if args.backends else []
     for spec in args.backends or ():
         try:
             timing.parse_backend(spec)
         except ValueError as exc:
             ap.error(f"--backends: {exc}")
+        why = unusable(spec, found)
+        if why:
+            ap.error(f"--backends {spec}: {why}; leave --backends out to time every usable backend")
     has_torch = importlib.util.find_spec("torch") is not None
     if "conv" in args.problems and not has_torch:
         args.problems.remove("conv")
@@ -351,11 +397,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     _check_args(args, ap)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        ap.error(f"--out {out} is a file; expected a folder (it is created when missing)")
     specs = args.backends or timing.usable_backends()
-    print(use_threads(args.threads))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        earlier = check_out_folder(out, OUTPUT_FILES, overwrite=args.overwrite)
+        print(use_threads(args.threads))
+        make_out_folder(out, earlier if args.overwrite else ())
+    except Refused as exc:
+        return refuse(exc)
     gpus = [s for s in specs if is_gpu(s)]
     print("backends:", ", ".join(specs), "" if gpus else "\nno GPU found: CPU rows only")
 
@@ -363,7 +411,7 @@ def main(argv=None):
 
     jobs = [(prob, n, spec) for prob in args.problems for n in sizes_for(prob, args) for spec in specs]
     rows = []
-    for prob, n, spec in tqdm(jobs, desc="sweep", unit="config", file=sys.stdout):
+    for prob, n, spec in tqdm(jobs, desc="sweep", unit="config", disable=progress_disabled(args.no_progress)):
         rows += measure(prob, n, spec, args)
         timing.write_csv(out / "rows.csv", rows)  # after each configuration: a stopped sweep keeps its rows
     rat = ratios(rows)

@@ -11,7 +11,8 @@ Anderson runs use the closure safeguard unless ``--no-safeguard`` is given.
 
 Writes ``metrics.json`` (every curve, every extrapolation's status and RSD, the settings and the
 machine), ``summary.csv`` (one row per run) and PNG plots into ``--out`` (default
-``out/stable_anderson``).  torch uses as many threads as there are idle CPUs unless ``--threads``
+``out/stable_anderson``); a folder that holds an earlier run is refused unless ``--overwrite``
+is given (one line on stderr, exit status 2).  torch uses as many threads as there are idle CPUs unless ``--threads``
 says otherwise (the models are small: on a busy machine extra threads only spin).
 """
 
@@ -31,6 +32,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from demos.cli import (  # noqa: E402
+    Refused,
+    add_overwrite_flag,
+    add_progress_flag,
+    check_out_folder,
+    make_out_folder,
+    progress_disabled,
+    refuse,
+)
 from demos.stable_anderson_problems import PROBLEMS  # noqa: E402
 from fixedpoint.torch import AndersonAcceleration  # noqa: E402
 from tooling.timing import add_threads_flag, machine_info, positive_float, positive_int, use_threads, write_csv  # noqa: E402
@@ -171,12 +181,20 @@ def plot(results, out, threshold):
     return written + [path]
 
 
+def output_names():
+    """Every file the demo may write into --out (those of an earlier run are refused without --overwrite)."""
+    plots = {f"{name}_{key}.png" for name, problem in PROBLEMS.items() for key in ("train_loss", problem.metric)}
+    return {"metrics.json", "summary.csv", "rsd.png"} | plots
+
+
 def make_parser():
     """The command line of the demo (``--help`` shows every default once)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("out/stable_anderson"),
-                    help="output folder (default: %(default)s)")
+                    help="output folder; one that holds an earlier run is refused unless --overwrite is given "
+                         "(default: %(default)s)")
+    add_overwrite_flag(ap, "an earlier run in --out (its metrics.json, summary.csv and plots are deleted first)")
     ap.add_argument("--problems", nargs="+", choices=sorted(PROBLEMS), default=list(PROBLEMS),
                     help=f"problems to train (default: {' '.join(PROBLEMS)})")
     ap.add_argument("--quick", action="store_true",
@@ -197,7 +215,7 @@ def make_parser():
     ap.add_argument("--safeguard", action=argparse.BooleanOptionalAction, default=True,
                     help="keep an extrapolate only if the batch loss does not rise (default: on)")
     add_threads_flag(ap)
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_flag(ap)
     return ap
 
 
@@ -220,13 +238,21 @@ def main(argv=None):
         ap.error(f"--beta must be in (0, 1], got {args.beta}")
     if not 0 <= args.lam < math.inf:
         ap.error(f"--lam must be a number >= 0, got {args.lam}")
-    if args.out.exists() and not args.out.is_dir():
-        ap.error(f"--out {args.out} is a file; expected a folder (it is created when missing)")
-    print(use_threads(args.threads), flush=True)
-
+    if args.every is not None and args.every % args.store_every:
+        ap.error(f"--every must be a multiple of --store-every ({args.store_every}), got {args.every}")
     aa = dict(m=args.m, beta=args.beta, lam=args.lam, store_every=args.store_every, every=args.every,
               rsd_threshold=args.rsd_threshold, safeguard=args.safeguard)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:  # any other combination the wrapper refuses, before anything is trained or written
+        AndersonAcceleration(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), **aa)
+    except ValueError as exc:
+        ap.error(f"the Anderson flags (--m, --beta, --lam, --store-every, --every, --rsd-threshold): {exc}")
+    try:
+        earlier = check_out_folder(args.out, output_names(), overwrite=args.overwrite)
+        print(use_threads(args.threads), flush=True)
+        make_out_folder(args.out, earlier if args.overwrite else ())
+    except Refused as exc:
+        return refuse(exc)
+    progress = not progress_disabled(args.no_progress)
     results, settings = {}, {}
     for pname in args.problems:
         st = dict(SETTINGS[pname])
@@ -242,7 +268,7 @@ def main(argv=None):
             runs = {}
             for method in METHODS:
                 runs[method] = train(problem, method, batch, st["steps"], st["eval_every"], st["lr"], aa, args.seed,
-                                     progress=not args.no_progress)
+                                     progress=progress)
             results[(pname, batch)] = runs
     rows = summarise(results)
     write_csv(args.out / "summary.csv", rows)
