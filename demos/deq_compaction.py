@@ -36,7 +36,9 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 from torch.nn import functional as F  # noqa: E402
 
 import fixedpoint.torch.deq as deq_module  # noqa: E402
-from demos.deq_training import TrainedRun, solver_options  # noqa: E402
+from demos.cli import Refused, add_overwrite_flag, check_out_file, refuse, write_text_replacing  # noqa: E402
+from demos.data import DataError  # noqa: E402
+from demos.deq_training import CheckpointError, TrainedRun, solver_options  # noqa: E402
 from tooling.timing import add_threads_flag, positive_int, use_threads  # noqa: E402
 
 #: (name, --compact value, REBUILD_FRACTION) of each setting measured.
@@ -53,22 +55,44 @@ def make_parser():
     p.add_argument("--settings", nargs="+", default=[s[0] for s in SETTINGS], choices=[s[0] for s in SETTINGS],
                    help="settings measured (default: all)")
     p.add_argument("--data-dir", default=None, help="as for demos/deq_cifar10.py")
-    p.add_argument("--out", default=None, help="also write the measurements as JSON to this file")
+    p.add_argument("--out", default=None,
+                   help="also write the measurements as JSON to this file; an existing file is refused unless "
+                        "--overwrite is given (default: printed only)")
+    add_overwrite_flag(p, "the file --out names")
     add_threads_flag(p)
     return p
 
 
 def main(argv=None):
-    args = make_parser().parse_args(argv)
-    print(use_threads(args.threads), flush=True)
-    run = TrainedRun(args.checkpoint, args.data_dir)
-    batches = run.batches(train=True)
-    models = {}
-    for name, compact, _ in SETTINGS:
-        if name not in args.settings:
-            continue
-        opts = solver_options(run.solver, argparse.Namespace(**dict(vars(run.cfg), compact=compact)), "numpy")
-        models[name] = run.model(opts).train()
+    """Measure with the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    0 when done; 2 for an error in the flags, the checkpoint, the data or ``--out`` (one line on stderr).
+    """
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.first < 0 or args.epoch < 0:
+        parser.error(f"--first and --epoch must be >= 0, got {args.first} and {args.epoch}")
+    try:
+        if args.out:  # before any measurement: a refusal costs nothing
+            check_out_file(args.out, overwrite=args.overwrite, inputs=[args.checkpoint])
+        print(use_threads(args.threads), flush=True)
+        try:
+            run = TrainedRun(args.checkpoint, args.data_dir)
+            batches = run.batches(train=True)
+            if args.first + args.batches > len(batches):
+                raise Refused(f"--first {args.first} --batches {args.batches}: the run has {len(batches)} training "
+                              "batches")
+            models = {}
+            for name, compact, _ in SETTINGS:
+                if name not in args.settings:
+                    continue
+                opts = solver_options(run.solver, argparse.Namespace(**dict(vars(run.cfg), compact=compact)),
+                                      "numpy")
+                models[name] = run.model(opts).train()
+        except (CheckpointError, DataError) as exc:
+            raise Refused(exc) from None
+    except Refused as exc:
+        return refuse(exc)
     try:
         from threadpoolctl import threadpool_limits
 
@@ -120,7 +144,7 @@ def main(argv=None):
         command = " ".join(["python", "demos/deq_compaction.py", *(sys.argv[1:] if argv is None else argv)])
         record = dict(command=command, checkpoint=str(args.checkpoint), solver=run.solver, settings=run.state["config"],
                       measurements=rows)
-        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+        write_text_replacing(args.out, json.dumps(record, indent=1) + "\n")
     return 0
 
 

@@ -22,7 +22,9 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import torch  # noqa: E402
 
-from demos.deq_training import TrainedRun  # noqa: E402
+from demos.cli import refuse  # noqa: E402
+from demos.data import DataError  # noqa: E402
+from demos.deq_training import CheckpointError, TrainedRun  # noqa: E402
 from tooling.timing import add_threads_flag, positive_int, use_threads  # noqa: E402
 
 
@@ -65,10 +67,17 @@ def _with_generator(model, x, probes, gen):
 
 
 def main(argv=None):
+    """Estimate with the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    0 when done; 2 for an error in the flags, a checkpoint or the data (one line on stderr).
+    """
     args = make_parser().parse_args(argv)
     print(use_threads(args.threads), flush=True)
     for path in args.checkpoints:
-        jac, iters = jacobian_on_test_set(path, args.probes, args.seed, args.data_dir)
+        try:
+            jac, iters = jacobian_on_test_set(path, args.probes, args.seed, args.data_dir)
+        except (CheckpointError, DataError) as exc:
+            return refuse(exc)
         print(f"{path}: ||df/dz||_F^2 per test sample {jac:.1f} ({args.probes} probes), Anderson iterations per "
               f"sample {iters:.1f}", flush=True)
     return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,9 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from demos.deq_training import TrainedRun, solver_options  # noqa: E402
+from demos.cli import Refused, add_overwrite_flag, check_out_file, refuse, write_text_replacing  # noqa: E402
+from demos.data import DataError  # noqa: E402
+from demos.deq_training import CheckpointError, TrainedRun, solver_options  # noqa: E402
 from tooling.timing import add_threads_flag, positive_int, use_threads  # noqa: E402
 
 SOLVERS = ("forward", "anderson", "broyden")
@@ -42,7 +45,10 @@ def make_parser():
                    help="solvers run on each model (default: all)")
     p.add_argument("--batches", type=positive_int, default=5, help="test batches solved (default: %(default)s)")
     p.add_argument("--data-dir", default=None, help="as for demos/deq_cifar10.py")
-    p.add_argument("--out", default=None, help="also write the measurements as JSON to this file")
+    p.add_argument("--out", default=None,
+                   help="also write the measurements as JSON to this file; an existing file is refused unless "
+                        "--overwrite is given (default: printed only)")
+    add_overwrite_flag(p, "the file --out names")
     add_threads_flag(p)
     return p
 
@@ -77,21 +83,33 @@ def solvers_on_model(path, solvers, batches, data_dir=None):
 
 
 def main(argv=None):
+    """Run the study with the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    0 when done; 2 for an error in the flags, a checkpoint, the data or ``--out`` (one line on stderr).
+    """
     args = make_parser().parse_args(argv)
-    print(use_threads(args.threads), flush=True)
-    results = []
-    for path in args.checkpoints:
-        res = solvers_on_model(path, args.solvers, args.batches, args.data_dir)
-        results.append(res)
-        print(f"{path} (trained with {res['trained_with']}):", flush=True)
-        for solver, r in res["measurements"].items():
-            print(f"  {solver:9s} iterations per sample mean {r['iterations_mean']:6.1f} median "
-                  f"{r['iterations_median']:5.0f} max {r['iterations_max']:5d} | rows of f {r['rows']:7d} | "
-                  f"converged {100 * r['converged']:5.1f}% | CPU {r['cpu_s']:6.1f} s ({r['samples']} samples)",
-                  flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(dict(command=" ".join(["python"] + sys.argv), results=results),
-                                             indent=1) + "\n")
+    try:
+        if args.out:  # before any solve: a refusal costs nothing
+            check_out_file(args.out, overwrite=args.overwrite, inputs=args.checkpoints)
+        print(use_threads(args.threads), flush=True)
+        results = []
+        for path in args.checkpoints:
+            try:
+                res = solvers_on_model(path, args.solvers, args.batches, args.data_dir)
+            except (CheckpointError, DataError) as exc:
+                raise Refused(exc) from None
+            results.append(res)
+            print(f"{path} (trained with {res['trained_with']}):", flush=True)
+            for solver, r in res["measurements"].items():
+                print(f"  {solver:9s} iterations per sample mean {r['iterations_mean']:6.1f} median "
+                      f"{r['iterations_median']:5.0f} max {r['iterations_max']:5d} | rows of f {r['rows']:7d} | "
+                      f"converged {100 * r['converged']:5.1f}% | CPU {r['cpu_s']:6.1f} s ({r['samples']} samples)",
+                      flush=True)
+        if args.out:
+            command = shlex.join(["python", "demos/deq_solvers.py", *(sys.argv[1:] if argv is None else argv)])
+            write_text_replacing(args.out, json.dumps(dict(command=command, results=results), indent=1) + "\n")
+    except Refused as exc:
+        return refuse(exc)
     return 0
 
 

@@ -39,7 +39,7 @@ from tooling.timing import traced_solve
 
 __all__ = ["Run", "build_run", "train", "evaluate", "save_checkpoint", "load_checkpoint", "residual_curves",
            "solver_options", "solve_record", "checkpoint_path", "CheckpointError", "Terminated", "sigterm_stops",
-           "signals_held", "SOLVERS", "COMPACT", "TrainedRun"]
+           "signals_held", "SOLVERS", "COMPACT", "TrainedRun", "non_finite_tensors"]
 
 #: The solvers the demo trains, in the order of its outputs.
 SOLVERS = ("forward", "anderson", "broyden")
@@ -129,11 +129,29 @@ class TrainedRun:
         The solver the model was trained with.
     data : demos.data.ImageData
         The run's images, limited as in the run.
+
+    Raises
+    ------
+    CheckpointError
+        When ``path`` is missing, is not a checkpoint of the demo (garbage, a truncated file, a
+        pickle of anything but tensors and plain data: nothing in it is run), or holds
+        non-finite weights; the one-line message names the file.
+    demos.data.DataError
+        When the run's data set cannot be loaded.
     """
 
     def __init__(self, path, data_dir=None):
-        self.state = torch.load(path, map_location="cpu", weights_only=True)
-        self.cfg = argparse.Namespace(**self.state["config"])
+        self.state = _read_checkpoint(path, "choose another checkpoint")
+        missing = [k for k in ("config", "solver", "model") if k not in self.state]
+        config = self.state.get("config")
+        if not missing and isinstance(config, dict):
+            missing = [k for k in STUDY_KEYS if k not in config]
+        if missing or not isinstance(config, dict) or not isinstance(self.state["solver"], str):
+            raise CheckpointError(f"{path} is not a checkpoint of demos/deq_cifar10.py (it lacks "
+                                  f"{', '.join(missing) or 'a settings dictionary'})")
+        _check_finite(path, self.state, "choose another checkpoint")
+        self.path = path
+        self.cfg = argparse.Namespace(**config)
         self.solver = self.state["solver"]
         self.data = load_dataset(self.cfg.dataset, data_dir).limited(self.cfg.limit_train, self.cfg.limit_test)
         self._stats = self.data.channel_stats()
@@ -151,7 +169,11 @@ class TrainedRun:
         cfg = self.cfg
         model = DEQClassifier(c, h, len(self.data.classes), cfg.channels, cfg.inner_channels, cfg.groups,
                               deq_options=deq_options)
-        model.load_state_dict(self.state["model"])
+        try:
+            model.load_state_dict(self.state["model"])
+        except Exception as exc:  # shapes, keys or types that do not fit: torch raises several kinds
+            raise CheckpointError(f"{self.path} does not fit the model of its own settings ({type(exc).__name__}: "
+                                  f"{_first_line(exc)})") from None
         return model
 
 
@@ -182,6 +204,12 @@ def save_checkpoint(run, path, config):
     os.replace(tmp, path)
 
 
+#: Settings of a run that :class:`TrainedRun` reads (the data, the model and :func:`solver_options`).
+STUDY_KEYS = ("dataset", "limit_train", "limit_test", "batch_size", "seed", "channels", "inner_channels", "groups",
+              "tol", "max_iter", "stop_mode", "whole_batch", "compact", "gradient", "m", "beta", "lam", "lam_mode",
+              "backward_lam_mode", "backward_tol", "backward_max_iter", "broyden_m", "gradient_steps",
+              "gradient_damping")
+
 CHECKPOINT_KEYS = ("config", "solver", "model", "optimizer", "scheduler", "epoch", "next_batch", "epochs", "batches",
                    "rng")
 
@@ -205,12 +233,8 @@ def load_checkpoint(run, path, config, steps_per_epoch):
         When the file is not a checkpoint of this demo, holds another solver, was made with
         another setting (named in the message) or does not fit the model; ``run`` is then unchanged.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many kinds for a truncated or foreign file
-        raise CheckpointError(f"{path} is not a readable checkpoint of this demo ({type(exc).__name__}: "
-                              f"{_first_line(exc)}); delete it, or use --overwrite or another --out") from None
-    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    state = _read_checkpoint(path, "delete it, or use --overwrite or another --out")
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint of this demo (it lacks {', '.join(missing)}); delete it, "
                               "or use --overwrite or another --out")
@@ -234,6 +258,7 @@ def load_checkpoint(run, path, config, steps_per_epoch):
     rng = state["rng"]
     if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor):
         raise CheckpointError(f"{path} holds no random state; delete it, or use --overwrite or another --out")
+    _check_finite(path, state, "use --overwrite or another --out")
     before = _copy_state((run.model.state_dict(), run.optimizer.state_dict(), run.scheduler.state_dict()))
     try:
         run.model.load_state_dict(state["model"])
@@ -248,6 +273,61 @@ def load_checkpoint(run, path, config, steps_per_epoch):
     run.rng = rng
     run.epoch, run.next_batch = epoch, next_batch
     run.epochs, run.batches = epochs, batches
+
+
+def _read_checkpoint(path, advice):
+    """The dictionary in checkpoint file ``path``, read with ``weights_only=True``: tensors and plain data only,
+    so that a malicious pickle runs nothing.
+
+    Raises
+    ------
+    CheckpointError
+        When the file is missing or unreadable, or holds something else than a dictionary; the
+        message names the file, says what was wrong and ends with ``advice``.
+    """
+    if not os.path.isfile(path):
+        what = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise CheckpointError(f"checkpoint {path} {what}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a truncated, foreign or malicious file
+        raise CheckpointError(f"{path} is not a readable checkpoint of demos/deq_cifar10.py ({type(exc).__name__}: "
+                              f"{_first_line(exc)}); {advice}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a checkpoint of demos/deq_cifar10.py (it holds a "
+                              f"{type(state).__name__}, not a dictionary); {advice}")
+    return state
+
+
+def non_finite_tensors(state):
+    """Names of the floating-point tensors holding NaN or inf in ``state`` (nested dicts and lists), sorted."""
+    found = []
+
+    def visit(value, name):
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() or value.is_complex():
+                if not bool(torch.isfinite(value).all()):
+                    found.append(name)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                visit(item, f"{name}.{key}" if name else str(key))
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(item, f"{name}[{i}]")
+
+    visit(state, "")
+    return sorted(found)
+
+
+def _check_finite(path, state, advice):
+    """Refuse a checkpoint whose weights, buffers or optimizer state hold NaN or inf (a run that diverged, or a
+    damaged file): resuming or studying it would only write NaN and inf into the outputs."""
+    for part, what in (("model", "weights"), ("optimizer", "optimizer state")):
+        bad = non_finite_tensors(state.get(part, {}))
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise CheckpointError(f"{path} holds non-finite {what} (NaN or inf in {shown}): the run diverged or "
+                                  f"the file is damaged; {advice}")
 
 
 def _first_line(exc):
