@@ -15,7 +15,7 @@ pytest.importorskip("sklearn")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-DEMOS = ("deq_cifar10", "stable_anderson", "cpu_vs_gpu", "deq_report")
+DEMOS = ("deq_cifar10", "stable_anderson", "cpu_vs_gpu", "deq_report", "deq_solvers", "deq_compaction", "deq_jacobian")
 
 
 def help_paragraphs(text):
