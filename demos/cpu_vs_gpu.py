@@ -289,30 +289,6 @@ def plot(rows, trace, out):
         plt.close(fig)
 
 
-def unusable(spec, found):
-    """Why backend ``spec`` (``timing.parse_backend``'s) cannot run here, or None.
-
-    ``found`` is :func:`fixedpoint.backends` (the libraries probed on each kind of device).
-    """
-    lib, dev = timing.parse_backend(spec)
-    kind, _, index = dev.partition(":")
-    if kind not in ("cpu", "cuda") or (kind == "cpu" and index) or (index and not index.isdigit()):
-        return f"unknown device {dev!r} (cpu, cuda, cuda:0, cuda:1, ...)"
-    if lib == "cupy" and kind != "cuda":
-        return "CuPy runs on a CUDA device only"
-    info = next((b for b in found if b.library == lib and b.device == kind), None)
-    if info is None:
-        return f"{lib} on {kind} is not available here"
-    if not info.usable:
-        return info.detail if info.detail.startswith(lib) else f"{lib} {info.detail}"
-    if kind == "cuda" and index:
-        count = (importlib.import_module("torch").cuda.device_count() if lib == "torch"
-                 else importlib.import_module("cupy").cuda.runtime.getDeviceCount())
-        if int(index) >= count:
-            return f"no CUDA device {index} here ({count} found)"
-    return None
-
-
 def _decades(max_n):
     """1e3, 1e4, ... up to ``max_n``."""
     return [10**k for k in range(3, 64) if 10**k <= max_n]
@@ -374,7 +350,7 @@ def _check_args(args, ap):
             timing.parse_backend(spec)
         except ValueError as exc:
             ap.error(f"--backends: {exc}")
-        why = unusable(spec, found)
+        why = timing.unusable_reason(spec, found)
         if why:
             ap.error(f"--backends {spec}: {why}; leave --backends out to time every usable backend")
     has_torch = importlib.util.find_spec("torch") is not None

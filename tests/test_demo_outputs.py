@@ -313,3 +313,17 @@ def test_no_progress_bars_in_a_redirected_log(tmp_path, script, argv):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not BAR_MARKS.search(proc.stderr + proc.stdout), proc.stderr[-2000:]
+
+
+def test_unusable_reason_names_what_is_missing():
+    from fixedpoint.backend import BackendInfo
+    from tooling.timing import unusable_reason
+
+    found = [BackendInfo("numpy", "cpu", True, "numpy 2"), BackendInfo("torch", "cpu", True, "torch 2"),
+             BackendInfo("torch", "cuda", False, "torch 2+cpu: no usable CUDA device"),
+             BackendInfo("cupy", "cuda", False, "not importable: No module named 'cupy'")]
+    assert unusable_reason("numpy", found) is None and unusable_reason("torch", found) is None
+    assert unusable_reason("torch:cuda:0", found) == "torch 2+cpu: no usable CUDA device"
+    assert unusable_reason("cupy", found) == "cupy not importable: No module named 'cupy'"
+    assert "CUDA device only" in unusable_reason("cupy:cpu", found)
+    assert "unknown device" in unusable_reason("torch:xpu", found)

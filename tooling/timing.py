@@ -51,6 +51,36 @@ def usable_backends():
     return specs
 
 
+def unusable_reason(spec, found=None):
+    """Why backend ``spec`` (as :func:`parse_backend` takes it) cannot run here, or None when it can.
+
+    For a command line to refuse, in one line, a backend that is not there (CuPy or CUDA without a
+    GPU) before anything runs.  ``found`` is :func:`fixedpoint.backends` (probed when None).
+
+    Raises
+    ------
+    ValueError
+        When ``spec`` is not a backend at all (:func:`parse_backend`).
+    """
+    lib, dev = parse_backend(spec)
+    kind, _, index = dev.partition(":")
+    if kind not in ("cpu", "cuda") or (kind == "cpu" and index) or (index and not index.isdigit()):
+        return f"unknown device {dev!r} (cpu, cuda, cuda:0, cuda:1, ...)"
+    if lib == "cupy" and kind != "cuda":
+        return "CuPy runs on a CUDA device only"
+    info = next((b for b in (backends() if found is None else found) if (b.library, b.device) == (lib, kind)), None)
+    if info is None:
+        return f"{lib} on {kind} is not available here"
+    if not info.usable:
+        return info.detail if info.detail.startswith(lib) else f"{lib} {info.detail}"
+    if kind == "cuda" and index:
+        count = (importlib.import_module("torch").cuda.device_count() if lib == "torch"
+                 else importlib.import_module("cupy").cuda.runtime.getDeviceCount())
+        if int(index) >= count:
+            return f"no CUDA device {index} here ({count} found)"
+    return None
+
+
 def setup_backend(lib, dev):
     """Array API namespace, the device object its array constructors take, and a synchronise function.
 
