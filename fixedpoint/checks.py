@@ -5,8 +5,13 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+import os
+import sys
+from typing import Any
 
-__all__ = ["check_int", "check_real", "check_choice", "check_options"]
+import numpy as np
+
+__all__ = ["check_int", "check_real", "check_bool", "check_choice", "check_options", "user_stacklevel"]
 
 
 def check_int(name, value, minimum):
@@ -42,11 +47,42 @@ def check_real(name, value, low=None, high=None, *, low_open=False, high_open=Fa
     return value
 
 
+def _describe(value):
+    """``repr(value)``, with its type where the repr alone would hide it (``0`` against ``False``)."""
+    if isinstance(value, (bool, str)) or value is None:
+        return repr(value)
+    kind = type(value)
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__.split('.')[0]}.{kind.__name__}"
+    return f"{value!r} (of type {name})"
+
+
+def check_bool(name, value):
+    """Return ``value`` as a Python bool, or raise ``TypeError`` if it is not True or False.
+
+    NumPy booleans (``np.True_``, ``np.False_``) are accepted; integers such as 0 and 1 are not,
+    so that a typo never turns an option on.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {_describe(value)}")
+
+
 def check_choice(name, value, choices):
-    """Return ``value`` if it is one of ``choices``, else raise naming the allowed values."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
+    """Return the element of ``choices`` that ``value`` is, else raise naming the allowed values.
+
+    Matching is strict: a boolean choice matches only True/False (or a NumPy bool), never 0 or 1,
+    and a string choice only a string, so that the returned object can be tested with ``is``.
+    """
+    for choice in choices:
+        if isinstance(choice, bool):
+            same = isinstance(value, (bool, np.bool_)) and bool(value) is choice
+        elif isinstance(choice, str):
+            same = isinstance(value, str) and value == choice
+        else:
+            same = type(value) is type(choice) and value == choice
+        if same:
+            return choice
+    raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {_describe(value)}")
 
 
 def check_options(where, given, allowed):
@@ -54,5 +90,20 @@ def check_options(where, given, allowed):
     for key in given:
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = f"; did you mean {close[0]!r}?" if close else "."
             raise TypeError(f"{where} got an unknown option {key!r}{hint} Valid options: {', '.join(sorted(allowed))}")
+
+
+def user_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` called right here by a function of this package: the first frame
+    of the caller's program, past this package's frames and torch's (a layer's ``Module.__call__``,
+    ``backward()``), so that the warning names the user's line."""
+    inside = [os.path.dirname(os.path.abspath(__file__))]
+    torch_file = getattr(sys.modules.get("torch"), "__file__", None)
+    if torch_file:
+        inside.append(os.path.dirname(torch_file))
+    level = 2  # 1: the function that warns; 2: its caller
+    frame: Any = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(tuple(inside)):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+from .checks import check_options
 from .kernels import Kernels
 
 __all__ = ["Method", "MethodState"]
@@ -155,6 +156,13 @@ class Method:
 
     #: Short name, used in results (:attr:`fixedpoint.FixedPointResult.method`) and as the string alias.
     name: ClassVar[str] = "method"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Method:
+        """Refuse an unknown keyword option with the valid ones listed (``Anderson(window=5)``), as
+        :func:`fixedpoint.solve` does, instead of Python's bare "unexpected keyword argument"."""
+        if kwargs and dataclasses.is_dataclass(cls):
+            check_options(f"{cls.__name__}()", kwargs, tuple(f.name for f in dataclasses.fields(cls)))
+        return super().__new__(cls)
 
     def init(self, kern: Kernels, B: int, n: int, dtype: Any) -> MethodState:
         """Allocate the state of one solve of ``B`` samples of length ``n`` in ``dtype``."""

@@ -25,7 +25,7 @@ import torch
 
 from ..anderson import Anderson
 from ..backend import resolve_namespace
-from ..checks import check_choice, check_int, check_options, check_real
+from ..checks import check_bool, check_choice, check_int, check_options, check_real
 from ..kernels import Kernels
 
 __all__ = ["AndersonAcceleration", "ExtrapolationRecord"]
@@ -367,8 +367,7 @@ class AndersonAcceleration:
             raise ValueError(f"average={average!r} averages the store_every iterates between stored ones, "
                              "so it needs store_every >= 2 (or average='off')")
         self.rsd_threshold = check_real("rsd_threshold", rsd_threshold, 0.0, None, low_open=True, allow_inf=True)
-        if not isinstance(safeguard, bool):
-            raise TypeError(f"safeguard must be True or False, got {safeguard!r}")
+        safeguard = check_bool("safeguard", safeguard)
         self.safeguard = safeguard
         aa = {k: v for k, v in method.options().items() if k != "delay"}
         self.options = dict(aa, store_every=self.store_every, every=self.every, delay=self.delay,
