@@ -11,7 +11,7 @@ from .broyden import Broyden
 from .forward import ForwardIteration
 from .iteration import IterationInfo
 from .method import Method, MethodState
-from .result import STATUSES, FixedPointResult
+from .result import STATUSES, ConvergenceError, ConvergenceWarning, FixedPointResult
 from .solve import METHODS, anderson, broyden, forward_iteration, solve
 
 __version__ = "0.2.0"
@@ -21,6 +21,8 @@ __all__ = [
     "AndersonHistory",
     "BackendInfo",
     "Broyden",
+    "ConvergenceError",
+    "ConvergenceWarning",
     "FixedPointResult",
     "ForwardIteration",
     "IterationInfo",

@@ -13,13 +13,15 @@ Neither mpi4py nor torch is imported here unless such a communicator is given.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Communicator", "as_communicator"]
+__all__ = ["Communicator", "agreed", "as_communicator"]
 
 
 class Communicator:
@@ -133,21 +135,86 @@ class Communicator:
         """The elementwise maximum of ``a`` over the processes."""
         return self._reduce(a, "max")
 
-    def check_same(self, what: str, description: str) -> None:
-        """Raise ``ValueError`` on every process unless ``description`` is the same on all of them.
+    def agree(self, exc: BaseException | None, what: str = "", description: str = "") -> None:
+        """Raise on every process if ``exc`` is not None on any, or if their ``description`` differs.
 
-        One small collective (the maximum and minimum of a hash), so that processes whose settings
-        differ stop with a clear error instead of waiting in mismatched collectives.
+        One collective of three numbers when all is well (one more, of a thousand, when a process
+        failed).  A failure is raised everywhere as the failing process's exception type where that is
+        a ``ValueError``, ``TypeError``, ``MemoryError``, ``ImportError`` or ``RuntimeError`` (else
+        ``RuntimeError``), with its message and rank (the lowest failing rank's); it carries
+        ``fixedpoint_agreed = True``, so that the solver does not also abort the job for it.  Differing
+        descriptions (a hash of each is compared) raise ``ValueError`` naming ``what`` everywhere.
         """
         digest = int.from_bytes(hashlib.sha256(description.encode()).digest()[:6], "little")
-        pair = np.array([digest, -digest], dtype=np.float64)  # 48-bit integers: exact in float64
-        got = self.max(pair)
-        if got[0] != digest or -got[1] != digest:
+        failed = float(self.size - self.rank) if exc is not None else 0.0
+        got = self.max(np.array([failed, digest, -digest], dtype=np.float64))  # 48-bit integers: exact
+        if got[0] != 0:
+            self._raise_failure(exc, self.size - int(got[0]))
+        if got[1] != digest or -got[2] != digest:
             raise ValueError(f"the processes of comm disagree on {what}: this one (rank {self.rank}) has "
                              f"{description}; every process must call the solver with the same settings")
 
+    def check_same(self, what: str, description: str) -> None:
+        """Raise ``ValueError`` on every process unless ``description`` is the same on all of them (one small
+        collective: :meth:`agree` with nothing failed), so that processes whose settings differ stop with a clear
+        error instead of waiting in mismatched collectives."""
+        self.agree(None, what, description)
+
+    def _raise_failure(self, exc: BaseException | None, first: int) -> None:
+        """Raise, on every process, the error of process ``first`` (one collective of its message)."""
+        kinds = (ValueError, TypeError, MemoryError, ImportError, RuntimeError)
+        buf = np.zeros(2 + _MESSAGE_BYTES, dtype=np.float64)
+        if self.rank == first and exc is not None:
+            text = str(exc).encode("utf-8", "replace")[:_MESSAGE_BYTES]
+            buf[0] = next((i for i, kind in enumerate(kinds) if isinstance(exc, kind)), len(kinds) - 1)
+            buf[1] = len(text)
+            buf[2:2 + len(text)] = np.frombuffer(text, dtype=np.uint8)
+        buf = self.sum(buf)
+        message = bytes(buf[2:2 + int(buf[1])].astype(np.uint8)).decode("utf-8", "replace")
+        error: Exception = kinds[int(buf[0])](f"{message} (on process {first} of {self.size})")
+        error.fixedpoint_agreed = True  # type: ignore[attr-defined]
+        if exc is not None:
+            raise error from exc
+        raise error
+
     def __repr__(self) -> str:
         return f"Communicator({self.kind}, rank={self.rank}, size={self.size})"
+
+
+#: Longest error message (UTF-8 bytes) that :meth:`Communicator.agree` passes to the other processes.
+_MESSAGE_BYTES = 1000
+
+
+class _Agreement:
+    """What a block run under :func:`agreed` wants compared across the processes besides its outcome."""
+
+    def __init__(self) -> None:
+        self.what, self.description = "", ""
+
+    def compare(self, what: str, description: str) -> None:
+        """Also raise on every process unless ``description`` (of ``what``) is the same on all."""
+        self.what, self.description = what, description
+
+
+@contextlib.contextmanager
+def agreed(comm: Communicator | None) -> Iterator[_Agreement]:
+    """Run a block of per-process checks so that, with ``comm``, they fail on every process or on none.
+
+    Without ``comm`` an exception of the block propagates unchanged.  With it, every process calls
+    :meth:`Communicator.agree` when the block ends (one collective), so the block must not itself run
+    collectives that a failing process would skip.  The block may call ``compare(what, description)``
+    on the object it is given to have its settings compared in the same collective.
+    """
+    agreement = _Agreement()
+    if comm is None:
+        yield agreement
+        return
+    try:
+        yield agreement
+    except Exception as exc:  # noqa: BLE001 - every failure is shared, then raised
+        comm.agree(exc)
+        raise
+    comm.agree(None, agreement.what, agreement.description)
 
 
 def _torch_distributed(comm: Any) -> Any:

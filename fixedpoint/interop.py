@@ -33,7 +33,8 @@ import numpy as np
 
 from .backend import Array, Namespace, library_name, namespace_of, resolve_namespace
 
-__all__ = ["call_map", "convert", "to_numpy", "wrap_map", "same_memory", "may_share_memory"]
+__all__ = ["call_map", "check_unmodified", "convert", "lend", "to_numpy", "wrap_map", "same_memory",
+           "may_share_memory"]
 
 
 def _is_host(lib, x):
@@ -187,21 +188,53 @@ def may_share_memory(a: Array, b: Array) -> bool:
     return bool(np.may_share_memory(np.from_dlpack(a), np.from_dlpack(b)))  # host libraries: NumPy views
 
 
-def read_only_message(lib: str) -> str:
-    """The error for a map that wrote into its argument (the solver's iterate)."""
-    return _read_only_message(lib)
+def read_only_message(lib: str, who: str = "g") -> str:
+    """The error for user code (the map ``g``, or a ``callback``) that wrote into an array it was lent."""
+    if who == "g":
+        return (f"g must not modify its argument in place: it is the solver's iterate ({lib} array). Compute the "
+                "result into a new array (y = 0.5 * x + 1, not x *= 0.5; x += 1; return x)")
+    return (f"{who} must not modify the arrays it is given in place ({lib} arrays of the solver's own state: "
+            "info.x, info.residual, info.active); copy them first if you need to change them")
 
 
-def _read_only_message(lib):
-    return (f"g must not modify its argument in place: it is the solver's iterate ({lib} array). Compute the result "
-            "into a new array (y = 0.5 * x + 1, not x *= 0.5; x += 1; return x)")
+def lend(x: Array, *, copy: bool = True) -> tuple[Array, int | None]:
+    """Hand ``x`` to user code so that an in-place write cannot go unnoticed: the one rule for every array the
+    solvers pass to a user's function.
+
+    - NumPy: a read-only view (a write raises NumPy's "read-only" ``ValueError``);
+    - PyTorch (except inference-mode tensors): ``x`` itself, with its version counter as the token for
+      :func:`check_unmodified`;
+    - other libraries (CuPy, array-api-strict) and inference tensors, which offer neither: a copy when
+      ``copy`` (callbacks), else ``x`` itself (maps, whose result :func:`call_map` checks instead).
+
+    Returns
+    -------
+    (array, int or None)
+        The array to pass, and the token to give :func:`check_unmodified` after the call.
+    """
+    if isinstance(x, np.ndarray):
+        view = x.view()
+        view.flags.writeable = False
+        return view, None
+    lib = library_name(namespace_of(x))
+    if lib == "torch" and not x.is_inference():
+        return x, x._version
+    if copy:
+        return namespace_of(x).asarray(x, copy=True), None
+    return x, None
+
+
+def check_unmodified(x: Array, token: int | None, who: str = "g") -> None:
+    """Raise ``ValueError`` if user code wrote into the tensor ``x`` lent by :func:`lend` with ``token``."""
+    if token is not None and x._version != token:
+        raise ValueError(read_only_message("torch", who))
 
 
 def call_map(g: Callable[..., Array], x: Array, *args: Any) -> Array:
     """Evaluate a user's map ``g`` at ``x`` as the solvers do, and check what it returns.
 
     ``g`` must not modify its argument (the solver's iterate) and must return an array of
-    ``x``'s library, shape, dtype and device.  What is enforced, by library:
+    ``x``'s library, shape, dtype and device.  What is enforced, by library (:func:`lend`):
 
     - NumPy: ``g`` receives a read-only view of ``x`` (an in-place write raises);
     - PyTorch: the tensor's version counter is compared before and after the call
@@ -231,22 +264,15 @@ def call_map(g: Callable[..., Array], x: Array, *args: Any) -> Array:
     TypeError
         If ``g`` returned something other than an array of ``x``'s library, or another dtype.
     """
-    xp = namespace_of(x)
-    lib = library_name(xp)
-    version = None
-    if lib == "numpy":
-        x = x.view()
-        x.flags.writeable = False
-    elif lib == "torch" and not x.is_inference():
-        version = x._version
+    lib = library_name(namespace_of(x))
+    x, version = lend(x, copy=False)
     try:
         y = g(x, *args)
     except ValueError as exc:
         if lib == "numpy" and "read-only" in str(exc):
-            raise ValueError(_read_only_message(lib)) from exc
+            raise ValueError(read_only_message(lib)) from exc
         raise
-    if version is not None and x._version != version:
-        raise ValueError(_read_only_message(lib))
+    check_unmodified(x, version)
     try:
         ylib = library_name(namespace_of(y))
     except TypeError:
@@ -254,6 +280,9 @@ def call_map(g: Callable[..., Array], x: Array, *args: Any) -> Array:
                         f"got {type(y).__name__}") from None
     if ylib != lib:
         raise TypeError(f"g must return an array of the same library as its input ({lib}), got a {ylib} array")
+    if isinstance(y, np.matrix):
+        raise TypeError("g must return a numpy.ndarray, got a numpy.matrix (whose products and shapes follow "
+                        "matrix rules); return np.asarray(...) of it")
     if tuple(y.shape) != tuple(x.shape):
         raise ValueError(f"g must return an array of the input's shape {tuple(x.shape)}, got shape {tuple(y.shape)}")
     if y.dtype != x.dtype:

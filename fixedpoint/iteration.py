@@ -15,8 +15,10 @@ with ``B = 1`` unless ``batch=True``.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,12 +35,12 @@ from .backend import (
     resolve_namespace,
     working_dtype,
 )
-from .checks import check_choice, check_int, check_real
-from .comm import Communicator, as_communicator
-from .interop import call_map, convert, read_only_message, to_numpy, wrap_map
+from .checks import check_bool, check_choice, check_int, check_real, user_stacklevel
+from .comm import agreed, as_communicator
+from .interop import call_map, check_unmodified, convert, lend, read_only_message, to_numpy, wrap_map
 from .kernels import Kernels
 from .method import Method
-from .result import FixedPointResult
+from .result import ConvergenceWarning, FixedPointResult
 from .samples import INACTIVE, SampleRecord
 
 __all__ = ["IterationInfo", "run", "check_common"]
@@ -48,14 +50,22 @@ _INF = float("inf")
 #: ε in the relative residual ‖g(x) − x‖ / (‖g(x)‖ + ε).
 REL_EPS = 1e-12
 
+#: The relative stopping test credits growth of ‖g(x)‖ beyond the sample's starting scale s₀ = max(‖g(x₀)‖, ‖f₀‖)
+#: only once its residual has fallen to this fraction of ‖f₀‖ (docs/algorithm.md, "Stopping criteria"): iterates
+#: running off to infinity (a map with no fixed point, x + 1 + 0.1·sin x) cannot make a residual that never fell
+#: look small.
+REL_REDUCTION = 0.5
+
 
 @dataclass
 class IterationInfo:
     """What a ``callback`` receives after each evaluation of ``g``.
 
-    The arrays are views into the solver's buffers, valid only during the call;
-    they belong to the library the solver runs in (see ``backend=``).  Reading
-    their values on a GPU synchronises with the host.
+    The arrays show the solver's own state, valid only during the call, and may not
+    be written to: read-only views with NumPy, tensors whose version counter is
+    checked with PyTorch (a write raises ``ValueError``), copies with other libraries.
+    They belong to the library the solver runs in (see ``backend=``).  Reading their
+    values on a GPU synchronises with the host.
 
     Attributes
     ----------
@@ -86,19 +96,13 @@ def _check_callable(name, value):
     return value
 
 
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
 _COMMON_CHECKS = {
     "tol": lambda v: check_real("tol", v, 0.0, None, low_open=True),
     "max_iter": lambda v: check_int("max_iter", v, 1),
     "stop_mode": lambda v: check_choice("stop_mode", v, ("rel", "abs")),
     "check_every": lambda v: None if v is None else check_int("check_every", v, 1),
     "callback": lambda v: _check_callable("callback", v),
-    "batch": lambda v: _check_bool("batch", v),
+    "batch": lambda v: check_bool("batch", v),
     "backend": lambda v: v,
     "divtol": lambda v: None if v is None else check_real("divtol", v, 1.0, None, low_open=True, allow_inf=True),
     "compact": lambda v: check_choice("compact", v, (False, True, "auto")),
@@ -146,26 +150,42 @@ class _MapCall:
         return call_map(self.g, x, *args)
 
 
-def _check_same_everywhere(method, x0, opts):
-    """With ``comm``: stop on every process, with the same error, unless all were given the same method,
-    options, dtype and batch size (one small collective before anything else can fail on one process only)."""
-    comm = Communicator(opts["comm"]) if not isinstance(opts["comm"], Communicator) else opts["comm"]
-    opts["comm"] = comm
+def _settings(method, x0, opts):
+    """What every process of a sharded solve must have in common, as text (compared by a hash)."""
     shape = getattr(x0, "shape", None)
     batch = shape[0] if opts.get("batch") and shape else None
     settings = {k: v for k, v in opts.items() if k not in ("callback", "comm")}
-    description = (f"method={method!r}, options={settings!r}, x0 dtype={getattr(x0, 'dtype', None)}, "
-                   f"library={type(x0).__module__.split('.')[0]}, batch size={batch}")
-    comm.check_same("the method, the options, x0's dtype and library, and the batch size", description)
+    return (f"method={method!r}, options={settings!r}, x0 dtype={getattr(x0, 'dtype', None)}, "
+            f"library={type(x0).__module__.split('.')[0]}, batch size={batch}")
 
 
-def run(method: Method, g: Callable[[Array], Array], x0: Array, opts: dict) -> FixedPointResult:
+def _check_takes_rows(g, compact):
+    """Refuse, under ``compact``, a ``g`` that cannot be called as ``g(x_rows, rows)``."""
+    fix = "define it as g(x, rows), rows being the indices of the samples in x (e.g. lambda x, rows: np.cos(x))"
+    if isinstance(g, np.ufunc):
+        raise TypeError(f"compact={compact!r} calls g(x_rows, rows), and the NumPy ufunc {g.__name__} would take "
+                        f"rows as its output array; {fix}")
+    try:
+        signature = inspect.signature(g)
+    except (TypeError, ValueError):  # builtins without a signature: the first call tells
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise TypeError(f"compact={compact!r} calls g(x_rows, rows) with two arguments, but g takes "
+                        f"{signature}; {fix}") from None
+
+
+def run(method: Method | None, g: Callable[[Array], Array], x0: Array, opts: dict,
+        failed: Exception | None = None) -> FixedPointResult:
     """Solve x = g(x) with ``method``; see :func:`fixedpoint.solve`.
 
     ``opts`` holds the options common to every method (``tol``, ``max_iter``,
-    ``stop_mode``, ``batch``, ``check_every``, ``callback``, ``backend``), not yet validated.
+    ``stop_mode``, ``batch``, ``check_every``, ``callback``, ``backend``, ``comm``), not yet validated.
+    ``failed``: an error the caller met on this process while preparing the solve (with ``comm``, raised
+    on every process, together with the loop's own checks), in which case ``method`` may be None.
     """
-    loop = _Loop(method, g, x0, opts)
+    loop = _Loop(method, g, x0, opts, failed)
     with loop.kern.solver_context():
         return loop.run()
 
@@ -173,37 +193,39 @@ def run(method: Method, g: Callable[[Array], Array], x0: Array, opts: dict) -> F
 class _Loop:
     """State of one solve: set up from the inputs, iterated by :meth:`run`, summarised by :meth:`result`."""
 
-    def __init__(self, method, g, x0, opts):
-        self.method, self.opts = method, opts
-        if opts.get("comm") is not None:
-            _check_same_everywhere(method, x0, opts)
-        self.opts = opts = check_common(opts)
-        self.tol, self.max_iter, self.stop_mode = opts["tol"], opts["max_iter"], opts["stop_mode"]
-        if not callable(g):
-            raise TypeError(f"g must be callable, got {g!r}")
-        caller_xp = namespace_of(x0)
-        self.caller_lib = library_name(caller_xp)
-        self.caller_device = array_api_compat.device(x0)
-        self.caller_dtype = working_dtype(caller_xp, x0)
-        if x0.dtype != self.caller_dtype:  # integer or boolean: promoted in x0's own library, whatever backend=
-            x0 = caller_xp.astype(x0, self.caller_dtype)
-        self.shape = shape = tuple(x0.shape)
-        if any(s == 0 for s in shape):
-            raise ValueError(f"x0 must not be empty, got shape {shape}")
-        if opts["batch"] and len(shape) < 1:
-            raise ValueError("batch=True needs x0 with a leading batch axis, got a 0-d array")
-        finite = bool(caller_xp.all(caller_xp.isfinite(x0)))
-        if opts.get("comm") is not None:  # every process raises, or none
-            bad = opts["comm"].max(np.array([0.0 if finite else 1.0]))[0]
-            if bad:
-                raise ValueError("x0 contains NaN or Inf" + ("" if not finite else " on another process"))
-        elif not finite:
-            raise ValueError("x0 contains NaN or Inf")
+    # set by _check_inputs
+    opts: dict[str, Any]
+    x0: Any
+    shape: tuple[int, ...]
+    caller_xp: Any
+    caller_lib: str
+    caller_device: Any
+    caller_dtype: Any
+    solver_xp: Any
+
+    def __init__(self, method, g, x0, opts, failed=None):
+        self.method = method
+        comm = as_communicator(opts.get("comm"))
+        # Every check and allocation of this process, then (with comm) one collective: the same outcome, and
+        # the same settings, on every process before any of them raises or calls g.
+        with agreed(comm) as agreement:
+            if failed is not None:
+                raise failed
+            self._check_inputs(g, x0, {**opts, "comm": None}, comm is not None)
+            self.opts = opts = {**self.opts, "comm": comm}
+            if comm is not None:
+                agreement.compare("the method, the options, x0's dtype and library, and the batch size",
+                                  _settings(method, self.x0, opts))
+            self._allocate(method, g, comm)
+
+    def _allocate(self, method, g, comm):
+        """Set up the solver's library, the map, the kernels, the method's state and the per-sample record."""
+        x0, xp, shape, opts = self.x0, self.caller_xp, self.shape, self.opts
         # Half precision is iterated in float32 (fixedpoint.backend.buffer_dtype), every iterate rounded to it.
-        self.narrow = buffer_dtype(caller_xp, self.caller_dtype) != self.caller_dtype
-        xp = caller_xp
-        if opts["backend"] is not None and library_name(resolve_namespace(opts["backend"])) != self.caller_lib:
-            xp = resolve_namespace(opts["backend"])
+        self.narrow = buffer_dtype(xp, self.caller_dtype) != self.caller_dtype
+        self.eps = float(xp.finfo(self.caller_dtype).eps)  # the iterates' rounding (x0's dtype)
+        if library_name(self.solver_xp) != self.caller_lib:
+            xp = self.solver_xp
             x0 = convert(x0, xp)
         self.xp, self.lib = xp, library_name(xp)
         self.device = device = array_api_compat.device(x0)
@@ -216,16 +238,18 @@ class _Loop:
         for s in shape:
             n *= s
         self.n = n = n // B
-        self.compact = opts.get("compact", False)
-        if self.compact is not False and not opts["batch"]:
-            raise ValueError(f"compact={self.compact!r} evaluates g on the samples still iterating, so it needs "
-                             "batch=True")
+        self.compact = opts["compact"]
         self.check_every = opts["check_every"] or (10 if is_accelerator(xp, device) else 1)
-        self.kern = kern = Kernels(xp, device, opts.get("comm"))
+        self.kern = kern = Kernels(xp, device, comm)
         with self.kern.solver_context():
-            self.state = method.init(kern, B, n, dtype)
-            # The per-sample record: the working rows of the samples still iterating, the others' results.
-            self.rec = SampleRecord(kern, x0, dtype, B, n, self.check_every)
+            try:
+                self.state = method.init(kern, B, n, dtype)
+                # The per-sample record: the working rows of the samples still iterating, the others' results.
+                self.rec = SampleRecord(kern, x0, dtype, B, n, self.check_every)
+            except MemoryError as exc:
+                window = f" (its window m={method.m} is kept for every sample)" if hasattr(method, "m") else ""
+                raise MemoryError(f"{method!r}{window} could not allocate its working arrays for {B} sample(s) "
+                                  f"of {n} elements in {dtype}: {exc}") from exc
         self.packs = B > 1  # False once the method's state turns out not to support pack()
         self.n_rows = 0  # samples passed to g in all
         if self.compact is not False:
@@ -238,6 +262,49 @@ class _Loop:
             self.gx_full: Any = None
         self.gx_rows: Any = None  # (B, n): g's rows of the working samples when g sees the whole batch
         self.n_fev = 0
+
+    def _check_inputs(self, g, x0, opts, sharded):
+        """Validate the options and x0 on this process (no collective): set ``opts``, ``x0``, ``shape`` and the
+        caller's library, device and dtype."""
+        self.opts = opts = check_common(opts)
+        self.tol, self.max_iter, self.stop_mode = opts["tol"], opts["max_iter"], opts["stop_mode"]
+        if not callable(g):
+            raise TypeError(f"g must be callable, got {g!r}")
+        if isinstance(x0, np.matrix):
+            raise TypeError("x0 must be an array, got a numpy.matrix (whose products and shapes follow matrix "
+                            "rules); pass np.asarray(x0)")
+        self.caller_xp = caller_xp = namespace_of(x0)
+        self.caller_lib = library_name(caller_xp)
+        self.caller_device = array_api_compat.device(x0)
+        if str(self.caller_device) == "meta":
+            raise ValueError("x0 is a tensor on torch's 'meta' device, which holds no values; create it on a real "
+                             "device ('cpu', 'cuda')")
+        self.caller_dtype = working_dtype(caller_xp, x0)
+        if x0.dtype != self.caller_dtype:  # integer or boolean: promoted in x0's own library, whatever backend=
+            x0 = caller_xp.astype(x0, self.caller_dtype)
+        self.x0, self.shape = x0, tuple(x0.shape)
+        if any(s == 0 for s in self.shape):
+            raise ValueError(f"x0 must not be empty, got shape {self.shape}"
+                             + ("; with comm, every process must hold at least one element" if sharded else ""))
+        if opts["batch"] and not self.shape:
+            raise ValueError("batch=True needs x0 with a leading batch axis, got a 0-d array")
+        if not bool(caller_xp.all(caller_xp.isfinite(x0))):
+            raise ValueError("x0 contains NaN or Inf")
+        backend = opts["backend"]
+        self.solver_xp = caller_xp if backend is None else resolve_namespace(backend)
+        compact = opts["compact"]
+        if compact is not False:
+            if not opts["batch"]:
+                raise ValueError(f"compact={compact!r} evaluates g on the samples still iterating, so it needs "
+                                 "batch=True")
+            _check_takes_rows(g, compact)
+        eps = float(caller_xp.finfo(self.caller_dtype).eps)
+        if self.stop_mode == "rel" and self.tol < eps and buffer_dtype(caller_xp, self.caller_dtype) != x0.dtype:
+            # half precision: iterates rounded to x0's dtype cannot get a relative residual much below epsilon
+            warnings.warn(f"tol={self.tol:g} is below the machine epsilon of x0's dtype {self.caller_dtype} "
+                          f"({eps:.3g}): iterates rounded to it seldom reach a relative residual that low, and the "
+                          f"solve may run to max_iter; choose tol >= {4 * eps:.0e} or iterate in float32",
+                          ConvergenceWarning, stacklevel=user_stacklevel())
 
     def run(self):
         """Iterate and return the result: one sample with its small state on the host takes :meth:`_run_one`."""
@@ -256,7 +323,7 @@ class _Loop:
         try:
             for k in range(self.max_iter):
                 x = rec.x
-                gx = self._evaluate(call, x)
+                gx = self._evaluate(call, x) if k else self._first(functools.partial(self._evaluate, call, x))
                 self.n_fev += 1
                 f = state.residual_buffer()
                 if f is not None:
@@ -264,7 +331,9 @@ class _Loop:
                 fnorm, gnorm = self._norms(state.observe(x, gx, f, rel), x, gx, f, rel)
                 r = fnorm
                 if rel:  # a non-finite ‖g(x)‖ makes the residual non-finite, never 0
-                    r = sxp.where(sxp.isfinite(gnorm), fnorm / (gnorm + REL_EPS), _INF)
+                    if rec.scale is None:
+                        rec.scale, rec.f_start = sxp.maximum(gnorm, fnorm), fnorm
+                    r = self._relative(fnorm, gnorm, rec.f_start, rec.scale)
                 active = rec.active
                 if divtol is not None:
                     if rec.f0 is None:
@@ -283,9 +352,8 @@ class _Loop:
                 if self.narrow:
                     self._round(rec.x_next)
                 del gx, f  # g's result is not kept alive while g computes the next one
-                if callback is not None:
-                    if callback(self._info(k, x, r, active)):
-                        status = "stopped"
+                if callback is not None and self._call_back(callback, *self._info(k, x, r, active)):
+                    status = "stopped"
                 rec.swap()
                 if status is not None or (k + 1) % self.check_every == 0 or k + 1 == self.max_iter:
                     rec.flush_history()
@@ -295,10 +363,24 @@ class _Loop:
         except BaseException as exc:
             rec.flush_history()
             exc.fixedpoint_result = self.result("error")  # type: ignore[attr-defined]
-            if self.kern.comm is not None:
+            if self.kern.comm is not None and not getattr(exc, "fixedpoint_agreed", False):
                 self.kern.comm.abort(exc)
             raise
         return self.result(status)
+
+    def _first(self, evaluate):
+        """The first evaluation of g: with ``comm``, a failure on one process (g raised, or returned another
+        shape, dtype or library) raises the same error on every process; under ``compact``, a g that cannot
+        take the rows is told so."""
+        with agreed(self.kern.comm):
+            try:
+                return evaluate()
+            except TypeError as exc:
+                if self.compact is False or "positional argument" not in str(exc):
+                    raise
+                raise TypeError(f"compact={self.compact!r} calls g(x_rows, rows) with two arguments, and g "
+                                f"refused them ({exc}); define it as g(x, rows), rows being the indices of the "
+                                "samples in x") from exc
 
     def _g_sees_rows(self):
         """Whether g is called on the working rows alone (``g(x_rows, rows)``) rather than the whole batch."""
@@ -333,19 +415,38 @@ class _Loop:
         self.n_rows += B
         return self.gx_rows[:w, ...]
 
+    def _call_back(self, callback, k, x, r, active):
+        """``callback(IterationInfo(k, x, r, active))`` on arrays lent by :func:`fixedpoint.interop.lend`, so that
+        a callback writing into them raises instead of changing the solve; True if it asks to stop (with
+        ``comm``: if it asks on any process, so that every process stops at the same iteration)."""
+        lent = [lend(a) for a in (x, r, active)]
+        try:
+            stop = bool(callback(IterationInfo(k, *(a for a, _ in lent))))
+        except ValueError as exc:
+            if "read-only" in str(exc):
+                raise ValueError(read_only_message(self.lib, "callback")) from exc
+            raise
+        for a, token in lent:
+            check_unmodified(a, token, "callback")
+        comm = self.kern.comm
+        if comm is not None:
+            stop = bool(comm.max(np.array([1.0 if stop else 0.0]))[0])
+        return stop
+
     def _info(self, k, x, r, active):
-        """The callback's :class:`IterationInfo`: whole-batch arrays even when the working arrays are packed."""
+        """The arrays of the callback's :class:`IterationInfo` (``k, x, residual, active``): whole-batch arrays
+        even when the working arrays are packed."""
         xp, kern, rec = self.xp, self.kern, self.rec
         if rec.w == self.B:
-            return IterationInfo(k, xp.reshape(x, self.shape), kern.big(r), kern.big(active))
+            return k, xp.reshape(x, self.shape), kern.big(r), kern.big(active)
         x_all = xp.asarray(rec.out_x, copy=True)
         kern.put_rows(x_all, rec.rows, x)
         r_all, on = rec.out_r.copy(), np.zeros(self.B, dtype=bool)
         r_all[rec.idx] = np.asarray(to_numpy(r), dtype=np.float64)
         on[rec.idx] = np.asarray(to_numpy(active), dtype=bool)
         lib, dev = self.lib, self.device
-        return IterationInfo(k, xp.reshape(x_all, self.shape), convert(r_all, lib, device=dev, dtype=None),
-                             convert(on, lib, device=dev, dtype=None))
+        return (k, xp.reshape(x_all, self.shape), convert(r_all, lib, device=dev, dtype=None),
+                convert(on, lib, device=dev, dtype=None))
 
     def _shrink(self, active):
         """At a host check: drop the samples that have stopped from every working array, the record's and the
@@ -373,11 +474,13 @@ class _Loop:
         on, off = np.ones(1, dtype=bool), np.zeros(1, dtype=bool)
         hist: list[float] = []
         best_r, active, diverged, restarts, f0, status = _INF, True, False, 0, None, None
+        f_start = scale = _INF
         self.t0 = time.perf_counter()
         try:
             for k in range(self.max_iter):
                 x = rec.x
-                gx = xp.reshape(call(xp.reshape(x, shape)), (1, n))
+                xk = xp.reshape(x, shape)
+                gx = xp.reshape(call(xk) if k else self._first(functools.partial(call, xk)), (1, n))
                 self.n_fev += 1
                 f = state.residual_buffer()
                 if f is not None:
@@ -386,7 +489,14 @@ class _Loop:
                 fn = float(fnorm[0])
                 if rel:  # a non-finite ‖g(x)‖ makes the residual non-finite, never 0
                     gn = float(gnorm[0])
-                    r = fn / (gn + REL_EPS) if math.isfinite(gn) else _INF
+                    if k == 0:
+                        f_start, scale = fn, max(gn, fn)
+                    if not math.isfinite(gn):
+                        r = _INF
+                    elif gn <= scale or fn + self.eps * gn <= REL_REDUCTION * f_start:
+                        r = fn / (gn + REL_EPS)
+                    else:
+                        r = (fn + self.eps * gn) / (scale + REL_EPS)
                 else:
                     r = fn
                 was_active = active
@@ -408,18 +518,16 @@ class _Loop:
                 if self.narrow:
                     self._round(rec.x_next)
                 del gx, f  # g's result is not kept alive while g computes the next one
-                if callback is not None:
-                    info = IterationInfo(k, xp.reshape(x, shape), kern.big(np.array([r])),
-                                         kern.big(on if active else off))
-                    if callback(info):
-                        status = "stopped"
+                if callback is not None and self._call_back(callback, k, xp.reshape(x, shape),
+                                                            kern.big(np.array([r])), kern.big(np.array([active]))):
+                    status = "stopped"
                 rec.swap()
                 if status is not None or ((k + 1) % self.check_every == 0 and not active):
                     break
         except BaseException as exc:
             self._keep_one(hist, best_r, active, diverged, restarts)
             exc.fixedpoint_result = self.result("error")  # type: ignore[attr-defined]
-            if self.kern.comm is not None:
+            if self.kern.comm is not None and not getattr(exc, "fixedpoint_agreed", False):
                 self.kern.comm.abort(exc)
             raise
         self._keep_one(hist, best_r, active, diverged, restarts)
@@ -432,6 +540,18 @@ class _Loop:
         rec.best_r = np.array([best_r])
         rec.active, rec.diverged = np.array([active]), np.array([diverged])
         rec.n_restarts = np.array([restarts], dtype=np.int64)
+
+    def _relative(self, fnorm, gnorm, f_start, scale):
+        """The relative residual per sample (small state): ‖f‖ / (‖g(x)‖ + ε), except where ‖g(x)‖ has grown past
+        the starting ``scale`` while the residual (with the rounding error eps·‖g(x)‖ of f = g(x) − x at that
+        magnitude) has not fallen to :data:`REL_REDUCTION` of ``f_start``: there (‖f‖ + eps·‖g(x)‖) / ``scale``.
+        Infinite where ‖g(x)‖ is not finite."""
+        sxp = self.kern.sxp
+        floor = fnorm + self.eps * gnorm
+        plain = fnorm / (gnorm + REL_EPS)
+        guarded = floor / (scale + REL_EPS)
+        credited = (gnorm <= scale) | (floor <= REL_REDUCTION * f_start)
+        return sxp.where(sxp.isfinite(gnorm), sxp.where(credited, plain, guarded), _INF)
 
     def _norms(self, observed, x, gx, f, rel):
         """(‖f_k‖, ‖g_k‖ or None) from what the method's observe returned, computing what it left out (in one

@@ -9,7 +9,27 @@ import numpy as np
 
 from .backend import Array
 
-__all__ = ["FixedPointResult", "STATUSES"]
+__all__ = ["ConvergenceError", "ConvergenceWarning", "FixedPointResult", "STATUSES"]
+
+
+class ConvergenceWarning(UserWarning):
+    """Issued where a solve that a caller depends on ended unconverged and the caller does not return its status
+    (the forward or adjoint solve inside :class:`fixedpoint.torch.DEQ`).  Turn it into an error with
+    ``warnings.simplefilter("error", fixedpoint.ConvergenceWarning)``, or with the layer's ``unconverged="raise"``."""
+
+
+class ConvergenceError(RuntimeError):
+    """Raised instead of :class:`ConvergenceWarning` where the caller asked for it (``unconverged="raise"``).
+
+    Attributes
+    ----------
+    stats : object
+        The statistics of the solve that did not converge (:class:`fixedpoint.torch.SolveStats` for a DEQ).
+    """
+
+    def __init__(self, message: str, stats: Any = None) -> None:
+        super().__init__(message)
+        self.stats = stats
 
 #: Possible values of :attr:`FixedPointResult.status`, with their meaning.
 STATUSES = {

@@ -9,6 +9,7 @@ from typing import Any
 from .anderson import Anderson
 from .broyden import Broyden
 from .checks import check_choice, check_options
+from .comm import as_communicator
 from .forward import ForwardIteration
 from .iteration import run
 from .method import Method
@@ -106,8 +107,11 @@ def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float
     max_iter : int, default 1000
         Most evaluations of g (iterations), >= 1.
     stop_mode : {"rel", "abs"}, default "rel"
-        "rel": ‖g(x) − x‖₂ / (‖g(x)‖₂ + 1e-12) (dimensionless); "abs": ‖g(x) − x‖₂
-        (units of x); norms per sample in batch mode.  Norms are computed so that
+        "rel": ‖g(x) − x‖₂ / (‖g(x)‖₂ + 1e-12) (dimensionless), where growth of ‖g(x)‖₂
+        beyond the sample's starting scale max(‖g(x0)‖₂, ‖g(x0) − x0‖₂) counts only once the
+        residual has halved, so that iterates running off to infinity (a map with no fixed
+        point) never look converged (docs/algorithm.md, "Stopping criteria"); "abs":
+        ‖g(x) − x‖₂ (units of x); norms per sample in batch mode.  Norms are computed so that
         they do not overflow where the vectors are finite (on the CPU; see
         docs/algorithm.md); a residual that is not finite stops the sample as
         ``"nonfinite"``, never as converged.
@@ -144,7 +148,9 @@ def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float
         same iterate as with 1.
     callback : callable, optional
         ``callback(info)`` with an :class:`fixedpoint.IterationInfo` after every
-        evaluation of g; returning True stops the solve (status ``"stopped"``).
+        evaluation of g; returning True stops the solve (status ``"stopped"``; with
+        ``comm``, True on any process stops every process).  Its arrays may not be
+        written to (``ValueError``).
     backend : str or module, optional
         Run the solver in another array library than ``x0``'s (``"numpy"``,
         ``"torch"``, ``"cupy"``, ``"array_api_strict"``): x0 is converted (zero-copy
@@ -158,9 +164,11 @@ def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float
         allreduce of O(B·m) numbers per iteration for the built-in methods.  Every process
         takes the same decisions and returns its shard of the solution.  All processes
         must call with the same method and options (checked: otherwise ``ValueError`` on
-        every process).  If g raises on one process, that process raises (with the partial
-        result) and the others wait in their next collective until the launcher ends the
-        job (``torchrun`` and ``python -m mpi4py`` do) or the process group's timeout.
+        every process).  An error on one process before or at the first evaluation of g
+        (a bad option, an empty or non-finite shard, g returning another shape) is raised
+        on every process, with the same message.  If g raises on one process later, that
+        process raises (with the partial result) and, under MPI, aborts the job; under
+        torch.distributed the others fail when it exits or at the process group's timeout.
     **method_options
         With a method name: that method's options (e.g. ``m``, ``beta``, ``lam`` for
         Anderson; ``damping`` for forward iteration); see the method classes.
@@ -175,13 +183,19 @@ def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float
     ------
     ValueError
         For an unknown ``method`` name or a bad option value (the message names it),
-        NaN/Inf in ``x0``, an empty ``x0``, a ``g`` that returns another shape or device,
-        or a ``g`` that modifies its argument in place.
+        NaN/Inf in ``x0``, an empty ``x0``, a ``x0`` on torch's meta device, a ``g`` that
+        returns another shape or device, a ``g`` or ``callback`` that modifies its argument
+        in place.
     TypeError
         For an option the method does not take (never silently ignored), method options
-        beside a method object, a non-array ``x0``, or a ``g`` that returns another
-        library or dtype.  Any exception raised by ``g`` or ``callback`` propagates with
-        the partial result attached as ``exc.fixedpoint_result``.
+        beside a method object, a non-array ``x0`` (or a ``numpy.matrix``), a ``g`` that
+        returns another library or dtype, or, with ``compact``, a ``g`` that cannot take
+        ``(x_rows, rows)``.
+    MemoryError
+        When the method's buffers do not fit (the message names its window ``m``).
+
+    Any exception raised by ``g`` or ``callback`` propagates with the partial result attached
+    as ``exc.fixedpoint_result``.
 
     Examples
     --------
@@ -192,10 +206,18 @@ def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float
     >>> fixedpoint.solve(np.cos, np.zeros(3), method=fixedpoint.Broyden(m=4), tol=1e-10).n_iter < 10
     True
     """
+    comm = as_communicator(comm)
     opts = dict(tol=tol, max_iter=max_iter, stop_mode=stop_mode, divtol=divtol, batch=batch, compact=compact,
                 check_every=check_every, callback=callback, backend=backend, comm=comm)
-    method_obj, _ = resolve_method(method, method_options)
-    return run(method_obj, g, x0, opts)
+    method_obj: Method | None = None
+    failed: Exception | None = None
+    try:
+        method_obj = resolve_method(method, method_options)[0]
+    except (TypeError, ValueError) as exc:
+        if comm is None:
+            raise
+        failed = exc  # raised on every process by the loop's collective check
+    return run(method_obj, g, x0, opts, failed)
 
 
 def anderson(g: Callable, x0: Any, **options: Any) -> FixedPointResult:

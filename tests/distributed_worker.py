@@ -59,6 +59,14 @@ def linear_problem(n, seed=0, batch=None):
     return A, b
 
 
+def _gather_objects(obj, size):
+    import torch.distributed as dist
+
+    parts = [None] * size
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def check(cond, what):
     if not cond:
         raise AssertionError(what)
@@ -146,6 +154,39 @@ def main(engine):
         check("mpi4py" in str(exc) and "torch.distributed" in str(exc), str(exc))
     else:
         raise AssertionError("no TypeError for comm='world'")
+
+    # 3b. a decision one process alone would take is taken by every process: the same one-line error everywhere
+    #     (an invalid option, an empty shard, a map returning another shape), the same stop (a callback)
+    last = rank == size - 1
+
+    def same_error_everywhere(kind, words, **kwargs):
+        x0 = kwargs.pop("x0", np.zeros(hi - lo))
+        g = kwargs.pop("g", lambda x: 0.5 * x)
+        try:
+            fixedpoint.solve(g, x0, comm=comm, **kwargs)
+        except kind as exc:
+            message = str(exc)
+            check(words in message and f"(on process {size - 1} of {size})" in message, message)
+        else:
+            raise AssertionError(f"no {kind.__name__} for {words}")
+        messages = comm.allgather(message) if engine == "mpi" else _gather_objects(message, size)
+        check(len(set(messages)) == 1, f"different errors: {messages}")
+
+    same_error_everywhere(ValueError, "m must be", m=0 if last else 5)
+    same_error_everywhere(TypeError, "unknown option", **({"windw": 3} if last else {}))
+    same_error_everywhere(ValueError, "every process must hold at least one element",
+                          x0=np.zeros(0 if last else hi - lo))
+    same_error_everywhere(ValueError, "g must return an array of the input's shape",
+                          g=lambda x: np.zeros(x.shape[0] + 1) if last else 0.5 * x)
+    calls = [0]
+
+    def stop_on_last(info):
+        calls[0] += 1
+        return last and info.iteration == 2
+
+    res = fixedpoint.solve(lambda x: 0.5 * x + 1.0, np.zeros(hi - lo), method="forward", tol=1e-14, comm=comm,
+                           callback=stop_on_last)
+    check(res.status == "stopped" and res.n_iter == 3 and calls[0] == 3, f"callback stop: {res}, {calls}")
 
     # 4. torch tensors over the same engine (torch CPU over gloo, or over MPI through NumPy views)
     import torch

@@ -76,10 +76,10 @@ import numpy as np
 import torch
 
 from ..backend import cupy_usable, synchronize
-from ..checks import check_choice, check_int, check_real
+from ..checks import check_bool, check_choice, check_int, check_real, user_stacklevel
 from ..iteration import check_common
 from ..method import Method
-from ..result import FixedPointResult
+from ..result import ConvergenceError, ConvergenceWarning, FixedPointResult
 from ..solve import resolve_method, solve
 
 __all__ = ["DEQ", "DEQStats", "SolveStats", "deq_fixed_point", "jacobian_frobenius", "solver_backend_for",
@@ -101,6 +101,9 @@ REBUILD_FRACTION = 0.5
 
 #: Solver options the layer sets itself (so they cannot be passed as ``options``).
 _RESERVED = ("tol", "max_iter", "batch", "backend", "callback", "compact")
+
+#: Values of the ``unconverged`` argument: what the layer does when its forward or adjoint solve ends unconverged.
+UNCONVERGED = ("warn", "raise", "ignore")
 
 #: Module types whose training mode makes f couple the samples or change between calls.
 _UNSTABLE_IN_TRAINING = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
@@ -294,6 +297,7 @@ class _Config:
     backward_solver_options: dict
     backward_tol: float
     backward_max_iter: int
+    unconverged: str = "warn"
 
 
 def _resolve(method, options, name):
@@ -309,8 +313,7 @@ def _resolve(method, options, name):
 
 
 def _check_compact(compact, batch):
-    if not (compact is True or compact is False or compact == "auto"):
-        raise ValueError(f"compact must be True, False or 'auto', got {compact!r}")
+    compact = check_choice("compact", compact, (False, True, "auto"))
     if compact is True and not batch:
         raise ValueError("compact=True evaluates f on the samples still iterating, so it needs batch=True "
                          "(compact='auto' or False with batch=False)")
@@ -337,12 +340,12 @@ def _check_gradient(gradient, steps, damping, backward_given):
 
 def _make_config(method, backend, tol, max_iter, batch, options, backward_method, backward_tol,
                  backward_max_iter, backward_options, compact="auto", gradient="implicit", gradient_steps=None,
-                 gradient_damping=None):
+                 gradient_damping=None, unconverged="warn"):
     check_choice("backend", backend, SOLVER_BACKENDS)
+    unconverged = check_choice("unconverged", unconverged, UNCONVERGED)
     tol = check_real("tol", tol, 0.0, None, low_open=True)
     max_iter = check_int("max_iter", max_iter, 1)
-    if not isinstance(batch, bool):
-        raise TypeError(f"batch must be True or False, got {batch!r}")
+    batch = check_bool("batch", batch)
     compact = _check_compact(compact, batch)
     given = [name for name, value in (("backward_method", backward_method), ("backward_tol", backward_tol),
                                       ("backward_max_iter", backward_max_iter),
@@ -360,7 +363,14 @@ def _make_config(method, backend, tol, max_iter, batch, options, backward_method
             backward_method = method_obj.name if isinstance(method, Method) else method
         backward_obj, backward_common = _resolve(backward_method, backward_options or {}, "backward_options")
     return _Config(method_obj, common, backend, tol, max_iter, batch, compact, gradient, gradient_steps,
-                   gradient_damping, backward_obj, backward_common, backward_tol, backward_max_iter)
+                   gradient_damping, backward_obj, backward_common, backward_tol, backward_max_iter, unconverged)
+
+
+def _unstable_message(where, mod):
+    return (f"{where} is a {type(mod).__name__} in training mode: inside a DEQ's fixed-point map it would "
+            "change f on every call (dropout) or mix the samples and update running statistics on every "
+            "iteration (batch norm). Use GroupNorm/LayerNorm in f, put that layer in eval mode, or move it "
+            "out of f")
 
 
 def _check_modes(f):
@@ -369,12 +379,63 @@ def _check_modes(f):
         return
     for name, mod in f.named_modules():
         if mod.training and isinstance(mod, _UNSTABLE_IN_TRAINING):
-            where = f"f.{name}" if name else "f"
-            raise ValueError(
-                f"{where} is a {type(mod).__name__} in training mode: inside a DEQ's fixed-point map it would "
-                "change f on every call (dropout) or mix the samples and update running statistics on every "
-                "iteration (batch norm). Use GroupNorm/LayerNorm in f, put that layer in eval mode, or move it "
-                "out of f")
+            raise ValueError(_unstable_message(f"f.{name}" if name else "f", mod))
+
+
+def _refuse_unstable(module, args):
+    """A global forward pre-hook: refuse, before it runs (its running statistics untouched), a module of
+    :data:`_UNSTABLE_IN_TRAINING` in training mode called by an f that is not a module (a closure)."""
+    if module.training and isinstance(module, _UNSTABLE_IN_TRAINING):
+        raise ValueError(_unstable_message("a module called by f", module))
+
+
+class _Watch:
+    """While solving with an f that is not a ``torch.nn.Module`` (whose layers :func:`_check_modes` cannot
+    see): refuse the layers of :data:`_UNSTABLE_IN_TRAINING` in training mode when f calls them."""
+
+    def __init__(self, f):
+        self.on = not isinstance(f, torch.nn.Module)
+        self.handle = None
+
+    def __enter__(self):
+        if self.on:
+            self.handle = torch.nn.modules.module.register_module_forward_pre_hook(_refuse_unstable)
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.remove()
+        return False
+
+
+def _as_f_error(exc):
+    """An error of the solver's checks of the map, reworded for the layer's user, whose function is f(z, x)."""
+    text = str(exc)
+    for old, new in (("g must not modify its argument", "f must not modify z"), ("g must return", "f must return"),
+                     ("g returned its argument", "f returned z")):
+        text = text.replace(old, new)
+    if text == str(exc):
+        return exc
+    new_exc = type(exc)(text)
+    new_exc.fixedpoint_result = getattr(exc, "fixedpoint_result", None)
+    return new_exc
+
+
+def _signal_unconverged(cfg, which, stats):
+    """The layer's ``unconverged`` policy for a solve (``which``: "forward" or "adjoint") that did not converge."""
+    if cfg.unconverged == "ignore" or stats.converged_fraction >= 1.0:
+        return
+    where = "layer.stats.forward" if which == "forward" else "layer.stats.backward"
+    so = "the output is not a fixed point of f" if which == "forward" else "the gradient is not the implicit gradient"
+    if cfg.unconverged == "raise":
+        raise ConvergenceError(f"DEQ {which} solve ended unconverged (status {stats.status!r}, "
+                               f"{1 - stats.converged_fraction:.3g} of the samples above tol): {so}; see {where}, "
+                               "raise max_iter or tol, or make f more contractive", stats)
+    # The same text every time (the numbers are in the stats), so that Python's default filter shows it once.
+    warnings.warn(f"DEQ {which} solve ended unconverged for some samples: {so} (see {where}; "
+                  "unconverged='raise' makes this an error, 'ignore' silences it)", ConvergenceWarning,
+                  stacklevel=user_stacklevel())
+
 
 
 def _run_solve(g, u0, method, tol, max_iter, batch, options, backend, compact=False):
@@ -590,13 +651,15 @@ class _ImplicitBackward(torch.autograd.Function):
         z, z_leaf = ctx.saved_tensors
         cfg = job.cfg
         adjoint = _Adjoint(job.f, z, z_leaf, job.x, grad.contiguous(), cfg.batch)
-        u, stats = _solve(adjoint, adjoint.grad, cfg.backward_method, cfg.backward_tol, cfg.backward_max_iter,
-                          cfg.batch, cfg.backward_solver_options, job.backend, cfg.compact)
+        with _Watch(job.f):
+            u, stats = _solve(adjoint, adjoint.grad, cfg.backward_method, cfg.backward_tol, cfg.backward_max_iter,
+                              cfg.batch, cfg.backward_solver_options, job.backend, cfg.compact)
         stats.n_rows, stats.n_graph_rows = adjoint.vjp_rows, adjoint.rebuilt_rows
         batch_rows = z.shape[0] if cfg.batch else 1
         job.stats.backward = stats
         job.stats.backward_vjps = stats.n_fev + 1  # and the product that carries u to x and the parameters
         job.stats.backward_rows = stats.n_rows + batch_rows
+        _signal_unconverged(cfg, "adjoint", stats)
         return u, None, None
 
 
@@ -702,8 +765,16 @@ def _deq(f, x, z0, cfg, jacobian_probes=0):
     else:
         fmap = lambda z: f(z, x)  # noqa: E731
 
-    z_star, fstats = _solve(fmap, z0.detach(), cfg.method, cfg.tol, cfg.max_iter, cfg.batch, cfg.solver_options,
-                            backend, cfg.compact)
+    try:
+        with _Watch(f):
+            z_star, fstats = _solve(fmap, z0.detach(), cfg.method, cfg.tol, cfg.max_iter, cfg.batch,
+                                    cfg.solver_options, backend, cfg.compact)
+    except (TypeError, ValueError) as exc:
+        err = _as_f_error(exc)
+        if err is exc:
+            raise
+        raise err from None
+    _signal_unconverged(cfg, "forward", fstats)
     steps = cfg.gradient_steps if cfg.gradient == "phantom" else 1
     stats = DEQStats(forward=fstats, gradient=cfg.gradient, graph_evals=steps)
     z_star = z_star.detach()
@@ -758,7 +829,14 @@ _PARAMETERS = """
     backward_options : dict, optional
         Solver options of the adjoint solve, as ``options``; default ``options`` when
         neither ``backward_method`` nor ``backward_options`` is given, else fixedpoint's
-        defaults."""
+        defaults.
+    unconverged : {"warn", "raise", "ignore"}, default "warn"
+        When the forward solve or the adjoint solve ends with samples above the
+        tolerance (max_iter, divergence, non-finite values): issue a
+        :class:`fixedpoint.ConvergenceWarning` (once per place in the program, by
+        Python's default filter), raise :class:`fixedpoint.ConvergenceError` (from
+        the call, or from ``backward()`` for the adjoint), or do nothing.  The
+        statistics are in the returned ``stats`` / ``layer.stats`` in every case."""
 
 
 def deq_fixed_point(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -768,7 +846,7 @@ def deq_fixed_point(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: 
                     gradient_damping: float | None = None, options: dict[str, Any] | None = None,
                     backward_method: str | Method | None = None, backward_tol: float | None = None,
                     backward_max_iter: int | None = None, backward_options: dict[str, Any] | None = None,
-                    jacobian_probes: int = 0) -> tuple:
+                    jacobian_probes: int = 0, unconverged: str = "warn") -> tuple:
     """Fixed point z* = f(z*, x) of a DEQ layer, differentiable (implicitly, by phantom gradients or JFB).
 
     The functional form of :class:`DEQ` (see the module documentation for the methods).
@@ -837,13 +915,19 @@ def deq_fixed_point(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: 
     ImportError
         For ``backend="cupy"`` without a usable CuPy.
 
+    ConvergenceError
+        With ``unconverged="raise"``, when the forward solve ends unconverged (the adjoint
+        solve's is raised by ``backward()``).
+
     Notes
     -----
-    Samples that do not converge within ``max_iter`` are not an error: their best
-    iterate is used and ``stats.forward.converged_fraction`` is below 1.
+    Samples that do not converge within ``max_iter`` are not an error by default: their
+    best iterate is used, ``stats.forward.converged_fraction`` is below 1, and a
+    :class:`fixedpoint.ConvergenceWarning` says so (``unconverged``).
     """
     cfg = _make_config(method, backend, tol, max_iter, batch, options, backward_method, backward_tol,
-                       backward_max_iter, backward_options, compact, gradient, gradient_steps, gradient_damping)
+                       backward_max_iter, backward_options, compact, gradient, gradient_steps, gradient_damping,
+                       unconverged)
     z, stats, jac = _deq(f, x, z0, cfg, jacobian_probes)
     return (z, stats) if jac is None else (z, stats, jac)
 
@@ -864,7 +948,7 @@ class DEQ(torch.nn.Module):
     f : torch.nn.Module or callable
         ``f(z, x)``; a module is registered as the submodule ``f``, so its
         parameters belong to this layer.
-    method, backend, tol, max_iter, batch, compact, gradient, gradient_steps, gradient_damping
+    method, backend, tol, max_iter, batch, compact, gradient, gradient_steps, gradient_damping, unconverged
         As in :func:`deq_fixed_point`.
     backward_method, backward_tol, backward_max_iter, backward_options
         As in :func:`deq_fixed_point` (implicit gradients only).
@@ -904,14 +988,14 @@ class DEQ(torch.nn.Module):
                  compact: bool | str = "auto", gradient: str = "implicit", gradient_steps: int | None = None,
                  gradient_damping: float | None = None, backward_method: str | Method | None = None,
                  backward_tol: float | None = None, backward_max_iter: int | None = None,
-                 backward_options: dict[str, Any] | None = None, **options: Any) -> None:
+                 backward_options: dict[str, Any] | None = None, unconverged: str = "warn", **options: Any) -> None:
         super().__init__()
         if not callable(f):
             raise TypeError(f"f must be a torch.nn.Module or a callable f(z, x), got {f!r}")
         self.f = f
         self.config = _make_config(method, backend, tol, max_iter, batch, options, backward_method, backward_tol,
                                    backward_max_iter, backward_options, compact, gradient, gradient_steps,
-                                   gradient_damping)
+                                   gradient_damping, unconverged)
         self.stats: DEQStats | None = None
 
     def forward(self, x: torch.Tensor, z0: torch.Tensor | None = None, *, jacobian_probes: int = 0) -> Any:
