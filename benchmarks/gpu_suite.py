@@ -1,6 +1,6 @@
 """The GPU run as one command: device report, gpu tests, bench_overhead, CPU-vs-GPU demo and DEQ demo, bundled.
 
-Runs, on a machine with a CUDA GPU and no network, in under 8 minutes on an H100/H200:
+Runs on any machine with a CUDA GPU (no network access needed once installed), in under 8 minutes:
 
 1. ``env``: ``benchmarks/device_report.py`` (GPU, driver and CUDA versions, library versions);
 2. ``overhead_cupy``, ``overhead_torch_cuda``: ``benchmarks/bench_overhead.py`` on CuPy and on
@@ -27,7 +27,7 @@ measured up to then:
 - ``results.tar.gz``: each stage's folder (its console output, JSON, CSV and plots; DEQ
   checkpoints and files over 8 MiB left out).
 
-That is 4 files in one folder: a small bundle, easy to copy off a remote or batch-scheduled
+That is 4 files in one folder: a small bundle, easy to copy off a cluster node or a cloud
 machine (the suite checks it stays within 8 files, 2 folders deep, 16 MiB a file, names of
 letters, digits, ``.``, ``_`` and ``-``).  The GPU targets (issue 4):
 
@@ -48,7 +48,7 @@ Examples
     python benchmarks/gpu_suite.py --list                           # the stages and commands
     python benchmarks/gpu_suite.py --only overhead_cupy deq_cupy --out out/rerun
 
-See docs/benchmarks.md ("GPU") for the device command and the wheels it needs.
+See docs/benchmarks.md ("GPU") for what to install and how long each stage takes.
 """
 
 from __future__ import annotations

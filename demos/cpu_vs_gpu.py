@@ -114,7 +114,7 @@ class ConvDEQ:
 
         with self.torch.no_grad():
             _, stats = deq_fixed_point(self.cell, self.x, method=method, backend=self.solver, tol=tol,
-                                       max_iter=max_iter)
+                                       max_iter=max_iter, unconverged="ignore")  # convergence is reported
         st = stats.forward
         return SimpleNamespace(n_fev=st.n_fev, converged=st.converged_fraction == 1.0,
                                residual_history=st.residual_history)
