@@ -547,11 +547,13 @@ class _Loop:
         magnitude) has not fallen to :data:`REL_REDUCTION` of ``f_start``: there (‖f‖ + eps·‖g(x)‖) / ``scale``.
         Infinite where ‖g(x)‖ is not finite."""
         sxp = self.kern.sxp
-        floor = fnorm + self.eps * gnorm
         plain = fnorm / (gnorm + REL_EPS)
-        guarded = floor / (scale + REL_EPS)
-        credited = (gnorm <= scale) | (floor <= REL_REDUCTION * f_start)
-        return sxp.where(sxp.isfinite(gnorm), sxp.where(credited, plain, guarded), _INF)
+        grown = gnorm > scale
+        if not self.kern.small_on_host or bool(grown.any()):  # on the host: the guard's work only where it acts
+            floor = fnorm + self.eps * gnorm
+            guarded = floor / (scale + REL_EPS)
+            plain = sxp.where(grown & (floor > REL_REDUCTION * f_start), guarded, plain)
+        return sxp.where(sxp.isfinite(gnorm), plain, _INF)
 
     def _norms(self, observed, x, gx, f, rel):
         """(‖f_k‖, ‖g_k‖ or None) from what the method's observe returned, computing what it left out (in one
