@@ -114,6 +114,7 @@ def main(argv=None):
     ap.add_argument("--m", type=int, nargs="+", default=[5, 20], help="windows of Anderson and Broyden")
     ap.add_argument("--out", default=str(RESULTS_DIR / "memory.json"), help="JSON output path")
     args = ap.parse_args(argv)
+    timing.refuse_unusable(ap, args.backend, f"--backend {args.backend}")
     lib, device = timing.parse_backend(args.backend)
     n = int(args.n)
     methods = [("forward", fixedpoint.ForwardIteration(), 4)]

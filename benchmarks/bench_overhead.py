@@ -139,7 +139,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "overhead.json"), help="JSON output path")
     args = ap.parse_args(argv)
-    lib, dev = timing.parse_backend(args.backend + (":" + args.device if args.device else ""))
+    spec = args.backend + (":" + args.device if args.device else "")
+    timing.refuse_unusable(ap, spec, f"--backend {args.backend} --device {args.device or 'default'}")
+    lib, dev = timing.parse_backend(spec)
     xp, device, sync = timing.setup_backend(lib, dev)
     timing.set_threads(lib, args.threads)
 

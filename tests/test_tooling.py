@@ -67,3 +67,22 @@ def test_machine_info_names_fixedpoints_origin_and_its_commit(monkeypatch, tmp_p
     info = timing.machine_info()
     assert info["git_commit"] == "unknown" and info["fixedpoint_uncommitted_changes"] == "unknown"
     assert "not tracked" in info["git_unknown_because"]
+
+
+@pytest.mark.parametrize("script, argv, spec", [
+    ("bench_overhead", ["--backend", "torch", "--device", "cuda"], "torch:cuda"),
+    ("bench_memory", ["--backend", "torch:cuda:0"], "torch:cuda:0"),
+    ("bench_memory", ["--backend", "cupy"], "cupy"),
+    ("bench_overhead", ["--backend", "numpy", "--device", "gpu"], None),
+])
+def test_benchmarks_refuse_a_backend_that_is_not_here_in_one_line(script, argv, spec, capsys):
+    if spec is not None and timing.unusable_reason(spec) is None:
+        pytest.skip(f"{spec} is usable here")
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{script}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and ": error: --backend" in err[-1], err
+    assert "Traceback" not in "\n".join(err)

@@ -81,6 +81,16 @@ def unusable_reason(spec, found=None):
     return None
 
 
+def refuse_unusable(parser, spec, flags):
+    """``parser.error`` (one line, exit status 2) naming ``flags`` when backend ``spec`` cannot run here."""
+    try:
+        why = unusable_reason(spec)
+    except ValueError as exc:
+        why = str(exc)
+    if why is not None:
+        parser.error(f"{flags}: {why}")
+
+
 def setup_backend(lib, dev):
     """Array API namespace, the device object its array constructors take, and a synchronise function.
 
