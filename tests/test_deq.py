@@ -313,5 +313,6 @@ def test_second_derivatives_raise_instead_of_being_wrong():
 
 def test_divergent_cell_is_not_reported_converged():
     x = torch.randn(4, 3)
-    _, stats = deq_fixed_point(lambda z, x: 2.0 * z + x + 1.0, x, method="forward")
+    with pytest.warns(fixedpoint.ConvergenceWarning, match="forward solve ended unconverged"):
+        _, stats = deq_fixed_point(lambda z, x: 2.0 * z + x + 1.0, x, method="forward")
     assert stats.forward.converged_fraction == 0.0 and stats.forward.status == "diverged"

@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("torch")
 import torch  # noqa: E402
 
+import fixedpoint  # noqa: E402
 import fixedpoint.torch.deq as deq_module  # noqa: E402
 from fixedpoint.torch import DEQ, deq_fixed_point, jacobian_frobenius  # noqa: E402
 
@@ -371,7 +372,7 @@ def test_a_straggler_costs_its_own_rows_with_the_same_answers(method):
 def test_a_straggler_that_does_not_converge_stops_at_the_iteration_cap():
     x = straggler_batch()
     layer = DEQ(RateCell(d=30, seed=14), method="anderson", compact=True, tol=1e-11, max_iter=20)
-    with torch.no_grad():
+    with torch.no_grad(), pytest.warns(fixedpoint.ConvergenceWarning, match="forward solve ended unconverged"):
         layer(x)
     fw = layer.stats.forward
     assert fw.n_iter_max == 20 and fw.status == "max_iter"

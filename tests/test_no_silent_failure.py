@@ -158,6 +158,7 @@ def test_a_method_refuses_an_unknown_option_with_the_valid_ones():
 
 # ---------------------------------------------------------------- inputs that failed deep inside
 
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
 def test_numpy_matrix_is_refused_by_name():
     with pytest.raises(TypeError, match="numpy.matrix"):
         fixedpoint.solve(np.cos, np.matrix(np.zeros(3)))
