@@ -207,10 +207,18 @@ def lend(x: Array, *, copy: bool = True) -> tuple[Array, int | None]:
     - other libraries (CuPy, array-api-strict) and inference tensors, which offer neither: a copy when
       ``copy`` (callbacks), else ``x`` itself (maps, whose result :func:`call_map` checks instead).
 
+    Parameters
+    ----------
+    x : array
+        Any shape, dtype, library and device (the solver's iterate, residuals or flags).
+    copy : bool, default True
+        Copy where the library can neither mark ``x`` read-only nor count writes to it.
+
     Returns
     -------
     (array, int or None)
-        The array to pass, and the token to give :func:`check_unmodified` after the call.
+        The array to pass (``x``'s shape, dtype and device), and the token to give
+        :func:`check_unmodified` after the call (None: nothing to check).
     """
     if isinstance(x, np.ndarray):
         view = x.view()
@@ -225,7 +233,14 @@ def lend(x: Array, *, copy: bool = True) -> tuple[Array, int | None]:
 
 
 def check_unmodified(x: Array, token: int | None, who: str = "g") -> None:
-    """Raise ``ValueError`` if user code wrote into the tensor ``x`` lent by :func:`lend` with ``token``."""
+    """Check, after the call, that user code did not write into the array ``x`` that :func:`lend` lent with ``token``.
+
+    Raises
+    ------
+    ValueError
+        If ``token`` is a PyTorch version count and ``x``'s has changed; the message names ``who``
+        (``"g"`` or ``"callback"``).  With ``token`` None nothing is checked.
+    """
     if token is not None and x._version != token:
         raise ValueError(read_only_message("torch", who))
 

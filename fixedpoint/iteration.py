@@ -202,6 +202,8 @@ class _Loop:
     caller_device: Any
     caller_dtype: Any
     solver_xp: Any
+    narrow: bool
+    eps: float
 
     def __init__(self, method, g, x0, opts, failed=None):
         self.method = method
@@ -221,9 +223,6 @@ class _Loop:
     def _allocate(self, method, g, comm):
         """Set up the solver's library, the map, the kernels, the method's state and the per-sample record."""
         x0, xp, shape, opts = self.x0, self.caller_xp, self.shape, self.opts
-        # Half precision is iterated in float32 (fixedpoint.backend.buffer_dtype), every iterate rounded to it.
-        self.narrow = buffer_dtype(xp, self.caller_dtype) != self.caller_dtype
-        self.eps = float(xp.finfo(self.caller_dtype).eps)  # the iterates' rounding (x0's dtype)
         if library_name(self.solver_xp) != self.caller_lib:
             xp = self.solver_xp
             x0 = convert(x0, xp)
@@ -298,8 +297,10 @@ class _Loop:
                 raise ValueError(f"compact={compact!r} evaluates g on the samples still iterating, so it needs "
                                  "batch=True")
             _check_takes_rows(g, compact)
-        eps = float(caller_xp.finfo(self.caller_dtype).eps)
-        if self.stop_mode == "rel" and self.tol < eps and buffer_dtype(caller_xp, self.caller_dtype) != x0.dtype:
+        # Half precision is iterated in float32 (fixedpoint.backend.buffer_dtype), every iterate rounded to it.
+        self.narrow = buffer_dtype(caller_xp, self.caller_dtype) != self.caller_dtype
+        self.eps = eps = float(caller_xp.finfo(self.caller_dtype).eps)  # the iterates' rounding (x0's dtype)
+        if self.stop_mode == "rel" and self.tol < eps and self.narrow:
             # half precision: iterates rounded to x0's dtype cannot get a relative residual much below epsilon
             warnings.warn(f"tol={self.tol:g} is below the machine epsilon of x0's dtype {self.caller_dtype} "
                           f"({eps:.3g}): iterates rounded to it seldom reach a relative residual that low, and the "
@@ -330,14 +331,12 @@ class _Loop:
                     kern.sub(f, gx, x)
                 fnorm, gnorm = self._norms(state.observe(x, gx, f, rel), x, gx, f, rel)
                 r = fnorm
+                if rec.f0 is None:  # the first iteration: the references of the tests below
+                    rec.f0, rec.scale = fnorm, (sxp.maximum(gnorm, fnorm) if rel else None)
                 if rel:  # a non-finite ‖g(x)‖ makes the residual non-finite, never 0
-                    if rec.scale is None:
-                        rec.scale, rec.f_start = sxp.maximum(gnorm, fnorm), fnorm
-                    r = self._relative(fnorm, gnorm, rec.f_start, rec.scale)
+                    r = self._relative(fnorm, gnorm, rec.f0, rec.scale)
                 active = rec.active
                 if divtol is not None:
-                    if rec.f0 is None:
-                        rec.f0 = fnorm
                     diverging = active & (fnorm > divtol * rec.f0)
                     rec.diverged = rec.diverged | diverging
                     active = active & ~diverging
@@ -473,8 +472,8 @@ class _Loop:
         call: Callable[..., Array] = self.g if self.wrapped else _MapCall(self.g, xp.reshape(rec.x, shape))
         on, off = np.ones(1, dtype=bool), np.zeros(1, dtype=bool)
         hist: list[float] = []
-        best_r, active, diverged, restarts, f0, status = _INF, True, False, 0, None, None
-        f_start = scale = _INF
+        best_r, active, diverged, restarts, status = _INF, True, False, 0, None
+        f0 = scale = _INF
         self.t0 = time.perf_counter()
         try:
             for k in range(self.max_iter):
@@ -487,13 +486,15 @@ class _Loop:
                     kern.sub(f, gx, x)
                 fnorm, gnorm = self._norms(state.observe(x, gx, f, rel), x, gx, f, rel)
                 fn = float(fnorm[0])
+                if k == 0:  # the references of the tests below
+                    f0 = fn
                 if rel:  # a non-finite ‖g(x)‖ makes the residual non-finite, never 0
                     gn = float(gnorm[0])
                     if k == 0:
-                        f_start, scale = fn, max(gn, fn)
+                        scale = max(gn, fn)
                     if not math.isfinite(gn):
                         r = _INF
-                    elif gn <= scale or fn + self.eps * gn <= REL_REDUCTION * f_start:
+                    elif gn <= scale or fn + self.eps * gn <= REL_REDUCTION * f0:
                         r = fn / (gn + REL_EPS)
                     else:
                         r = (fn + self.eps * gn) / (scale + REL_EPS)
@@ -501,7 +502,6 @@ class _Loop:
                     r = fn
                 was_active = active
                 if divtol is not None:
-                    f0 = fn if f0 is None else f0
                     if active and fn > divtol * f0:
                         diverged, active = True, False
                 improved = active and r < best_r  # False for NaN
@@ -541,10 +541,10 @@ class _Loop:
         rec.active, rec.diverged = np.array([active]), np.array([diverged])
         rec.n_restarts = np.array([restarts], dtype=np.int64)
 
-    def _relative(self, fnorm, gnorm, f_start, scale):
+    def _relative(self, fnorm, gnorm, f0, scale):
         """The relative residual per sample (small state): ‖f‖ / (‖g(x)‖ + ε), except where ‖g(x)‖ has grown past
         the starting ``scale`` while the residual (with the rounding error eps·‖g(x)‖ of f = g(x) − x at that
-        magnitude) has not fallen to :data:`REL_REDUCTION` of ``f_start``: there (‖f‖ + eps·‖g(x)‖) / ``scale``.
+        magnitude) has not fallen to :data:`REL_REDUCTION` of ``f0`` (‖f_0‖): there (‖f‖ + eps·‖g(x)‖) / ``scale``.
         Infinite where ‖g(x)‖ is not finite."""
         sxp = self.kern.sxp
         plain = fnorm / (gnorm + REL_EPS)
@@ -552,7 +552,7 @@ class _Loop:
         if not self.kern.small_on_host or bool(grown.any()):  # on the host: the guard's work only where it acts
             floor = fnorm + self.eps * gnorm
             guarded = floor / (scale + REL_EPS)
-            plain = sxp.where(grown & (floor > REL_REDUCTION * f_start), guarded, plain)
+            plain = sxp.where(grown & (floor > REL_REDUCTION * f0), guarded, plain)
         return sxp.where(sxp.isfinite(gnorm), plain, _INF)
 
     def _norms(self, observed, x, gx, f, rel):

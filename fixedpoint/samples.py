@@ -47,10 +47,11 @@ class SampleRecord:
         Their best residual, whether they still iterate, restart counts, divergence flags, and
         whether their best iterate still lies in ``best_buf`` (copied lazily: :meth:`keep_best`).
     f0 : small state, shape (w,), or None
-        ‖f_0‖ per sample, the reference of the divergence test (None before the first iteration).
-    scale, f_start : small state, shape (w,), or None
-        max(‖g(x_0)‖, ‖f_0‖) and ‖f_0‖, the references of the relative stopping test
-        (:data:`fixedpoint.iteration.REL_REDUCTION`; None before the first iteration).
+        ‖f_0‖ per sample, the reference of the divergence test and of the relative stopping test's
+        guard (:data:`fixedpoint.iteration.REL_REDUCTION`); None before the first iteration.
+    scale : small state, shape (w,), or None
+        max(‖g(x_0)‖, ‖f_0‖), the starting scale of the relative stopping test (None before the
+        first iteration, and without ``stop_mode="rel"``).
     idx : numpy.ndarray of int64, shape (w,)
         Their indices in the batch, on the host; ``rows`` is the same as an index array of the
         vectors' library and device (None until the first pack).
@@ -70,7 +71,6 @@ class SampleRecord:
         self.diverged = sxp.zeros((B,), dtype=sxp.bool, device=sdev)
         self.f0: Any = None
         self.scale: Any = None
-        self.f_start: Any = None
         self.idx = np.arange(B)
         self.w = B
         self.rows: Any = None
@@ -155,7 +155,7 @@ class SampleRecord:
         if self.f0 is not None:
             self.f0 = sxp.take(self.f0, rows, axis=0)
         if self.scale is not None:
-            self.scale, self.f_start = sxp.take(self.scale, rows, axis=0), sxp.take(self.f_start, rows, axis=0)
+            self.scale = sxp.take(self.scale, rows, axis=0)
         self.idx, self.w = self.idx[keep], k
         self.rows = xp.asarray(self.idx, device=kern.device)
 

@@ -65,6 +65,18 @@ def _has_torch():
     return importlib.util.find_spec("torch") is not None
 
 
+def _backends(specs):
+    """(spec, library, namespace, device) of each backend spec that can run here (torch only if installed)."""
+    from tooling import timing
+
+    for spec in specs:
+        if spec == "torch" and not _has_torch():
+            continue
+        lib, dev = timing.parse_backend(spec)
+        xp, device, _ = timing.setup_backend(lib, dev)
+        yield spec, lib, xp, device
+
+
 @contextlib.contextmanager
 def _one_torch_thread():
     if not _has_torch():
@@ -97,16 +109,11 @@ def cvg_counts(sizes=None, backends=BACKENDS):
     from types import SimpleNamespace
 
     from demos import cpu_vs_gpu as cvg
-    from tooling import timing
 
     sizes = CVG_SIZES if sizes is None else sizes
     args = SimpleNamespace(tol=1e-5, max_iter=1000, dtype="float32")
     rows = []
-    for spec in backends:
-        if spec == "torch" and not _has_torch():
-            continue
-        lib, dev = timing.parse_backend(spec)
-        _, device, _ = timing.setup_backend(lib, dev)
+    for spec, lib, _, device in _backends(backends):
         for name, ns in sizes.items():
             if name == "conv" and not _has_torch():
                 continue
@@ -124,14 +131,9 @@ def solver_counts(names=None, backends=BACKENDS):
     """Evaluations of g of bench_solvers.py's solves: rows (backend, problem, method, status, n_fev)."""
     import fixedpoint
     from benchmarks import bench_solvers as bs
-    from tooling import timing
 
     rows = []
-    for spec in backends:
-        if spec == "torch" and not _has_torch():
-            continue
-        lib, dev = timing.parse_backend(spec)
-        xp, device, _ = timing.setup_backend(lib, dev)
+    for spec, lib, xp, device in _backends(backends):
         for name, make, batch, bounded in bs.PROBLEMS:
             if names is not None and name not in names:
                 continue
