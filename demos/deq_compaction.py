@@ -7,8 +7,9 @@ step, so every setting sees the same weights and batch) with each setting of the
 - ``off``: ``compact=False``, f evaluated on the whole batch until its slowest sample stops;
 - ``auto``: ``compact="auto"`` (from half the batch on, :data:`fixedpoint.iteration.COMPACT_AUTO`);
 - ``on/ρ``: ``compact=True``, the adjoint's graph of f rebuilt on the active rows once they are at
-  most ρ of the rows of the graph in use (:data:`fixedpoint.torch.deq.REBUILD_FRACTION`; ρ = 0
-  never rebuilds: every product runs on the whole graph).
+  most ρ of the rows of the graph in use (the layer's ``rebuild_fraction`` option, default
+  :data:`fixedpoint.torch.deq.REBUILD_FRACTION`; ρ = 0 never rebuilds: every product runs on the
+  whole graph).
 
 Reported per batch and setting: CPU seconds of this process (``time.process_time``, which
 other processes on a shared machine inflate less than wall time) for the forward pass (the
@@ -35,13 +36,12 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 from torch.nn import functional as F  # noqa: E402
 
-import fixedpoint.torch.deq as deq_module  # noqa: E402
 from demos.cli import Refused, add_overwrite_flag, check_out_file, refuse, write_text_replacing  # noqa: E402
 from demos.data import DataError  # noqa: E402
 from demos.deq_training import CheckpointError, TrainedRun, solver_options  # noqa: E402
 from tooling.timing import add_threads_flag, positive_int, use_threads  # noqa: E402
 
-#: (name, --compact value, REBUILD_FRACTION) of each setting measured.
+#: (name, --compact value, the layer's rebuild_fraction) of each setting measured.
 SETTINGS = (("off", "off", 0.5), ("auto", "auto", 0.5), ("on/0", "on", 0.0), ("on/0.25", "on", 0.25),
             ("on/0.5", "on", 0.5), ("on/1", "on", 1.0))
 
@@ -83,12 +83,12 @@ def main(argv=None):
                 raise Refused(f"--first {args.first} --batches {args.batches}: the run has {len(batches)} training "
                               "batches")
             models = {}
-            for name, compact, _ in SETTINGS:
+            for name, compact, rebuild in SETTINGS:
                 if name not in args.settings:
                     continue
                 opts = solver_options(run.solver, argparse.Namespace(**dict(vars(run.cfg), compact=compact)),
                                       "numpy")
-                models[name] = run.model(opts).train()
+                models[name] = run.model(dict(opts, rebuild_fraction=rebuild)).train()
         except (CheckpointError, DataError) as exc:
             raise Refused(exc) from None
     except Refused as exc:
@@ -100,15 +100,10 @@ def main(argv=None):
     except ImportError:
         blas = None
     rows = []
-    default = deq_module.REBUILD_FRACTION
     try:
         for b in range(args.first, args.first + args.batches):
             images, labels = batches.batch(args.epoch, b)
-            for name, _, rebuild in SETTINGS:
-                if name not in models:
-                    continue
-                deq_module.REBUILD_FRACTION = rebuild
-                model = models[name]
+            for name, model in models.items():  # in the order of SETTINGS
                 buffers = {k: v.clone() for k, v in model.state_dict().items()}
                 c0 = time.process_time()
                 loss = F.cross_entropy(model(images), labels)
@@ -131,7 +126,6 @@ def main(argv=None):
                       f"{fw.map_time:6.2f} of {fw.wall_time:6.2f} s, in products {bw.map_time:6.2f} of "
                       f"{bw.wall_time:6.2f} s", flush=True)
     finally:
-        deq_module.REBUILD_FRACTION = default
         if blas is not None:
             blas.unregister()
     print("\ntotals over the batches: CPU seconds forward / backward, rows of f / products / rebuilt")

@@ -9,7 +9,6 @@ pytest.importorskip("torch")
 import torch  # noqa: E402
 
 import fixedpoint  # noqa: E402
-import fixedpoint.torch.deq as deq_module  # noqa: E402
 from fixedpoint.torch import DEQ, deq_fixed_point, jacobian_frobenius  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -82,16 +81,16 @@ def test_compaction_gives_the_same_fixed_point_and_gradients_with_fewer_rows(met
         assert rows[True][0] <= 0.6 * full_fwd, rows
 
 
-def test_compaction_keeps_rows_of_x_matched_and_rebuilds_the_adjoint_graph(monkeypatch):
+def test_compaction_keeps_rows_of_x_matched_and_rebuilds_the_adjoint_graph():
     """A cell whose answer depends on every row of x: z* and the gradients with compaction equal the
     per-sample references, whichever graph the adjoint's products run on."""
     x = half_fast_batch(B=6, seed=3)
     target = torch.randn(x.shape, dtype=F64, generator=torch.Generator().manual_seed(4))
     reference = None
     for fraction in (0.0, 0.5, 1.0):  # never rebuild (products on the full graph), the default, at every change
-        monkeypatch.setattr(deq_module, "REBUILD_FRACTION", fraction)
         cell = RateCell(seed=5)
-        layer = DEQ(cell, method="forward", compact=True, tol=1e-12, backward_tol=1e-12, max_iter=3000)
+        layer = DEQ(cell, method="forward", compact=True, tol=1e-12, backward_tol=1e-12, max_iter=3000,
+                    rebuild_fraction=fraction)
         got = grads_of(layer, x, target)
         if fraction == 0.0:
             assert layer.stats.backward.n_graph_rows == 0
@@ -112,6 +111,34 @@ def test_compaction_keeps_rows_of_x_matched_and_rebuilds_the_adjoint_graph(monke
         torch.testing.assert_close(got[0], reference[0], rtol=1e-9, atol=1e-11)
         torch.testing.assert_close(got[1], reference[1], rtol=1e-8, atol=1e-10)
         torch.testing.assert_close(got[2][0], reference[2], rtol=1e-8, atol=1e-10)
+
+
+def test_rebuild_fraction_moves_the_adjoint_products_to_smaller_graphs_without_changing_the_answers():
+    """rebuild_fraction = 0 never evaluates f again (every product on the graph at z*), 1 at every change of
+    the rows: the same z*, the same gradients, the same forward solve; only the rows of the products differ."""
+    x = half_fast_batch(B=8, seed=6)
+    target = torch.randn(x.shape, dtype=F64, generator=torch.Generator().manual_seed(7))
+    cell = RateCell(seed=8)
+    got, stats = {}, {}
+    for fraction in (0, 1.0):  # an int is a real number too
+        layer = DEQ(cell, method="forward", compact=True, tol=1e-12, backward_tol=1e-12, max_iter=3000,
+                    rebuild_fraction=fraction)
+        assert layer.config.rebuild_fraction == float(fraction)
+        cell.rows_seen.clear()
+        got[fraction] = grads_of(layer, x, target)
+        stats[fraction] = (layer.stats, sum(cell.rows_seen))
+    (never, never_f), (always, always_f) = stats[0], stats[1.0]
+    for a, b in zip(got[0][:2], got[1.0][:2]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[0][2][0], got[1.0][2][0], rtol=1e-10, atol=1e-12)
+    assert never.forward.n_fev == always.forward.n_fev and never.forward.n_rows == always.forward.n_rows
+    assert never.backward.n_fev == always.backward.n_fev
+    assert never.backward.n_graph_rows == 0 < always.backward.n_graph_rows
+    assert never.backward.n_rows == x.shape[0] * never.backward.n_fev  # every product on the whole graph
+    assert always.backward.n_rows < never.backward.n_rows
+    # f saw the forward rows, the graph at z*, and (only with rebuilds) the adjoint's rows again
+    assert always_f - never_f == always.backward.n_graph_rows
+    assert "rebuild_fraction=0" in repr(DEQ(cell, rebuild_fraction=0)) and "rebuild" not in repr(DEQ(cell))
 
 
 def test_compaction_needs_no_change_in_a_cell_with_a_scalar_injection():
@@ -313,6 +340,11 @@ def test_gradcheck_with_broyden_in_both_solves():
     (dict(gradient="phantom", gradient_damping=1.5), ValueError, "gradient_damping"),
     (dict(gradient="implicit", gradient_steps=3), ValueError, "gradient_steps"),
     (dict(gradient="jfb", backward_tol=1e-3), ValueError, "backward_tol"),
+    (dict(rebuild_fraction=-0.1), ValueError, "rebuild_fraction"),
+    (dict(rebuild_fraction=1.5), ValueError, "rebuild_fraction"),
+    (dict(rebuild_fraction=float("nan")), TypeError, "rebuild_fraction"),
+    (dict(rebuild_fraction="half"), TypeError, "rebuild_fraction"),
+    (dict(rebuild_fraction=True), TypeError, "rebuild_fraction"),
 ])
 def test_bad_gradient_and_compact_values_are_refused_at_construction(kwargs, kind, word):
     with pytest.raises(kind, match=word):

@@ -1,0 +1,187 @@
+"""The backward passes of a DEQ layer: implicit differentiation (the adjoint solve), phantom gradients, JFB.
+
+``"implicit"``: :class:`_ImplicitBackward` replaces the loss gradient g = ∂L/∂z* by the adjoint
+u, the fixed point of u = J_fᵀ u + g (:class:`_Adjoint`, each product one
+``torch.autograd.grad`` call on the graph of f at z*, and with compaction on the rows still
+iterating), solved with the layer's adjoint options; u then flows through the graph of f to x
+and the parameters.  ``"phantom"`` and ``"jfb"``: the output is built by :func:`_unroll` (k damped
+steps from z*, or the one evaluation f(z*, x)) and autograd differentiates it as it stands.
+:class:`_Timer` and :class:`_Clock` measure the backward pass (:class:`~fixedpoint.torch.stats.DEQStats`).
+The methods and their references are in :mod:`fixedpoint.torch.deq`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..backend import synchronize
+from .config import _Config, _signal_unconverged
+from .guards import _Watch
+from .solving import _RowSet, _solve
+from .stats import DEQStats
+
+
+class _Timer:
+    """The ends of one call's backward pass, for :attr:`DEQStats.backward_time` (and its cost, once known)."""
+
+    def __init__(self, stats, device, vjps=None, rows=None):
+        self.stats, self.device, self.vjps, self.rows, self.t0 = stats, device, vjps, rows, None
+
+    def start(self):
+        synchronize(self.device)
+        self.t0 = time.perf_counter()
+        if self.vjps is not None:
+            self.stats.backward_vjps, self.stats.backward_rows = self.vjps, self.rows
+
+    def stop(self):
+        if self.t0 is not None:
+            synchronize(self.device)
+            self.stats.backward_time = time.perf_counter() - self.t0
+
+
+class _Clock(torch.autograd.Function):
+    """A copy of a tensor whose backward notes that the gradient has passed: start or end of the layer's
+    backward pass (at its output, or at x once every contribution to x's gradient has been summed)."""
+
+    @staticmethod
+    def forward(ctx, t, timer, end):
+        ctx.timer, ctx.end = timer, end
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.end:
+            ctx.timer.stop()
+        else:
+            ctx.timer.start()
+        return grad, None, None
+
+
+class _Adjoint:
+    """The adjoint map u ↦ J_fᵀ u + g at z*, on every sample or (compaction) on the rows still iterating.
+
+    Products are ``torch.autograd.grad`` calls on the graph of f at z* (``retain_graph=True``).
+    With compaction, when the rows still iterating are at most ``rebuild_fraction`` (the layer's
+    option, default :data:`~fixedpoint.torch.config.REBUILD_FRACTION`) of the rows of the graph in
+    use, f is evaluated again at ``(z*[rows], x[rows])`` with autograd and later products use that
+    graph; otherwise the product runs on the graph in use with u scattered into zeros.  Rows only
+    ever shrink (samples that stop do not come back).
+    """
+
+    def __init__(self, f, z, z_leaf, x, grad, batch, rebuild_fraction):
+        self.f, self.x, self.grad = f, x, grad
+        self.rebuild_fraction = rebuild_fraction
+        self.z_star = z_leaf.detach()
+        self.graph = (z, z_leaf)
+        self.graph_rows = None  # indices of the graph's samples in the batch; None: every sample
+        self.size = z.shape[0] if batch else 1  # samples of the graph in use
+        self.batch = batch
+        self.seen, self.pos, self.grad_rows = _RowSet(), None, None
+        self.vjp_rows = 0  # samples of the graphs the products were taken on, in all
+        self.rebuilt_rows = 0  # samples f was evaluated on again
+
+    def _vjp(self, u):
+        out, leaf = self.graph
+        (v,) = torch.autograd.grad(out, leaf, u, retain_graph=True)
+        self.vjp_rows += self.size
+        return v
+
+    def __call__(self, u, rows=None):
+        if rows is None or (self.graph_rows is None and rows.shape[0] == self.size):
+            return self._vjp(u) + self.grad  # out of place: the product may be u itself (f(z) = z + ...)
+        if self.seen.changed(rows):
+            self._select(rows)
+        if self.pos is None:  # the graph holds exactly these rows
+            return self._vjp(u) + self.grad_rows
+        w = u.new_zeros((self.size,) + tuple(u.shape[1:]))
+        w.index_copy_(0, self.pos, u)
+        return self._vjp(w).index_select(0, self.pos) + self.grad_rows
+
+    def _select(self, rows):
+        """New rows (at a host check): rebuild the graph on them when they are few enough; their places in it."""
+        rows = self.seen.rows  # a copy: the solver's array is its own
+        self.grad_rows = self.grad.index_select(0, rows)
+        k = rows.shape[0]
+        if k <= self.rebuild_fraction * self.size:
+            with torch.enable_grad():
+                leaf = self.z_star.index_select(0, rows).requires_grad_()
+                x = self.x if self.x.dim() == 0 else self.x.index_select(0, rows)
+                self.graph = (self.f(leaf, x), leaf)
+            self.graph_rows, self.size = rows, k
+            self.rebuilt_rows += k
+        if k == self.size:
+            self.pos = None
+        elif self.graph_rows is None:
+            self.pos = rows
+        else:
+            self.pos = torch.searchsorted(self.graph_rows, rows)
+
+
+@dataclass
+class _Backward:
+    """What the adjoint solve of one call needs besides the saved tensors."""
+
+    f: Callable
+    x: torch.Tensor  # detached
+    cfg: _Config
+    backend: str
+    stats: DEQStats
+    timer: _Timer
+
+
+class _ImplicitBackward(torch.autograd.Function):
+    """Identity on z = f(z*, x) in the forward pass; in the backward pass, replaces the incoming
+    gradient ∂L/∂z by the adjoint u = J_fᵀ u + ∂L/∂z, which then flows through the graph of f
+    to x and the parameters."""
+
+    @staticmethod
+    def forward(ctx, z, z_leaf, job):
+        ctx.save_for_backward(z, z_leaf)
+        ctx.job = job
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative is being built
+            raise RuntimeError(
+                "second derivatives through a DEQ layer are not supported: the implicit gradient's dependence on "
+                "the parameters through the adjoint solve is not differentiated, so create_graph=True would give "
+                "wrong higher-order gradients. Compute them without create_graph, or differentiate an unrolled "
+                "evaluation of f instead")
+        job = ctx.job
+        job.timer.start()
+        z, z_leaf = ctx.saved_tensors
+        cfg = job.cfg
+        adjoint = _Adjoint(job.f, z, z_leaf, job.x, grad.contiguous(), cfg.batch, cfg.rebuild_fraction)
+        with _Watch(job.f):
+            u, stats = _solve(adjoint, adjoint.grad, cfg.backward_method, cfg.backward_tol, cfg.backward_max_iter,
+                              cfg.batch, cfg.backward_solver_options, job.backend, cfg.compact)
+        stats.n_rows, stats.n_graph_rows = adjoint.vjp_rows, adjoint.rebuilt_rows
+        batch_rows = z.shape[0] if cfg.batch else 1
+        job.stats.backward = stats
+        job.stats.backward_vjps = stats.n_fev + 1  # and the product that carries u to x and the parameters
+        job.stats.backward_rows = stats.n_rows + batch_rows
+        _signal_unconverged(cfg, "adjoint", stats)
+        return u, None, None
+
+
+def _unroll(f, z_first, x, steps, damping):
+    """The layer's output from z* with autograd, and f(z*, x).
+
+    ``steps`` = 1 (implicit gradients, JFB): the one evaluation f(z*, x).  Phantom gradients:
+    z_k after the k = ``steps`` damped steps z_{i+1} = (1 − λ) z_i + λ f(z_i, x) from z_0 = z*,
+    λ = ``damping``, whose backpropagation is the phantom gradient.
+    """
+    z, fz_first = z_first, z_first
+    for i in range(steps):
+        fz = f(z, x)
+        if i == 0:
+            if tuple(fz.shape) != tuple(z_first.shape):
+                raise ValueError(f"f must return z's shape {tuple(z_first.shape)}, got {tuple(fz.shape)}")
+            fz_first = fz
+        z = fz if damping == 1.0 else torch.lerp(z, fz, damping)
+    return z, fz_first

@@ -1,0 +1,146 @@
+"""The options of a DEQ layer: their values, their checks, and the validated configuration the layer carries.
+
+:func:`_make_config` checks every option of :class:`fixedpoint.torch.DEQ` and
+:func:`fixedpoint.torch.deq_fixed_point` once (the message names the option) and returns a
+frozen :class:`_Config`, which the forward solve, the backward pass and the ``unconverged``
+policy (:func:`_signal_unconverged`) read.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from ..checks import check_bool, check_choice, check_int, check_real, user_stacklevel
+from ..iteration import check_common
+from ..method import Method
+from ..result import ConvergenceError, ConvergenceWarning
+from ..solve import resolve_method
+from .backends import SOLVER_BACKENDS
+
+__all__ = ["GRADIENTS", "PHANTOM_DAMPING", "PHANTOM_STEPS", "REBUILD_FRACTION", "UNCONVERGED"]
+
+#: Values of the ``gradient`` argument: implicit differentiation, phantom gradients, Jacobian-free backpropagation.
+GRADIENTS = ("implicit", "phantom", "jfb")
+
+#: Defaults of ``gradient_steps`` and ``gradient_damping`` for ``gradient="phantom"`` (Geng et al. 2021 use
+#: k = 5 and λ = 0.5 for multiscale DEQs).
+PHANTOM_STEPS, PHANTOM_DAMPING = 5, 0.5
+
+#: Default of ``rebuild_fraction``: in the adjoint solve with compaction, f is evaluated again, with autograd,
+#: on the rows still iterating once they are at most this fraction of the rows of the graph the products run on
+#: (see docs/deq.md for the measurement).  Read once, as the default value of the option.
+REBUILD_FRACTION = 0.5
+
+#: Solver options the layer sets itself (so they cannot be passed as ``options``).
+_RESERVED = ("tol", "max_iter", "batch", "backend", "callback", "compact")
+
+#: Values of the ``unconverged`` argument: what the layer does when its forward or adjoint solve ends unconverged.
+UNCONVERGED = ("warn", "raise", "ignore")
+
+
+@dataclass(frozen=True)
+class _Config:
+    """A DEQ layer's options, checked (:func:`_make_config`); the solver's method objects resolved."""
+
+    method: Method
+    solver_options: dict  # common solver options besides the layer's own (stop_mode, check_every)
+    backend: str
+    tol: float
+    max_iter: int
+    batch: bool
+    compact: bool | str
+    gradient: str
+    gradient_steps: int
+    gradient_damping: float
+    backward_method: Method
+    backward_solver_options: dict
+    backward_tol: float
+    backward_max_iter: int
+    unconverged: str = "warn"
+    rebuild_fraction: float = REBUILD_FRACTION
+
+
+def _resolve(method, options, name):
+    """(method object, common solver options) from a method name or object and a dict of options."""
+    if not isinstance(options, dict):
+        raise TypeError(f"{name} must be a dict of solver options, got {type(options).__name__}")
+    for key in options:
+        if key in _RESERVED:
+            raise TypeError(f"{name} must not contain {key!r}: the DEQ layer sets it (use the layer's own "
+                            f"tol, max_iter, batch, compact, backend arguments)")
+    method_obj, common = resolve_method(method, options, where="DEQ")
+    return method_obj, check_common(common)
+
+
+def _check_compact(compact, batch):
+    compact = check_choice("compact", compact, (False, True, "auto"))
+    if compact is True and not batch:
+        raise ValueError("compact=True evaluates f on the samples still iterating, so it needs batch=True "
+                         "(compact='auto' or False with batch=False)")
+    return compact if batch else False
+
+
+def _check_gradient(gradient, steps, damping, backward_given):
+    check_choice("gradient", gradient, GRADIENTS)
+    if gradient != "phantom":
+        for name, value in (("gradient_steps", steps), ("gradient_damping", damping)):
+            if value is not None:
+                raise ValueError(f"{name} applies to gradient='phantom' only, got {name}={value!r} with "
+                                 f"gradient={gradient!r}")
+    if gradient != "implicit" and backward_given:
+        raise ValueError(f"{', '.join(backward_given)} set(s) the adjoint solve of gradient='implicit'; "
+                         f"gradient={gradient!r} solves no adjoint")
+    steps = PHANTOM_STEPS if steps is None else check_int("gradient_steps", steps, 1)
+    damping = PHANTOM_DAMPING if damping is None else check_real("gradient_damping", damping, 0.0, 1.0,
+                                                                  low_open=True)
+    if gradient != "phantom":  # one evaluation of f at z*
+        steps, damping = 1, 1.0
+    return gradient, steps, damping
+
+
+def _make_config(method, backend, tol, max_iter, batch, options, backward_method, backward_tol,
+                 backward_max_iter, backward_options, compact="auto", gradient="implicit", gradient_steps=None,
+                 gradient_damping=None, unconverged="warn", rebuild_fraction=REBUILD_FRACTION):
+    """The layer's options checked once (each error names its option), as a :class:`_Config`."""
+    check_choice("backend", backend, SOLVER_BACKENDS)
+    unconverged = check_choice("unconverged", unconverged, UNCONVERGED)
+    tol = check_real("tol", tol, 0.0, None, low_open=True)
+    max_iter = check_int("max_iter", max_iter, 1)
+    batch = check_bool("batch", batch)
+    compact = _check_compact(compact, batch)
+    rebuild_fraction = check_real("rebuild_fraction", rebuild_fraction, 0.0, 1.0)
+    given = [name for name, value in (("backward_method", backward_method), ("backward_tol", backward_tol),
+                                      ("backward_max_iter", backward_max_iter),
+                                      ("backward_options", backward_options)) if value is not None]
+    gradient, gradient_steps, gradient_damping = _check_gradient(gradient, gradient_steps, gradient_damping, given)
+    method_obj, common = _resolve(method, options or {}, "options")
+    backward_tol = tol if backward_tol is None else check_real("backward_tol", backward_tol, 0.0, None,
+                                                                low_open=True)
+    backward_max_iter = max_iter if backward_max_iter is None else check_int("backward_max_iter",
+                                                                             backward_max_iter, 1)
+    if backward_method is None and backward_options is None:
+        backward_obj, backward_common = method_obj, common
+    else:
+        if backward_method is None:  # the forward method's kind, with other options
+            backward_method = method_obj.name if isinstance(method, Method) else method
+        backward_obj, backward_common = _resolve(backward_method, backward_options or {}, "backward_options")
+    return _Config(method_obj, common, backend, tol, max_iter, batch, compact, gradient, gradient_steps,
+                   gradient_damping, backward_obj, backward_common, backward_tol, backward_max_iter, unconverged,
+                   rebuild_fraction)
+
+
+def _signal_unconverged(cfg, which, stats):
+    """The layer's ``unconverged`` policy for a solve (``which``: "forward" or "adjoint") that did not converge."""
+    if cfg.unconverged == "ignore" or stats.converged_fraction >= 1.0:
+        return
+    where = "layer.stats.forward" if which == "forward" else "layer.stats.backward"
+    so = "the output is not a fixed point of f" if which == "forward" else "the gradient is not the implicit gradient"
+    if cfg.unconverged == "raise":
+        raise ConvergenceError(f"DEQ {which} solve ended unconverged (status {stats.status!r}, "
+                               f"{1 - stats.converged_fraction:.3g} of the samples above tol): {so}; see {where}, "
+                               "raise max_iter or tol, or make f more contractive", stats)
+    # The same text every time (the numbers are in the stats), so that Python's default filter shows it once.
+    warnings.warn(f"DEQ {which} solve ended unconverged for some samples: {so} (see {where}; "
+                  "unconverged='raise' makes this an error, 'ignore' silences it)", ConvergenceWarning,
+                  stacklevel=user_stacklevel())
