@@ -63,6 +63,7 @@ from demos.cli import (  # noqa: E402
 from demos.data import DATASETS, DataError, load_dataset  # noqa: E402
 from demos.ddp import Ranks, add_distributed_flags  # noqa: E402
 from demos.deq_report import OUTPUT_FILES, compare, comparison_table, machine_info, totals, write_outputs  # noqa: E402
+from demos.deq_same_model import same_model_ratios, same_model_table, solve_same_model  # noqa: E402
 from demos.deq_training import (  # noqa: E402
     COMPACT,
     SOLVERS,
@@ -188,6 +189,13 @@ def make_parser():
     again.add_argument("--overwrite", action="store_true",
                        help="replace an earlier run in --out (its checkpoints, metrics and plots are deleted); "
                             "without --resume or --overwrite, a folder that holds one is refused")
+    r.add_argument("--evals-per-epoch", type=positive_int, default=4, metavar="K",
+                   help="test-set evaluations per epoch, evenly spread, the last at the epoch's end; the time to an "
+                        "accuracy is read from them, and their cost is recorded apart from the training time "
+                        "(default: %(default)s)")
+    r.add_argument("--same-model-batches", type=int, default=5, metavar="N",
+                   help="at the end, each final model solved by every solver that trained, on the first N test "
+                        "batches (the report's \"same model\" table); 0: skipped (default: %(default)s)")
     r.add_argument("--fig-iters", type=positive_int, default=50,
                    help="iterations of the residual-curve solves on one fixed batch, Figure 1 (default: "
                         "%(default)s)")
@@ -248,6 +256,8 @@ def _check_solver_values(args, parser):
     if args.whole_batch and args.compact == "on":
         parser.error("--compact on drops samples that have converged, which --whole-batch does not have; use "
                      "--compact off or auto with --whole-batch")
+    if args.same_model_batches < 0:
+        parser.error(f"--same-model-batches must be an integer >= 0, got {args.same_model_batches}")
     if not 0 <= args.weight_decay < float("inf"):
         parser.error(f"--weight-decay must be a number >= 0, got {args.weight_decay}")
     if args.channels % args.groups or args.inner_channels % args.groups:
@@ -475,7 +485,7 @@ def _main(args, device, backend, argv, ranks=None):
             if ranks is not None:
                 ranks.prepare(current)
             train(current, train_batches, test_batches, args.epochs, device, on_epoch_end, progress, args.jac_reg,
-                  args.jac_probes, ranks)
+                  args.jac_probes, ranks, args.evals_per_epoch)
         current = None
         if not lead:
             return 0
@@ -487,9 +497,19 @@ def _main(args, device, backend, argv, ranks=None):
         summary.update(totals={k: totals(r) for k, r in runs.items()}, comparison=compare(runs),
                        residual_curves=dict(model=fig_model.deq.config.method.name, batch_size=int(images.shape[0]),
                                             seconds=time.perf_counter() - t0, **_curve_summary(curves, args.tol)))
+        trained = [s for s in SOLVERS if s in runs and runs[s].epochs]
+        if args.same_model_batches and ranks is None and len(trained) > 1:
+            summary["same_model"] = {
+                s: dict(measurements=(m := solve_same_model(runs[s].model, trained, args, backend, test_batches,
+                                                            args.same_model_batches)),
+                        ratios=same_model_ratios(m))
+                for s in trained}
         write_outputs(out, runs, summary, curves, plots=True)
         print()
         print(comparison_table(runs, summary["comparison"]))
+        if "same_model" in summary:
+            print()
+            print(same_model_table(summary["same_model"]))
         rc = summary["residual_curves"]
         print(f"\nOne fixed test batch of {rc['batch_size']}, relative residual to {args.tol:g} (Figure 1, "
               f"residuals.png): " + "; ".join(_curve_line(k, rc) for k in SOLVERS if k in rc))

@@ -37,25 +37,27 @@ def _save(fig, path):
     return fig
 
 
-def plot_accuracy(path, runs, summary):
-    """Train and test accuracy after each epoch against cumulative training time.
+def plot_accuracy(path, runs, summary, points):
+    """Test accuracy at every test evaluation (``points``: solver -> its evaluation records, several per
+    epoch, :func:`demos.deq_report.evaluation_points`) and train accuracy after each epoch, against the
+    training CPU time so far (evaluation excluded).
 
     When one run took more than :data:`LOG_TIME_RATIO` times as long as another, the time axis
     is logarithmic, so that the faster run is not squashed against the axis.  Returns the figure.
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    ends = [run.epochs[-1]["time_cumulative"] for run in runs.values() if run.epochs]
+    ends = [run.epochs[-1]["cpu_cumulative"] for run in runs.values() if run.epochs]
     if len(ends) > 1 and min(ends) > 0 and max(ends) > LOG_TIME_RATIO * min(ends):
         ax.set_xscale("log")
     for name, run in runs.items():
         if not run.epochs:
             continue
-        t = [0.0] + [e["time_cumulative"] for e in run.epochs]
-        c = COLORS.get(name)
-        ax.plot(t[1:], [e["test_acc"] for e in run.epochs], "o-", color=c, label=f"{LABELS.get(name, name)}, test")
-        ax.plot(t[1:], [e["train_acc"] for e in run.epochs], "s--", color=c, alpha=0.6,
-                label=f"{LABELS.get(name, name)}, train")
-    ax.set_xlabel("training wall time [s]" + (" (log scale)" if ax.get_xscale() == "log" else ""))
+        c, mine = COLORS.get(name), points[name]
+        ax.plot([e["cpu_cumulative"] for e in mine], [e["test_acc"] for e in mine], "o-", color=c, ms=4,
+                label=f"{LABELS.get(name, name)}, test")
+        ax.plot([e["cpu_cumulative"] for e in run.epochs], [e["train_acc"] for e in run.epochs], "s--", color=c,
+                alpha=0.6, label=f"{LABELS.get(name, name)}, train (epoch mean)")
+    ax.set_xlabel("training CPU time [s]" + (" (log scale)" if ax.get_xscale() == "log" else ""))
     ax.set_ylabel("accuracy")
     ax.set_title(_title(summary), fontsize=10)
     ax.grid(alpha=0.3, which="both")
@@ -125,9 +127,10 @@ def plot_iterations(path, runs, summary):
     return _save(fig, path)
 
 
-def plot_all(out, runs, curves, summary):
-    """Write accuracy_vs_time.png, iterations_per_batch.png and (with curves) residuals.png into ``out``."""
-    plot_accuracy(os.path.join(out, "accuracy_vs_time.png"), runs, summary)
+def plot_all(out, runs, curves, summary, points):
+    """Write accuracy_vs_time.png, iterations_per_batch.png and (with curves) residuals.png into ``out``;
+    ``points`` as for :func:`plot_accuracy`."""
+    plot_accuracy(os.path.join(out, "accuracy_vs_time.png"), runs, summary, points)
     plot_iterations(os.path.join(out, "iterations_per_batch.png"), runs, summary)
     if curves:
         plot_residuals(os.path.join(out, "residuals.png"), curves, summary)

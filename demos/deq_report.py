@@ -4,6 +4,8 @@ Files written into the output folder:
 
 - ``metrics.jsonl``, ``metrics.csv``: one record per solver and epoch;
 - ``batches.csv``: one record per training batch (solver iterations, f-evaluations and rows, times);
+- ``evaluations.csv``: one record per test evaluation, several per epoch (``--evals-per-epoch``): the
+  training time and CPU time so far and the test accuracy, from which the time to an accuracy is computed;
 - ``residuals.csv``: the residual curves of one fixed batch (the paper's Figure 1);
 - ``summary.json``: settings, machine, per-solver totals and the comparison;
 - ``accuracy_vs_time.png``, ``residuals.png``, ``iterations_per_batch.png``.
@@ -31,7 +33,7 @@ __all__ = ["machine_info", "totals", "compare", "compare_pair", "comparison_tabl
            "PAPER", "OUTPUT_FILES", "make_parser", "main"]
 
 #: The files the demo writes into its output folder (besides the checkpoints).
-OUTPUT_FILES = ("metrics.jsonl", "metrics.csv", "batches.csv", "residuals.csv", "summary.json",
+OUTPUT_FILES = ("metrics.jsonl", "metrics.csv", "batches.csv", "evaluations.csv", "residuals.csv", "summary.json",
                 "accuracy_vs_time.png", "residuals.png", "iterations_per_batch.png")
 
 #: What arXiv 2410.19460 reports (from its summaries; CIFAR-10, V100 GPU vs Xeon CPU).
@@ -60,6 +62,7 @@ def totals(run):
     if not ep:
         return dict(solver=run.solver, epochs=0)
     last = ep[-1]
+    evals = getattr(run, "evaluations", None) or ep  # test evaluations: several per epoch, or (older runs) one
 
     def total(key):
         return sum(x.get(key) or 0 for x in b)
@@ -69,7 +72,9 @@ def totals(run):
         best_test_acc=max(e["test_acc"] for e in ep), train_loss=last["train_loss"], test_loss=last["test_loss"],
         time_train=run.train_time, time_per_epoch=run.train_time / len(ep),
         time_forward_solve=float(total("time_forward_solve")), time_backward_solve=float(total("time_backward_solve")),
-        time_backward_pass=float(total("time_backward_pass")), time_eval=float(sum(e["time_eval"] for e in ep)),
+        time_backward_pass=float(total("time_backward_pass")),
+        time_eval=float(sum(e["time_eval"] for e in evals)), cpu_eval=float(sum(e.get("cpu_eval", 0.0) for e in evals)),
+        evaluations=len(evals),
         time_forward_map=float(total("time_forward_map")), time_backward_map=float(total("time_backward_map")),
         cpu_train=float(total("cpu_total")), cpu_per_epoch=float(total("cpu_total")) / len(ep),
         cpu_forward_solve=float(total("cpu_forward_solve")), cpu_backward_solve=float(total("cpu_backward_solve")),
@@ -87,11 +92,27 @@ def totals(run):
     return out
 
 
-def _time_to(run, acc):
-    for e in run.epochs:
+def evaluation_points(run):
+    """The run's test evaluations in training order: its records of ``evaluations.csv`` (several per epoch), or
+    for a run recorded before them, one per epoch from ``metrics.jsonl``."""
+    if getattr(run, "evaluations", None):
+        return run.evaluations
+    return [dict(epoch=e["epoch"], epoch_progress=float(e["epoch"]), time_cumulative=e["time_cumulative"],
+                 cpu_cumulative=e.get("cpu_cumulative", float("nan")), test_acc=e["test_acc"]) for e in run.epochs]
+
+
+def time_to_accuracy(run, acc):
+    """The first test evaluation of ``run`` at or above accuracy ``acc``: dict(time=training wall seconds,
+    cpu=training CPU seconds, epochs=epochs of training, fractional) up to that evaluation; None when never
+    reached.  The times are upper bounds: the accuracy may have been reached since the evaluation before."""
+    for e in evaluation_points(run):
         if e["test_acc"] >= acc:
-            return e["time_cumulative"], e["epoch"]
-    return None, None
+            return dict(time=e["time_cumulative"], cpu=e["cpu_cumulative"], epochs=e["epoch_progress"])
+    return None
+
+
+def _get(hit, key):
+    return None if hit is None else hit[key]
 
 
 def _ratio(a, b):
@@ -111,13 +132,18 @@ def compare_pair(base, other):
     ``per_sample_saved_total``: the part of the per-sample saving that became time
     (issue 11's target: at least 0.7); ``cpu_*`` are the same with this process's CPU
     seconds instead of wall time (robust to other processes on a shared machine).  The
-    common accuracy is the lower of the two best test accuracies, and the time to it is
-    the training time at the end of the first epoch that reached it.
+    common accuracy is the lower of the two best test accuracies over every test evaluation
+    (several per epoch, ``--evals-per-epoch``), and the time to it (wall ``time_to_common_acc``,
+    CPU ``cpu_to_common_acc``) is the training time up to the first evaluation that reached it
+    (:func:`time_to_accuracy`).  ``cpu_to_baseline_final_acc_vs_baseline_cpu`` is the CPU time
+    ``other`` took to reach ``base``'s final test accuracy over ``base``'s whole training CPU time
+    (issue 19's target: at most 0.5).
     """
     fw, aa = totals(base), totals(other)
-    target = min(fw["best_test_acc"], aa["best_test_acc"])
-    t_fw, e_fw = _time_to(base, target)
-    t_aa, e_aa = _time_to(other, target)
+    target = min(max(e["test_acc"] for e in evaluation_points(r)) for r in (base, other))
+    hit_fw, hit_aa = time_to_accuracy(base, target), time_to_accuracy(other, target)
+    final_fw = base.epochs[-1]["test_acc"]
+    to_final = time_to_accuracy(other, final_fw)
     ratio = _ratio
     per_sample_total = 1.0 - ratio(aa["fwd_sample_iters"] + aa["bwd_sample_iters"],
                                    fw["fwd_sample_iters"] + fw["bwd_sample_iters"])
@@ -125,9 +151,15 @@ def compare_pair(base, other):
     cpu_saved = 1.0 - ratio(aa["cpu_per_epoch"], fw["cpu_per_epoch"])
     return dict(
         baseline=base.solver, solver=other.solver,
-        common_test_acc=target, time_to_common_acc={base.solver: t_fw, other.solver: t_aa},
-        epoch_of_common_acc={base.solver: e_fw, other.solver: e_aa},
-        speedup_time_to_acc=ratio(t_fw, t_aa) if t_fw is not None and t_aa is not None else None,
+        common_test_acc=target,
+        time_to_common_acc={base.solver: _get(hit_fw, "time"), other.solver: _get(hit_aa, "time")},
+        cpu_to_common_acc={base.solver: _get(hit_fw, "cpu"), other.solver: _get(hit_aa, "cpu")},
+        epochs_to_common_acc={base.solver: _get(hit_fw, "epochs"), other.solver: _get(hit_aa, "epochs")},
+        speedup_time_to_acc=ratio(hit_fw["time"], hit_aa["time"]) if hit_fw and hit_aa else None,
+        speedup_cpu_to_acc=ratio(hit_fw["cpu"], hit_aa["cpu"]) if hit_fw and hit_aa else None,
+        baseline_final_test_acc=final_fw,
+        cpu_to_baseline_final_acc=_get(to_final, "cpu"), epochs_to_baseline_final_acc=_get(to_final, "epochs"),
+        cpu_to_baseline_final_acc_vs_baseline_cpu=ratio(to_final["cpu"], fw["cpu_train"]) if to_final else None,
         speedup_total_time=ratio(fw["time_train"], aa["time_train"]),
         speedup_per_epoch=ratio(fw["time_per_epoch"], aa["time_per_epoch"]),
         speedup_forward_solve=ratio(fw["time_forward_solve"], aa["time_forward_solve"]),
@@ -185,6 +217,7 @@ def comparison_table(runs, comparison):
         ("sum of per-sample iterations, forward", "{:.0f}", "fwd_sample_iters"),
         ("sum of per-sample iterations, adjoint", "{:.0f}", "bwd_sample_iters"),
         ("converged fraction forward / adjoint", None, ("fwd_converged", "bwd_converged")),
+        ("test evaluations / their CPU time [s]", None, ("evaluations", "cpu_eval")),
     ]
     width = 42
     lines = [f"{'':<{width}}" + "".join(f"{c:>18}" for c in cols)]
@@ -194,6 +227,8 @@ def comparison_table(runs, comparison):
             t = tots[c]
             if key == ("fwd_converged", "bwd_converged"):
                 cells.append(f"{_pct(t[key[0]])} / {_pct(t[key[1]])}")
+            elif key == ("evaluations", "cpu_eval"):
+                cells.append(f"{t[key[0]]:d} / {t[key[1]]:.1f}")
             elif key == ("time_forward_map", "time_backward_map"):
                 cells.append(f"{t[key[0]]:.1f} / {t[key[1]]:.1f}")
             elif fmt is None:
@@ -205,14 +240,21 @@ def comparison_table(runs, comparison):
         lines.append(f"{'||df/dz||_F^2 estimate (last epoch)':<{width}}"
                      + "".join(f"{tots[c].get('jac_frobenius', float('nan')):>18.3g}" for c in cols))
     for name, c in (comparison or {}).items():
-        tt = c["time_to_common_acc"]
-        t_base, t_other = tt[c["baseline"]], tt[name]
-        to_acc = (f"{_x(c['speedup_time_to_acc'])} ({t_base:.1f} s vs {t_other:.1f} s)"
-                  if c["speedup_time_to_acc"] is not None else "n/a")
+        tt, tc, te = c["time_to_common_acc"], c["cpu_to_common_acc"], c["epochs_to_common_acc"]
+        base, t_base, t_other = c["baseline"], tt[c["baseline"]], tt[name]
+        to_acc = (f"{_x(c['speedup_time_to_acc'])} wall ({t_base:.1f} s vs {t_other:.1f} s), "
+                  f"{_x(c.get('speedup_cpu_to_acc'))} CPU ({tc[base]:.1f} s vs {tc[name]:.1f} s; epochs "
+                  f"{te[base]:.2f} vs {te[name]:.2f})" if c["speedup_time_to_acc"] is not None else "n/a")
+        to_final = c.get("cpu_to_baseline_final_acc")
+        final = (f"{to_final:.1f} s CPU after {c['epochs_to_baseline_final_acc']:.2f} epochs, "
+                 f"{c['cpu_to_baseline_final_acc_vs_baseline_cpu']:.2f} of forward iteration's training CPU time"
+                 if to_final is not None else "not reached")
         lines += [
             "",
             f"{name} vs forward iteration (paper, Anderson on CIFAR-10: 2-8.6x speed-up, 50-88% compute saved):",
-            f"  speed-up, time to {c['common_test_acc']:.2%} test accuracy: {to_acc}",
+            f"  speed-up, time to {c['common_test_acc']:.2%} test accuracy (first of the test evaluations to reach "
+            f"it): {to_acc}",
+            f"  time to forward iteration's final test accuracy ({c['baseline_final_test_acc']:.2%}): {final}",
             f"  speed-up, total training time / per epoch: {_x(c['speedup_total_time'])} / "
             f"{_x(c['speedup_per_epoch'])}",
             f"  speed-up, forward solves / backward passes: {_x(c['speedup_forward_solve'])} / "
@@ -241,11 +283,14 @@ def write_outputs(out, runs, summary, curves=None, plots=True):
     """Write the metrics, the summary and (with ``plots``) the PNG plots into folder ``out``."""
     epochs = [e for r in runs.values() for e in r.epochs]
     batches = [b for r in runs.values() for b in r.batches]
+    evaluations = [e for r in runs.values() for e in getattr(r, "evaluations", [])]
     _write_text(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(e) + "\n" for e in epochs))
     if epochs:
         write_csv(os.path.join(out, "metrics.csv"), epochs)
     if batches:
         write_csv(os.path.join(out, "batches.csv"), batches)
+    if evaluations:
+        write_csv(os.path.join(out, "evaluations.csv"), evaluations)
     if curves:
         rows = [dict(method=m, iteration=i, residual=r, time=t) for m, c in curves.items()
                 for i, r, t in zip(c["iteration"], c["residual"], c["time"])]
@@ -254,7 +299,7 @@ def write_outputs(out, runs, summary, curves=None, plots=True):
     if plots:
         from demos.deq_plots import plot_all
 
-        plot_all(out, runs, curves, summary)
+        plot_all(out, runs, curves, summary, {k: evaluation_points(r) for k, r in runs.items()})
 
 
 def _number(text):
@@ -280,7 +325,7 @@ def load_outputs(out):
 
     def run(solver):
         if solver not in runs:
-            runs[solver] = SimpleNamespace(solver=solver, epochs=[], batches=[], train_time=0.0)
+            runs[solver] = SimpleNamespace(solver=solver, epochs=[], batches=[], evaluations=[], train_time=0.0)
         return runs[solver]
 
     def read(name, parse, required=True):
@@ -307,6 +352,11 @@ def load_outputs(out):
         for r in runs.values():
             r.train_time = float(sum(b["time_total"] for b in r.batches))
 
+    def evaluations(fh):
+        for row in csv.DictReader(fh):
+            rec = {k: _number(v) for k, v in row.items()}
+            run(rec["solver"]).evaluations.append(rec)
+
     def residuals(fh):
         curves = {}
         for row in csv.DictReader(fh):
@@ -324,6 +374,7 @@ def load_outputs(out):
     summary = read("summary.json", summary_dict)
     read("metrics.jsonl", metrics)
     read("batches.csv", batches)
+    read("evaluations.csv", evaluations, required=False)  # absent from runs made before the evaluation points
     curves = read("residuals.csv", residuals, required=False) or {}
     return runs, summary, curves
 
@@ -362,7 +413,7 @@ def main(argv=None):
     _write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2, default=float) + "\n")
     from demos.deq_plots import plot_all
 
-    plot_all(out, runs, curves, summary)
+    plot_all(out, runs, curves, summary, {k: evaluation_points(r) for k, r in runs.items()})
     print(comparison_table(runs, summary["comparison"]))
     return 0
 

@@ -37,9 +37,9 @@ from demos.data import load_dataset
 from demos.deq_model import DEQClassifier
 from tooling.timing import traced_solve
 
-__all__ = ["Run", "build_run", "train", "evaluate", "save_checkpoint", "load_checkpoint", "residual_curves",
-           "solver_options", "solve_record", "checkpoint_path", "CheckpointError", "Terminated", "sigterm_stops",
-           "signals_held", "SOLVERS", "COMPACT", "TrainedRun", "non_finite_tensors"]
+__all__ = ["Run", "build_run", "train", "evaluate", "evaluation_points", "save_checkpoint", "load_checkpoint",
+           "residual_curves", "solver_options", "solve_record", "checkpoint_path", "CheckpointError", "Terminated",
+           "sigterm_stops", "signals_held", "SOLVERS", "COMPACT", "TrainedRun", "non_finite_tensors"]
 
 #: The solvers the demo trains, in the order of its outputs.
 SOLVERS = ("forward", "anderson", "broyden")
@@ -95,6 +95,7 @@ class Run:
     epochs: list = field(default_factory=list)    # one record per completed epoch
     batches: list = field(default_factory=list)   # one record per training batch
     rng: dict = field(default_factory=dict)       # torch's random state after the last completed batch
+    evaluations: list = field(default_factory=list)  # one record per test evaluation (several per epoch)
     net: torch.nn.Module | None = None  # what training calls: None (the model) or its DDP wrapper (demos/ddp.py)
 
     @property
@@ -198,7 +199,8 @@ def save_checkpoint(run, path, config):
     """Write ``run`` to ``path`` atomically (a temporary file, then a rename)."""
     state = dict(config=config, solver=run.solver, model=run.model.state_dict(),
                  optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(), epoch=run.epoch,
-                 next_batch=run.next_batch, epochs=run.epochs, batches=run.batches, rng=run.rng)
+                 next_batch=run.next_batch, epochs=run.epochs, batches=run.batches, rng=run.rng,
+                 evaluations=run.evaluations)
     tmp = f"{path}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -255,6 +257,10 @@ def load_checkpoint(run, path, config, steps_per_epoch):
         raise CheckpointError(f"{path} is inconsistent (epoch {epoch!r}, next batch {next_batch!r}, "
                               f"{len(batches) if isinstance(batches, list) else '?'} batch records); delete it, or "
                               "use --overwrite or another --out")
+    evaluations = state.get("evaluations", [])  # absent from checkpoints written before the evaluation points
+    if not (isinstance(evaluations, list) and all(isinstance(e, dict) for e in evaluations)):
+        raise CheckpointError(f"{path} holds evaluation records that are not a list of records; delete it, or use "
+                              "--overwrite or another --out")
     rng = state["rng"]
     if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor):
         raise CheckpointError(f"{path} holds no random state; delete it, or use --overwrite or another --out")
@@ -273,6 +279,7 @@ def load_checkpoint(run, path, config, steps_per_epoch):
     run.rng = rng
     run.epoch, run.next_batch = epoch, next_batch
     run.epochs, run.batches = epochs, batches
+    run.evaluations = evaluations
 
 
 def _read_checkpoint(path, advice):
@@ -501,7 +508,7 @@ def evaluate(model, batches, device, ranks=None):
     their maxima (:class:`demos.ddp.Ranks`).
     """
     model.eval()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loss_sum, correct, count, fevs, rows, conv = 0.0, 0, 0, [], [], []
     with torch.no_grad():
         for _, images, labels in batches.epoch(0):
@@ -518,10 +525,13 @@ def evaluate(model, batches, device, ranks=None):
             conv.append(st.converged_fraction * labels.shape[0])
     _sync(device)
     elapsed, n_rows, n_converged = time.perf_counter() - t0, int(np.sum(rows)), np.sum(conv)
+    cpu = time.process_time() - c0
     if ranks is not None:
-        loss_sum, correct, count, n_rows, n_converged = ranks.sum([loss_sum, correct, count, n_rows, n_converged])
+        loss_sum, correct, count, n_rows, n_converged, cpu = ranks.sum([loss_sum, correct, count, n_rows, n_converged,
+                                                                        cpu])
         fevs, (elapsed,) = ranks.max(fevs), ranks.max([elapsed])
     return dict(test_loss=loss_sum / count, test_acc=correct / count, test_count=count, time_eval=elapsed,
+                cpu_eval=cpu,
                 test_fwd_fev_mean=float(np.mean(fevs)), test_fwd_fev_max=int(np.max(fevs)),
                 test_fwd_rows=n_rows, test_fwd_converged=float(n_converged / count))
 
@@ -563,10 +573,39 @@ def _epoch_record(run, test):
     return rec
 
 
-def train(run, train_batches, test_batches, epochs, device, on_epoch_end, progress=None, jac_reg=0.0, jac_probes=1,
-          ranks=None):
-    """Train ``run`` until ``epochs`` epochs are complete, evaluating after each.
+def evaluation_points(steps_per_epoch, per_epoch):
+    """The batches of an epoch after which the test set is evaluated: ``per_epoch`` points evenly spread,
+    the last one the epoch's end (a sorted tuple of batch counts in 1..``steps_per_epoch``; fewer points
+    when the epoch has fewer batches)."""
+    return tuple(sorted({max(1, -(-j * steps_per_epoch // per_epoch)) for j in range(1, per_epoch + 1)}))
 
+
+def _evaluation_record(run, test, steps_per_epoch):
+    """The record of a test evaluation made after ``run.next_batch`` batches of epoch ``run.epoch + 1``."""
+    mine = run.batches
+    return dict(solver=run.solver, epoch=run.epoch + 1, batch=run.next_batch, step=len(mine),
+                epoch_progress=run.epoch + run.next_batch / steps_per_epoch,
+                time_cumulative=run.train_time, cpu_cumulative=float(sum(b["cpu_total"] for b in mine)),
+                **{k: test[k] for k in ("test_loss", "test_acc", "time_eval", "cpu_eval")})
+
+
+def _due(run, points, steps_per_epoch):
+    """True when the test set is to be evaluated now: after a point of the epoch other than its end (which
+    the epoch's own evaluation covers), unless this point's evaluation is already recorded (a resumed run)."""
+    if run.next_batch not in points or run.next_batch == steps_per_epoch:
+        return False
+    last = run.evaluations[-1] if run.evaluations else None
+    return not (last and last["epoch"] == run.epoch + 1 and last["batch"] == run.next_batch)
+
+
+def train(run, train_batches, test_batches, epochs, device, on_epoch_end, progress=None, jac_reg=0.0, jac_probes=1,
+          ranks=None, evals_per_epoch=1):
+    """Train ``run`` until ``epochs`` epochs are complete, evaluating ``evals_per_epoch`` times per epoch.
+
+    The test set is evaluated after the batches :func:`evaluation_points` gives, the last time at the
+    epoch's end; each evaluation appends a record to ``run.evaluations`` (the training time and CPU
+    time so far, the test loss and accuracy, and the evaluation's own cost, which is not training
+    time), from which :mod:`demos.deq_report` computes the time to an accuracy.
     ``on_epoch_end(run, record)`` is called after each epoch (it writes the
     checkpoint and the metrics).  On any exception, Ctrl-C and SIGTERM included,
     the run is left in the state after its last completed batch (see
@@ -578,8 +617,17 @@ def train(run, train_batches, test_batches, epochs, device, on_epoch_end, progre
     (:class:`demos.ddp.Ranks`), batches of this rank's shares, ``run.net`` the DDP wrapper.
     """
     n = len(train_batches)
+    points = evaluation_points(n, evals_per_epoch)
+
+    def evaluate_now():
+        rec = _evaluation_record(run, evaluate(run.model, test_batches, device, ranks), n)
+        with signals_held():
+            run.evaluations.append(rec)
+
     _set_rng_state(run.rng)
     while run.epoch < epochs:
+        if _due(run, points, n):  # resumed after a batch whose evaluation had not been made
+            evaluate_now()
         bar = tqdm(total=n, initial=run.next_batch, desc=f"{run.solver} epoch {run.epoch + 1}/{epochs}",
                    unit="batch", disable=progress, leave=False, dynamic_ncols=True)
         with bar:
@@ -588,10 +636,14 @@ def train(run, train_batches, test_batches, epochs, device, on_epoch_end, progre
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['correct'] / rec['size']:.3f}",
                                 fwd_it=rec["fwd_fev"], bwd_it=rec["bwd_fev"])
+                if _due(run, points, n):
+                    evaluate_now()
         test = evaluate(run.model, test_batches, device, ranks)
         record = _epoch_record(run, test)
+        point = _evaluation_record(run, test, n)
         with signals_held():
             run.epochs.append(record)
+            run.evaluations.append(point)
             run.epoch += 1
             run.next_batch = 0
         on_epoch_end(run, record)

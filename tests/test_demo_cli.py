@@ -98,7 +98,7 @@ def test_cpu_vs_gpu_every_panel_has_x_tick_labels():
 
 
 def _run(name, times, fev):
-    epochs = [dict(epoch=i + 1, time_cumulative=t, test_acc=0.5 + 0.1 * i, train_acc=0.4 + 0.1 * i)
+    epochs = [dict(epoch=i + 1, time_cumulative=t, cpu_cumulative=t, test_acc=0.5 + 0.1 * i, train_acc=0.4 + 0.1 * i)
               for i, t in enumerate(times)]
     batches = [dict(step=i + 1, fwd_fev=f, bwd_fev=f + 3, fwd_iter_mean=f - 2.5, bwd_iter_mean=f)
                for i, f in enumerate(fev)]
@@ -111,8 +111,9 @@ def test_deq_plots_use_a_log_time_axis_and_plain_tick_labels(tmp_path):
     summary = dict(settings=dict(dataset="digits", device="cpu", solver_backend="numpy"))
     slow = {"forward": _run("forward", [40.0, 90.0, 160.0], [20]), "anderson": _run("anderson", [1.0, 2.0, 3.0], [9])}
     close = {"forward": _run("forward", [4.0, 9.0, 16.0], [20]), "anderson": _run("anderson", [2.0, 4.0, 6.0], [9])}
-    assert deq_plots.plot_accuracy(tmp_path / "a.png", slow, summary).axes[0].get_xscale() == "log"
-    assert deq_plots.plot_accuracy(tmp_path / "b.png", close, summary).axes[0].get_xscale() == "linear"
+    for runs, name, scale in ((slow, "a.png", "log"), (close, "b.png", "linear")):
+        points = {k: r.epochs for k, r in runs.items()}
+        assert deq_plots.plot_accuracy(tmp_path / name, runs, summary, points).axes[0].get_xscale() == scale
     runs = {"forward": _run("forward", [1.0], [14, 22, 31, 38, 25]), "anderson": _run("anderson", [1.0], [12, 17, 20])}
     fig = deq_plots.plot_iterations(tmp_path / "c.png", runs, summary)
     fig.canvas.draw()
