@@ -124,6 +124,23 @@ def test_deq_plots_use_a_log_time_axis_and_plain_tick_labels(tmp_path):
         assert shown and all(re.fullmatch(r"\d+", s) for s in shown), shown  # 20, 30, not 2×10¹ or 3×10¹
 
 
+def test_time_to_accuracy_is_read_from_the_first_evaluation_that_reaches_it():
+    from demos.deq_report import evaluation_points, time_to_accuracy
+    from demos.deq_training import evaluation_points as points_of_epoch
+
+    assert points_of_epoch(100, 4) == (25, 50, 75, 100) and points_of_epoch(10, 3) == (4, 7, 10)
+    assert points_of_epoch(3, 4) == (1, 2, 3) and points_of_epoch(10, 1) == (10,)
+    evals = [dict(epoch=1, epoch_progress=0.25 * (k + 1), time_cumulative=10.0 * (k + 1), cpu_cumulative=8.0 * (k + 1),
+                  test_acc=acc) for k, acc in enumerate((0.5, 0.7, 0.65, 0.8))]
+    run = SimpleNamespace(solver="anderson", epochs=[dict(epoch=1, time_cumulative=40.0, cpu_cumulative=32.0,
+                                                         test_acc=0.8)], evaluations=evals)
+    assert time_to_accuracy(run, 0.7) == dict(time=20.0, cpu=16.0, epochs=0.5)  # the first at or above, not the last
+    assert time_to_accuracy(run, 0.75) == dict(time=40.0, cpu=32.0, epochs=1.0)
+    assert time_to_accuracy(run, 0.9) is None
+    old = SimpleNamespace(solver="forward", epochs=run.epochs, evaluations=[])  # a run made before the points
+    assert evaluation_points(old)[0]["epoch_progress"] == 1.0 and time_to_accuracy(old, 0.7)["cpu"] == 32.0
+
+
 def test_deq_demo_chooses_and_prints_its_thread_count(tmp_path, monkeypatch, capsys):
     import torch
 

@@ -40,6 +40,14 @@ def batch_records(out):
         return [{k: row[k] for k in BATCH_KEYS} for row in csv.DictReader(fh)]
 
 
+EVALUATION_KEYS = ("solver", "epoch", "batch", "step", "epoch_progress", "test_loss", "test_acc")
+
+
+def evaluation_records(out):
+    with open(out / "evaluations.csv", newline="") as fh:
+        return [{k: row[k] for k in EVALUATION_KEYS} for row in csv.DictReader(fh)]
+
+
 def model_state(out, solver):
     return torch.load(out / f"checkpoint-{solver}.pt", weights_only=False)["model"]
 
@@ -123,6 +131,10 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(tm
     assert codes[0] == 128 + signal.SIGTERM and 130 in codes
     assert epoch_records(stopped) == epoch_records(fresh)
     assert batch_records(stopped) == batch_records(fresh)
+    # four test evaluations per epoch (after each of the 4 batches), each made once, the same as uninterrupted
+    assert evaluation_records(stopped) == evaluation_records(fresh)
+    assert [(r["solver"], r["epoch"], r["batch"]) for r in evaluation_records(fresh)] == [
+        (s, str(e), str(b)) for s in ("forward", "anderson") for e in (1, 2) for b in (1, 2, 3, 4)]
     for solver in ("forward", "anderson"):
         a, b = model_state(stopped, solver), model_state(fresh, solver)
         assert a.keys() == b.keys()
@@ -224,6 +236,28 @@ def test_every_solver_side_by_side_with_compaction(tmp_path, capsys):
         assert fev <= f_rows <= size * fev
         assert f_rows == round(float(r["fwd_iter_mean"]) * size)  # compaction from the first check on
     assert any(int(r["fwd_rows"]) < int(r["size"]) * int(r["fwd_fev"]) for r in rows)
+    # the same-model solves: every final model by every solver, the figures of deq_solvers.py on its checkpoint
+    assert "same model" in printed and set(summary["same_model"]) == {"forward", "anderson", "broyden"}
+    from demos import deq_solvers
+
+    same = summary["same_model"]["anderson"]
+    again = deq_solvers.solvers_on_model(str(out / "checkpoint-anderson.pt"), deq_solvers.SOLVERS, 5)
+    for solver in deq_solvers.SOLVERS:
+        for key in ("samples", "rows", "iterations_mean", "iterations_max", "converged"):
+            assert same["measurements"][solver][key] == again["measurements"][solver][key], (solver, key)
+    ratio = same["ratios"]["anderson"]
+    m = same["measurements"]
+    assert ratio["rows_ratio"] == pytest.approx(m["anderson"]["rows"] / m["forward"]["rows"])
+    assert ratio["cpu_over_rows"] == pytest.approx(ratio["cpu_ratio"] / ratio["rows_ratio"])
+    # time to accuracy is read from the test evaluations, whose cost is not training time
+    with open(out / "evaluations.csv", newline="") as fh:
+        points = list(csv.DictReader(fh))
+    assert len(points) == 3 * 2  # 2 batches per epoch: an evaluation after each
+    for solver in ("forward", "anderson", "broyden"):
+        mine = [r for r in rows if r["solver"] == solver]
+        end = [p for p in points if p["solver"] == solver][-1]
+        assert float(end["cpu_cumulative"]) == pytest.approx(sum(float(r["cpu_total"]) for r in mine))
+        assert float(end["time_cumulative"]) == pytest.approx(summary["totals"][solver]["time_train"])
     c = summary["comparison"]["anderson"]
     assert c["time_vs_iteration_saving"] == pytest.approx(c["time_per_epoch_saved"] / c["per_sample_saved_total"])
     totals = summary["totals"]
