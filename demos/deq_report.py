@@ -7,7 +7,8 @@ Files written into the output folder:
 - ``evaluations.csv``: one record per test evaluation, several per epoch (``--evals-per-epoch``): the
   training time and CPU time so far and the test accuracy, from which the time to an accuracy is computed;
 - ``residuals.csv``: the residual curves of one fixed batch (the paper's Figure 1);
-- ``summary.json``: settings, machine, per-solver totals and the comparison;
+- ``summary.json``: settings, machine, per-solver totals, the comparison and the same-model solves
+  (:mod:`demos.deq_same_model`);
 - ``accuracy_vs_time.png``, ``residuals.png``, ``iterations_per_batch.png``.
 """
 
@@ -415,6 +416,11 @@ def main(argv=None):
 
     plot_all(out, runs, curves, summary, {k: evaluation_points(r) for k, r in runs.items()})
     print(comparison_table(runs, summary["comparison"]))
+    if summary.get("same_model"):  # measured by the training run at its end; kept as it was
+        from demos.deq_same_model import same_model_table
+
+        print()
+        print(same_model_table(summary["same_model"]))
     return 0
 
 

@@ -54,7 +54,9 @@ def solve_same_model(model, solvers, cfg, backend, batches, n_batches):
     Returns
     -------
     dict
-        solver -> dict(samples, iterations_mean, iterations_median, iterations_max, rows, converged, cpu_s).
+        solver -> dict(samples, iterations_mean, iterations_median, iterations_max, rows, converged, cpu_s,
+        reduction_median): ``reduction_median`` is the median over the samples of the mean factor by which
+        the residual fell per iteration (:func:`_reduction_per_iteration`).
     """
     cfg = argparse.Namespace(**dict(vars(cfg), compact="on", gradient="implicit", whole_batch=False))
     layers = {}
@@ -62,7 +64,7 @@ def solve_same_model(model, solvers, cfg, backend, batches, n_batches):
         layers[s] = DEQ(model.deq.f, **{**solver_options(s, cfg, backend), "unconverged": "ignore"}).eval()
     was_training = model.training
     model.eval()
-    acc = {s: dict(iters=[], rows=0, converged=0.0, cpu=0.0) for s in solvers}
+    acc = {s: dict(iters=[], reduction=[], rows=0, converged=0.0, cpu=0.0) for s in solvers}
     try:
         with torch.no_grad():
             for b, (_, images, _) in enumerate(batches.epoch(0)):
@@ -77,7 +79,9 @@ def solve_same_model(model, solvers, cfg, backend, batches, n_batches):
                     layer(x)
                     acc[s]["cpu"] += time.process_time() - c0
                     st = layer.stats.forward
-                    acc[s]["iters"].append(np.isfinite(np.asarray(st.residual_history)).sum(axis=0))
+                    hist = np.asarray(st.residual_history, dtype=float)
+                    acc[s]["iters"].append(np.isfinite(hist).sum(axis=0))
+                    acc[s]["reduction"].append(_reduction_per_iteration(hist))
                     acc[s]["rows"] += st.n_rows
                     acc[s]["converged"] += st.converged_fraction * images.shape[0]
     finally:
@@ -87,8 +91,21 @@ def solve_same_model(model, solvers, cfg, backend, batches, n_batches):
         it = np.concatenate(a["iters"])
         out[s] = dict(samples=int(it.size), iterations_mean=float(it.mean()), iterations_median=float(np.median(it)),
                       iterations_max=int(it.max()), rows=int(a["rows"]), converged=float(a["converged"] / it.size),
-                      cpu_s=float(a["cpu"]))
+                      cpu_s=float(a["cpu"]), reduction_median=float(np.nanmedian(np.concatenate(a["reduction"]))))
     return out
+
+
+def _reduction_per_iteration(hist):
+    """Per sample, the mean factor by which the residual fell per iteration, (r_last / r_first)^(1 / (k − 1)),
+    from a residual history of shape (iterations, samples) with NaN after a sample stopped; NaN for a sample
+    that made fewer than 2 iterations.  For forward iteration it estimates the contraction factor of f
+    near z* (the spectral radius of ∂f/∂z when the solve is long enough)."""
+    k = np.isfinite(hist).sum(axis=0)
+    first = hist[0]
+    last = hist[np.maximum(k - 1, 0), np.arange(hist.shape[1])]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = (last / first) ** (1.0 / (k - 1))
+    return np.where(k >= 2, out, np.nan)
 
 
 def same_model_ratios(measurements, base="forward"):
@@ -122,7 +139,9 @@ def same_model_table(same):
         for s, r in res["measurements"].items():
             line = (f"    {s:9s} iterations/sample mean {r['iterations_mean']:6.1f} median "
                     f"{r['iterations_median']:5.0f} max {r['iterations_max']:5d} | rows {r['rows']:7d} | "
-                    f"converged {r['converged']:6.1%} | CPU {r['cpu_s']:7.2f} s")
+                    f"converged {r['converged']:6.1%} | "
+                    + (f"residual x{r['reduction_median']:.3f} per iteration | " if "reduction_median" in r else "")
+                    + f"CPU {r['cpu_s']:7.2f} s")
             q = res["ratios"].get(s)
             if q is not None:
                 line += (f" | vs forward: rows {q['rows_ratio']:.2f}, CPU {q['cpu_ratio']:.2f}, CPU/rows "
