@@ -18,11 +18,37 @@ equilibrium models by Bai, Kolter & Koltun (NeurIPS 2019).  Unlike their code, a
 most m pairs are kept (a ring buffer; the oldest pair is dropped), so memory does
 not grow with the iteration count.
 
-With h = H_k F_{k+1} (one product with the pairs), the identities
-H_k ΔF = h + p_k and u_new = −h / (p_kᵀ (h + p_k)) give the new pair and the next
-step p_{k+1} = −h (1 − v_newᵀ F_{k+1} / p_kᵀ(h + p_k)) (+ u_old v_oldᵀ F_{k+1}
-when the dropped pair is removed) from two products with the pairs per iteration:
-O(m·n) work, no allocation of size n.
+Work per iteration.  With f = F(x_k), p = p_{k−1} the step just taken and
+U = [u_i], V = [v_i] the pairs in use, every vector the iteration needs comes from
+four products with the pairs,
+
+    c = Vᵀf,   e = Uᵀf,   h = H_{k−1} f = −β f + U c,   v_new = H_{k−1}ᵀ p = −β p + V d,
+
+and the identities H_{k−1} ΔF = h + p, u_new = −h / (pᵀ(h + p)) and
+v_newᵀf = pᵀh, which give the next step
+p_k = −h (1 − pᵀh / pᵀ(h + p)) (+ u_old c_old when the ring buffer drops the
+pair (u_old, v_old)).  Everything else is small (per sample, O(m²)):
+
+* d = Uᵀp is derived, not computed: p is a h_prev + b u_old, so
+  u_iᵀp = a u_iᵀh_prev + b u_iᵀu_old and u_newᵀp = −(a ‖h_prev‖² + b h_prevᵀu_old) /
+  denom, from the Gram matrix UᵀU (kept up to date) and Uᵀh = −β e + UᵀU c of the
+  previous iteration (after a restart p = β f and no pair is in use: d = 0);
+* pᵀh = −β pᵀf + c·d, ‖h‖² = β²‖f‖² − 2β c·e + cᵀ(UᵀU)c, and the new row of UᵀU
+  (−Uᵀh / denom, ‖h‖² / denom²);
+* ‖f‖², pᵀf and ‖p‖² (reductions over f and p alone).
+
+So each iteration reads each stored pair twice (U for e and h, V for c and v_new)
+— once from memory where the vector work is NumPy's on rows longer than
+:data:`fixedpoint.kernels.SHORT_ROWS` (without a communicator): each sample's pairs
+are then one contiguous block, and the two products with it are one BLAS call each,
+the second finding the block in cache — and writes h, v_new, the new pair and the
+step: O(m·n) work over the pairs in use (min(k, m) of them), no allocation of size
+n, no host synchronisation.  Elsewhere (PyTorch or CuPy vectors, short
+rows, sharded vectors) the pairs are stacks ``(m + 1, B, n)`` and each product is
+one batched call over the samples; c and e are then taken in the iteration's one
+reduction (one collective when sharded).  Samples that stop leave the working
+arrays: per sample, their blocks are only renumbered (the step p alone moves);
+stacked, the rows in use move to the front in place.
 """
 
 from __future__ import annotations
@@ -30,8 +56,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from .checks import check_int, check_real
-from .kernels import Kernels
+from .kernels import SHORT_ROWS, Kernels
 from .method import Method, MethodState
 
 __all__ = ["Broyden"]
@@ -75,10 +103,13 @@ class Broyden(Method):
 
     Notes
     -----
-    Work per iteration besides g: two products with the stored pairs (4·m inner
-    products and combinations of size n) and O(n) vector operations; the per-sample
-    scalars are computed in float64 (float32 on a device without float64).  Batch
-    mode keeps separate pairs, restarts and steps for each sample.
+    Work per iteration besides g (module docstring): four products with the pairs in
+    use (Vᵀf, Uᵀf, U c, V d: 4·min(k, m) inner products and combinations of size n,
+    each stored vector read twice, once from memory for NumPy on long rows) and O(n)
+    vector operations; d = Uᵀp and the Gram matrix UᵀU are derived from small
+    quantities, and the per-sample scalars are computed in float64 (float32 on a
+    device without float64).  Batch mode keeps separate pairs, restarts and steps for
+    each sample, and a sample that stops costs nothing more.
 
     References
     ----------
@@ -117,26 +148,52 @@ class Broyden(Method):
 
 
 class _BroydenState(MethodState):
+    """The pairs, the last step and the per-sample bookkeeping of one solve (module docstring: the work per
+    iteration).
+
+    Two layouts of the pairs, chosen by the kernels and n alone (never by B, so that a sample's iterates do
+    not depend on its batch):
+
+    * *per sample* (NumPy vector work, rows longer than :data:`fixedpoint.kernels.SHORT_ROWS`, no
+      communicator): ``U`` and ``V`` are ``(B, m, n)``, each sample's pairs one contiguous block, and every
+      product is one BLAS call per sample in which the two products with a block follow each other while
+      it is in cache.  A sample keeps its block when others stop: :meth:`pack` renumbers the blocks
+      (``blocks``) instead of moving them, and moves the last step p only.
+    * *stacked* (other libraries and devices, short rows, sharded vectors): ``U`` and ``V`` are
+      ``(m + 1, B, n)`` stacks with f_k in row 0 of U and the last step p in row 0 of V, so that
+      h = −β f + Σ c_i u_i and v_new = −β p + Σ d_i v_i are one batched product each over the rows in use
+      (rows are filled in order: those are always the first ones, and nothing is read unwritten); the
+      products with f_k are taken in the one reduction of :meth:`observe` (one collective when sharded).
+    """
+
     def __init__(self, kern: Kernels, B: int, n: int, dtype: Any, method: Broyden) -> None:
         self.kern, self.n, self.dtype = kern, n, dtype
         self.m, self.beta = m, _ = method.m, method.beta
         self.degenerate_tol, self.restart_growth = method.degenerate_tol, method.restart_growth
         xp, dev, sxp, sdev, sdt = kern.xp, kern.device, kern.sxp, kern.sdevice, kern.sdtype
-        # Stacks U: f_k in row 0 and the u_i in rows 1..m; V: the last step p in row 0 and the v_i in rows 1..m,
-        # so that h = -beta f + sum c_i u_i and v_new = -beta p + sum d_i v_i are one product each over the
-        # rows in use (rows are filled in order, so those are always the first ones; nothing is read unwritten).
-        # Buffers for B samples; after pack() the state works on views of their first rows.
-        self.U = xp.empty((m + 1, B, n), dtype=dtype, device=dev)
-        self.V = xp.empty((m + 1, B, n), dtype=dtype, device=dev)
-        # pack() keeps the stacks contiguous at the start of these flat views
-        self._U_flat, self._V_flat = xp.reshape(self.U, (-1,)), xp.reshape(self.V, (-1,))
+        self.per_sample = kern.mode == "numpy" and kern.comm is None and n > SHORT_ROWS
+        if self.per_sample:
+            self.U = xp.empty((B, m, n), dtype=dtype, device=dev)
+            self.V = xp.empty((B, m, n), dtype=dtype, device=dev)
+            self._U_host, self._V_host = kern.small(self.U), kern.small(self.V)
+            self._f, self._p = (xp.empty((B, n), dtype=dtype, device=dev) for _ in range(2))
+            self.blocks = list(range(B))  # the block of U and V that holds each sample's pairs
+            self._cr = np.zeros((B, m), dtype=self._U_host.dtype)  # raw products Vᵀf and Uᵀf of one sample
+            self._er = np.zeros((B, m), dtype=self._U_host.dtype)
+        else:
+            # Buffers for B samples; after pack() the state works on views of their first rows.
+            self.U = xp.empty((m + 1, B, n), dtype=dtype, device=dev)
+            self.V = xp.empty((m + 1, B, n), dtype=dtype, device=dev)
+            # pack() keeps the stacks contiguous at the start of these flat views
+            self._U_flat, self._V_flat = xp.reshape(self.U, (-1,)), xp.reshape(self.V, (-1,))
+            self._rows = [xp.zeros((B, m), dtype=dtype, device=dev) for _ in range(2)]  # products c, e
+            self._w = xp.zeros((B, m + 1), dtype=dtype, device=dev)
+            self._w[:, 0] = -self.beta
         self._h = xp.empty((B, n), dtype=dtype, device=dev)
         self._v_new = xp.empty((B, n), dtype=dtype, device=dev)
-        self._rows = [xp.zeros((B, m), dtype=dtype, device=dev) for _ in range(3)]  # products c, d, e
-        self._w = xp.zeros((B, m + 1), dtype=dtype, device=dev)
-        self._w[:, 0] = -self.beta
         self.UG = sxp.zeros((B, m, m), dtype=sdt, device=sdev)  # the Gram matrix of the u_i, kept up to date
         self.valid = sxp.zeros((B, m), dtype=sxp.bool, device=sdev)
+        self.d = sxp.zeros((B, m), dtype=sdt, device=sdev)  # u_i·p for the step p about to be taken (derived)
         self.ref_r = sxp.full((B,), float("inf"), dtype=sdt, device=sdev)
         slots = sxp.arange(m, device=sdev)
         self.onehot_b = [slots == s for s in range(m)]
@@ -147,54 +204,110 @@ class _BroydenState(MethodState):
         self._bind(B)
 
     def _bind(self, B: int) -> None:
-        """Work on ``B`` samples: the stacks U and V hold them; views of the first ``B`` rows of the rest."""
-        self.B, m = B, self.m
-        self.f, self.p = self.U[0, ...], self.V[0, ...]
-        self.u_slots = [self.U[1 + s, ...] for s in range(m)]
-        self.v_slots = [self.V[1 + s, ...] for s in range(m)]
-        self.h, self.v_new, self.w = self._h[:B, ...], self._v_new[:B, ...], self._w[:B, ...]
-        self.rows = [r[:B, ...] for r in self._rows]
+        """Work on ``B`` samples: views of the first ``B`` rows of the buffers (the stacks' samples when stacked)."""
+        self.B, m, small = B, self.m, self.kern.small
+        if self.per_sample:
+            self.f, self.p = self._f[:B, ...], self._p[:B, ...]
+            self._f_host, self._p_host = small(self.f), small(self.p)
+        else:
+            self.f, self.p = self.U[0, ...], self.V[0, ...]
+            self.u_slots = [self.U[1 + s, ...] for s in range(m)]
+            self.v_slots = [self.V[1 + s, ...] for s in range(m)]
+            self.w = self._w[:B, ...]
+            self.rows = [r[:B, ...] for r in self._rows]
+        self.h, self.v_new = self._h[:B, ...], self._v_new[:B, ...]
 
     def pack(self, keep: Any) -> bool:
-        """Keep the samples ``keep`` only, moved to the front in place (the update pairs, the last step, the
-        Gram matrix of the u_i and the restart bookkeeping); see :meth:`fixedpoint.method.MethodState.pack`."""
-        self.U = self.kern.pack_stack(self._U_flat, tuple(self.U.shape), keep)
-        self.V = self.kern.pack_stack(self._V_flat, tuple(self.V.shape), keep)
-        rows, sxp = self.kern.small_index(keep), self.kern.sxp
+        """Keep the samples ``keep`` only, in order (see :meth:`fixedpoint.method.MethodState.pack`): the pairs in
+        use (per sample: renumbered, not moved; stacked: moved to the front in place), the last step, the Gram
+        matrix of the u_i, the derived products d and the restart bookkeeping."""
+        kern, sxp, used = self.kern, self.kern.sxp, min(self.n_updates, self.m)
+        k = len(keep)
+        if self.per_sample:
+            self.blocks = [self.blocks[i] for i in np.asarray(keep).tolist()]
+            kern.pack_rows(self.p, keep)
+        else:  # rows 0..used of the stacks (the rest is unwritten), contiguous at the start of the flat buffers
+            m1, w, n = tuple(self.U.shape)
+            for flat in (self._U_flat, self._V_flat):
+                kern.pack_stack(flat, (1 + used, w, n), keep)
+            self.U = kern.xp.reshape(self._U_flat[: m1 * k * n], (m1, k, n))
+            self.V = kern.xp.reshape(self._V_flat[: m1 * k * n], (m1, k, n))
+        rows = kern.small_index(keep)
         self.UG, self.valid = sxp.take(self.UG, rows, axis=0), sxp.take(self.valid, rows, axis=0)
-        self.ref_r = sxp.take(self.ref_r, rows, axis=0)  # (observe() computes the rest of the per-sample values anew)
-        self._bind(len(keep))
+        self.d, self.ref_r = sxp.take(self.d, rows, axis=0), sxp.take(self.ref_r, rows, axis=0)
+        self._bind(k)  # (observe() computes the rest of the per-sample values anew)
         return True
 
     def observe(self, x: Any, gx: Any, f: Any, need_gnorm: bool = False) -> Any:
-        """Every sum the iteration needs, in one reduction: c = Vᵀf, d = Uᵀp, e = Uᵀf, p·f, ‖p‖², ‖f‖² (‖g‖²)."""
+        """‖f‖ (and ‖g‖) in one reduction; stacked, with p·f, ‖p‖², c = Vᵀf and e = Uᵀf in it (per sample,
+        those are taken in :meth:`step`, each beside the combination that reads the same pairs)."""
         kern, sxp, used = self.kern, self.kern.sxp, min(self.n_updates, self.m)
         terms: list[tuple] = [("sqnorm", f)]
-        if self.k > 0:
+        stacked = self.k > 0 and not self.per_sample
+        if stacked:
             terms += [("dot", self.p, f), ("sqnorm", self.p)]
             if used:
                 terms += [("matvec", self.V[1:1 + used, ...], f, self.rows[0][:, :used]),
-                          ("matvec", self.U[1:1 + used, ...], self.p, self.rows[1][:, :used]),
-                          ("matvec", self.U[1:1 + used, ...], f, self.rows[2][:, :used])]
+                          ("matvec", self.U[1:1 + used, ...], f, self.rows[1][:, :used])]
         if need_gnorm:
             terms.append(("sqnorm", gx))
         sums = kern.sums(*terms)
         self.ff = sums[0]
         self.r = kern.root(self.ff, ("sqnorm", f))
-        if self.k > 0:
+        if stacked:
             self.pf, self.pp = sums[1], sums[2]
-            zero = sxp.zeros((self.B, 0), dtype=kern.sdtype, device=kern.sdevice)
             valid = self.valid[:, :used]
-            self.c, self.d, self.e = ((sxp.where(valid, v, 0.0) for v in sums[3:6]) if used else (zero, zero, zero))
+            self.c, self.e = ((sxp.where(valid, v, 0.0) for v in sums[3:5]) if used
+                              else (sxp.zeros((self.B, 0), dtype=kern.sdtype, device=kern.sdevice),) * 2)
         self.k += 1
         if need_gnorm:
             return self.r, kern.root(sums[-1], ("sqnorm", gx))
         return self.r
 
     def _combine(self, out, coef, basis, used):
-        """out = −β · basis[0] + Σ_i coef_i basis[1 + i] over the ``used`` pairs (one product)."""
+        """Stacked: out = −β · basis[0] + Σ_i coef_i basis[1 + i] over the ``used`` pairs (one product)."""
         self.w[:, 1:1 + used] = self.kern.big(coef, self.dtype)
         self.kern.vecmat(out, self.w[:, :1 + used], basis[:1 + used, ...])
+
+    def _products_per_sample(self, used: int) -> None:
+        """Per sample, one read of its pairs V for c = Vᵀf and v_new = −β p + V d, then one of U for e = Uᵀf and
+        h = −β f + U c (the second product of each finds the block in cache); p·f and ‖p‖² beside them.
+        Sets ``pf``, ``pp``, ``c``, ``e`` (small state) and fills ``h`` and ``v_new``."""
+        sxp, sdt, beta, B = self.kern.sxp, self.kern.sdtype, self.beta, self.B
+        dot, matmul, subtract, multiply = np.dot, np.matmul, np.subtract, np.multiply
+        Us, Vs, f, p = self._U_host, self._V_host, self._f_host, self._p_host
+        h, v_new, cr, er = self.kern.small(self.h), self.kern.small(self.v_new), self._cr, self._er
+        pf, pp = np.empty(B, dtype=sdt), np.empty(B, dtype=sdt)
+        valid = self.valid[:, :used]
+        # v = −β (y − W (coef / β)) = W coef − β y: the combination, then y subtracted (and β applied) in place
+        wd = np.asarray(self.d[:, :used] / beta, dtype=cr.dtype)
+        for i, blk in enumerate(self.blocks):
+            fi, pi, vi = f[i], p[i], v_new[i]
+            pf[i], pp[i] = dot(pi, fi), dot(pi, pi)
+            if used:
+                block = Vs[blk, :used]
+                dot(block, fi, out=cr[i, :used])
+                matmul(wd[i], block, out=vi)
+                subtract(vi, pi, out=vi)
+            else:
+                multiply(pi, -1.0, out=vi)
+            if beta != 1.0:
+                multiply(vi, beta, out=vi)
+        self.pf, self.pp = pf, pp
+        self.c = sxp.where(valid, cr[:B, :used], 0.0).astype(sdt)
+        wc = np.asarray(self.c / beta, dtype=cr.dtype)
+        for i, blk in enumerate(self.blocks):
+            fi, hi = f[i], h[i]
+            if used:
+                block = Us[blk, :used]
+                dot(block, fi, out=er[i, :used])
+                matmul(wc[i], block, out=hi)
+                subtract(hi, fi, out=hi)
+            else:
+                multiply(fi, -1.0, out=hi)
+            if beta != 1.0:
+                multiply(hi, beta, out=hi)
+        self.e = sxp.where(valid, er[:B, :used], 0.0).astype(sdt)
 
     def step(self, x: Any, gx: Any, f: Any, active: Any, out: Any) -> Any:
         kern, sxp, beta = self.kern, self.kern.sxp, self.beta
@@ -204,7 +317,9 @@ class _BroydenState(MethodState):
             kern.add_scaled(out, x, 1.0, self.p)
             return None
         s, used, full = self.n_updates % self.m, min(self.n_updates, self.m), self.n_updates >= self.m
-        c, d, e, UG = self.c, self.d, self.e, self.UG[:, :used, :used]
+        if self.per_sample:
+            self._products_per_sample(used)
+        c, d, e, UG = self.c, self.d[:, :used], self.e, self.UG[:, :used, :used]
         UGc = sxp.sum(UG * c[:, None, :], axis=2)                              # (UG c)_i = Σ_j u_i·u_j c_j
         hp = -beta * self.pf + sxp.sum(c * d, axis=1)                         # p·h, h = H f_k
         hh = beta * beta * self.ff - 2.0 * beta * sxp.sum(c * e, axis=1) + sxp.sum(c * UGc, axis=1)
@@ -216,30 +331,66 @@ class _BroydenState(MethodState):
               & (sxp.abs(denom) > self.cancel * (sxp.abs(hp) + self.pp)) & ~growth)  # False for NaN
         restart = active & ~ok
         safe = sxp.where(ok, denom, 1.0)
-        self._combine(self.h, c, self.U, used)                                # h = H f_k
-        self._combine(self.v_new, d, self.V, used)                            # v_new = H^T p
-        # p_{k+1} = -h (1 - v_new.f / denom) + u_old (v_old.f) for a sample that updates (v_new.f = p.h);
-        # beta f after a restart
-        kern.scale(out, self.h, sxp.where(ok, hp / safe - 1.0, 0.0))
-        if full:  # the pair in slot s is dropped: remove it from the step
-            kern.add_scaled(self.p, out, sxp.where(ok, c[:, s], 0.0), self.u_slots[s])
+        if not self.per_sample:
+            self._combine(self.h, c, self.U, used)                            # h = H f_k
+            self._combine(self.v_new, d, self.V, used)                        # v_new = H^T p
+        # p_{k+1} = a h + b u_old for a sample that updates (a = p.h / denom - 1 since v_new.f = p.h; the dropped
+        # pair u_old in slot s, b = v_old.f = c_s, is removed from the step); beta f after a restart
+        a = sxp.where(ok, hp / safe - 1.0, 0.0)
+        b = sxp.where(ok, c[:, s], 0.0) if full else None
+        u_scale = sxp.where(ok, -1.0 / safe, 0.0)                             # u_new = -h / denom
+        kern.scale(out, self.h, a)
+        if self.per_sample:
+            self._write_pair_per_sample(s, out, b, u_scale)
         else:
-            kern.copy(self.p, out)
+            if b is not None:
+                kern.add_scaled(self.p, out, b, self.u_slots[s])
+            else:
+                kern.copy(self.p, out)
+            # the new pair (u_new, v_new) in slot s
+            kern.scale(self.u_slots[s], self.h, u_scale)
+            kern.copy(self.v_slots[s], self.v_new)
         kern.copy_rows_where(self.p, f, ~ok)
         if beta != 1.0:
             kern.scale(out, self.p, sxp.where(ok, 1.0, beta))
             kern.copy_rows_where(self.p, out, ~ok)
         kern.add_scaled(out, x, 1.0, self.p)
-        # the new pair (u_new = -h / denom, v_new) in slot s, and its row of the Gram matrix of the u_i
-        kern.scale(self.u_slots[s], self.h, sxp.where(ok, -1.0 / safe, 0.0))
-        kern.copy(self.v_slots[s], self.v_new)
+        # the Gram matrix's row of the new pair, and d = U'ᵀ p_{k+1} for the next iteration from small quantities:
+        # u_i·h = hu_i, u_i·u_old = UG_is (before the row is replaced), u_new·p_{k+1} = -(a h·h + b h·u_old) / denom
         hu = -beta * e + UGc                                                  # h·u_i for the pairs in use
+        d_new = sxp.zeros((self.B, self.m), dtype=kern.sdtype, device=kern.sdevice)
+        d_new[:, :used] = a[:, None] * hu
+        hp_new = a * hh
+        if b is not None:
+            d_new[:, :used] = d_new[:, :used] + b[:, None] * self.UG[:, :used, s]
+            hp_new = hp_new + b * hu[:, s]
+        d_new[:, s] = -hp_new / safe
         new_row = sxp.zeros((self.B, self.m), dtype=kern.sdtype, device=kern.sdevice)
         new_row[:, :used] = -hu / safe[:, None]
         new_row[:, s] = hh / (safe * safe)
         self.UG[:, s, :] = new_row
         self.UG[:, :, s] = new_row
         self.valid = sxp.where(ok[:, None], self.valid | self.onehot_b[s], False)  # a restart forgets every pair
+        self.d = sxp.where(self.valid, d_new, 0.0)
         self.ref_r = sxp.where(ok, sxp.minimum(self.ref_r, self.r), self.r)
         self.n_updates += 1
         return restart
+
+    def _write_pair_per_sample(self, s: int, out: Any, b: Any, u_scale: Any) -> None:
+        """Per sample: p = out + b u_old (the pair in slot ``s`` before it is replaced; p = out when ``b`` is
+        None), then the new pair u_new = u_scale · h, v_new into slot ``s`` of the sample's block."""
+        dt = self._cr.dtype
+        Us, Vs, p, o = self._U_host, self._V_host, self._p_host, self.kern.small(out)
+        h, v_new = self.kern.small(self.h), self.kern.small(self.v_new)
+        us = np.asarray(u_scale, dtype=dt)
+        if b is None:
+            np.copyto(p, o)
+        else:
+            bs = np.asarray(b, dtype=dt)
+        for i, blk in enumerate(self.blocks):
+            u_slot = Us[blk, s]
+            if b is not None:
+                np.multiply(u_slot, bs[i], out=p[i])
+                np.add(p[i], o[i], out=p[i])
+            np.multiply(h[i], us[i], out=u_slot)
+            np.copyto(Vs[blk, s], v_new[i])
