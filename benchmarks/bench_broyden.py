@@ -28,6 +28,16 @@ Two problems:
    randomly initialised cell is strongly contractive, and the demo's 1e-2 would stop
    every method within a few iterations), cap 1000.  Samples stop at different
    iterations, so the rows (and the pairs in use) shrink as the solve goes on.
+3. **hard** (iterations, not time) — the hard DEQ-like map of the Broyden robustness
+   question: B = 10 samples of n = ``--hard-n``, g_i(z) = tanh(W z + u_i), W symmetric
+   (a Gaussian matrix's symmetric part) scaled to ‖W‖₂ = 0.99, u_i ~ 0.01 N(0, 1) (so
+   that tanh is nearly linear and the slow modes of W dominate), float32, relative
+   tolerance 1e-6, cap 300: Anderson, and Broyden with m = 20 and with memory for every
+   iteration (m = 300), each with ``restart_growth`` 10 (the default) and 1e3; and a plain NumPy study of the limited memory (one sample at a
+   time, float32 vectors): the library's scheme (H = −βI + Σ u_i v_iᵀ, the oldest
+   rank-one term dropped) against the consistent one (the last m secant pairs applied
+   to −βI, i.e. the compact representation of Byrd, Nocedal & Schnabel 1994), each
+   with ``restart_growth`` 10 and 1e3.
 
 Run from the repository root::
 
@@ -163,6 +173,92 @@ def deq(method: str, f, x, tol: float, repeats: int, warmup: int) -> dict:
     return measure(make, repeats, warmup)
 
 
+def hard_map(n: int, batch: int, seed: int):
+    """g(z) = tanh(z W + u) in float32: W symmetric with ‖W‖₂ = 0.99, u ~ 0.01 N(0, 1) per sample."""
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((n, n))
+    W = (A + A.T) / 2
+    W = (W * (0.99 / np.abs(np.linalg.eigvalsh(W)).max())).astype(np.float32)
+    u = (0.01 * rng.standard_normal((batch, n))).astype(np.float32)
+
+    def g(z, rows=None):
+        return np.tanh(z @ W + (u if rows is None else u[rows]))
+
+    return g, np.zeros((batch, n), dtype=np.float32)
+
+
+def plain_broyden(g, x0, m: int, consistent: bool, growth: float, tol=1e-6, max_iter=300, beta=1.0):
+    """Limited-memory good Broyden on one sample, plainly (float32 vectors, float64 small algebra): evaluations,
+    restarts, converged.  ``consistent=False``: the library's scheme, H = −βI + Σ u_i v_iᵀ with the oldest term
+    dropped; True: H = the good Broyden updates of the last m secant pairs (s_i, y_i) applied to −βI,
+    H = −βI + (S + βY) M⁻¹ (−β Sᵀ), M = −β SᵀY − tril₋₁(SᵀS).  A restart (memory cleared, the step β f) when
+    ‖f‖ exceeds ``growth`` times its smallest value since the last restart or the update's denominator is 0."""
+    x = np.array(x0, dtype=np.float32)
+    S: list = []
+    Y: list = []
+    pairs: list = []
+
+    def H(v, transpose=False):
+        if consistent:
+            if not S:
+                return -beta * v
+            Sm, Ym = np.array(S, dtype=np.float64), np.array(Y, dtype=np.float64)
+            M = -beta * Sm @ Ym.T - np.tril(Sm @ Sm.T, -1)
+            return -beta * v + (Sm + beta * Ym).T @ np.linalg.solve(M, -beta * (Sm @ v))
+        out = -beta * v
+        for a, b in pairs:
+            out = out + (b * (a @ v) if transpose else a * (b @ v))
+        return out
+
+    gx = g(x)
+    f = (gx - x).astype(np.float64)
+    ref, restarts, p = np.linalg.norm(f), 0, beta * f
+    for it in range(1, max_iter):
+        x_new = (x + p).astype(np.float32)
+        gx = g(x_new)
+        f_new = (gx - x_new).astype(np.float64)
+        r = np.linalg.norm(f_new)
+        if r <= tol * (np.linalg.norm(gx) + 1e-12):
+            return it + 1, restarts, True
+        if not np.isfinite(r):
+            return it + 1, restarts, False
+        s, y = (x_new - x).astype(np.float64), f_new - f
+        hy = H(y)
+        ok = r <= growth * ref and abs(s @ hy) > 0
+        if ok and consistent:
+            S, Y = (S + [s])[-m:], (Y + [y])[-m:]
+        elif ok:
+            pairs = (pairs + [((s - hy) / (s @ hy), H(s, transpose=True))])[-m:]
+        else:
+            S, Y, pairs, restarts = [], [], [], restarts + 1
+        ref = min(ref, r) if ok else r
+        p = -H(f_new) if ok else beta * f_new
+        x, f = x_new, f_new
+    return max_iter, restarts, False
+
+
+def hard(n: int, seed: int) -> dict:
+    """Item 3: iterations of the library's methods and of the plain limited-memory variants on the hard map."""
+    g, x0 = hard_map(n, 10, seed)
+    out: dict = {}
+    for name, method in (("anderson", fixedpoint.Anderson()), ("broyden", fixedpoint.Broyden()),
+                         ("broyden restart_growth=1e3", fixedpoint.Broyden(restart_growth=1e3)),
+                         ("broyden m=300", fixedpoint.Broyden(m=300)),
+                         ("broyden m=300 restart_growth=1e3", fixedpoint.Broyden(m=300, restart_growth=1e3))):
+        res = fixedpoint.solve(g, x0, method=method, batch=True, tol=1e-6, max_iter=300)
+        out[name] = dict(converged=int(np.sum(res.converged)), iterations_mean=float(np.mean(res.n_iter)),
+                         iterations_max=int(np.max(res.n_iter)), restarts=int(np.sum(res.n_restarts)))
+    for consistent in (False, True):
+        for growth in (10.0, 1e3):
+            runs = [plain_broyden(lambda z, i=i: g(z[None], np.array([i]))[0], x0[i], 20, consistent, growth)
+                    for i in range(x0.shape[0])]
+            its = np.array([r[0] for r in runs])
+            name = f"plain m=20 {'consistent' if consistent else 'drop-oldest'} growth={growth:g}"
+            out[name] = dict(converged=sum(r[2] for r in runs), iterations_mean=float(its.mean()),
+                             iterations_max=int(its.max()), restarts=sum(r[1] for r in runs))
+    return out
+
+
 COLUMNS = [("method", "method", "{}"), ("n_fev", "iters", "{:d}"), ("n_rows", "rows", "{:d}"),
            ("own_us_per_iter", "own µs/iter", "{:.0f}"), ("own_us_per_row", "own µs/row", "{:.1f}"),
            ("map_us_per_row", "map µs/row", "{:.1f}"), ("vs_anderson", "own/Anderson's (per row)", "{:.2f}"),
@@ -189,7 +285,9 @@ def main(argv=None) -> int:
     p.add_argument("--deq-tol", type=timing.positive_float, default=1e-4, help="deq: relative tolerance "
                    "(default 1e-4)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--problems", nargs="+", choices=("synthetic", "deq"), default=["synthetic", "deq"])
+    p.add_argument("--hard-n", type=timing.positive_int, default=400, help="hard: entries per sample (default 400)")
+    p.add_argument("--problems", nargs="+", choices=("synthetic", "deq", "hard"), default=["synthetic", "deq"],
+                   help="default: synthetic deq (hard counts iterations only)")
     p.add_argument("--repeats", type=timing.positive_int, default=5, help="timed runs (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -201,7 +299,7 @@ def main(argv=None) -> int:
     if libs:
         timing.set_threads("torch", args.threads)
     results: dict = dict(settings=dict(vars(args), out=str(args.out), rho=RHO, dtype="float32", backend="numpy"),
-                         machine=timing.machine_info(libs), synthetic={}, deq={})
+                         machine=timing.machine_info(libs), synthetic={}, deq={}, hard={})
     env = results["machine"]["thread_env"]
     print(f"threads: {env}" + (f", torch {results['machine'].get('torch_threads')}" if libs else ""))
     if "synthetic" in args.problems:
@@ -218,6 +316,14 @@ def main(argv=None) -> int:
         for method in args.methods:
             results["deq"][method] = deq(method, f, x, args.deq_tol, args.repeats, args.warmup)
         table(results["deq"])
+    if "hard" in args.problems:
+        print(f"hard: B = 10, n = {args.hard_n}, g(z) = tanh(W z + u), ||W|| = 0.99, u ~ 0.01 N(0, 1), float32, "
+              "tol 1e-6 (rel), cap 300")
+        results["hard"] = hard(args.hard_n, args.seed)
+        timing.print_table([dict(r, method=k) for k, r in results["hard"].items()],
+                           [("method", "method", "{}"), ("converged", "converged /10", "{:d}"),
+                            ("iterations_mean", "iters mean", "{:.0f}"), ("iterations_max", "iters max", "{:d}"),
+                            ("restarts", "restarts", "{:d}")])
     if args.out:
         print(f"wrote {timing.write_json(args.out, results)}")
     return 0

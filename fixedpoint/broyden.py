@@ -178,7 +178,8 @@ class _BroydenState(MethodState):
             self._U_host, self._V_host = kern.small(self.U), kern.small(self.V)
             self._f, self._p = (xp.empty((B, n), dtype=dtype, device=dev) for _ in range(2))
             self.blocks = list(range(B))  # the block of U and V that holds each sample's pairs
-            self._cr = np.zeros((B, m), dtype=self._U_host.dtype)  # raw products Vᵀf and Uᵀf of one sample
+            # the raw products Vᵀf and Uᵀf, a row per sample, in the vectors' dtype (masked into c and e)
+            self._cr = np.zeros((B, m), dtype=self._U_host.dtype)
             self._er = np.zeros((B, m), dtype=self._U_host.dtype)
         else:
             # Buffers for B samples; after pack() the state works on views of their first rows.
