@@ -10,7 +10,7 @@ them (``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS``, set he
 before NumPy is imported), and torch's CPU threads to ``--threads`` (default 1); the
 JSON's ``machine`` record says what was used.
 
-Two problems:
+Three problems (``--problems``; synthetic and deq by default):
 
 1. **synthetic** — B = ``--batch`` samples of n = ``--n`` (default 100 × 37,632, the
    state of a 48×28×28 DEQ), g_i(z) = tanh(ρ S z + u_i) with S the cyclic shift of the
@@ -22,27 +22,29 @@ Two problems:
 2. **deq** — the demo's DEQ (``demos/deq_model.py``: ``DEQClassifier(1, 28, 10)`` at
    random initialisation, seed ``--seed``) on ``--deq-batch`` random 1×28×28 images:
    its cell ``model.deq.f(z, x)`` with x = ``model.injection(images)``, solved as the
-   layer solves it (:func:`fixedpoint.torch.deq` calls ``fixedpoint.solve`` on CPU tensors
-   with ``backend="numpy"``): ``solve(g, zeros, method, batch=True, compact=True)``
-   with g(z, rows) = f(z, x[rows]), relative tolerance ``--deq-tol`` (default 1e-4: the
-   randomly initialised cell is strongly contractive, and the demo's 1e-2 would stop
-   every method within a few iterations), cap 1000.  Samples stop at different
+   DEQ layer solves it on the CPU (``fixedpoint.solve`` on the CPU tensors with
+   ``backend="numpy"``): ``solve(g, zeros, method, batch=True, compact=True)`` with
+   g(z, rows) = f(z, x[rows]), relative tolerance ``--deq-tol`` (default 1e-4: the
+   randomly initialised cell is strongly contractive; at the demo's 1e-2 a sample
+   takes about 11 iterations, too few for Broyden's pairs to fill), cap 1000.  Samples stop at different
    iterations, so the rows (and the pairs in use) shrink as the solve goes on.
 3. **hard** (iterations, not time) — the hard DEQ-like map of the Broyden robustness
    question: B = 10 samples of n = ``--hard-n``, g_i(z) = tanh(W z + u_i), W symmetric
    (a Gaussian matrix's symmetric part) scaled to ‖W‖₂ = 0.99, u_i ~ 0.01 N(0, 1) (so
    that tanh is nearly linear and the slow modes of W dominate), float32, relative
-   tolerance 1e-6, cap 300: Anderson, and Broyden with m = 20 and with memory for every
-   iteration (m = 300), each with ``restart_growth`` 10 (the default) and 1e3; and a plain NumPy study of the limited memory (one sample at a
-   time, float32 vectors): the library's scheme (H = −βI + Σ u_i v_iᵀ, the oldest
-   rank-one term dropped) against the consistent one (the last m secant pairs applied
-   to −βI, i.e. the compact representation of Byrd, Nocedal & Schnabel 1994), each
-   with ``restart_growth`` 10 and 1e3.
+   tolerance 1e-6, cap 300: Anderson, and Broyden with m = 20 and with memory for
+   every iteration (m = 300), each with ``restart_growth`` 10 (the default) and 1e3;
+   then a plain NumPy study of the limited memory (one sample at a time, float32
+   vectors): the library's scheme (H = −βI + Σ u_i v_iᵀ, the oldest rank-one term
+   dropped) against the consistent one (the last m secant pairs applied to −βI, the
+   compact representation of Byrd, Nocedal & Schnabel 1994), each with
+   ``restart_growth`` 10 and 1e3.
 
 Run from the repository root::
 
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \\
-        python benchmarks/bench_broyden.py --out benchmarks/results/broyden.json
+        python benchmarks/bench_broyden.py --out benchmarks/results/broyden_after.json
+    python benchmarks/bench_broyden.py --problems hard --out benchmarks/results/broyden_hard.json
 """
 
 from __future__ import annotations

@@ -79,7 +79,8 @@ class Broyden(Method):
     Parameters
     ----------
     m : int, default 20
-        Number of update pairs kept (memory: 2(m + 1) vectors of size n per sample), >= 1.
+        Number of update pairs kept (memory: 2m + 4 vectors of size n per sample: the pairs,
+        f, the last step and two scratch vectors), >= 1.
     beta : float, default 1.0
         Initial inverse Jacobian −β I, i.e. the first step (and the first after a
         restart) is the mixing step x + β f; in (0, 1].
@@ -110,6 +111,15 @@ class Broyden(Method):
     quantities, and the per-sample scalars are computed in float64 (float32 on a
     device without float64).  Batch mode keeps separate pairs, restarts and steps for
     each sample, and a sample that stops costs nothing more.
+
+    Dropping the oldest rank-one term u vᵀ leaves an H that no sequence of Broyden
+    updates produces (each later v was computed with the dropped term in H), and it
+    takes the restarts of ``restart_growth`` = 10 to keep such steps in check.  On
+    maps with many slow modes those restarts are what stalls it: on z = tanh(W z + u)
+    with W symmetric, ‖W‖₂ = 0.99, float32 (``benchmarks/bench_broyden.py --problems
+    hard``), 7 of 10 samples converge within 300 iterations (0 of 10 with
+    ``restart_growth=1e3``), against 10 of 10 in 172 on average for Anderson and in
+    98 for ``m=300, restart_growth=1e3`` (no pair dropped).
 
     References
     ----------
