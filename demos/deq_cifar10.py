@@ -119,8 +119,9 @@ def make_parser():
     s.add_argument("--m", type=positive_int, default=5, help="Anderson window m (default: %(default)s)")
     s.add_argument("--beta", type=float, default=1.0, help="Anderson mixing beta in (0, 1] (default: %(default)s)")
     s.add_argument("--lam", type=float, default=1e-5, help="Anderson regularisation lambda (default: %(default)s)")
-    s.add_argument("--broyden-m", type=positive_int, default=20,
-                   help="Broyden: rank-one update pairs kept (default: %(default)s)")
+    s.add_argument("--broyden-m", type=positive_int, default=50,
+                   help="Broyden: rank-one update pairs kept; more than fixedpoint's default of 20, so that a DEQ "
+                        "solve to the tolerance rarely fills them (docs/deq.md) (default: %(default)s)")
     s.add_argument("--lam-mode", choices=("absolute", "relative"), default="absolute",
                    help="forward solve: lambda added as is (the paper) or scaled by the largest squared residual "
                         "(default: %(default)s)")

@@ -37,6 +37,8 @@ def make_parser():
     p.add_argument("--solvers", nargs="+", choices=SOLVERS, default=list(SOLVERS),
                    help="solvers run on each model (default: all)")
     p.add_argument("--batches", type=positive_int, default=5, help="test batches solved (default: %(default)s)")
+    p.add_argument("--broyden-m", type=positive_int, default=None,
+                   help="Broyden's update pairs (default: the run's own setting)")
     p.add_argument("--data-dir", default=None, help="as for demos/deq_cifar10.py")
     p.add_argument("--out", default=None,
                    help="also write the measurements as JSON to this file; an existing file is refused unless "
@@ -46,12 +48,14 @@ def make_parser():
     return p
 
 
-def solvers_on_model(path, solvers, batches, data_dir=None):
+def solvers_on_model(path, solvers, batches, data_dir=None, broyden_m=None):
     """{checkpoint, trained_with, measurements, ratios} for the model of checkpoint ``path`` on its first
-    ``batches`` test batches (:func:`demos.deq_same_model.solve_same_model`)."""
+    ``batches`` test batches (:func:`demos.deq_same_model.solve_same_model`), Broyden with ``broyden_m``
+    pairs (None: the run's setting)."""
     run = TrainedRun(path, data_dir)
     model = run.model(solver_options(run.solver, run.cfg, "numpy"))
-    out = solve_same_model(model, solvers, run.cfg, "numpy", run.batches(train=False), batches)
+    cfg = argparse.Namespace(**dict(vars(run.cfg), **({} if broyden_m is None else dict(broyden_m=broyden_m))))
+    out = solve_same_model(model, solvers, cfg, "numpy", run.batches(train=False), batches)
     return dict(checkpoint=str(path), trained_with=run.solver, measurements=out, ratios=same_model_ratios(out))
 
 
@@ -68,7 +72,7 @@ def main(argv=None):
         results = []
         for path in args.checkpoints:
             try:
-                res = solvers_on_model(path, args.solvers, args.batches, args.data_dir)
+                res = solvers_on_model(path, args.solvers, args.batches, args.data_dir, args.broyden_m)
             except (CheckpointError, DataError) as exc:
                 raise Refused(exc) from None
             results.append(res)
