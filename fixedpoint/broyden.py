@@ -285,40 +285,36 @@ class _BroydenState(MethodState):
         h = −β f + U c (the second product of each finds the block in cache); p·f and ‖p‖² beside them.
         Sets ``pf``, ``pp``, ``c``, ``e`` (small state) and fills ``h`` and ``v_new``."""
         sxp, sdt, beta, B = self.kern.sxp, self.kern.sdtype, self.beta, self.B
-        dot, matmul, subtract, multiply = np.dot, np.matmul, np.subtract, np.multiply
-        Us, Vs, f, p = self._U_host, self._V_host, self._f_host, self._p_host
-        h, v_new, cr, er = self.kern.small(self.h), self.kern.small(self.v_new), self._cr, self._er
+        f, p, cr, er = self._f_host, self._p_host, self._cr, self._er
         pf, pp = np.empty(B, dtype=sdt), np.empty(B, dtype=sdt)
         valid = self.valid[:, :used]
         # v = −β (y − W (coef / β)) = W coef − β y: the combination, then y subtracted (and β applied) in place
         wd = np.asarray(self.d[:, :used] / beta, dtype=cr.dtype)
-        for i, blk in enumerate(self.blocks):
-            fi, pi, vi = f[i], p[i], v_new[i]
-            pf[i], pp[i] = dot(pi, fi), dot(pi, pi)
-            if used:
-                block = Vs[blk, :used]
-                dot(block, fi, out=cr[i, :used])
-                matmul(wd[i], block, out=vi)
-                subtract(vi, pi, out=vi)
-            else:
-                multiply(pi, -1.0, out=vi)
-            if beta != 1.0:
-                multiply(vi, beta, out=vi)
+        self._pass(self._V_host, used, f, cr, wd, p, self.kern.small(self.v_new), (pf, pp))
         self.pf, self.pp = pf, pp
         self.c = sxp.where(valid, cr[:B, :used], 0.0).astype(sdt)
         wc = np.asarray(self.c / beta, dtype=cr.dtype)
-        for i, blk in enumerate(self.blocks):
-            fi, hi = f[i], h[i]
-            if used:
-                block = Us[blk, :used]
-                dot(block, fi, out=er[i, :used])
-                matmul(wc[i], block, out=hi)
-                subtract(hi, fi, out=hi)
-            else:
-                multiply(fi, -1.0, out=hi)
-            if beta != 1.0:
-                multiply(hi, beta, out=hi)
+        self._pass(self._U_host, used, f, er, wc, f, self.kern.small(self.h))
         self.e = sxp.where(valid, er[:B, :used], 0.0).astype(sdt)
+
+    def _pass(self, stack, used, vec, products, coef, y, out, dots=None):
+        """Per sample i, with W = its block of ``stack`` (the ``used`` pairs in use): ``products[i] = W vec[i]``,
+        then ``out[i] = β (Wᵀ coef[i] − y[i])`` while W is in cache; with ``dots = (pf, pp)`` also p·f and ‖p‖²
+        (p = ``y``, f = ``vec``)."""
+        beta = self.beta
+        for i, blk in enumerate(self.blocks):
+            vi, yi, oi = vec[i], y[i], out[i]
+            if dots is not None:
+                dots[0][i], dots[1][i] = np.dot(yi, vi), np.dot(yi, yi)
+            if used:
+                block = stack[blk, :used]
+                np.dot(block, vi, out=products[i, :used])
+                np.matmul(coef[i], block, out=oi)
+                np.subtract(oi, yi, out=oi)
+            else:
+                np.multiply(yi, -1.0, out=oi)
+            if beta != 1.0:
+                np.multiply(oi, beta, out=oi)
 
     def step(self, x: Any, gx: Any, f: Any, active: Any, out: Any) -> Any:
         kern, sxp, beta = self.kern, self.kern.sxp, self.beta
