@@ -57,7 +57,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # b
 import argparse  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -66,24 +65,11 @@ if __package__ in (None, ""):  # run as a file: make the repository root (toolin
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fixedpoint  # noqa: E402
+from fixedpoint.torch.solving import TimedMap  # noqa: E402
 from tooling import timing  # noqa: E402
 
 METHODS = ("forward", "anderson", "broyden")
 RHO = 0.999
-
-
-class TimedMap:
-    """A map that adds the seconds spent in it to ``seconds`` (NumPy and torch CPU: no synchronisation)."""
-
-    def __init__(self, g):
-        self.g, self.seconds = g, 0.0
-
-    def __call__(self, *args):
-        t0 = time.perf_counter()
-        try:
-            return self.g(*args)
-        finally:
-            self.seconds += time.perf_counter() - t0
 
 
 def shift_map(batch: int, n: int, seed: int):

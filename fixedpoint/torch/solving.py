@@ -30,8 +30,9 @@ def _run_solve(g, u0, method, tol, max_iter, batch, options, backend, compact=Fa
     return res, stats
 
 
-class _Timed:
-    """A map that adds the seconds spent in it to ``seconds`` (CPU tensors: no synchronisation needed)."""
+class TimedMap:
+    """A map that adds the wall seconds spent in it to ``seconds`` (for maps on the CPU, which need no
+    device synchronisation: :func:`_timed_solve` and ``benchmarks/bench_broyden.py``)."""
 
     def __init__(self, g):
         self.g, self.seconds = g, 0.0
@@ -48,7 +49,7 @@ def _timed_solve(g, u0, *args):
     """:func:`_run_solve` with the map's own time in ``SolveStats.map_time`` (CPU tensors only)."""
     if u0.device.type != "cpu":
         return _run_solve(g, u0, *args)
-    timed = _Timed(g)
+    timed = TimedMap(g)
     res, stats = _run_solve(timed, u0, *args)
     stats.map_time = timed.seconds
     return res, stats
