@@ -10,8 +10,11 @@ machine's load between solvers shows in all of them alike.
 Per solver: the per-sample iterations (mean, median, largest), the rows of f (one sample in one
 evaluation: what was paid), the converged fraction and the CPU seconds of the solves
 (``time.process_time``).  Against forward iteration (:func:`same_model_ratios`): the ratio of rows and
-the ratio of CPU time, and their quotient ``cpu_over_rows`` — 1 when every row saved is CPU time saved,
-above 1 by the solver's own cost per row beyond forward iteration's.
+the ratio of CPU time, and their quotient ``cpu_over_rows`` — 1 when every row saved is CPU time saved
+and rows cost the same.  Two things move it above 1: the solver's own work per row beyond forward
+iteration's (``own_s``: the solve's wall time minus the time in f, ``map_s``), and f's own cost per row,
+which on a CPU depends on how many rows it is called with (a straggler's row, evaluated alone, costs less
+than a row of a full batch).
 
 Used at the end of ``demos/deq_cifar10.py`` (heading "same model" of its report and ``same_model`` in
 summary.json) and by ``demos/deq_solvers.py`` on checkpoints.
@@ -55,8 +58,10 @@ def solve_same_model(model, solvers, cfg, backend, batches, n_batches):
     -------
     dict
         solver -> dict(samples, iterations_mean, iterations_median, iterations_max, rows, converged, cpu_s,
-        reduction_median): ``reduction_median`` is the median over the samples of the mean factor by which
-        the residual fell per iteration (:func:`_reduction_per_iteration`).
+        reduction_median, wall_s, map_s, own_s): ``reduction_median`` is the median over the samples of the
+        mean factor by which the residual fell per iteration (:func:`_reduction_per_iteration`); ``wall_s``
+        the wall seconds of the solves, ``map_s`` the part spent in f (NaN on a GPU, where it is not
+        measured) and ``own_s`` the rest, the solver's own work.
     """
     cfg = argparse.Namespace(**dict(vars(cfg), compact="on", gradient="implicit", whole_batch=False))
     layers = {}
@@ -64,7 +69,7 @@ def solve_same_model(model, solvers, cfg, backend, batches, n_batches):
         layers[s] = DEQ(model.deq.f, **{**solver_options(s, cfg, backend), "unconverged": "ignore"}).eval()
     was_training = model.training
     model.eval()
-    acc = {s: dict(iters=[], reduction=[], rows=0, converged=0.0, cpu=0.0) for s in solvers}
+    acc = {s: dict(iters=[], reduction=[], rows=0, converged=0.0, cpu=0.0, wall=0.0, map=0.0) for s in solvers}
     try:
         with torch.no_grad():
             for b, (_, images, _) in enumerate(batches.epoch(0)):
@@ -79,6 +84,8 @@ def solve_same_model(model, solvers, cfg, backend, batches, n_batches):
                     layer(x)
                     acc[s]["cpu"] += time.process_time() - c0
                     st = layer.stats.forward
+                    acc[s]["wall"] += st.wall_time
+                    acc[s]["map"] += st.map_time if st.map_time is not None else float("nan")
                     hist = np.asarray(st.residual_history, dtype=float)
                     acc[s]["iters"].append(np.isfinite(hist).sum(axis=0))
                     acc[s]["reduction"].append(_reduction_per_iteration(hist))
@@ -91,7 +98,8 @@ def solve_same_model(model, solvers, cfg, backend, batches, n_batches):
         it = np.concatenate(a["iters"])
         out[s] = dict(samples=int(it.size), iterations_mean=float(it.mean()), iterations_median=float(np.median(it)),
                       iterations_max=int(it.max()), rows=int(a["rows"]), converged=float(a["converged"] / it.size),
-                      cpu_s=float(a["cpu"]), reduction_median=float(np.nanmedian(np.concatenate(a["reduction"]))))
+                      cpu_s=float(a["cpu"]), reduction_median=float(np.nanmedian(np.concatenate(a["reduction"]))),
+                      wall_s=float(a["wall"]), map_s=float(a["map"]), own_s=float(a["wall"] - a["map"]))
     return out
 
 
@@ -130,6 +138,13 @@ def same_model_ratios(measurements, base="forward"):
     return out
 
 
+def _per_row(r):
+    """" (per row: f … ms, solver … ms)" when the time in f was measured (CPU runs), else ""."""
+    if not r["rows"] or not np.isfinite(r.get("map_s", float("nan"))):
+        return ""
+    return f" (per row: f {1e3 * r['map_s'] / r['rows']:.3f} ms, solver {1e3 * r['own_s'] / r['rows']:.3f} ms)"
+
+
 def same_model_table(same):
     """The printed "same model" table of ``summary["same_model"]`` (trained_with -> dict(measurements, ratios))."""
     lines = ["same model: each final model solved by every solver on the same test batches (compaction on, "
@@ -141,7 +156,8 @@ def same_model_table(same):
                     f"{r['iterations_median']:5.0f} max {r['iterations_max']:5d} | rows {r['rows']:7d} | "
                     f"converged {r['converged']:6.1%} | "
                     + (f"residual x{r['reduction_median']:.3f} per iteration | " if "reduction_median" in r else "")
-                    + f"CPU {r['cpu_s']:7.2f} s")
+                    + f"CPU {r['cpu_s']:7.2f} s"
+                    + _per_row(r))
             q = res["ratios"].get(s)
             if q is not None:
                 line += (f" | vs forward: rows {q['rows_ratio']:.2f}, CPU {q['cpu_ratio']:.2f}, CPU/rows "
