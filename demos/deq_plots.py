@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import matplotlib
@@ -40,24 +41,29 @@ def _save(fig, path):
 def plot_accuracy(path, runs, summary, points):
     """Test accuracy at every test evaluation (``points``: solver -> its evaluation records, several per
     epoch, :func:`demos.deq_report.evaluation_points`) and train accuracy after each epoch, against the
-    training CPU time so far (evaluation excluded).
+    training CPU time so far (evaluation excluded); against the training wall time for runs recorded
+    before the demo measured CPU time.
 
     When one run took more than :data:`LOG_TIME_RATIO` times as long as another, the time axis
     is logarithmic, so that the faster run is not squashed against the axis.  Returns the figure.
     """
+    records = [e for name, run in runs.items() if run.epochs for e in (*points[name], *run.epochs)]
+    cpu = all(math.isfinite(e.get("cpu_cumulative", math.nan)) for e in records)
+    key = "cpu_cumulative" if cpu else "time_cumulative"
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    ends = [run.epochs[-1]["cpu_cumulative"] for run in runs.values() if run.epochs]
+    ends = [run.epochs[-1][key] for run in runs.values() if run.epochs]
     if len(ends) > 1 and min(ends) > 0 and max(ends) > LOG_TIME_RATIO * min(ends):
         ax.set_xscale("log")
     for name, run in runs.items():
         if not run.epochs:
             continue
         c, mine = COLORS.get(name), points[name]
-        ax.plot([e["cpu_cumulative"] for e in mine], [e["test_acc"] for e in mine], "o-", color=c, ms=4,
+        ax.plot([e[key] for e in mine], [e["test_acc"] for e in mine], "o-", color=c, ms=4,
                 label=f"{LABELS.get(name, name)}, test")
-        ax.plot([e["cpu_cumulative"] for e in run.epochs], [e["train_acc"] for e in run.epochs], "s--", color=c,
+        ax.plot([e[key] for e in run.epochs], [e["train_acc"] for e in run.epochs], "s--", color=c,
                 alpha=0.6, label=f"{LABELS.get(name, name)}, train (epoch mean)")
-    ax.set_xlabel("training CPU time [s]" + (" (log scale)" if ax.get_xscale() == "log" else ""))
+    scale = " (log scale)" if ax.get_xscale() == "log" else ""
+    ax.set_xlabel(f"training {'CPU' if cpu else 'wall'} time [s]{scale}")
     ax.set_ylabel("accuracy")
     ax.set_title(_title(summary), fontsize=10)
     ax.grid(alpha=0.3, which="both")

@@ -124,6 +124,20 @@ def test_deq_plots_use_a_log_time_axis_and_plain_tick_labels(tmp_path):
         assert shown and all(re.fullmatch(r"\d+", s) for s in shown), shown  # 20, 30, not 2×10¹ or 3×10¹
 
 
+def test_deq_accuracy_plot_falls_back_to_wall_time_for_runs_recorded_without_cpu_time(tmp_path):
+    from demos import deq_plots
+    from demos.deq_report import evaluation_points
+
+    summary = dict(settings=dict(dataset="digits", device="cpu", solver_backend="numpy"))
+    runs = {"forward": _run("forward", [4.0, 9.0], [20]), "anderson": _run("anderson", [2.0, 4.0], [9])}
+    for run in runs.values():  # as the runs made before the demo measured CPU time
+        for e in run.epochs:
+            del e["cpu_cumulative"]
+    fig = deq_plots.plot_accuracy(tmp_path / "old.png", runs, summary,
+                                  {k: evaluation_points(r) for k, r in runs.items()})
+    assert fig.axes[0].get_xlabel() == "training wall time [s]"
+
+
 def test_time_to_accuracy_is_read_from_the_first_evaluation_that_reaches_it():
     from demos.deq_report import evaluation_points, time_to_accuracy
     from demos.deq_training import evaluation_points as points_of_epoch
