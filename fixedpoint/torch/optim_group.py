@@ -26,7 +26,27 @@ def _copy_all(dst, src):
 
 
 class ParamGroupState:
-    """Flat buffers, Anderson history and counters of one parameter group."""
+    """Flat buffers, Anderson history and counters of one parameter group.
+
+    Parameters
+    ----------
+    index : int
+        The group's index in the optimizer's ``param_groups`` (for error messages).
+    group : dict
+        The parameter group; its parameters with ``requires_grad`` are extrapolated, as one flat vector
+        of n = their total number of elements, in the promoted dtype of the parameters (at least float32).
+    method : fixedpoint.Anderson
+        Window m, regularisation and safeguards of the history (:class:`fixedpoint.AndersonHistory`).
+    averaging : bool
+        Keep the sums of the moving average (``average`` "on" or "auto").
+
+    Raises
+    ------
+    TypeError
+        A parameter is not of a real floating dtype.
+    ValueError
+        The group's parameters lie on several devices.
+    """
 
     BUFFERS = ("prev", "last", "s1", "s2", "acc")
     # flat (1, n) buffers: the weights now, scratch, the last stored weights; with averaging the previous

@@ -32,7 +32,18 @@ def _run_solve(g, u0, method, tol, max_iter, batch, options, backend, compact=Fa
 
 class TimedMap:
     """A map that adds the wall seconds spent in it to ``seconds`` (for maps on the CPU, which need no
-    device synchronisation: :func:`_timed_solve` and ``benchmarks/bench_broyden.py``)."""
+    device synchronisation: :func:`_timed_solve` and ``benchmarks/bench_broyden.py``).
+
+    Parameters
+    ----------
+    g : callable
+        The map; called with the same arguments and its result returned unchanged (exceptions too).
+
+    Attributes
+    ----------
+    seconds : float
+        Wall seconds (``time.perf_counter``) spent inside ``g`` so far, starting at 0.
+    """
 
     def __init__(self, g):
         self.g, self.seconds = g, 0.0
