@@ -260,8 +260,12 @@ class Ranks:
         return cls(rank, world_size, local_rank, backend, timeout)
 
     def close(self) -> None:
-        """Leave the process group (after a run that ended normally)."""
+        """Leave the process group (after a run that ended normally), every rank together: the others wait
+        in a barrier while rank 0 writes the outputs, since a rank that tore down its gloo connections and
+        exited while rank 0 still held them was seen to abort ("terminate called without an active
+        exception"), which made torchrun stop rank 0 before it had written everything."""
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
     def quiet(self):
