@@ -10,9 +10,12 @@ from .backend import BackendInfo, backends
 from .broyden import Broyden
 from .forward import ForwardIteration
 from .iteration import IterationInfo
+from .kernels import Kernels
 from .method import Method, MethodState
+from .options import COMMON_OPTIONS
+from .registry import METHODS, register_method
 from .result import STATUSES, ConvergenceError, ConvergenceWarning, FixedPointResult
-from .solve import METHODS, anderson, broyden, forward_iteration, solve
+from .solve import anderson, broyden, forward_iteration, solve
 
 __version__ = "0.2.0"
 
@@ -21,11 +24,13 @@ __all__ = [
     "AndersonHistory",
     "BackendInfo",
     "Broyden",
+    "COMMON_OPTIONS",
     "ConvergenceError",
     "ConvergenceWarning",
     "FixedPointResult",
     "ForwardIteration",
     "IterationInfo",
+    "Kernels",
     "METHODS",
     "Method",
     "MethodState",
@@ -34,5 +39,6 @@ __all__ = [
     "backends",
     "broyden",
     "forward_iteration",
+    "register_method",
     "solve",
 ]

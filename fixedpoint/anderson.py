@@ -35,6 +35,7 @@ from .checks import check_choice, check_int, check_real
 from .interop import convert
 from .kernels import LDL_MAX_K, SHORT_ROWS, Kernels, ldl_solve_one
 from .method import Method, MethodState
+from .registry import register_method
 
 __all__ = ["Anderson", "AndersonHistory", "LAM_MODES"]
 
@@ -505,3 +506,6 @@ class AndersonHistory(MethodState):
         """Forget the stored pairs: the next :meth:`extrapolate` uses only pairs pushed after this call."""
         self.valid = self.kern.sxp.zeros_like(self.valid)
         self.ref_r = self.kern.sxp.full_like(self.ref_r, float("inf"))
+
+
+register_method("anderson", Anderson)

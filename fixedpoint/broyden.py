@@ -61,6 +61,7 @@ import numpy as np
 from .checks import check_int, check_real
 from .kernels import SHORT_ROWS, Kernels
 from .method import Method, MethodState
+from .registry import register_method
 
 __all__ = ["Broyden"]
 
@@ -401,3 +402,6 @@ class _BroydenState(MethodState):
                 np.add(p[i], o[i], out=p[i])
             np.multiply(h[i], us[i], out=u_slot)
             np.copyto(Vs[blk, s], v_new[i])
+
+
+register_method("broyden", Broyden)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_int", "check_real", "check_bool", "check_choice", "check_options", "user_stacklevel"]
+__all__ = ["check_int", "check_real", "check_bool", "check_choice", "check_callable", "check_options", "user_stacklevel"]
 
 
 def check_int(name, value, minimum):
@@ -83,6 +83,13 @@ def check_choice(name, value, choices):
         if same:
             return choice
     raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {_describe(value)}")
+
+
+def check_callable(name, value):
+    """Return ``value`` if it is callable or None, else raise ``TypeError`` naming ``name``."""
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable or None, got {value!r}")
+    return value
 
 
 def check_options(where, given, allowed):

@@ -8,6 +8,7 @@ from typing import Any
 from .checks import check_real
 from .kernels import Kernels
 from .method import Method, MethodState
+from .registry import register_method
 
 __all__ = ["ForwardIteration"]
 
@@ -62,3 +63,6 @@ class _ForwardState(MethodState):
             self.kern.copy(out, gx)
         else:
             self.kern.lerp(out, x, gx, self.damping)
+
+
+register_method("forward", ForwardIteration)

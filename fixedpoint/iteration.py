@@ -35,15 +35,16 @@ from .backend import (
     resolve_namespace,
     working_dtype,
 )
-from .checks import check_bool, check_choice, check_int, check_real, user_stacklevel
+from .checks import user_stacklevel
 from .comm import agreed, as_communicator
 from .interop import call_map, check_unmodified, convert, lend, read_only_message, to_numpy, wrap_map
 from .kernels import Kernels
 from .method import Method
+from .options import check_common
 from .result import ConvergenceWarning, FixedPointResult
 from .samples import INACTIVE, SampleRecord
 
-__all__ = ["IterationInfo", "run", "check_common"]
+__all__ = ["IterationInfo", "run"]
 
 _INF = float("inf")
 
@@ -90,38 +91,8 @@ class IterationInfo:
     active: Array
 
 
-def _check_callable(name, value):
-    if value is not None and not callable(value):
-        raise TypeError(f"{name} must be callable or None, got {value!r}")
-    return value
-
-
-_COMMON_CHECKS = {
-    "tol": lambda v: check_real("tol", v, 0.0, None, low_open=True),
-    "max_iter": lambda v: check_int("max_iter", v, 1),
-    "stop_mode": lambda v: check_choice("stop_mode", v, ("rel", "abs")),
-    "check_every": lambda v: None if v is None else check_int("check_every", v, 1),
-    "callback": lambda v: _check_callable("callback", v),
-    "batch": lambda v: check_bool("batch", v),
-    "backend": lambda v: v,
-    "divtol": lambda v: None if v is None else check_real("divtol", v, 1.0, None, low_open=True, allow_inf=True),
-    "compact": lambda v: check_choice("compact", v, (False, True, "auto")),
-    "comm": as_communicator,
-}
-
 #: With ``compact="auto"``, compaction starts once at most this fraction of the samples is still iterating.
 COMPACT_AUTO = 0.5
-
-
-def check_common(opts: dict) -> dict:
-    """Validate the options common to every method (those present in ``opts``); return them normalised.
-
-    Raises
-    ------
-    TypeError, ValueError
-        Naming the option, for a value of the wrong type or out of range.
-    """
-    return {key: _COMMON_CHECKS[key](value) for key, value in opts.items()}
 
 
 class _MapCall:

@@ -1,80 +1,26 @@
-"""The entry point :func:`solve`, the method registry, and the per-method shortcuts."""
+"""The entry point :func:`solve` and the per-method shortcuts."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from .anderson import Anderson
-from .broyden import Broyden
-from .checks import check_choice, check_options
 from .comm import as_communicator
-from .forward import ForwardIteration
 from .iteration import run
 from .method import Method
+from .options import DEFAULTS
+from .registry import resolve_method
 from .result import FixedPointResult
 
-__all__ = ["solve", "anderson", "forward_iteration", "broyden", "METHODS", "COMMON_OPTIONS", "resolve_method"]
-
-#: The methods :func:`solve` accepts by name (the string aliases), each a :class:`fixedpoint.method.Method` class.
-METHODS: dict[str, type[Method]] = {"anderson": Anderson, "forward": ForwardIteration, "broyden": Broyden}
-
-#: The options every method takes (keyword arguments of :func:`solve` besides the method's own).
-COMMON_OPTIONS = ("tol", "max_iter", "stop_mode", "divtol", "batch", "compact", "check_every", "callback", "backend",
-                  "comm")
+__all__ = ["solve", "anderson", "forward_iteration", "broyden"]
 
 
-def resolve_method(method: str | Method, options: dict[str, Any],
-                   where: str = "solve") -> tuple[Method, dict[str, Any]]:
-    """Split ``options`` into a method object and the common options.
-
-    Parameters
-    ----------
-    method : str or Method
-        A name of :data:`METHODS` (its options are then taken from ``options``) or a method object.
-    options : dict
-        Keyword options: common ones (:data:`COMMON_OPTIONS`) and, with a method name, the method's.
-    where : str
-        How the caller is named in error messages.
-
-    Returns
-    -------
-    (Method, dict)
-        The method object and the common options that were given.
-
-    Raises
-    ------
-    ValueError
-        For an unknown method name, or a bad option value (the message names it).
-    TypeError
-        For a method that is neither a name nor a method object, an option that neither the method
-        nor the solve loop takes (with the closest valid name), or method options passed beside
-        a method object.
-    """
-    common = {k: v for k, v in options.items() if k in COMMON_OPTIONS}
-    own = {k: v for k, v in options.items() if k not in COMMON_OPTIONS}
-    if isinstance(method, str):
-        check_choice("method", method, tuple(METHODS))
-        cls = METHODS[method]
-        fields = tuple(f.name for f in dataclasses.fields(cls))
-        check_options(f"{where}(method={method!r})", own, fields + COMMON_OPTIONS)
-        return cls(**own), common
-    if isinstance(method, type):
-        raise TypeError(f"method must be a method object or a name, got the class {method.__name__}; "
-                        f"pass an instance such as {method.__name__}()")
-    if not callable(getattr(method, "init", None)):
-        raise TypeError(f"method must be one of {', '.join(map(repr, METHODS))} or a method object such as "
-                        f"fixedpoint.Anderson(m=5) (an object with init(kern, B, n, dtype)), got {method!r}")
-    if own:
-        check_options(f"{where}(method={type(method).__name__}(...))", own, COMMON_OPTIONS)
-    return method, common
-
-
-def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float = 1e-5, max_iter: int = 1000,
-          stop_mode: str = "rel", divtol: float | None = 1e10, batch: bool = False, compact: bool | str = False,
-          check_every: int | None = None, callback: Callable | None = None, backend: Any = None,
-          comm: Any = None, **method_options: Any) -> FixedPointResult:
+def solve(g: Callable[..., Any], x0: Any, method: str | Method = "anderson", *,
+          tol: float = DEFAULTS["tol"], max_iter: int = DEFAULTS["max_iter"], stop_mode: str = DEFAULTS["stop_mode"],
+          divtol: float | None = DEFAULTS["divtol"], batch: bool = DEFAULTS["batch"],
+          compact: bool | str = DEFAULTS["compact"], check_every: int | None = DEFAULTS["check_every"],
+          callback: Callable[..., Any] | None = DEFAULTS["callback"], backend: Any = DEFAULTS["backend"],
+          comm: Any = DEFAULTS["comm"], **method_options: Any) -> FixedPointResult:
     """Find x with x = g(x) by Anderson acceleration (default), forward iteration, Broyden, or any method object.
 
     Parameters
@@ -99,7 +45,8 @@ def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float
     method : str or Method, default "anderson"
         A method object (:class:`fixedpoint.Anderson`, :class:`fixedpoint.ForwardIteration`,
         :class:`fixedpoint.Broyden`, or one written to the protocol of
-        :mod:`fixedpoint.method`), or a name of :data:`METHODS` whose options are then
+        :mod:`fixedpoint.method`), or a registered name (:data:`fixedpoint.METHODS`,
+        :func:`fixedpoint.register_method`) whose options are then
         given as further keyword arguments (``solve(g, x0, method="anderson", m=10)`` is
         ``solve(g, x0, method=Anderson(m=10))``).
     tol : float, default 1e-5
@@ -220,7 +167,7 @@ def solve(g: Callable, x0: Any, method: str | Method = "anderson", *, tol: float
     return run(method_obj, g, x0, opts, failed)
 
 
-def anderson(g: Callable, x0: Any, **options: Any) -> FixedPointResult:
+def anderson(g: Callable[..., Any], x0: Any, **options: Any) -> FixedPointResult:
     """Solve x = g(x) by Type-II Anderson acceleration: ``solve(g, x0, method="anderson", **options)``.
 
     Options: those of :class:`fixedpoint.Anderson` (``m``, ``beta``, ``lam``, ``lam_mode``,
@@ -231,7 +178,7 @@ def anderson(g: Callable, x0: Any, **options: Any) -> FixedPointResult:
     return solve(g, x0, "anderson", **options)
 
 
-def forward_iteration(g: Callable, x0: Any, **options: Any) -> FixedPointResult:
+def forward_iteration(g: Callable[..., Any], x0: Any, **options: Any) -> FixedPointResult:
     """Solve x = g(x) by forward (Picard) iteration: ``solve(g, x0, method="forward", **options)``.
 
     Options: ``damping`` (:class:`fixedpoint.ForwardIteration`) and those of :func:`solve`.
@@ -240,7 +187,7 @@ def forward_iteration(g: Callable, x0: Any, **options: Any) -> FixedPointResult:
     return solve(g, x0, "forward", **options)
 
 
-def broyden(g: Callable, x0: Any, **options: Any) -> FixedPointResult:
+def broyden(g: Callable[..., Any], x0: Any, **options: Any) -> FixedPointResult:
     """Solve x = g(x) by limited-memory Broyden: ``solve(g, x0, method="broyden", **options)``.
 
     Options: those of :class:`fixedpoint.Broyden` and of :func:`solve`.  Returns a

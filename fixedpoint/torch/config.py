@@ -1,9 +1,9 @@
 """The options of a DEQ layer: their values, their checks, and the validated configuration the layer carries.
 
-:func:`_make_config` checks every option of :class:`fixedpoint.torch.DEQ` and
+:func:`make_config` checks every option of :class:`fixedpoint.torch.DEQ` and
 :func:`fixedpoint.torch.deq_fixed_point` once (the message names the option) and returns a
-frozen :class:`_Config`, which the forward solve, the backward pass and the ``unconverged``
-policy (:func:`_signal_unconverged`) read.
+frozen :class:`Config`, which the forward solve, the backward pass and the ``unconverged``
+policy (:func:`signal_unconverged`) read.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-from ..checks import check_bool, check_choice, check_int, check_real, user_stacklevel
-from ..iteration import check_common
+from ..checks import check_choice, check_int, check_real, user_stacklevel
 from ..method import Method
+from ..options import COMMON_OPTIONS, check_common
+from ..registry import resolve_method
 from ..result import ConvergenceError, ConvergenceWarning
-from ..solve import resolve_method
 from .backends import SOLVER_BACKENDS
 
 __all__ = ["GRADIENTS", "PHANTOM_DAMPING", "PHANTOM_STEPS", "REBUILD_FRACTION", "UNCONVERGED"]
@@ -40,8 +40,8 @@ UNCONVERGED = ("warn", "raise", "ignore")
 
 
 @dataclass(frozen=True)
-class _Config:
-    """A DEQ layer's options, checked (:func:`_make_config`); the solver's method objects resolved."""
+class Config:
+    """A DEQ layer's options, checked (:func:`make_config`); the solver's method objects resolved."""
 
     method: Method
     solver_options: dict  # common solver options besides the layer's own (stop_mode, check_every)
@@ -74,7 +74,7 @@ def _resolve(method, options, name):
 
 
 def _check_compact(compact, batch):
-    compact = check_choice("compact", compact, (False, True, "auto"))
+    compact = COMMON_OPTIONS["compact"].check(compact)
     if compact is True and not batch:
         raise ValueError("compact=True evaluates f on the samples still iterating, so it needs batch=True "
                          "(compact='auto' or False with batch=False)")
@@ -99,15 +99,15 @@ def _check_gradient(gradient, steps, damping, backward_given):
     return gradient, steps, damping
 
 
-def _make_config(method, backend, tol, max_iter, batch, options, backward_method, backward_tol,
+def make_config(method, backend, tol, max_iter, batch, options, backward_method, backward_tol,
                  backward_max_iter, backward_options, compact="auto", gradient="implicit", gradient_steps=None,
                  gradient_damping=None, unconverged="warn", rebuild_fraction=REBUILD_FRACTION):
-    """The layer's options checked once (each error names its option), as a :class:`_Config`."""
+    """The layer's options checked once (each error names its option), as a :class:`Config`."""
     check_choice("backend", backend, SOLVER_BACKENDS)
     unconverged = check_choice("unconverged", unconverged, UNCONVERGED)
-    tol = check_real("tol", tol, 0.0, None, low_open=True)
-    max_iter = check_int("max_iter", max_iter, 1)
-    batch = check_bool("batch", batch)
+    tol = COMMON_OPTIONS["tol"].check(tol)
+    max_iter = COMMON_OPTIONS["max_iter"].check(max_iter)
+    batch = COMMON_OPTIONS["batch"].check(batch)
     compact = _check_compact(compact, batch)
     rebuild_fraction = check_real("rebuild_fraction", rebuild_fraction, 0.0, 1.0)
     given = [name for name, value in (("backward_method", backward_method), ("backward_tol", backward_tol),
@@ -125,12 +125,12 @@ def _make_config(method, backend, tol, max_iter, batch, options, backward_method
         if backward_method is None:  # the forward method's kind, with other options
             backward_method = method_obj.name if isinstance(method, Method) else method
         backward_obj, backward_common = _resolve(backward_method, backward_options or {}, "backward_options")
-    return _Config(method_obj, common, backend, tol, max_iter, batch, compact, gradient, gradient_steps,
+    return Config(method_obj, common, backend, tol, max_iter, batch, compact, gradient, gradient_steps,
                    gradient_damping, backward_obj, backward_common, backward_tol, backward_max_iter, unconverged,
                    rebuild_fraction)
 
 
-def _signal_unconverged(cfg, which, stats):
+def signal_unconverged(cfg, which, stats):
     """The layer's ``unconverged`` policy for a solve (``which``: "forward" or "adjoint") that did not converge."""
     if cfg.unconverged == "ignore" or stats.converged_fraction >= 1.0:
         return
