@@ -28,6 +28,10 @@ __all__ = [
     "BackendInfo",
     "backends",
     "cupy_usable",
+    "emulate_accelerator",
+    "emulation",
+    "is_accelerator",
+    "is_torch_cpu",
     "library_name",
     "namespace_of",
     "resolve_namespace",
@@ -202,7 +206,13 @@ def emulate_accelerator(*, float64: bool = True) -> Iterator[None]:
         _EMULATION.update(before)
 
 
-def _is_torch_cpu(lib: str, device: Any) -> bool:
+def emulation() -> tuple[bool, bool]:
+    """``(on, float64)``: whether :func:`emulate_accelerator` is in effect, and whether its device has float64."""
+    return bool(_EMULATION["on"]), bool(_EMULATION["float64"])
+
+
+def is_torch_cpu(lib: str, device: Any) -> bool:
+    """True for PyTorch (``lib == "torch"``) on the CPU (``device`` None or a CPU device)."""
     return lib == "torch" and (device is None or importlib.import_module("torch").device(device).type == "cpu")
 
 
@@ -212,7 +222,7 @@ def is_accelerator(xp: Namespace, device: Any) -> bool:
     if name == "cupy":
         return True
     if name == "torch":
-        return not _is_torch_cpu(name, device) or _EMULATION["on"]
+        return not is_torch_cpu(name, device) or _EMULATION["on"]
     return False
 
 
@@ -341,12 +351,3 @@ def backends(usable_only: bool = False) -> list[BackendInfo]:
     except ImportError as exc:
         found.append(BackendInfo("array_api_strict", "cpu", False, f"not importable: {exc}"))
     return [b for b in found if b.usable or not usable_only]
-
-
-def __getattr__(name: str) -> Any:
-    """``fixedpoint.backend.Kernels`` is :class:`fixedpoint.kernels.Kernels` (it lived here before 0.2)."""
-    if name == "Kernels":
-        from .kernels import Kernels
-
-        return Kernels
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,10 +23,10 @@ import array_api_compat
 import numpy as np
 
 from .backend import (
-    _EMULATION,
     Array,
     Namespace,
-    _is_torch_cpu,
+    emulation,
+    is_torch_cpu,
     library_name,
     resolve_namespace,
     solve_dtype,
@@ -84,13 +84,14 @@ class Kernels:
         #: The :class:`fixedpoint.comm.Communicator` over whose processes the vectors are sharded, or None.
         self.comm = as_communicator(comm)
         self.lib = lib = library_name(xp)
-        self._torch_cpu = _is_torch_cpu(lib, device)
+        self._torch_cpu = is_torch_cpu(lib, device)
         if lib == "torch" and not self._torch_cpu:
             torch = importlib.import_module("torch")
             if torch.device(device).type == "cuda" and not torch.cuda.is_available():
                 raise RuntimeError(f"device {device} was asked for, but torch {torch.__version__} sees no usable "
                                    "CUDA device")
-        emulated = self._torch_cpu and _EMULATION["on"]
+        emulating, emulated_float64 = emulation()
+        emulated = self._torch_cpu and emulating
         #: Which library does the vector work: "numpy", "cupy", "torch" or "generic".
         self.mode = "numpy" if lib == "numpy" or (self._torch_cpu and not emulated) else (
             lib if lib in ("cupy", "torch") else "generic")
@@ -103,7 +104,7 @@ class Kernels:
         else:
             self.sxp, self.sdevice = xp, device
         self.sdtype = solve_dtype(self.sxp, self.sdevice)
-        if emulated and not _EMULATION["float64"]:
+        if emulated and not emulated_float64:
             self.sdtype = self.sxp.float32
         #: True when the small state is NumPy, so reading it costs no device synchronisation.
         self.small_on_host = library_name(self.sxp) == "numpy"
@@ -419,7 +420,8 @@ class Kernels:
         Returns
         -------
         list of small-state arrays
-            One per term, in order.
+            One per term, in order.  A ``"matvec"`` result may share memory with its ``out`` (where
+            ``out`` is already small state in :attr:`sdtype`): read it before writing ``out`` again.
         """
         local = [self._local(t) for t in terms]
         if self.comm is None:
@@ -504,11 +506,6 @@ class Kernels:
                 self.sub(tmp, a[r:r + rows], b[r:r + rows])
                 acc[r:r + rows] = self._sqsum(tmp)
         return acc
-
-    def matvec_small(self, A: Array, v: Array, out: Array | None = None) -> Array:
-        """Products of a stack with ``v``: ``("matvec", A, v, out)`` of :meth:`sums`, :meth:`rescued`; ``(B, k)``."""
-        term = ("matvec", A, v, out)
-        return self.rescued(term, self.sums(term)[0])
 
     def dot(self, a: Array, b: Array) -> Array:
         """Inner product of each row of ``a`` with the same row of ``b`` (both ``(B, n)``): small state ``(B,)``."""

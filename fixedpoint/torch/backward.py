@@ -1,12 +1,12 @@
 """The backward passes of a DEQ layer: implicit differentiation (the adjoint solve), phantom gradients, JFB.
 
-``"implicit"``: :class:`_ImplicitBackward` replaces the loss gradient g = ∂L/∂z* by the adjoint
+``"implicit"``: :class:`ImplicitBackward` replaces the loss gradient g = ∂L/∂z* by the adjoint
 u, the fixed point of u = J_fᵀ u + g (:class:`_Adjoint`, each product one
 ``torch.autograd.grad`` call on the graph of f at z*, and with compaction on the rows still
 iterating), solved with the layer's adjoint options; u then flows through the graph of f to x
-and the parameters.  ``"phantom"`` and ``"jfb"``: the output is built by :func:`_unroll` (k damped
+and the parameters.  ``"phantom"`` and ``"jfb"``: the output is built by :func:`unroll` (k damped
 steps from z*, or the one evaluation f(z*, x)) and autograd differentiates it as it stands.
-:class:`_Timer` and :class:`_Clock` measure the backward pass (:class:`~fixedpoint.torch.stats.DEQStats`).
+:class:`Timer` and :class:`Clock` measure the backward pass (:class:`~fixedpoint.torch.stats.DEQStats`).
 The methods and their references are in :mod:`fixedpoint.torch.deq`.
 """
 
@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import torch
 
 from ..backend import synchronize
-from .config import _Config, _signal_unconverged
-from .guards import _Watch
-from .solving import _RowSet, _solve
+from .config import Config, signal_unconverged
+from .guards import Watch
+from .solving import RowSet, solve_layer
 from .stats import DEQStats
 
 
-class _Timer:
+class Timer:
     """The ends of one call's backward pass, for :attr:`DEQStats.backward_time` (and its cost, once known)."""
 
     def __init__(self, stats, device, vjps=None, rows=None):
@@ -43,7 +43,7 @@ class _Timer:
             self.stats.backward_time = time.perf_counter() - self.t0
 
 
-class _Clock(torch.autograd.Function):
+class Clock(torch.autograd.Function):
     """A copy of a tensor whose backward notes that the gradient has passed: start or end of the layer's
     backward pass (at its output, or at x once every contribution to x's gradient has been summed)."""
 
@@ -80,7 +80,7 @@ class _Adjoint:
         self.graph_rows = None  # indices of the graph's samples in the batch; None: every sample
         self.size = z.shape[0] if batch else 1  # samples of the graph in use
         self.batch = batch
-        self.seen, self.pos, self.grad_rows = _RowSet(), None, None
+        self.seen, self.pos, self.grad_rows = RowSet(), None, None
         self.vjp_rows = 0  # samples of the graphs the products were taken on, in all
         self.rebuilt_rows = 0  # samples f was evaluated on again
 
@@ -122,18 +122,18 @@ class _Adjoint:
 
 
 @dataclass
-class _Backward:
+class Backward:
     """What the adjoint solve of one call needs besides the saved tensors."""
 
     f: Callable
     x: torch.Tensor  # detached
-    cfg: _Config
+    cfg: Config
     backend: str
     stats: DEQStats
-    timer: _Timer
+    timer: Timer
 
 
-class _ImplicitBackward(torch.autograd.Function):
+class ImplicitBackward(torch.autograd.Function):
     """Identity on z = f(z*, x) in the forward pass; in the backward pass, replaces the incoming
     gradient ∂L/∂z by the adjoint u = J_fᵀ u + ∂L/∂z, which then flows through the graph of f
     to x and the parameters."""
@@ -157,19 +157,19 @@ class _ImplicitBackward(torch.autograd.Function):
         z, z_leaf = ctx.saved_tensors
         cfg = job.cfg
         adjoint = _Adjoint(job.f, z, z_leaf, job.x, grad.contiguous(), cfg.batch, cfg.rebuild_fraction)
-        with _Watch(job.f):
-            u, stats = _solve(adjoint, adjoint.grad, cfg.backward_method, cfg.backward_tol, cfg.backward_max_iter,
+        with Watch(job.f):
+            u, stats = solve_layer(adjoint, adjoint.grad, cfg.backward_method, cfg.backward_tol, cfg.backward_max_iter,
                               cfg.batch, cfg.backward_solver_options, job.backend, cfg.compact)
         stats.n_rows, stats.n_graph_rows = adjoint.vjp_rows, adjoint.rebuilt_rows
         batch_rows = z.shape[0] if cfg.batch else 1
         job.stats.backward = stats
         job.stats.backward_vjps = stats.n_fev + 1  # and the product that carries u to x and the parameters
         job.stats.backward_rows = stats.n_rows + batch_rows
-        _signal_unconverged(cfg, "adjoint", stats)
+        signal_unconverged(cfg, "adjoint", stats)
         return u, None, None
 
 
-def _unroll(f, z_first, x, steps, damping):
+def unroll(f, z_first, x, steps, damping):
     """The layer's output from z* with autograd, and f(z*, x).
 
     ``steps`` = 1 (implicit gradients, JFB): the one evaluation f(z*, x).  Phantom gradients:

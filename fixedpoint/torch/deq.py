@@ -84,27 +84,27 @@ import torch
 from ..checks import check_int
 from ..method import Method
 from .backends import SOLVER_BACKENDS, solver_backend_for
-from .backward import _Backward, _Clock, _ImplicitBackward, _Timer, _unroll
+from .backward import Backward, Clock, ImplicitBackward, Timer, unroll
 from .config import (
     GRADIENTS,
     PHANTOM_DAMPING,
     PHANTOM_STEPS,
     REBUILD_FRACTION,
     UNCONVERGED,
-    _Config,
-    _make_config,
-    _signal_unconverged,
+    Config,
+    make_config,
+    signal_unconverged,
 )
-from .guards import _as_f_error, _check_modes, _Watch
+from .guards import as_f_error, check_modes, Watch
 from .jacobian import jacobian_frobenius
-from .solving import _RowsOf, _solve
+from .solving import RowsOf, solve_layer
 from .stats import DEQStats, SolveStats
 
 __all__ = ["DEQ", "DEQStats", "SolveStats", "deq_fixed_point", "jacobian_frobenius", "solver_backend_for",
            "GRADIENTS", "PHANTOM_DAMPING", "PHANTOM_STEPS", "REBUILD_FRACTION", "SOLVER_BACKENDS", "UNCONVERGED"]
 
 
-def _deq(f, x, z0, cfg: _Config, jacobian_probes=0):
+def _deq(f, x, z0, cfg: Config, jacobian_probes=0):
     """One call of the layer: check the inputs, solve z* = f(z*, x), and attach the output to autograd as
     ``cfg.gradient`` says; returns (output, DEQStats, Jacobian estimate or None)."""
     if not isinstance(x, torch.Tensor):
@@ -125,45 +125,45 @@ def _deq(f, x, z0, cfg: _Config, jacobian_probes=0):
     if jacobian_probes and not grad_on:
         raise ValueError("jacobian_probes > 0 needs grad mode (the estimate is differentiated through f's graph); "
                          "call the layer without it under torch.no_grad()")
-    _check_modes(f)
+    check_modes(f)
     backend = solver_backend_for(cfg.backend, z0.device)
 
     fmap: Callable[..., torch.Tensor]
     if cfg.compact is not False:
-        x_rows = _RowsOf(x)
+        x_rows = RowsOf(x)
         fmap = lambda z, rows: f(z, x_rows(rows))  # noqa: E731
     else:
         fmap = lambda z: f(z, x)  # noqa: E731
 
     try:
-        with _Watch(f):
-            z_star, fstats = _solve(fmap, z0.detach(), cfg.method, cfg.tol, cfg.max_iter, cfg.batch,
+        with Watch(f):
+            z_star, fstats = solve_layer(fmap, z0.detach(), cfg.method, cfg.tol, cfg.max_iter, cfg.batch,
                                     cfg.solver_options, backend, cfg.compact)
     except (TypeError, ValueError) as exc:
-        err = _as_f_error(exc)
+        err = as_f_error(exc)
         if err is exc:
             raise
         raise err from None
-    _signal_unconverged(cfg, "forward", fstats)
+    signal_unconverged(cfg, "forward", fstats)
     steps = cfg.gradient_steps if cfg.gradient == "phantom" else 1
     stats = DEQStats(forward=fstats, gradient=cfg.gradient, graph_evals=steps)
     z_star = z_star.detach()
     batch_rows = z_star.shape[0] if cfg.batch else 1
-    timer = _Timer(stats, z_star.device, *(() if cfg.gradient == "implicit" else (steps, steps * batch_rows)))
-    x_in = _Clock.apply(x, timer, True) if grad_on and x.requires_grad else x
+    timer = Timer(stats, z_star.device, *(() if cfg.gradient == "implicit" else (steps, steps * batch_rows)))
+    x_in = Clock.apply(x, timer, True) if grad_on and x.requires_grad else x
     # z* is a leaf that requires grad where something differentiates with respect to it: the adjoint's
     # products (implicit) and the Jacobian estimate
     leaf = bool(jacobian_probes) or (grad_on and cfg.gradient == "implicit")
     z_first = z_star.requires_grad_() if leaf else z_star
     # one evaluation of f at z*, or the phantom gradient's damped steps
-    z, fz_first = _unroll(f, z_first, x_in, steps, cfg.gradient_damping)
+    z, fz_first = unroll(f, z_first, x_in, steps, cfg.gradient_damping)
     jac = jacobian_frobenius(fz_first, z_first, jacobian_probes) if jacobian_probes else None
     if not grad_on or not z.requires_grad:  # nothing to differentiate (no_grad, or nothing in f requires grad)
         return z, stats, jac
     if cfg.gradient == "implicit":
-        job = _Backward(f, x.detach(), cfg, backend, stats, timer)
-        return _ImplicitBackward.apply(z, z_first, job), stats, jac
-    return _Clock.apply(z, timer, False), stats, jac
+        job = Backward(f, x.detach(), cfg, backend, stats, timer)
+        return ImplicitBackward.apply(z, z_first, job), stats, jac
+    return Clock.apply(z, timer, False), stats, jac
 
 
 _PARAMETERS = """
@@ -300,7 +300,7 @@ def deq_fixed_point(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: 
     best iterate is used, ``stats.forward.converged_fraction`` is below 1, and a
     :class:`fixedpoint.ConvergenceWarning` says so (``unconverged``).
     """
-    cfg = _make_config(method, backend, tol, max_iter, batch, options, backward_method, backward_tol,
+    cfg = make_config(method, backend, tol, max_iter, batch, options, backward_method, backward_tol,
                        backward_max_iter, backward_options, compact, gradient, gradient_steps, gradient_damping,
                        unconverged, rebuild_fraction)
     z, stats, jac = _deq(f, x, z0, cfg, jacobian_probes)
@@ -371,7 +371,7 @@ class DEQ(torch.nn.Module):
         if not callable(f):
             raise TypeError(f"f must be a torch.nn.Module or a callable f(z, x), got {f!r}")
         self.f = f
-        self.config = _make_config(method, backend, tol, max_iter, batch, options, backward_method, backward_tol,
+        self.config = make_config(method, backend, tol, max_iter, batch, options, backward_method, backward_tol,
                                    backward_max_iter, backward_options, compact, gradient, gradient_steps,
                                    gradient_damping, unconverged, rebuild_fraction)
         self.stats: DEQStats | None = None

@@ -2,8 +2,8 @@
 
 A BatchNorm or Dropout layer in training mode inside f would mix the samples or change f from
 call to call, so that f has no fixed point to find: it is refused before the solve when f is a
-module (:func:`_check_modes`), and when f calls it otherwise (:class:`_Watch`).  The solver's
-checks of its map g(u) are reworded for the layer's f(z, x) (:func:`_as_f_error`).
+module (:func:`check_modes`), and when f calls it otherwise (:class:`Watch`).  The solver's
+checks of its map g(u) are reworded for the layer's f(z, x) (:func:`as_f_error`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def _unstable_message(where, mod):
             "out of f")
 
 
-def _check_modes(f):
+def check_modes(f):
     """Refuse f with layers whose training mode makes f couple samples or change from call to call."""
     if not isinstance(f, torch.nn.Module):
         return
@@ -37,8 +37,8 @@ def _refuse_unstable(module, args):
         raise ValueError(_unstable_message("a module called by f", module))
 
 
-class _Watch:
-    """While solving with an f that is not a ``torch.nn.Module`` (whose layers :func:`_check_modes` cannot
+class Watch:
+    """While solving with an f that is not a ``torch.nn.Module`` (whose layers :func:`check_modes` cannot
     see): refuse the layers of :data:`_UNSTABLE_IN_TRAINING` in training mode when f calls them."""
 
     def __init__(self, f):
@@ -56,7 +56,7 @@ class _Watch:
         return False
 
 
-def _as_f_error(exc):
+def as_f_error(exc):
     """An error of the solver's checks of the map, reworded for the layer's user, whose function is f(z, x)."""
     text = str(exc)
     for old, new in (("g must not modify its argument", "f must not modify z"), ("g must return", "f must return"),

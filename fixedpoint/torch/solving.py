@@ -1,9 +1,9 @@
 """How a DEQ layer runs its fixed-point solves (forward and adjoint) and which rows of a batch they evaluate.
 
-:func:`_solve` calls :func:`fixedpoint.solve` under ``torch.no_grad()`` and summarises the
+:func:`solve_layer` calls :func:`fixedpoint.solve` under ``torch.no_grad()`` and summarises the
 result as a :class:`~fixedpoint.torch.stats.SolveStats`, timed (wall, CPU and, for CPU tensors,
 the map's own seconds).  With compaction the solver passes the map the indices of the samples
-still iterating; :class:`_RowSet` tells when that set changes and :class:`_RowsOf` gathers the
+still iterating; :class:`RowSet` tells when that set changes and :class:`RowsOf` gathers the
 matching rows of a tensor (x, or the loss gradient) once per set.
 """
 
@@ -66,13 +66,13 @@ def _timed_solve(g, u0, *args):
     return res, stats
 
 
-def _solve(g, u0, method, tol, max_iter, batch, options, backend, compact):
+def solve_layer(g, u0, method, tol, max_iter, batch, options, backend, compact):
     """The layer's solve of u = g(u); returns (x, SolveStats)."""
     res, stats = _timed_solve(g, u0, method, tol, max_iter, batch, options, backend, compact)
     return res.x, stats
 
 
-class _RowSet:
+class RowSet:
     """Tells whether the solver's ``rows`` are the set seen last time, without synchronising a GPU.
 
     The solver keeps one index array between host checks and only ever drops samples, so a set
@@ -95,7 +95,7 @@ class _RowSet:
         return True
 
 
-class _RowsOf:
+class RowsOf:
     """``t[rows]`` for the sample indices the solver passes, gathered once per set of rows.
 
     The set changes only at the solver's host checks, and ``rows`` covers the whole batch
@@ -103,7 +103,7 @@ class _RowsOf:
     """
 
     def __init__(self, t):
-        self.t, self.seen, self.value = t, _RowSet(), None
+        self.t, self.seen, self.value = t, RowSet(), None
 
     def __call__(self, rows):
         if self.t.dim() == 0 or rows.shape[0] == self.t.shape[0]:  # increasing and distinct: every row
