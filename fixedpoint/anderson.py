@@ -224,7 +224,8 @@ class AndersonHistory(MethodState):
     def pack(self, keep: Any) -> bool:
         """Keep only the samples ``keep`` (increasing indices among the current ones), moved to the front in
         place: the stored pairs (no buffer of size n is allocated), the Gram matrices and the restart
-        bookkeeping.  Part of the solve loop's protocol (:meth:`fixedpoint.method.MethodState.pack`)."""
+        bookkeeping.  Part of the solve loop's protocol (:meth:`fixedpoint.method.MethodState.pack`).
+        """
         self.R = self.kern.pack_stack(self._R_flat, tuple(self.R.shape), keep)
         rows = self.kern.small_index(keep)
         sxp = self.kern.sxp
@@ -294,7 +295,8 @@ class AndersonHistory(MethodState):
 
     def _sqrt_one(self, sq: float, v: Any) -> Any:
         """The norm of the one-sample vector ``v`` from its square ``sq``, rescued by the kernels when the square
-        overflowed."""
+        overflowed.
+        """
         if math.isfinite(sq):
             return np.array([math.sqrt(sq)], dtype=self.kern.sdtype)
         return self.kern.root(np.array([sq], dtype=self.kern.sdtype), ("sqnorm", v))
@@ -347,7 +349,8 @@ class AndersonHistory(MethodState):
         """The systems of :meth:`weights` in ``self.H``; returns their right-hand sides (1 on valid slots, 0
         elsewhere).  H = G / (largest valid diagonal entry), then the regularisation on the valid diagonal
         entries; invalid slots get a unit diagonal.  Once every slot is valid and the small state is NumPy,
-        the same values by in-place operations without masks (a third of the time for thousands of samples)."""
+        the same values by in-place operations without masks (a third of the time for thousands of samples).
+        """
         xp, v, lam, mode = self.kern.sxp, self.valid, self.lam, self.lam_mode
         full = self.kern.small_on_host and bool(v.all())
         if full:
@@ -380,7 +383,8 @@ class AndersonHistory(MethodState):
     def _weights_one(self, active: Any) -> tuple[Any, Any]:
         """:meth:`weights` for one sample with the small state on the host, in Python floats: the same operations
         in the same order as the batch path (:meth:`_system`, :func:`fixedpoint.kernels.ldl_solve_one`), so the
-        same weights to the bit, with a fraction of the NumPy calls."""
+        same weights to the bit, with a fraction of the NumPy calls.
+        """
         s, method, m = (self.k - 1) % self.m, self.method, self.m
         on = self.valid[0].tolist()
         every = all(on)

@@ -13,7 +13,7 @@ import functools
 import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeAlias
 
 import array_api_compat
 import numpy as np
@@ -40,10 +40,86 @@ __all__ = [
     "working_dtype",
 ]
 
-#: An array of NumPy, CuPy, PyTorch or another array API library (the solvers accept any of them).
-Array = Any
-#: An array API namespace (a module such as ``numpy`` or array-api-compat's wrapper of ``torch``).
-Namespace = Any
+class Array(Protocol):
+    """An array of NumPy, CuPy, PyTorch or another array API library, as the solvers use it.
+
+    A structural type (``typing.Protocol``): ``numpy.ndarray``, ``torch.Tensor``,
+    ``cupy.ndarray`` and the array API standard's arrays all match it, with no registration.
+    It names what the solvers rely on: shape, dtype, device, indexing and arithmetic (the
+    rest goes through the array's namespace, :func:`namespace_of`).
+    """
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Sizes of the axes."""
+
+    @property
+    def dtype(self) -> Any:
+        """Element type (a dtype object of the array's library)."""
+
+    @property
+    def device(self) -> Any:
+        """Where the data lives (a device object of the array's library)."""
+
+    @property
+    def ndim(self) -> int:
+        """Number of axes."""
+
+    def __getitem__(self, key: Any, /) -> Array:
+        """A view or copy of a part (basic or advanced indexing)."""
+
+    def __setitem__(self, key: Any, value: Any, /) -> None:
+        """Write into a part."""
+
+    def __add__(self, other: Any, /) -> Array:
+        """Elementwise sum."""
+
+    def __radd__(self, other: Any, /) -> Array:
+        """Elementwise sum."""
+
+    def __sub__(self, other: Any, /) -> Array:
+        """Elementwise difference."""
+
+    def __rsub__(self, other: Any, /) -> Array:
+        """Elementwise difference."""
+
+    def __mul__(self, other: Any, /) -> Array:
+        """Elementwise product."""
+
+    def __rmul__(self, other: Any, /) -> Array:
+        """Elementwise product."""
+
+    def __truediv__(self, other: Any, /) -> Array:
+        """Elementwise quotient."""
+
+    def __rtruediv__(self, other: Any, /) -> Array:
+        """Elementwise quotient."""
+
+    def __pow__(self, other: Any, /) -> Array:
+        """Elementwise power."""
+
+    def __neg__(self) -> Array:
+        """Elementwise negation."""
+
+    def __matmul__(self, other: Any, /) -> Array:
+        """Matrix product."""
+
+    def __lt__(self, other: Any, /) -> Array:
+        """Elementwise comparison."""
+
+    def __le__(self, other: Any, /) -> Array:
+        """Elementwise comparison."""
+
+    def __gt__(self, other: Any, /) -> Array:
+        """Elementwise comparison."""
+
+    def __ge__(self, other: Any, /) -> Array:
+        """Elementwise comparison."""
+
+
+#: An array API namespace (a module such as ``numpy`` or array-api-compat's wrapper of ``torch``): its
+#: functions are looked up by name, so it is typed as a module.
+Namespace: TypeAlias = Any
 
 _NUMPY_IS_STANDARD = np.lib.NumpyVersion(np.__version__) >= "2.1.0"
 
@@ -69,7 +145,8 @@ def namespace_of(*arrays: Array) -> Namespace:
 
 def _native_numpy(xp):
     """NumPy >= 2.1 implements the array API standard itself: use it directly and skip the
-    compatibility wrappers, whose Python overhead dominates solves of small problems."""
+    compatibility wrappers, whose Python overhead dominates solves of small problems.
+    """
     if is_numpy_namespace(xp) and _NUMPY_IS_STANDARD:
         return np
     return xp

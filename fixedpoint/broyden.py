@@ -232,7 +232,8 @@ class _BroydenState(MethodState):
     def pack(self, keep: Any) -> bool:
         """Keep the samples ``keep`` only, in order (see :meth:`fixedpoint.method.MethodState.pack`): the pairs in
         use (per sample: renumbered, not moved; stacked: moved to the front in place), the last step, the Gram
-        matrix of the u_i, the derived products d and the restart bookkeeping."""
+        matrix of the u_i, the derived products d and the restart bookkeeping.
+        """
         kern, sxp, used = self.kern, self.kern.sxp, min(self.n_updates, self.m)
         k = len(keep)
         if self.per_sample:
@@ -252,7 +253,8 @@ class _BroydenState(MethodState):
 
     def observe(self, x: Any, gx: Any, f: Any, need_gnorm: bool = False) -> Any:
         """‖f‖ (and ‖g‖) in one reduction; stacked, with p·f, ‖p‖², c = Vᵀf and e = Uᵀf in it (per sample,
-        those are taken in :meth:`step`, each beside the combination that reads the same pairs)."""
+        those are taken in :meth:`step`, each beside the combination that reads the same pairs).
+        """
         kern, sxp, used = self.kern, self.kern.sxp, min(self.n_updates, self.m)
         terms: list[tuple] = [("sqnorm", f)]
         stacked = self.k > 0 and not self.per_sample
@@ -284,7 +286,8 @@ class _BroydenState(MethodState):
     def _products_per_sample(self, used: int) -> None:
         """Per sample, one read of its pairs V for c = Vᵀf and v_new = −β p + V d, then one of U for e = Uᵀf and
         h = −β f + U c (the second product of each finds the block in cache); p·f and ‖p‖² beside them.
-        Sets ``pf``, ``pp``, ``c``, ``e`` (small state) and fills ``h`` and ``v_new``."""
+        Sets ``pf``, ``pp``, ``c``, ``e`` (small state) and fills ``h`` and ``v_new``.
+        """
         sxp, sdt, beta, B = self.kern.sxp, self.kern.sdtype, self.beta, self.B
         f, p, cr, er = self._f_host, self._p_host, self._cr, self._er
         pf, pp = np.empty(B, dtype=sdt), np.empty(B, dtype=sdt)
@@ -301,7 +304,8 @@ class _BroydenState(MethodState):
     def _pass(self, stack, used, vec, products, coef, y, out, dots=None):
         """Per sample i, with W = its block of ``stack`` (the ``used`` pairs in use): ``products[i] = W vec[i]``,
         then ``out[i] = β (Wᵀ coef[i] − y[i])`` while W is in cache; with ``dots = (pf, pp)`` also p·f and ‖p‖²
-        (p = ``y``, f = ``vec``)."""
+        (p = ``y``, f = ``vec``).
+        """
         beta = self.beta
         for i, blk in enumerate(self.blocks):
             vi, yi, oi = vec[i], y[i], out[i]
@@ -386,7 +390,8 @@ class _BroydenState(MethodState):
 
     def _write_pair_per_sample(self, s: int, out: Any, b: Any, u_scale: Any) -> None:
         """Per sample: p = out + b u_old (the pair in slot ``s`` before it is replaced; p = out when ``b`` is
-        None), then the new pair u_new = u_scale · h, v_new into slot ``s`` of the sample's block."""
+        None), then the new pair u_new = u_scale · h, v_new into slot ``s`` of the sample's block.
+        """
         dt = self._cr.dtype
         Us, Vs, p, o = self._U_host, self._V_host, self._p_host, self.kern.small(out)
         h, v_new = self.kern.small(self.h), self.kern.small(self.v_new)

@@ -104,7 +104,8 @@ def check_options(where, given, allowed):
 def user_stacklevel() -> int:
     """``stacklevel`` for ``warnings.warn`` called right here by a function of this package: the first frame
     of the caller's program, past this package's frames and torch's (a layer's ``Module.__call__``,
-    ``backward()``), so that the warning names the user's line."""
+    ``backward()``), so that the warning names the user's line.
+    """
     inside = [os.path.dirname(os.path.abspath(__file__))]
     torch_file = getattr(sys.modules.get("torch"), "__file__", None)
     if torch_file:

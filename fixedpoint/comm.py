@@ -157,7 +157,8 @@ class Communicator:
     def check_same(self, what: str, description: str) -> None:
         """Raise ``ValueError`` on every process unless ``description`` is the same on all of them (one small
         collective: :meth:`agree` with nothing failed), so that processes whose settings differ stop with a clear
-        error instead of waiting in mismatched collectives."""
+        error instead of waiting in mismatched collectives.
+        """
         self.agree(None, what, description)
 
     def _raise_failure(self, exc: BaseException | None, first: int) -> None:

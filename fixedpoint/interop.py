@@ -177,7 +177,8 @@ def same_memory(a: Array, b: Array) -> bool:
 
 def may_share_memory(a: Array, b: Array) -> bool:
     """True when arrays ``a`` and ``b`` (one library) may share memory: overlapping bounds, or the same
-    PyTorch storage.  O(1); may say True for disjoint slices of one buffer."""
+    PyTorch storage.  O(1); may say True for disjoint slices of one buffer.
+    """
     lib = library_name(namespace_of(a, b))
     if lib == "cupy":
         return bool(importlib.import_module("cupy").may_share_memory(a, b))

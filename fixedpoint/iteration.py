@@ -98,7 +98,8 @@ COMPACT_AUTO = 0.5
 class _MapCall:
     """:func:`fixedpoint.interop.call_map` for one solve, with the checks of g's result made cheap: the
     expected library, shape, dtype and device are taken once from the iterate, and the full check runs
-    only when the quick one fails."""
+    only when the quick one fails.
+    """
 
     def __init__(self, g, like):
         self.g = g
@@ -235,7 +236,8 @@ class _Loop:
 
     def _check_inputs(self, g, x0, opts, sharded):
         """Validate the options and x0 on this process (no collective): set ``opts``, ``x0``, ``shape`` and the
-        caller's library, device and dtype."""
+        caller's library, device and dtype.
+        """
         self.opts = opts = check_common(opts)
         self.tol, self.max_iter, self.stop_mode = opts["tol"], opts["max_iter"], opts["stop_mode"]
         if not callable(g):
@@ -341,7 +343,8 @@ class _Loop:
     def _first(self, evaluate):
         """The first evaluation of g: with ``comm``, a failure on one process (g raised, or returned another
         shape, dtype or library) raises the same error on every process; under ``compact``, a g that cannot
-        take the rows is told so."""
+        take the rows is told so.
+        """
         with agreed(self.kern.comm):
             try:
                 return evaluate()
@@ -359,8 +362,9 @@ class _Loop:
         return self.compact == "auto" and self.rec.w <= COMPACT_AUTO * self.B
 
     def _evaluate(self, call, x):
-        """g on the working rows ``x`` (shape ``(w, n)``), as the ``compact`` option has it; its rows of those
-        samples, ``(w, n)``."""
+        """G on the working rows ``x`` (shape ``(w, n)``), as the ``compact`` option has it; its rows of those
+        samples, ``(w, n)``.
+        """
         xp, B, n, w, rec = self.xp, self.B, self.n, self.rec.w, self.rec
         compact = self.compact is not False
         if compact and not self.packs and self.x_rows is not None:  # a method without pack(): rows gathered
@@ -388,7 +392,8 @@ class _Loop:
     def _call_back(self, callback, k, x, r, active):
         """``callback(IterationInfo(k, x, r, active))`` on arrays lent by :func:`fixedpoint.interop.lend`, so that
         a callback writing into them raises instead of changing the solve; True if it asks to stop (with
-        ``comm``: if it asks on any process, so that every process stops at the same iteration)."""
+        ``comm``: if it asks on any process, so that every process stops at the same iteration).
+        """
         lent = [lend(a) for a in (x, r, active)]
         try:
             stop = bool(callback(IterationInfo(k, *(a for a, _ in lent))))
@@ -405,7 +410,8 @@ class _Loop:
 
     def _info(self, k, x, r, active):
         """The arrays of the callback's :class:`IterationInfo` (``k, x, residual, active``): whole-batch arrays
-        even when the working arrays are packed."""
+        even when the working arrays are packed.
+        """
         xp, kern, rec = self.xp, self.kern, self.rec
         if rec.w == self.B:
             return k, xp.reshape(x, self.shape), kern.big(r), kern.big(active)
@@ -420,7 +426,8 @@ class _Loop:
 
     def _shrink(self, active):
         """At a host check: drop the samples that have stopped from every working array, the record's and the
-        method's, or, with a method that cannot pack its state, evaluate g on the samples still iterating only."""
+        method's, or, with a method that cannot pack its state, evaluate g on the samples still iterating only.
+        """
         if self.packs:
             mask = np.asarray(to_numpy(active), dtype=bool)
             if not mask.all():
@@ -436,7 +443,8 @@ class _Loop:
 
     def _run_one(self):
         """:meth:`run` for one sample whose small state is on the host: the per-sample bookkeeping in Python
-        floats instead of one-element arrays (a tenth of the cost per iteration on tiny problems)."""
+        floats instead of one-element arrays (a tenth of the cost per iteration on tiny problems).
+        """
         xp, kern, state, shape, n = self.xp, self.kern, self.state, self.shape, self.n
         callback, tol, rel, divtol = self.opts["callback"], self.tol, self.stop_mode == "rel", self.opts["divtol"]
         rec = self.rec
@@ -516,7 +524,8 @@ class _Loop:
         """The relative residual per sample (small state): ‖f‖ / (‖g(x)‖ + ε), except where ‖g(x)‖ has grown past
         the starting ``scale`` while the residual (with the rounding error eps·‖g(x)‖ of f = g(x) − x at that
         magnitude) has not fallen to :data:`REL_REDUCTION` of ``f0`` (‖f_0‖): there (‖f‖ + eps·‖g(x)‖) / ``scale``.
-        Infinite where ‖g(x)‖ is not finite."""
+        Infinite where ‖g(x)‖ is not finite.
+        """
         sxp = self.kern.sxp
         plain = fnorm / (gnorm + REL_EPS)
         grown = gnorm > scale
@@ -528,7 +537,8 @@ class _Loop:
 
     def _norms(self, observed, x, gx, f, rel):
         """(‖f_k‖, ‖g_k‖ or None) from what the method's observe returned, computing what it left out (in one
-        reduction, so one collective when sharded)."""
+        reduction, so one collective when sharded).
+        """
         if isinstance(observed, tuple):
             return observed
         if observed is not None and not rel:
@@ -555,7 +565,7 @@ class _Loop:
         self.n_rows_now = count
 
     def _call_rows(self, call, x):
-        """g on the rows in ``self.rows`` only; their values scattered into ``gx_full``, which is returned."""
+        """G on the rows in ``self.rows`` only; their values scattered into ``gx_full``, which is returned."""
         xp, k = self.xp, self.n_rows_now
         rows_x = self.x_rows[:k, ...]
         self.kern.take_rows(rows_x, x, self.rows)

@@ -114,7 +114,8 @@ class Kernels:
 
     def small(self, a: Array) -> Array:
         """View an array of the vectors' library as an array of :attr:`sxp` (no copy): a NumPy view of a PyTorch
-        CPU tensor, else ``a`` itself.  The vector work of NumPy mode runs on these views too."""
+        CPU tensor, else ``a`` itself.  The vector work of NumPy mode runs on these views too.
+        """
         return a.detach().numpy() if self._views else a
 
     def big(self, a: Array, dtype: Any = None) -> Array:
@@ -151,7 +152,8 @@ class Kernels:
         """Context in which the solver runs: ``torch.no_grad()`` for PyTorch (the solve is not
         differentiated through; gradients come from implicit differentiation), and NumPy's floating
         point warnings off (the solver detects non-finite values itself; NumPy holds the small
-        state on the host, and array-api-strict computes with NumPy)."""
+        state on the host, and array-api-strict computes with NumPy).
+        """
         stack = contextlib.ExitStack()
         if self.lib == "torch":
             stack.enter_context(self._raw_torch().no_grad())
@@ -291,7 +293,8 @@ class Kernels:
 
     def take_rows(self, out: Array, a: Array, rows: Array) -> None:
         """``out[i] = a[rows[i]]`` into a preallocated ``out`` of ``len(rows)`` rows (``rows`` an index array of the
-        vectors' library and device)."""
+        vectors' library and device).
+        """
         if self.lib == "torch":
             self._raw_torch().index_select(a, 0, rows, out=out)
         elif self.lib in ("numpy", "cupy"):
@@ -437,7 +440,8 @@ class Kernels:
 
     def rescued(self, term: tuple, value: Array) -> Array:
         """``value`` (the result of ``term`` in :meth:`sums`), recomputed in float64 from scaled copies where it is
-        not finite and the small state is on the host (a device would synchronise for the check)."""
+        not finite and the small state is on the host (a device would synchronise for the check).
+        """
         if self.small_on_host and not math.isfinite(float(value.sum())) and not np.isfinite(value).all():
             return self._rescue(term, value)
         return value
@@ -526,7 +530,8 @@ class Kernels:
 
     def root(self, sq: Array, term: tuple) -> Array:
         """The square root of a reduced squared norm; on the host, a norm whose square overflowed float64 is
-        recomputed by scaling (``term`` is the ``("sqnorm", a)`` or ``("sqdiff", a, b)`` it came from)."""
+        recomputed by scaling (``term`` is the ``("sqnorm", a)`` or ``("sqdiff", a, b)`` it came from).
+        """
         r = self.sxp.sqrt(sq)
         if self.small_on_host and not math.isfinite(float(r[0] if r.size == 1 else r.sum())) \
                 and not np.isfinite(r).all():  # the sum: a cheap first test
@@ -627,7 +632,8 @@ def ldl_solve(A: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _ldl_one_source(k: int) -> str:
     """Python source of ``ldl{k}(A, b)``: :func:`ldl_solve` for one k×k system written out operation by operation
-    (A row-major as a flat list of floats, b a list; only A's lower triangle is read)."""
+    (A row-major as a flat list of floats, b a list; only A's lower triangle is read).
+    """
     w = [[f"w{i}_{j}" for j in range(k)] for i in range(k)]
     out = [f"def ldl{k}(A, b):"]
     out += [f"    {w[i][j]} = A[{i * k + j}]" for i in range(k) for j in range(i + 1)]
@@ -661,7 +667,8 @@ def ldl_solve_one(A: list, b: list) -> list:
     """:func:`ldl_solve` for one system, ``A`` row-major as a flat list of k² Python floats and ``b`` a list of k:
     the same operations in the same order (Python floats are IEEE doubles, as NumPy's float64), hence the same
     bits.  Written out operation by operation for each k (compiled once): a few µs for k = 5.  Where NumPy would
-    divide by a zero pivot (giving non-finite values), every entry is NaN."""
+    divide by a zero pivot (giving non-finite values), every entry is NaN.
+    """
     y = _ldl_one(len(b))(A, b)
     return [math.nan] * len(b) if y is None else y
 

@@ -159,7 +159,8 @@ class Method:
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Method:
         """Refuse an unknown keyword option with the valid ones listed (``Anderson(window=5)``), as
-        :func:`fixedpoint.solve` does, instead of Python's bare "unexpected keyword argument"."""
+        :func:`fixedpoint.solve` does, instead of Python's bare "unexpected keyword argument".
+        """
         if kwargs and dataclasses.is_dataclass(cls):
             check_options(f"{cls.__name__}()", kwargs, tuple(f.name for f in dataclasses.fields(cls)))
         return super().__new__(cls)

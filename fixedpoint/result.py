@@ -15,7 +15,8 @@ __all__ = ["ConvergenceError", "ConvergenceWarning", "FixedPointResult", "STATUS
 class ConvergenceWarning(UserWarning):
     """Issued where a solve that a caller depends on ended unconverged and the caller does not return its status
     (the forward or adjoint solve inside :class:`fixedpoint.torch.DEQ`).  Turn it into an error with
-    ``warnings.simplefilter("error", fixedpoint.ConvergenceWarning)``, or with the layer's ``unconverged="raise"``."""
+    ``warnings.simplefilter("error", fixedpoint.ConvergenceWarning)``, or with the layer's ``unconverged="raise"``.
+    """
 
 
 class ConvergenceError(RuntimeError):

@@ -100,7 +100,8 @@ class SampleRecord:
         The best iterate is copied into ``best_x`` lazily: a sample whose best iterate is its latest one
         leaves it in the iterate buffer (``best_pending``), and it is copied only when that buffer is about
         to be overwritten without the sample having improved again.  For a steadily converging sample
-        this saves a copy of size n every iteration."""
+        this saves a copy of size n every iteration.
+        """
         self.best_r = self.kern.sxp.where(improved, r, self.best_r)
         if self.best_buf is not None:
             self.kern.copy_rows_where(self.best_x, self.best_buf, self.best_pending & ~improved)
@@ -131,7 +132,8 @@ class SampleRecord:
 
     def pack(self, keep: np.ndarray) -> None:
         """Write the results of the working samples not in ``keep`` (increasing positions among the working rows)
-        to the output record, and move the rows ``keep`` of every working array to the front, in place."""
+        to the output record, and move the rows ``keep`` of every working array to the front, in place.
+        """
         kern, xp, sxp = self.kern, self.kern.xp, self.kern.sxp
         gone = np.setdiff1d(np.arange(self.w), keep)
         k = keep.size
@@ -163,7 +165,8 @@ class SampleRecord:
 
     def whole_batch(self) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
         """The best iterates ``(B, n)`` and, on the host, best residuals, restart counts and divergence flags of
-        every sample, the working ones' joined to the finished ones' (call :meth:`settle_best` first)."""
+        every sample, the working ones' joined to the finished ones' (call :meth:`settle_best` first).
+        """
         best_r = to_numpy(self.best_r).astype(np.float64)
         restarts, diverged = to_numpy(self.n_restarts).astype(np.int64), to_numpy(self.diverged).astype(bool)
         if self.out_x is None:  # never packed: the working arrays are the whole batch

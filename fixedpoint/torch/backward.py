@@ -45,7 +45,8 @@ class Timer:
 
 class Clock(torch.autograd.Function):
     """A copy of a tensor whose backward notes that the gradient has passed: start or end of the layer's
-    backward pass (at its output, or at x once every contribution to x's gradient has been summed)."""
+    backward pass (at its output, or at x once every contribution to x's gradient has been summed).
+    """
 
     @staticmethod
     def forward(ctx, t, timer, end):
@@ -136,7 +137,8 @@ class Backward:
 class ImplicitBackward(torch.autograd.Function):
     """Identity on z = f(z*, x) in the forward pass; in the backward pass, replaces the incoming
     gradient ∂L/∂z by the adjoint u = J_fᵀ u + ∂L/∂z, which then flows through the graph of f
-    to x and the parameters."""
+    to x and the parameters.
+    """
 
     @staticmethod
     def forward(ctx, z, z_leaf, job):

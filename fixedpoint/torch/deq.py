@@ -95,7 +95,7 @@ from .config import (
     make_config,
     signal_unconverged,
 )
-from .guards import as_f_error, check_modes, Watch
+from .guards import Watch, as_f_error, check_modes
 from .jacobian import jacobian_frobenius
 from .solving import RowsOf, solve_layer
 from .stats import DEQStats, SolveStats
@@ -106,7 +106,8 @@ __all__ = ["DEQ", "DEQStats", "SolveStats", "deq_fixed_point", "jacobian_frobeni
 
 def _deq(f, x, z0, cfg: Config, jacobian_probes=0):
     """One call of the layer: check the inputs, solve z* = f(z*, x), and attach the output to autograd as
-    ``cfg.gradient`` says; returns (output, DEQStats, Jacobian estimate or None)."""
+    ``cfg.gradient`` says; returns (output, DEQStats, Jacobian estimate or None).
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if z0 is None:

@@ -32,14 +32,16 @@ def check_modes(f):
 
 def _refuse_unstable(module, args):
     """A global forward pre-hook: refuse, before it runs (its running statistics untouched), a module of
-    :data:`_UNSTABLE_IN_TRAINING` in training mode called by an f that is not a module (a closure)."""
+    :data:`_UNSTABLE_IN_TRAINING` in training mode called by an f that is not a module (a closure).
+    """
     if module.training and isinstance(module, _UNSTABLE_IN_TRAINING):
         raise ValueError(_unstable_message("a module called by f", module))
 
 
 class Watch:
     """While solving with an f that is not a ``torch.nn.Module`` (whose layers :func:`check_modes` cannot
-    see): refuse the layers of :data:`_UNSTABLE_IN_TRAINING` in training mode when f calls them."""
+    see): refuse the layers of :data:`_UNSTABLE_IN_TRAINING` in training mode when f calls them.
+    """
 
     def __init__(self, f):
         self.on = not isinstance(f, torch.nn.Module)

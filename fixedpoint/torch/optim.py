@@ -316,14 +316,16 @@ class AndersonAcceleration:
 
     def reset(self) -> None:
         """Forget the stored iterates of every group (e.g. after a learning-rate drop, when the old
-        steps no longer describe the map); the moving average and the counters carry on."""
+        steps no longer describe the map); the moving average and the counters carry on.
+        """
         for g in self.groups:
             if g.n:
                 g.hist.reset()
 
     def summary(self) -> dict[str, int]:
         """Counts over all groups: ``steps``, ``stores``, ``averaged`` (stored iterates that were
-        moving averages) and one entry per extrapolation status (see :class:`ExtrapolationRecord`)."""
+        moving averages) and one entry per extrapolation status (see :class:`ExtrapolationRecord`).
+        """
         out = dict(steps=self.n_steps, stores=0, averaged=0, **{s: 0 for s in STATUSES})
         for g in self.groups:
             for key, val in g.counts.items():

@@ -110,7 +110,8 @@ class ParamGroupState:
     def rsd(self):
         """max_i std_i / max_i |mean_i| over the steps d_t = x_t − x_{t−1} of the current block.
 
-        Clobbers ``work`` and ``s2`` (both are rewritten before their next use)."""
+        Clobbers ``work`` and ``s2`` (both are rewritten before their next use).
+        """
         L = self.block
         torch.div(self.s1, L, out=self.work)                      # mean step
         lo, hi = torch.aminmax(self.work)
@@ -123,7 +124,8 @@ class ParamGroupState:
 
     def after_step(self, store, mode, threshold):
         """Update the moving-average sums; on a store step, add the pair (g_k, f_k) to the history.
-        Returns (averaged, rsd) of the stored iterate (None when nothing was stored)."""
+        Returns (averaged, rsd) of the stored iterate (None when nothing was stored).
+        """
         if self.n == 0:
             return None
         if self.averaging:

@@ -1,5 +1,6 @@
 """Statistics of a DEQ layer's solves: :class:`SolveStats` for one fixed-point solve (forward or adjoint),
-:class:`DEQStats` for one call of the layer (its forward solve and what its backward pass cost)."""
+:class:`DEQStats` for one call of the layer (its forward solve and what its backward pass cost).
+"""
 
 from __future__ import annotations
 
