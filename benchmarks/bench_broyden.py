@@ -61,9 +61,6 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-if __package__ in (None, ""):  # run as a file: make the repository root (tooling/, demos/) importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import fixedpoint  # noqa: E402
 from fixedpoint.torch.solving import TimedMap  # noqa: E402
 from tooling import timing  # noqa: E402

@@ -35,11 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a file: make the repository root (tooling/) importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import fixedpoint  # noqa: E402
-from tooling import timing  # noqa: E402
+import fixedpoint
+from tooling import timing
 
 METHODS = ("forward", "anderson", "broyden")
 FAST, SLOW = 0.1, 0.1 ** 0.05  # 1 and 20 forward iterations per decade of the residual

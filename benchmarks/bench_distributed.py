@@ -65,14 +65,11 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a file: make the repository root (demos/, benchmarks/, tooling/) importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import fixedpoint  # noqa: E402
-from fixedpoint import Anderson, Broyden, ForwardIteration  # noqa: E402
-from fixedpoint.comm import Communicator  # noqa: E402
-from fixedpoint.problems import poisson_jacobi  # noqa: E402
-from tooling import timing  # noqa: E402
+import fixedpoint
+from fixedpoint import Anderson, Broyden, ForwardIteration
+from fixedpoint.comm import Communicator
+from fixedpoint.problems import poisson_jacobi
+from tooling import timing
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -578,7 +575,7 @@ def drive(args):
             for P in (1, 2):
                 out = Path(tmp) / f"{engine}{P}.json"
                 parts = ["check", "latency", "timing"] + (["counts"] if P == 2 else [])
-                cmd = [*launcher(engine, P), str(Path(__file__).resolve()), "worker", "--engine", engine,
+                cmd = [*launcher(engine, P), "-m", "benchmarks.bench_distributed", "worker", "--engine", engine,
                        "--out", str(out), "--parts", *parts]
                 cmd += ["--quick"] if args.quick else ["--sizes", *map(str, args.sizes)]
                 shown = " ".join([Path(cmd[0]).name, *cmd[1:]]).replace(sys.executable, "python")

@@ -35,11 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a file: make the repository root (demos/, benchmarks/, tooling/) importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import fixedpoint  # noqa: E402
-from tooling import timing  # noqa: E402
+import fixedpoint
+from tooling import timing
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -133,7 +130,8 @@ def main(argv=None):
     timing.print_table(rows, [("method", "method", "{}"), ("vectors", "vectors", "{:.3f}"),
                               ("target", "target <=", "{}"), ("meets_target", "meets", "{}")])
     path = timing.write_json(args.out, dict(
-        benchmark="bench_memory", command=["python"] + sys.argv, machine=timing.machine_info({lib}),
+        benchmark="bench_memory", command=timing.run_command("benchmarks.bench_memory"),
+        machine=timing.machine_info({lib}),
         backend=lib, device=device, dtype=args.dtype, n=n, iters=args.iters, rows=rows))
     print(f"\nwrote {path}")
 

@@ -22,12 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the repository root (tooling/) importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import fixedpoint  # noqa: E402
-from fixedpoint import iteration, problems  # noqa: E402
-from tooling import timing  # noqa: E402
+import fixedpoint
+from fixedpoint import iteration, problems
+from tooling import timing
 
 METHODS = ("forward", "anderson", "broyden")
 

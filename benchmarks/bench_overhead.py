@@ -48,13 +48,10 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a file: make the repository root (demos/, benchmarks/, tooling/) importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fixedpoint import Anderson  # noqa: E402
-from fixedpoint.interop import to_numpy  # noqa: E402
-from fixedpoint.kernels import Kernels  # noqa: E402
-from tooling import timing  # noqa: E402
+from fixedpoint import Anderson
+from fixedpoint.interop import to_numpy
+from fixedpoint.kernels import Kernels
+from tooling import timing
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -189,7 +186,8 @@ def main(argv=None):
         print(f"skipped {s['dtype']} n={s['n']:.0e} m={s['m']}: {s['reason']}")
 
     path = timing.write_json(args.out, dict(
-        benchmark="bench_overhead", command=["python"] + sys.argv, machine=timing.machine_info({lib}),
+        benchmark="bench_overhead", command=timing.run_command("benchmarks.bench_overhead"),
+        machine=timing.machine_info({lib}),
         backend=lib, device=dev, bytes_model="(2*m + 6) * n * itemsize per iteration (beta=1)",
         copy_bytes=int(args.copy_bytes), copy_gbs_before=copy_before[0] / 1e9, copy_gbs_after=copy_after[0] / 1e9,
         copy_time_before_s=copy_before[1], copy_time_after_s=copy_after[1],

@@ -37,13 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a file: make the repository root (demos/, benchmarks/, tooling/) importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import fixedpoint  # noqa: E402
-from fixedpoint.interop import to_numpy  # noqa: E402
-from fixedpoint.problems import chandrasekhar, linear_contraction, poisson_jacobi, tanh_layer  # noqa: E402
-from tooling import timing  # noqa: E402
+import fixedpoint
+from fixedpoint.interop import to_numpy
+from fixedpoint.problems import chandrasekhar, linear_contraction, poisson_jacobi, tanh_layer
+from tooling import timing
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -170,7 +167,8 @@ def main(argv=None):
 
     libs = {timing.parse_backend(s)[0] for s in specs}
     path = timing.write_json(args.out, dict(
-        benchmark="bench_solvers", command=["python"] + sys.argv, machine=timing.machine_info(libs),
+        benchmark="bench_solvers", command=timing.run_command("benchmarks.bench_solvers"),
+        machine=timing.machine_info(libs),
         settings=dict(tol=TOL, stop_mode="rel", dtype="float64", max_iter=MAX_ITER,
                       poisson_max_iter=args.poisson_max_iter, repeats=args.repeats, warmup=1, threads=args.threads,
                       anderson=fixedpoint.Anderson().options(), broyden=fixedpoint.Broyden().options()),

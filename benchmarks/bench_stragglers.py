@@ -38,11 +38,8 @@ from typing import Any
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a file: make the repository root (tooling/) importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import fixedpoint  # noqa: E402
-from tooling import timing  # noqa: E402
+import fixedpoint
+from tooling import timing
 
 METHODS = ("forward", "anderson", "broyden")
 SLOW_RATES = (0.92, 0.95, 0.96, 0.97)

@@ -39,14 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a file: make the repository root (demos/, benchmarks/, tooling/) importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import fixedpoint  # noqa: E402
-from fixedpoint import Anderson, problems  # noqa: E402
-from fixedpoint.backend import resolve_namespace  # noqa: E402
-from fixedpoint.kernels import Kernels  # noqa: E402
-from tooling import timing  # noqa: E402
+import fixedpoint
+from fixedpoint import Anderson, problems
+from fixedpoint.backend import resolve_namespace
+from fixedpoint.kernels import Kernels
+from tooling import timing
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -169,7 +166,8 @@ def main(argv=None):
           f"({many['anderson_extra_ms']:.2f} ms over {many['forward_iter_ms']:.2f} ms)")
     print(f"3. Anderson / forward per iteration at n = 100: {tiny['ratio']:.2f} (target <= 1.6; "
           f"{tiny['anderson_us']:.1f} vs {tiny['forward_us']:.1f} us)")
-    path = timing.write_json(args.out, dict(benchmark="bench_targets", command=["python"] + sys.argv,
+    path = timing.write_json(args.out, dict(benchmark="bench_targets",
+                                            command=timing.run_command("benchmarks.bench_targets"),
                                             machine=timing.machine_info({"torch"}), threads=args.threads,
                                             repeats=args.repeats, torch_vs_numpy=torch_rows, many_samples=many,
                                             tiny=tiny))

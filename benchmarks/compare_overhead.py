@@ -21,10 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the repository root (demos/, benchmarks/, tooling/) importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tooling import timing  # noqa: E402
+from tooling import timing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(tree: Path, args: list[str], out: Path) -> dict:
     """One bench_overhead run of ``tree`` (its own fixedpoint first on the path); returns its JSON."""
     env = dict(os.environ, PYTHONPATH=str(tree))
-    subprocess.run([sys.executable, str(tree / "benchmarks" / "bench_overhead.py"), *args, "--out", str(out)],
+    subprocess.run([sys.executable, "-m", "benchmarks.bench_overhead", *args, "--out", str(out)],
                    check=True, env=env, cwd=tree, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
@@ -71,7 +68,8 @@ def main(argv=None):
     print(f"\nold: {old} at commit {commits.get('old')}; new: {new} at commit {commits.get('new')}")
     print(f"new/old over {len(rows)} configurations: median {statistics.median(ratios):.2f}, "
           f"min {min(ratios):.2f}, max {max(ratios):.2f}")
-    path = timing.write_json(args.out, dict(benchmark="compare_overhead", command=["python"] + sys.argv, old=str(old),
+    path = timing.write_json(args.out, dict(benchmark="compare_overhead",
+                                            command=timing.run_command("benchmarks.compare_overhead"), old=str(old),
                                             old_commit=commits.get("old"), new_commit=commits.get("new"),
                                             machine=timing.machine_info({"numpy"}), rounds=args.rounds,
                                             bench_args=bench_args, rows=rows))

@@ -78,13 +78,10 @@ from typing import Any
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a file: make the repository root (demos/, benchmarks/, tooling/) importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import fixedpoint  # noqa: E402
-from fixedpoint.interop import to_numpy  # noqa: E402
-from fixedpoint.problems import chandrasekhar, poisson_jacobi, tanh_layer  # noqa: E402
-from tooling import timing  # noqa: E402
+import fixedpoint
+from fixedpoint.interop import to_numpy
+from fixedpoint.problems import chandrasekhar, poisson_jacobi, tanh_layer
+from tooling import timing
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -936,7 +933,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = timing.machine_info({"torch"} if has_torch else set())
     machine["thread_env"]["XLA_FLAGS"] = os.environ.get("XLA_FLAGS")
     path = timing.write_json(out_path, dict(
-        benchmark="compare_peers", command=["python"] + sys.argv, machine=machine, peer_versions=versions,
+        benchmark="compare_peers", command=timing.run_command("benchmarks.compare_peers"), machine=machine,
+        peer_versions=versions,
         settings=dict(quick=args.quick, repeats=repeats, warmup=warmup, threads=args.threads, peers=peers,
                       problems=problems, reference_library=REFERENCE_LIBRARY,
                       fixedpoint_methods={k: m.options() for k, m in FIXEDPOINT_METHODS.items()}),

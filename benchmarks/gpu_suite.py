@@ -192,30 +192,30 @@ def build_plan(dry_run: bool = False) -> Plan:
                        cvg_gpu=60, deq=40)
     labels = [lib if dev == "cpu" or lib == "cupy" else f"{lib}:{dev}" for lib, dev in gpus]  # as --backends names them
     stages = [Stage("env", "environment and device report", "env", "",
-                    ["benchmarks/device_report.py", "--json", "{dir}/device.json"], budgets["env"], "device.json")]
+                    ["-m", "benchmarks.device_report", "--json", "{dir}/device.json"], budgets["env"], "device.json")]
     overhead_names = {}
     for (lib, dev), label in zip(gpus, labels):
         name = "overhead_" + (lib if dry_run or lib == "cupy" else f"{lib}_cuda")
         overhead_names[label] = name
         stages.append(Stage(name, f"bench_overhead: Anderson's own cost per iteration, {label}", "overhead", label,
-                            ["benchmarks/bench_overhead.py", "--backend", lib, "--device", dev, *overhead,
+                            ["-m", "benchmarks.bench_overhead", "--backend", lib, "--device", dev, *overhead,
                              "--out", "{dir}/overhead.json"], budgets[f"overhead_{lib}"], "overhead.json"))
     for (lib, dev), label in zip(gpus, labels):  # peak device memory of one solve (NumPy: tracemalloc)
         mem_backend = lib if lib in ("numpy", "cupy") else f"{lib}:{dev}"
         stages.append(Stage(f"memory_{lib}", f"bench_memory: peak memory of one solve in vectors, {label}", "memory",
-                            label, ["benchmarks/bench_memory.py", "--backend", mem_backend, *memory,
+                            label, ["-m", "benchmarks.bench_memory", "--backend", mem_backend, *memory,
                                     "--out", "{dir}/memory.json"], budgets["memory"], "memory.json"))
     stages.append(Stage("cvg_jacobi", "CPU vs GPU on the cheap Jacobi map (the speed-up target)", "cvg", "",
-                        ["demos/cpu_vs_gpu.py", *jacobi, "--out", "{dir}"], budgets["cvg_jacobi"], "results.json"))
+                        ["-m", "demos.cpu_vs_gpu", *jacobi, "--out", "{dir}"], budgets["cvg_jacobi"], "results.json"))
     stages.append(Stage("gpu_tests", "the gpu-marked tests", "tests", "",
                         ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors",
                          "--junitxml={dir}/junit.xml", "tests"], budgets["gpu_tests"], "junit.xml"))
     stages.append(Stage("cvg_gpu", "CPU vs GPU demo, every problem on the GPU backends" + (
         " (dry run: CPU stand-ins)" if dry_run else ", up to n = 1e8"), "cvg", "",
-        ["demos/cpu_vs_gpu.py", *sweep, "--out", "{dir}"], budgets["cvg_gpu"], "results.json"))
+        ["-m", "demos.cpu_vs_gpu", *sweep, "--out", "{dir}"], budgets["cvg_gpu"], "results.json"))
     for backend in deq_backends:
         stages.append(Stage(f"deq_{backend}", f"DEQ demo on digits, both solvers, solver in {backend}", "deq",
-                            backend, ["demos/deq_cifar10.py", "--dataset", "digits", "--solver", "both", *deq,
+                            backend, ["-m", "demos.deq_cifar10", "--dataset", "digits", "--solver", "both", *deq,
                                       "--solver-backend", backend, "--no-progress", "--out", "{dir}"],
                             budgets["deq"], "summary.json"))
     plan = Plan(dry_run, stages, bandwidth_stages=overhead_names)
@@ -753,7 +753,7 @@ class Suite:
         self.finished = False
         self.interrupted: str | None = None
         self.bundle: dict[str, Any] = {}
-        self.command = [Path(python).name, "benchmarks/gpu_suite.py", *sys.argv[1:]]
+        self.command = [Path(python).name, "-m", "benchmarks.gpu_suite", *sys.argv[1:]]
 
     # progress
     def elapsed(self) -> float:

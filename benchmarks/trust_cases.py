@@ -11,8 +11,8 @@ Each case is the reported reproduction, run as a user would run it; its outcome 
 
 Usage::
 
-    python benchmarks/trust_cases.py                       # about 1 minute on 2 cores
-    python benchmarks/trust_cases.py --txt benchmarks/results/trust_cases.txt
+    python -m benchmarks.trust_cases                       # about 1 minute on 2 cores
+    python -m benchmarks.trust_cases --txt benchmarks/results/trust_cases.txt
 
 The demo cases that need a trained checkpoint or a full run (a NaN checkpoint resumed, a second run
 into the same folder) are in tests/test_demo_outputs.py, which builds them at tiny sizes.
@@ -193,7 +193,7 @@ def multiprocess_cases():
         folder = Path(tempfile.mkdtemp(prefix="trust-ranks-"))
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TRUST_CASES_DIR=str(folder))
         try:
-            proc = subprocess.run([*cmd, str(Path(__file__).resolve()), "worker", engine], capture_output=True,
+            proc = subprocess.run([*cmd, "-m", "benchmarks.trust_cases", "worker", engine], capture_output=True,
                                   text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
         except subprocess.TimeoutExpired:
             proc = None
@@ -229,18 +229,18 @@ def demo_cases():
     malicious = tmp / "malicious.pt"
     malicious.write_bytes(pickle.dumps(_Pickled()))
     runs = [
-        ("deq_solvers, missing checkpoint", ["demos/deq_solvers.py", str(tmp / "missing.pt"), "--threads", "1"]),
-        ("deq_solvers, garbage checkpoint", ["demos/deq_solvers.py", str(garbage), "--threads", "1"]),
-        ("deq_solvers, malicious checkpoint", ["demos/deq_solvers.py", str(malicious), "--threads", "1"]),
-        ("deq_cifar10 --gradient-steps 3 (implicit)", ["demos/deq_cifar10.py", "--dataset", "digits",
+        ("deq_solvers, missing checkpoint", ["demos.deq_solvers", str(tmp / "missing.pt"), "--threads", "1"]),
+        ("deq_solvers, garbage checkpoint", ["demos.deq_solvers", str(garbage), "--threads", "1"]),
+        ("deq_solvers, malicious checkpoint", ["demos.deq_solvers", str(malicious), "--threads", "1"]),
+        ("deq_cifar10 --gradient-steps 3 (implicit)", ["demos.deq_cifar10", "--dataset", "digits",
                                                        "--gradient-steps", "3", "--out", str(tmp / "deq")]),
-        ("cpu_vs_gpu --backends cupy", ["demos/cpu_vs_gpu.py", "--backends", "numpy", "cupy", "--out",
+        ("cpu_vs_gpu --backends cupy", ["demos.cpu_vs_gpu", "--backends", "numpy", "cupy", "--out",
                                         str(tmp / "cvg")]),
     ]
     cases = []
     for name, argv in runs:
         try:
-            proc = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], capture_output=True, text=True,
+            proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True,
                                   timeout=TIMEOUT,
                                   cwd=tmp, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         except subprocess.TimeoutExpired:

@@ -36,17 +36,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a file: make the repository root (demos/, benchmarks/, tooling/) importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import fixedpoint  # noqa: E402
-from demos.cli import (  # noqa: E402
+import fixedpoint
+from demos.cli import (
     Refused,
     add_overwrite_flag,
     add_progress_flag,
@@ -55,9 +51,9 @@ from demos.cli import (  # noqa: E402
     progress_disabled,
     refuse,
 )
-from fixedpoint import problems  # noqa: E402
-from tooling import timing  # noqa: E402
-from tooling.timing import add_threads_flag, positive_float, positive_int, use_threads  # noqa: E402
+from fixedpoint import problems
+from tooling import timing
+from tooling.timing import add_threads_flag, positive_float, positive_int, use_threads
 
 METHODS = ("forward", "anderson")
 #: The files the demo writes into --out.
@@ -412,9 +408,10 @@ def main(argv=None):
           + (f"{trace['crossover_time']:.4f} s" if trace["crossover_time"] is not None else "none"))
 
     timing.write_csv(out / "rows.csv", rows)
-    timing.write_json(out / "results.json", dict(command=["python"] + sys.argv, machine=timing.machine_info(
-        {timing.parse_backend(s)[0] for s in specs}), options=vars(args), rows=rows, ratios=rat, crossovers=cross,
-        trace=trace))
+    timing.write_json(out / "results.json", dict(
+        command=timing.run_command("demos.cpu_vs_gpu"),
+        machine=timing.machine_info({timing.parse_backend(s)[0] for s in specs}), options=vars(args), rows=rows,
+        ratios=rat, crossovers=cross, trace=trace))
     plot(rows, trace, out)
     print(f"wrote {out}/rows.csv, results.json, time_vs_n.png, residual_vs_time.png")
     return 0

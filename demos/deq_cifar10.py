@@ -43,15 +43,11 @@ import os
 import shlex
 import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the repository root (demos/, benchmarks/, tooling/) importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from demos.batches import Batches  # noqa: E402
-from demos.cli import (  # noqa: E402
+from demos.batches import Batches
+from demos.cli import (
     EXIT_REFUSED,
     Refused,
     add_progress_flag,
@@ -60,11 +56,11 @@ from demos.cli import (  # noqa: E402
     refuse,
     remove_outputs,
 )
-from demos.data import DATASETS, DataError, load_dataset  # noqa: E402
-from demos.ddp import Ranks, add_distributed_flags  # noqa: E402
-from demos.deq_report import OUTPUT_FILES, compare, comparison_table, machine_info, totals, write_outputs  # noqa: E402
-from demos.deq_same_model import same_model_ratios, same_model_table, solve_same_model  # noqa: E402
-from demos.deq_training import (  # noqa: E402
+from demos.data import DATASETS, DataError, load_dataset
+from demos.ddp import Ranks, add_distributed_flags
+from demos.deq_report import OUTPUT_FILES, compare, comparison_table, machine_info, totals, write_outputs
+from demos.deq_same_model import same_model_ratios, same_model_table, solve_same_model
+from demos.deq_training import (
     COMPACT,
     SOLVERS,
     CheckpointError,
@@ -78,9 +74,9 @@ from demos.deq_training import (  # noqa: E402
     sigterm_stops,
     train,
 )
-from fixedpoint.torch import solver_backend_for  # noqa: E402
-from fixedpoint.torch.deq import PHANTOM_DAMPING, PHANTOM_STEPS  # noqa: E402
-from tooling.timing import add_threads_flag, positive_float, positive_int, use_threads  # noqa: E402
+from fixedpoint.torch import solver_backend_for
+from fixedpoint.torch.deq import PHANTOM_DAMPING, PHANTOM_STEPS
+from tooling.timing import add_threads_flag, positive_float, positive_int, use_threads
 
 #: Settings that must match for --resume to continue a run.
 RESUME_KEYS = ("dataset", "limit_train", "limit_test", "batch_size", "lr", "weight_decay", "epochs", "channels",
@@ -413,7 +409,7 @@ def _main(args, device, backend, argv, ranks=None):
                   n_test=int(len(data.test_y)), image_shape=list(data.shape))
     settings = dict(config, solver=" ".join(args.solver), data_source=data.source,
                     blas_threads=args.blas_threads or (1 if backend == "numpy" else "library default"),
-                    command=shlex.join([*(["python"] if ranks is None else ranks.launcher()), "demos/deq_cifar10.py",
+                    command=shlex.join([*(["python"] if ranks is None else ranks.launcher()), "-m", "demos.deq_cifar10",
                                         *(sys.argv[1:] if argv is None else argv)]))
     methods = _methods(args.solver)
 

@@ -14,18 +14,13 @@ Example::
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from demos.cli import refuse  # noqa: E402
-from demos.data import DataError  # noqa: E402
-from demos.deq_training import CheckpointError, TrainedRun  # noqa: E402
-from tooling.timing import add_threads_flag, positive_int, use_threads  # noqa: E402
+from demos.cli import refuse
+from demos.data import DataError
+from demos.deq_training import CheckpointError, TrainedRun
+from tooling.timing import add_threads_flag, positive_int, use_threads
 
 
 def make_parser():

@@ -23,12 +23,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a file: make the repository root (demos/, benchmarks/, tooling/) importable
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tooling.timing import write_csv  # noqa: E402
+from tooling.timing import write_csv
 
 __all__ = ["machine_info", "totals", "compare", "compare_pair", "comparison_table", "write_outputs", "load_outputs",
            "PAPER", "OUTPUT_FILES", "make_parser", "main"]

@@ -25,14 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the repository root (demos/, benchmarks/, tooling/) importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from demos.cli import (  # noqa: E402
+from demos.cli import (
     Refused,
     add_overwrite_flag,
     add_progress_flag,
@@ -41,9 +38,9 @@ from demos.cli import (  # noqa: E402
     progress_disabled,
     refuse,
 )
-from demos.stable_anderson_problems import PROBLEMS  # noqa: E402
-from fixedpoint.torch import AndersonAcceleration  # noqa: E402
-from tooling.timing import add_threads_flag, machine_info, positive_float, positive_int, use_threads, write_csv  # noqa: E402
+from demos.stable_anderson_problems import PROBLEMS
+from fixedpoint.torch import AndersonAcceleration
+from tooling.timing import add_threads_flag, machine_info, positive_float, positive_int, use_threads, write_csv
 
 METHODS = ("adam", "anderson", "stable_anderson")
 LABELS = {"adam": "Adam", "anderson": "Adam + AA", "stable_anderson": "Adam + stable AA (auto average)"}
@@ -272,7 +269,7 @@ def main(argv=None):
             results[(pname, batch)] = runs
     rows = summarise(results)
     write_csv(args.out / "summary.csv", rows)
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:]))
+    command = " ".join(["python", "-m", "demos.stable_anderson", *(argv if argv is not None else sys.argv[1:])])
     payload = dict(command=command, machine=machine_info({"torch"}), anderson_options=aa, settings=settings,
                    quick=args.quick, seed=args.seed,
                    summary=rows,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benchmarks" / "bench_distributed.py"
+MODULE = "benchmarks.bench_distributed"  # run as python -m from the repository root
 M = 5  # the benchmark's window for Anderson and Broyden
 
 
@@ -24,7 +24,7 @@ def test_one_allreduce_per_iteration_whose_size_does_not_depend_on_n(tmp_path):
         pytest.skip("mpi4py is not installed (pip install '.[mpi]')")
     out = tmp_path / "counts.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "worker", "--engine", "mpi", "--quick", "--parts", "check",
+    proc = subprocess.run([sys.executable, "-m", MODULE, "worker", "--engine", "mpi", "--quick", "--parts", "check",
                            "counts", "--out", str(out)], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())

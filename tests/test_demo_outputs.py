@@ -139,7 +139,7 @@ def test_a_study_never_replaces_an_existing_file(trained, tmp_path, capsys, stud
     one_error_line(capsys)
     report.write_text("old")
     assert demo.main([checkpoint, *fast, "--out", str(report), "--overwrite"]) == 0
-    assert json.loads(report.read_text())["command"].startswith(f"python demos/{study}.py")
+    assert json.loads(report.read_text())["command"].startswith(f"python -m demos.{study} ")
     assert not (tmp_path / "report.json.tmp").exists()
 
 
@@ -208,8 +208,9 @@ def test_bad_checkpoints_are_one_line_errors_and_run_nothing(tmp_path, capsys, k
 def test_a_malicious_checkpoint_in_a_subprocess(tmp_path):
     """What a user sees: exit status 2, one line naming the file, no traceback, and no side effect."""
     path = bad_checkpoint("malicious", tmp_path)
-    proc = subprocess.run([sys.executable, str(ROOT / "demos" / "deq_solvers.py"), str(path), "--threads", "1"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "demos.deq_solvers", str(path), "--threads", "1"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))  # demos/ is importable from the root
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert str(path) in proc.stderr
@@ -309,8 +310,8 @@ def test_every_progress_demo_has_the_same_no_progress_flag():
 def test_no_progress_bars_in_a_redirected_log(tmp_path, script, argv):
     """Without --no-progress, with stderr and stdout pipes (as in a log): no bars.  (--no-progress itself is
     given in the runs above.)"""
-    proc = subprocess.run([sys.executable, str(ROOT / "demos" / f"{script}.py"), *argv(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", f"demos.{script}", *argv(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not BAR_MARKS.search(proc.stderr + proc.stdout), proc.stderr[-2000:]
 

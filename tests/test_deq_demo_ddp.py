@@ -35,8 +35,8 @@ EPOCH_KEYS = ("solver", "epoch", "lr", "train_loss", "train_acc", "test_loss", "
 BATCH_KEYS = ("solver", "epoch", "batch", "step", "size", "loss", "correct", "fwd_fev", "bwd_fev", "fwd_rows",
               "bwd_rows", "fwd_iter_mean", "fwd_iter_max", "bwd_converged")
 
-#: Starts the demo as torchrun would, but rank 1 raises in its 40th evaluation of f in training (about 10 per
-#: batch: in epoch 2).
+#: Starts the demo module named by its first argument as torchrun -m would, but rank 1 raises in its 40th
+#: evaluation of f in training (about 10 per batch: in epoch 2).
 FAILING_RANK = """
 import os, runpy, sys
 from demos import deq_model
@@ -51,17 +51,18 @@ if os.environ["RANK"] == "1":
         return real(cell, z, x)
 
     deq_model.ResidualCell.forward = forward
-sys.argv = [sys.argv[1], *sys.argv[2:]]
-runpy.run_path(sys.argv[0], run_name="__main__")
+module = sys.argv.pop(1)
+runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 
-def torchrun(script, *args):
+def torchrun(*args):
+    """``torchrun --standalone --nproc_per_node=2 *args`` from the repository root (``-m demos.deq_cifar10 ...``)."""
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
 
 
@@ -78,7 +79,7 @@ def records(out, name, keys):
 def two_ranks(tmp_path_factory):
     """An uninterrupted 2-rank run: (output folder, the finished job)."""
     out = tmp_path_factory.mktemp("ddp") / "two"
-    job = torchrun(ROOT / "demos" / "deq_cifar10.py", *ARGS, "--out", str(out))
+    job = torchrun("-m", "demos.deq_cifar10", *ARGS, "--out", str(out))
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     return out, job
 
@@ -92,7 +93,7 @@ def test_two_ranks_train_what_one_process_trains_and_rank_0_alone_writes(two_ran
     assert summary["distributed"]["backend"] == "gloo"
     assert summary["distributed"]["replicas_identical"] is True  # the ranks' weights and buffers, after every epoch
     assert len(summary["distributed"]["replica_checks"]) == 3
-    assert summary["settings"]["command"].startswith("torchrun --standalone --nproc_per_node=2 demos/deq_cifar10.py")
+    assert summary["settings"]["command"].startswith("torchrun --standalone --nproc_per_node=2 -m demos.deq_cifar10 ")
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(e["solver"], e["epoch"]) for e in epochs] == [("anderson", 1), ("anderson", 2), ("anderson", 3)]
     assert all(e["test_count"] == 50 for e in epochs)  # the whole test set, not one rank's share
@@ -125,12 +126,12 @@ def test_a_failing_rank_ends_the_job_and_resume_continues_it_exactly(two_ranks, 
     out = tmp_path / "stopped"
     runner = tmp_path / "failing_rank.py"
     runner.write_text(FAILING_RANK)
-    job = torchrun(runner, ROOT / "demos" / "deq_cifar10.py", *ARGS, "--out", str(out))  # TimeoutExpired: a hang
+    job = torchrun(runner, "demos.deq_cifar10", *ARGS, "--out", str(out))  # TimeoutExpired: a hang
     assert job.returncode != 0 and "rank 1 failed on purpose" in job.stderr, job.stderr[-3000:]
     # rank 0 was stopped by torchrun (SIGTERM) or by the broken connection, and wrote what was done
     state = torch.load(out / "checkpoint-anderson.pt", weights_only=False)
     assert 0 < len(state["batches"]) < 9 and state["epoch"] < 3, (state["epoch"], state["next_batch"])
-    resumed = torchrun(ROOT / "demos" / "deq_cifar10.py", *ARGS, "--out", str(out), "--resume")
+    resumed = torchrun("-m", "demos.deq_cifar10", *ARGS, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "anderson: resumed from" in resumed.stdout
     assert records(out, "metrics.jsonl", EPOCH_KEYS) == records(reference, "metrics.jsonl", EPOCH_KEYS)
@@ -166,7 +167,7 @@ def test_a_refusal_is_printed_once_and_every_rank_stops(two_ranks):
     waits for one that has given up, and rank 0 alone prints the error."""
     out, _ = two_ranks
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    job = torchrun(ROOT / "demos" / "deq_cifar10.py", *ARGS, "--out", str(out))  # an earlier run, no --resume
+    job = torchrun("-m", "demos.deq_cifar10", *ARGS, "--out", str(out))  # an earlier run, no --resume
     assert job.returncode != 0
     assert job.stderr.count("error: ") == 1 and "--resume" in job.stderr, job.stderr[-3000:]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -40,7 +40,7 @@ def dry_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("suite")
     out, work = base / "out", base / "work"
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--dry-run", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--dry-run", "--out", str(out),
                            "--work", str(work)], cwd=ROOT, env=_one_thread_env(), capture_output=True, text=True,
                           timeout=600, check=False)
     return out, work, proc, time.monotonic() - t0

@@ -513,8 +513,8 @@ def test_demo_quick_run_writes_metrics_and_plots(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("tqdm")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(ROOT / "demos" / "stable_anderson.py"), "--quick", "--no-progress",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "demos.stable_anderson", "--quick", "--no-progress",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("metrics.json", "summary.csv", "rsd.png", "mlp_diabetes_train_loss.png", "mlp_diabetes_test_mse.png",
                  "burgers_pinn_train_loss.png", "burgers_pinn_rel_l2_error.png"):

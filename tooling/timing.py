@@ -395,6 +395,14 @@ def machine_info(libs=()):
     return info
 
 
+def run_command(module, argv=None):
+    """How this run was started, for the records: ``["python", "-m", module, *argv]`` (argv: ``sys.argv[1:]``).
+
+    The demos and benchmarks run as modules from the repository root (``python -m demos.deq_cifar10``).
+    """
+    return ["python", "-m", module, *(sys.argv[1:] if argv is None else argv)]
+
+
 def write_json(path, data):
     """Write ``data`` as indented JSON to ``path`` (folders created); returns the path."""
     path = Path(path)
