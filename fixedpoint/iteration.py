@@ -20,14 +20,15 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import array_api_compat
 import numpy as np
 
 from .backend import (
     Array,
+    Namespace,
     buffer_dtype,
     is_accelerator,
     library_name,
@@ -36,10 +37,10 @@ from .backend import (
     working_dtype,
 )
 from .checks import user_stacklevel
-from .comm import agreed, as_communicator
+from .comm import Communicator, agreed, as_communicator
 from .interop import call_map, check_unmodified, convert, lend, read_only_message, to_numpy, wrap_map
 from .kernels import Kernels
-from .method import Method
+from .method import Method, MethodState
 from .options import check_common
 from .result import ConvergenceWarning, FixedPointResult
 from .samples import INACTIVE, SampleRecord
@@ -96,19 +97,21 @@ COMPACT_AUTO = 0.5
 
 
 class _MapCall:
-    """:func:`fixedpoint.interop.call_map` for one solve, with the checks of g's result made cheap: the
-    expected library, shape, dtype and device are taken once from the iterate, and the full check runs
-    only when the quick one fails.
+    """Call g as :func:`fixedpoint.interop.call_map` does, with the checks of g's result made cheap.
+
+    The expected library, shape, dtype and device are taken once from the iterate, and the full check
+    runs only when the quick one fails.
     """
 
-    def __init__(self, g, like):
+    def __init__(self, g: Callable[..., Array], like: Array) -> None:
         self.g = g
         self.numpy = isinstance(like, np.ndarray)
         self.type, self.shape, self.dtype = type(like), tuple(like.shape), like.dtype
 
-    def __call__(self, x, *args):
+    def __call__(self, x: Array, *args: Any) -> Array:
+        """Return ``g(x, *args)``, checked; a NumPy ``x`` is passed read-only."""
         if self.numpy:
-            view = x.view()
+            view = cast(np.ndarray, x).view()
             view.flags.writeable = False
             try:
                 y = self.g(view, *args)
@@ -122,8 +125,8 @@ class _MapCall:
         return call_map(self.g, x, *args)
 
 
-def _settings(method, x0, opts):
-    """What every process of a sharded solve must have in common, as text (compared by a hash)."""
+def _settings(method: Method | None, x0: Array, opts: dict[str, Any]) -> str:
+    """Describe what every process of a sharded solve must have in common, as text (compared by a hash)."""
     shape = getattr(x0, "shape", None)
     batch = shape[0] if opts.get("batch") and shape else None
     settings = {k: v for k, v in opts.items() if k not in ("callback", "comm")}
@@ -131,8 +134,10 @@ def _settings(method, x0, opts):
             f"library={type(x0).__module__.split('.')[0]}, batch size={batch}")
 
 
-def _check_takes_rows(g, compact):
-    """Refuse, under ``compact``, a ``g`` that cannot be called as ``g(x_rows, rows)``."""
+def _check_takes_rows(g: Callable[..., Any], compact: bool | str, batch: bool) -> None:
+    """Refuse, under ``compact``, a solve without ``batch`` or a ``g`` that cannot be called as ``g(x_rows, rows)``."""
+    if not batch:
+        raise ValueError(f"compact={compact!r} evaluates g on the samples still iterating, so it needs batch=True")
     fix = "define it as g(x, rows), rows being the indices of the samples in x (e.g. lambda x, rows: np.cos(x))"
     if isinstance(g, np.ufunc):
         raise TypeError(f"compact={compact!r} calls g(x_rows, rows), and the NumPy ufunc {g.__name__} would take "
@@ -148,7 +153,7 @@ def _check_takes_rows(g, compact):
                         f"{signature}; {fix}") from None
 
 
-def run(method: Method | None, g: Callable[[Array], Array], x0: Array, opts: dict,
+def run(method: Method | None, g: Callable[..., Array], x0: Array, opts: dict[str, Any],
         failed: Exception | None = None) -> FixedPointResult:
     """Solve x = g(x) with ``method``; see :func:`fixedpoint.solve`.
 
@@ -162,23 +167,66 @@ def run(method: Method | None, g: Callable[[Array], Array], x0: Array, opts: dic
         return loop.run()
 
 
+@dataclass
+class _OneSample:
+    """The bookkeeping of :meth:`_Loop._run_one`: Python scalars where a batch has small-state arrays."""
+
+    hist: list[float] = field(default_factory=list)
+    best_r: float = _INF
+    active: bool = True
+    diverged: bool = False
+    restarts: int = 0
+    f0: float = _INF  # ‖f_0‖
+    scale: float = _INF  # max(‖g_0‖, ‖f_0‖), with stop_mode "rel"
+    on: np.ndarray = field(default_factory=lambda: np.ones(1, dtype=bool))  # the step's "active" arrays
+    off: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=bool))
+
+
 class _Loop:
     """State of one solve: set up from the inputs, iterated by :meth:`run`, summarised by :meth:`result`."""
 
     # set by _check_inputs
     opts: dict[str, Any]
-    x0: Any
+    tol: float
+    max_iter: int
+    stop_mode: str
+    x0: Array
     shape: tuple[int, ...]
-    caller_xp: Any
+    caller_xp: Namespace
     caller_lib: str
     caller_device: Any
     caller_dtype: Any
-    solver_xp: Any
+    solver_xp: Namespace
     narrow: bool
     eps: float
+    # set by _allocate
+    method: Method
+    xp: Namespace
+    lib: str
+    device: Any
+    dtype: Any
+    g: Callable[..., Array]
+    wrapped: bool
+    B: int
+    n: int
+    compact: bool | str
+    check_every: int
+    kern: Kernels
+    state: MethodState
+    rec: SampleRecord
+    packs: bool
+    n_rows: int
+    every_row: Array
+    rows: Array
+    n_rows_now: int
+    x_rows: Array | None
+    gx_full: Array | None
+    gx_rows: Array | None
+    n_fev: int
+    t0: float
 
-    def __init__(self, method, g, x0, opts, failed=None):
-        self.method = method
+    def __init__(self, method: Method | None, g: Callable[..., Array], x0: Array, opts: dict[str, Any],
+                 failed: Exception | None = None) -> None:
         comm = as_communicator(opts.get("comm"))
         # Every check and allocation of this process, then (with comm) one collective: the same outcome, and
         # the same settings, on every process before any of them raises or calls g.
@@ -190,9 +238,11 @@ class _Loop:
             if comm is not None:
                 agreement.compare("the method, the options, x0's dtype and library, and the batch size",
                                   _settings(method, self.x0, opts))
+            assert method is not None  # None only with an error to raise (failed)
+            self.method = method
             self._allocate(method, g, comm)
 
-    def _allocate(self, method, g, comm):
+    def _allocate(self, method: Method, g: Callable[..., Array], comm: Communicator | None) -> None:
         """Set up the solver's library, the map, the kernels, the method's state and the per-sample record."""
         x0, xp, shape, opts = self.x0, self.caller_xp, self.shape, self.opts
         if library_name(self.solver_xp) != self.caller_lib:
@@ -227,16 +277,18 @@ class _Loop:
             # g(x_rows, rows): the rows still iterating and their indices in the batch.  Until compaction starts
             # rows is every sample and x_rows the iterate itself; with a method that cannot pack, the rows are
             # gathered into x_rows and g's values scattered into gx_full (_choose_rows, _call_rows).
-            self.every_row = self.rows = xp.arange(B, device=device)
+            self.rows = xp.arange(B, device=device)
+            self.every_row = self.rows
             self.n_rows_now = B
-            self.x_rows: Any = None
-            self.gx_full: Any = None
-        self.gx_rows: Any = None  # (B, n): g's rows of the working samples when g sees the whole batch
+            self.x_rows = None
+            self.gx_full = None
+        self.gx_rows = None  # (B, n): g's rows of the working samples when g sees the whole batch
         self.n_fev = 0
 
-    def _check_inputs(self, g, x0, opts, sharded):
-        """Validate the options and x0 on this process (no collective): set ``opts``, ``x0``, ``shape`` and the
-        caller's library, device and dtype.
+    def _check_inputs(self, g: Callable[..., Array], x0: Array, opts: dict[str, Any], sharded: bool) -> None:
+        """Validate the options and x0 on this process (no collective).
+
+        Sets ``opts``, ``x0``, ``shape`` and the caller's library, device and dtype.
         """
         self.opts = opts = check_common(opts)
         self.tol, self.max_iter, self.stop_mode = opts["tol"], opts["max_iter"], opts["stop_mode"]
@@ -264,12 +316,8 @@ class _Loop:
             raise ValueError("x0 contains NaN or Inf")
         backend = opts["backend"]
         self.solver_xp = caller_xp if backend is None else resolve_namespace(backend)
-        compact = opts["compact"]
-        if compact is not False:
-            if not opts["batch"]:
-                raise ValueError(f"compact={compact!r} evaluates g on the samples still iterating, so it needs "
-                                 "batch=True")
-            _check_takes_rows(g, compact)
+        if opts["compact"] is not False:
+            _check_takes_rows(g, opts["compact"], opts["batch"])
         # Half precision is iterated in float32 (fixedpoint.backend.buffer_dtype), every iterate rounded to it.
         self.narrow = buffer_dtype(caller_xp, self.caller_dtype) != self.caller_dtype
         self.eps = eps = float(caller_xp.finfo(self.caller_dtype).eps)  # the iterates' rounding (x0's dtype)
@@ -280,70 +328,92 @@ class _Loop:
                           f"solve may run to max_iter; choose tol >= {4 * eps:.0e} or iterate in float32",
                           ConvergenceWarning, stacklevel=user_stacklevel())
 
-    def run(self):
+    def run(self) -> FixedPointResult:
         """Iterate and return the result: one sample with its small state on the host takes :meth:`_run_one`."""
         if self.B == 1 and self.kern.small_on_host and self.compact is False:
             return self._run_one()
         return self._run_batch()
 
-    def _run_batch(self):
-        kern, state, rec = self.kern, self.state, self.rec
-        sxp = kern.sxp
-        callback, tol, freeze, rel = self.opts["callback"], self.tol, self.B > 1, self.stop_mode == "rel"
-        divtol = self.opts["divtol"]
+    def _run_batch(self) -> FixedPointResult:
+        """Iterate with the per-sample bookkeeping in small-state arrays (a batch, or state on a device)."""
+        rec, callback = self.rec, self.opts["callback"]
         call: Callable[..., Array] = self.g if self.wrapped else functools.partial(call_map, self.g)
-        status = None
+        status: str | None = None
         self.t0 = time.perf_counter()
         try:
             for k in range(self.max_iter):
                 x = rec.x
                 gx = self._evaluate(call, x) if k else self._first(functools.partial(self._evaluate, call, x))
                 self.n_fev += 1
-                f = state.residual_buffer()
-                if f is not None:
-                    kern.sub(f, gx, x)
-                fnorm, gnorm = self._norms(state.observe(x, gx, f, rel), x, gx, f, rel)
-                r = fnorm
-                if rec.f0 is None:  # the first iteration: the references of the tests below
-                    rec.f0, rec.scale = fnorm, (sxp.maximum(gnorm, fnorm) if rel else None)
-                if rel:  # a non-finite ‖g(x)‖ makes the residual non-finite, never 0
-                    r = self._relative(fnorm, gnorm, rec.f0, rec.scale)
-                active = rec.active
-                if divtol is not None:
-                    diverging = active & (fnorm > divtol * rec.f0)
-                    rec.diverged = rec.diverged | diverging
-                    active = active & ~diverging
-                rec.keep_best(active & (r < rec.best_r), r)  # False for NaN
-                rec.record(r)
-                rec.active = active = active & (r > tol) & (r < _INF)  # converged or non-finite: stop
-                restarted = state.step(x, gx, f, active, rec.x_next)
-                if restarted is not None:
-                    rec.n_restarts = rec.n_restarts + sxp.astype(restarted, sxp.int64)
-                if freeze:
-                    kern.copy_rows_where(rec.x_next, x, ~active)
-                if self.narrow:
-                    self._round(rec.x_next)
-                del gx, f  # g's result is not kept alive while g computes the next one
+                r, active = self._step_batch(x, gx)
+                del gx  # g's result is not kept alive while g computes the next one
                 if callback is not None and self._call_back(callback, *self._info(k, x, r, active)):
                     status = "stopped"
                 rec.swap()
                 if status is not None or (k + 1) % self.check_every == 0 or k + 1 == self.max_iter:
                     rec.flush_history()
-                    if status is not None or not bool(sxp.any(active)):
+                    if status is not None or not bool(self.kern.sxp.any(active)):
                         break
                     self._shrink(active)
         except BaseException as exc:
             rec.flush_history()
-            exc.fixedpoint_result = self.result("error")  # type: ignore[attr-defined]
-            if self.kern.comm is not None and not getattr(exc, "fixedpoint_agreed", False):
-                self.kern.comm.abort(exc)
+            self._attach_result(exc)
             raise
         return self.result(status)
 
-    def _first(self, evaluate):
-        """The first evaluation of g: with ``comm``, a failure on one process (g raised, or returned another
-        shape, dtype or library) raises the same error on every process; under ``compact``, a g that cannot
-        take the rows is told so.
+    def _step_batch(self, x: Array, gx: Array) -> tuple[Array, Array]:
+        """Test x_k = ``x`` for every sample and write x_{k+1} into ``rec.x_next``; return (residual, active)."""
+        kern, state, rec, rel = self.kern, self.state, self.rec, self.stop_mode == "rel"
+        f = state.residual_buffer()
+        if f is not None:
+            kern.sub(f, gx, x)
+        fnorm, gnorm = self._norms(state.observe(x, gx, f, rel), x, gx, f, rel)
+        r, active = self._stopping_test(fnorm, gnorm)
+        restarted = state.step(x, gx, f, active, rec.x_next)
+        if restarted is not None:
+            rec.n_restarts = rec.n_restarts + kern.sxp.astype(restarted, kern.sxp.int64)
+        if self.B > 1:  # samples that stopped do not move
+            kern.copy_rows_where(rec.x_next, x, ~active)
+        if self.narrow:
+            self._round(rec.x_next)
+        return r, active
+
+    def _stopping_test(self, fnorm: Array, gnorm: Array | None) -> tuple[Array, Array]:
+        """Apply the stopping test and divergence test to the norms of x_k; return (residual, still active).
+
+        Also records the residual and marks the samples whose iterate is their best so far.
+        """
+        rec, sxp = self.rec, self.kern.sxp
+        r = fnorm
+        if self.stop_mode == "rel":  # a non-finite ‖g(x)‖ makes the residual non-finite, never 0
+            assert gnorm is not None  # _norms computes it for "rel"
+            if rec.f0 is None:  # the first iteration: the references of the tests below
+                rec.f0, rec.scale = fnorm, sxp.maximum(gnorm, fnorm)
+            r = self._relative(fnorm, gnorm, rec.f0, rec.scale)
+        elif rec.f0 is None:
+            rec.f0 = fnorm
+        active = rec.active
+        divtol = self.opts["divtol"]
+        if divtol is not None:
+            diverging = active & (fnorm > divtol * rec.f0)
+            rec.diverged = rec.diverged | diverging
+            active = active & ~diverging
+        rec.keep_best(active & (r < rec.best_r), r)  # False for NaN
+        rec.record(r)
+        rec.active = active = active & (r > self.tol) & (r < _INF)  # converged or non-finite: stop
+        return r, active
+
+    def _attach_result(self, exc: BaseException) -> None:
+        """Attach the partial result to ``exc``; with ``comm``, abort the job unless every process raises it."""
+        exc.fixedpoint_result = self.result("error")  # type: ignore[attr-defined]  # documented in solve()
+        if self.kern.comm is not None and not getattr(exc, "fixedpoint_agreed", False):
+            self.kern.comm.abort(exc)
+
+    def _first(self, evaluate: Callable[[], Array]) -> Array:
+        """Make the first evaluation of g.
+
+        With ``comm``, a failure on one process (g raised, or returned another shape, dtype or library)
+        raises the same error on every process; under ``compact``, a g that cannot take the rows is told so.
         """
         with agreed(self.kern.comm):
             try:
@@ -355,29 +425,32 @@ class _Loop:
                                 f"refused them ({exc}); define it as g(x, rows), rows being the indices of the "
                                 "samples in x") from exc
 
-    def _g_sees_rows(self):
+    def _g_sees_rows(self) -> bool:
         """Whether g is called on the working rows alone (``g(x_rows, rows)``) rather than the whole batch."""
         if self.compact is True:
             return True
         return self.compact == "auto" and self.rec.w <= COMPACT_AUTO * self.B
 
-    def _evaluate(self, call, x):
-        """G on the working rows ``x`` (shape ``(w, n)``), as the ``compact`` option has it; its rows of those
-        samples, ``(w, n)``.
+    def _evaluate(self, call: Callable[..., Array], x: Array) -> Array:
+        """Evaluate g on the working rows ``x`` (shape ``(w, n)``) as the ``compact`` option has it.
+
+        Returns g's rows of those samples, ``(w, n)``.
         """
         xp, B, n, w, rec = self.xp, self.B, self.n, self.rec.w, self.rec
         compact = self.compact is not False
         if compact and not self.packs and self.x_rows is not None:  # a method without pack(): rows gathered
             self.n_rows += self.n_rows_now
             return self._call_rows(call, x)
+        y: Array
         if w == B:  # every sample, in place
             self.n_rows += B
-            if compact:
-                return xp.reshape(call(xp.reshape(x, self.shape), self.rows), (B, n))
-            return xp.reshape(call(xp.reshape(x, self.shape)), (B, n))
+            args = (self.rows,) if compact else ()
+            y = xp.reshape(call(xp.reshape(x, self.shape), *args), (B, n))
+            return y
         if self._g_sees_rows():
             self.n_rows += w
-            return xp.reshape(call(xp.reshape(x, (w,) + self.shape[1:]), self.rows), (w, n))
+            y = xp.reshape(call(xp.reshape(x, (w,) + self.shape[1:]), self.rows), (w, n))
+            return y
         # g sees the whole batch: the working rows written into out_x (which holds the finished samples'
         # results), g's rows of the working samples gathered
         self.kern.put_rows(rec.out_x, rec.rows, x)
@@ -389,10 +462,12 @@ class _Loop:
         self.n_rows += B
         return self.gx_rows[:w, ...]
 
-    def _call_back(self, callback, k, x, r, active):
-        """``callback(IterationInfo(k, x, r, active))`` on arrays lent by :func:`fixedpoint.interop.lend`, so that
-        a callback writing into them raises instead of changing the solve; True if it asks to stop (with
-        ``comm``: if it asks on any process, so that every process stops at the same iteration).
+    def _call_back(self, callback: Callable[[IterationInfo], Any], k: int, x: Array, r: Array, active: Array) -> bool:
+        """Call ``callback(IterationInfo(k, x, r, active))``; return True if it asks to stop.
+
+        The arrays are lent by :func:`fixedpoint.interop.lend`, so that a callback writing into them raises
+        instead of changing the solve.  With ``comm``, a callback asking on any process stops every process
+        at the same iteration.
         """
         lent = [lend(a) for a in (x, r, active)]
         try:
@@ -408,9 +483,10 @@ class _Loop:
             stop = bool(comm.max(np.array([1.0 if stop else 0.0]))[0])
         return stop
 
-    def _info(self, k, x, r, active):
-        """The arrays of the callback's :class:`IterationInfo` (``k, x, residual, active``): whole-batch arrays
-        even when the working arrays are packed.
+    def _info(self, k: int, x: Array, r: Array, active: Array) -> tuple[int, Array, Array, Array]:
+        """Return the fields of the callback's :class:`IterationInfo` (``k, x, residual, active``).
+
+        They are whole-batch arrays even when the working arrays are packed.
         """
         xp, kern, rec = self.xp, self.kern, self.rec
         if rec.w == self.B:
@@ -424,9 +500,11 @@ class _Loop:
         return (k, xp.reshape(x_all, self.shape), convert(r_all, lib, device=dev, dtype=None),
                 convert(on, lib, device=dev, dtype=None))
 
-    def _shrink(self, active):
-        """At a host check: drop the samples that have stopped from every working array, the record's and the
-        method's, or, with a method that cannot pack its state, evaluate g on the samples still iterating only.
+    def _shrink(self, active: Array) -> None:
+        """At a host check, drop the samples that have stopped from every working array.
+
+        Those are the record's and the method's; with a method that cannot pack its state, g is evaluated
+        on the samples still iterating only.
         """
         if self.packs:
             mask = np.asarray(to_numpy(active), dtype=bool)
@@ -441,18 +519,17 @@ class _Loop:
         if not self.packs and self.compact is not False:
             self._choose_rows(active)
 
-    def _run_one(self):
-        """:meth:`run` for one sample whose small state is on the host: the per-sample bookkeeping in Python
-        floats instead of one-element arrays (a tenth of the cost per iteration on tiny problems).
+    def _run_one(self) -> FixedPointResult:
+        """Iterate one sample whose small state is on the host, its bookkeeping in Python floats.
+
+        The same steps as :meth:`_run_batch` at a tenth of its cost per iteration on tiny problems, where
+        one-element arrays would cost more than the problem.
         """
-        xp, kern, state, shape, n = self.xp, self.kern, self.state, self.shape, self.n
-        callback, tol, rel, divtol = self.opts["callback"], self.tol, self.stop_mode == "rel", self.opts["divtol"]
-        rec = self.rec
+        xp, shape, n, rec = self.xp, self.shape, self.n, self.rec
+        callback = self.opts["callback"]
         call: Callable[..., Array] = self.g if self.wrapped else _MapCall(self.g, xp.reshape(rec.x, shape))
-        on, off = np.ones(1, dtype=bool), np.zeros(1, dtype=bool)
-        hist: list[float] = []
-        best_r, active, diverged, restarts, status = _INF, True, False, 0, None
-        f0 = scale = _INF
+        one = _OneSample()
+        status: str | None = None
         self.t0 = time.perf_counter()
         try:
             for k in range(self.max_iter):
@@ -460,84 +537,95 @@ class _Loop:
                 xk = xp.reshape(x, shape)
                 gx = xp.reshape(call(xk) if k else self._first(functools.partial(call, xk)), (1, n))
                 self.n_fev += 1
-                f = state.residual_buffer()
-                if f is not None:
-                    kern.sub(f, gx, x)
-                fnorm, gnorm = self._norms(state.observe(x, gx, f, rel), x, gx, f, rel)
-                fn = float(fnorm[0])
-                if k == 0:  # the references of the tests below
-                    f0 = fn
-                if rel:  # a non-finite ‖g(x)‖ makes the residual non-finite, never 0
-                    gn = float(gnorm[0])
-                    if k == 0:
-                        scale = max(gn, fn)
-                    if not math.isfinite(gn):
-                        r = _INF
-                    elif gn <= scale or fn + self.eps * gn <= REL_REDUCTION * f0:
-                        r = fn / (gn + REL_EPS)
-                    else:
-                        r = (fn + self.eps * gn) / (scale + REL_EPS)
-                else:
-                    r = fn
-                was_active = active
-                if divtol is not None:
-                    if active and fn > divtol * f0:
-                        diverged, active = True, False
-                improved = active and r < best_r  # False for NaN
-                if improved:
-                    best_r = r
-                if rec.best_buf is not None and rec.best_pending[0] and not improved:
-                    kern.copy(rec.best_x, rec.best_buf)  # x_next, about to be overwritten by the step
-                rec.best_buf, rec.best_pending = x, (on if improved else off)
-                hist.append(r if was_active else INACTIVE)
-                active = active and tol < r < _INF  # converged or non-finite: stop
-                restarted = state.step(x, gx, f, on if active else off, rec.x_next)
-                if restarted is not None and restarted[0]:
-                    restarts += 1
-                if self.narrow:
-                    self._round(rec.x_next)
-                del gx, f  # g's result is not kept alive while g computes the next one
-                if callback is not None and self._call_back(callback, k, xp.reshape(x, shape),
-                                                            kern.big(np.array([r])), kern.big(np.array([active]))):
+                r = self._step_one(one, k, x, gx)
+                del gx  # g's result is not kept alive while g computes the next one
+                if callback is not None and self._call_back(callback, k, xk, self.kern.big(np.array([r])),
+                                                            self.kern.big(np.array([one.active]))):
                     status = "stopped"
                 rec.swap()
-                if status is not None or ((k + 1) % self.check_every == 0 and not active):
+                if status is not None or ((k + 1) % self.check_every == 0 and not one.active):
                     break
         except BaseException as exc:
-            self._keep_one(hist, best_r, active, diverged, restarts)
-            exc.fixedpoint_result = self.result("error")  # type: ignore[attr-defined]
-            if self.kern.comm is not None and not getattr(exc, "fixedpoint_agreed", False):
-                self.kern.comm.abort(exc)
+            self._keep_one(one)
+            self._attach_result(exc)
             raise
-        self._keep_one(hist, best_r, active, diverged, restarts)
+        self._keep_one(one)
         return self.result(status)
 
-    def _keep_one(self, hist, best_r, active, diverged, restarts):
+    def _step_one(self, one: _OneSample, k: int, x: Array, gx: Array) -> float:
+        """:meth:`_step_batch` for :meth:`_run_one`: test x_k, write x_{k+1}; return the residual."""
+        kern, state, rec, rel = self.kern, self.state, self.rec, self.stop_mode == "rel"
+        f = state.residual_buffer()
+        if f is not None:
+            kern.sub(f, gx, x)
+        fnorm, gnorm = self._norms(state.observe(x, gx, f, rel), x, gx, f, rel)
+        fn = float(fnorm[0])
+        if k == 0:  # the references of the tests below
+            one.f0 = fn
+        r = fn
+        if rel:
+            assert gnorm is not None  # _norms computes it for "rel"
+            r = self._relative_one(one, k, fn, float(gnorm[0]))
+        was_active = one.active
+        divtol = self.opts["divtol"]
+        if divtol is not None and one.active and fn > divtol * one.f0:
+            one.diverged, one.active = True, False
+        improved = one.active and r < one.best_r  # False for NaN
+        if improved:
+            one.best_r = r
+        if rec.best_buf is not None and rec.best_pending[0] and not improved:
+            kern.copy(rec.best_x, rec.best_buf)  # x_next, about to be overwritten by the step
+        rec.best_buf, rec.best_pending = x, (one.on if improved else one.off)
+        one.hist.append(r if was_active else INACTIVE)
+        one.active = one.active and self.tol < r < _INF  # converged or non-finite: stop
+        restarted = state.step(x, gx, f, one.on if one.active else one.off, rec.x_next)
+        if restarted is not None and restarted[0]:
+            one.restarts += 1
+        if self.narrow:
+            self._round(rec.x_next)
+        return r
+
+    def _relative_one(self, one: _OneSample, k: int, fn: float, gn: float) -> float:
+        """:meth:`_relative` for one sample in Python floats (``fn`` = ‖f_k‖, ``gn`` = ‖g_k‖)."""
+        if k == 0:
+            one.scale = max(gn, fn)
+        if not math.isfinite(gn):  # a non-finite ‖g(x)‖ makes the residual non-finite, never 0
+            return _INF
+        if gn <= one.scale or fn + self.eps * gn <= REL_REDUCTION * one.f0:
+            return fn / (gn + REL_EPS)
+        return (fn + self.eps * gn) / (one.scale + REL_EPS)
+
+    def _keep_one(self, one: _OneSample) -> None:
         """Store the Python-scalar state of :meth:`_run_one` where :meth:`result` reads it."""
         rec = self.rec
-        rec.hist_host = [np.array(hist, dtype=np.float64).reshape(-1, 1)]
-        rec.best_r = np.array([best_r])
-        rec.active, rec.diverged = np.array([active]), np.array([diverged])
-        rec.n_restarts = np.array([restarts], dtype=np.int64)
+        rec.hist_host = [np.array(one.hist, dtype=np.float64).reshape(-1, 1)]
+        rec.best_r = np.array([one.best_r])
+        rec.active, rec.diverged = np.array([one.active]), np.array([one.diverged])
+        rec.n_restarts = np.array([one.restarts], dtype=np.int64)
 
-    def _relative(self, fnorm, gnorm, f0, scale):
-        """The relative residual per sample (small state): ‖f‖ / (‖g(x)‖ + ε), except where ‖g(x)‖ has grown past
-        the starting ``scale`` while the residual (with the rounding error eps·‖g(x)‖ of f = g(x) − x at that
-        magnitude) has not fallen to :data:`REL_REDUCTION` of ``f0`` (‖f_0‖): there (‖f‖ + eps·‖g(x)‖) / ``scale``.
-        Infinite where ‖g(x)‖ is not finite.
+    def _relative(self, fnorm: Array, gnorm: Array, f0: Array, scale: Array) -> Array:
+        """Return the relative residual per sample (small state).
+
+        It is ‖f‖ / (‖g(x)‖ + ε), except where ‖g(x)‖ has grown past the starting ``scale`` while the
+        residual (with the rounding error eps·‖g(x)‖ of f = g(x) − x at that magnitude) has not fallen to
+        :data:`REL_REDUCTION` of ``f0`` (‖f_0‖): there (‖f‖ + eps·‖g(x)‖) / ``scale``.  Infinite where
+        ‖g(x)‖ is not finite.
         """
         sxp = self.kern.sxp
         plain = fnorm / (gnorm + REL_EPS)
         grown = gnorm > scale
-        if not self.kern.small_on_host or bool(grown.any()):  # on the host: the guard's work only where it acts
+        if not self.kern.small_on_host or bool(sxp.any(grown)):  # on the host: the guard's work only where it acts
             floor = fnorm + self.eps * gnorm
             guarded = floor / (scale + REL_EPS)
             plain = sxp.where(grown & (floor > REL_REDUCTION * f0), guarded, plain)
-        return sxp.where(sxp.isfinite(gnorm), plain, _INF)
+        r: Array = sxp.where(sxp.isfinite(gnorm), plain, _INF)
+        return r
 
-    def _norms(self, observed, x, gx, f, rel):
-        """(‖f_k‖, ‖g_k‖ or None) from what the method's observe returned, computing what it left out (in one
-        reduction, so one collective when sharded).
+    def _norms(self, observed: Array | tuple[Array, Array] | None, x: Array, gx: Array, f: Array | None,
+               rel: bool) -> tuple[Array, Array | None]:
+        """Return (‖f_k‖, ‖g_k‖ or None) from what the method's observe returned.
+
+        What it left out is computed in one reduction, so one collective when sharded.
         """
         if isinstance(observed, tuple):
             return observed
@@ -550,7 +638,7 @@ class _Loop:
         fnorm = observed if observed is not None else kern.root(sums[0], fterm)
         return fnorm, (kern.root(sums[-1], ("sqnorm", gx)) if rel else None)
 
-    def _choose_rows(self, active):
+    def _choose_rows(self, active: Array) -> None:
         """At a host check: evaluate g from now on only on the samples still iterating (see ``compact``)."""
         mask = np.asarray(to_numpy(active), dtype=bool)
         count = int(mask.sum())
@@ -564,22 +652,23 @@ class _Loop:
         self.rows = xp.asarray(np.nonzero(mask)[0], device=self.device)
         self.n_rows_now = count
 
-    def _call_rows(self, call, x):
-        """G on the rows in ``self.rows`` only; their values scattered into ``gx_full``, which is returned."""
+    def _call_rows(self, call: Callable[..., Array], x: Array) -> Array:
+        """Evaluate g on the rows in ``self.rows`` only; scatter their values into ``gx_full`` and return it."""
         xp, k = self.xp, self.n_rows_now
+        assert self.x_rows is not None and self.gx_full is not None  # allocated by _choose_rows
         rows_x = self.x_rows[:k, ...]
         self.kern.take_rows(rows_x, x, self.rows)
         y = call(xp.reshape(rows_x, (k,) + self.shape[1:]), self.rows)
         self.kern.put_rows(self.gx_full, self.rows, xp.reshape(y, (k, self.n)))
         return self.gx_full
 
-    def _round(self, buf):
+    def _round(self, buf: Array) -> None:
         """Round the iterate in ``buf`` to the caller's (half-precision) dtype, in place."""
         rounded = convert(buf, self.caller_lib, device=self.caller_device, dtype=self.caller_dtype)
         self.kern.copy(buf, convert(rounded, self.lib, device=self.device, dtype=self.dtype))
 
-    def result(self, status):
-        """The :class:`FixedPointResult` of what has been computed so far."""
+    def result(self, status: str | None) -> FixedPointResult:
+        """Return the :class:`FixedPointResult` of what has been computed so far."""
         xp = self.xp
         with self.kern.solver_context():
             self.rec.settle_best()
@@ -590,8 +679,8 @@ class _Loop:
         hist = self.rec.history()
         ran = hist != INACTIVE
         with np.errstate(invalid="ignore"):
-            conv = ((hist >= 0) & (hist <= self.tol)).any(axis=0)
-        fail = (~np.isfinite(hist)).any(axis=0)
+            conv = np.asarray(((hist >= 0) & (hist <= self.tol)).any(axis=0))
+        fail = np.asarray((~np.isfinite(hist)).any(axis=0))
         iters = ran.sum(axis=0)
         history = np.where(ran, hist, np.nan)
         div = diverged & ~conv & ~fail

@@ -23,7 +23,7 @@ __all__ = ["Option", "COMMON_OPTIONS", "DEFAULTS", "COMPACT_CHOICES", "STOP_MODE
 #: Values of ``stop_mode``: relative or absolute residual.
 STOP_MODES = ("rel", "abs")
 #: Values of ``compact``: never, from the first host check, or once at most half the samples iterate.
-COMPACT_CHOICES = (False, True, "auto")
+COMPACT_CHOICES: tuple[bool | str, ...] = (False, True, "auto")
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,7 @@ def _max_iter(value: Any) -> int:
 
 
 def _stop_mode(value: Any) -> str:
-    mode: str = check_choice("stop_mode", value, STOP_MODES)
-    return mode
+    return check_choice("stop_mode", value, STOP_MODES)
 
 
 def _divtol(value: Any) -> float | None:
@@ -70,8 +69,7 @@ def _batch(value: Any) -> bool:
 
 
 def _compact(value: Any) -> bool | str:
-    compact: bool | str = check_choice("compact", value, COMPACT_CHOICES)
-    return compact
+    return check_choice("compact", value, COMPACT_CHOICES)
 
 
 def _check_every(value: Any) -> int | None:

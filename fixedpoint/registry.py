@@ -77,7 +77,7 @@ def _path(cls: type) -> str:
 
 
 def method_class(name: str) -> type[Method]:
-    """The class registered as ``name``.
+    """Return the class registered as ``name``.
 
     Raises
     ------

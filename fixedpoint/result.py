@@ -13,8 +13,9 @@ __all__ = ["ConvergenceError", "ConvergenceWarning", "FixedPointResult", "STATUS
 
 
 class ConvergenceWarning(UserWarning):
-    """Issued where a solve that a caller depends on ended unconverged and the caller does not return its status
-    (the forward or adjoint solve inside :class:`fixedpoint.torch.DEQ`).  Turn it into an error with
+    """Warning that a solve ended unconverged where the caller does not return its status.
+
+    Issued for the forward or adjoint solve inside :class:`fixedpoint.torch.DEQ`.  Turn it into an error with
     ``warnings.simplefilter("error", fixedpoint.ConvergenceWarning)``, or with the layer's ``unconverged="raise"``.
     """
 
@@ -111,6 +112,7 @@ class FixedPointResult:
         return self.status == "converged"
 
     def __repr__(self) -> str:
+        """Summarise: method, status, evaluations, the largest residual, restarts and wall time."""
         res = np.max(self.residual) if np.size(self.residual) else float("nan")
         return (
             f"FixedPointResult(method={self.method!r}, status={self.status!r}, n_fev={self.n_fev}, "
