@@ -26,7 +26,8 @@ from tooling import timing
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_batch_independence",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=2000)
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--hard", type=int, default=10)

@@ -43,8 +43,8 @@ Three problems (``--problems``; synthetic and deq by default):
 Run from the repository root::
 
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \\
-        python benchmarks/bench_broyden.py --out benchmarks/results/broyden_after.json
-    python benchmarks/bench_broyden.py --problems hard --out benchmarks/results/broyden_hard.json
+        python -m benchmarks.bench_broyden --out benchmarks/results/broyden_after.json
+    python -m benchmarks.bench_broyden --problems hard --out benchmarks/results/broyden_hard.json
 """
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ def table(rows: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_broyden", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=timing.positive_int, default=100, help="synthetic: samples (default 100)")
     p.add_argument("--n", type=timing.positive_int, default=37632, help="synthetic: entries per sample "

@@ -23,7 +23,7 @@ for orientation only.
 Run from the repository root::
 
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \\
-        python benchmarks/bench_compaction.py --out benchmarks/results/compaction.json
+        python -m benchmarks.bench_compaction --out benchmarks/results/compaction.json
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def layer(method: str, batch: int, n: int, seed: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_compaction", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=100, help="samples (default 100)")
     p.add_argument("--n", type=int, default=256, help="entries per sample (default 256)")

@@ -34,14 +34,14 @@ The driver (no sub-command) launches the worker with P = 1 and 2 processes under
 launchers, fits the cost model of docs/distributed.md to the measurements and writes
 ``benchmarks/results/distributed.json`` (and prints the tables; ``--txt`` keeps a copy):
 
-    python benchmarks/bench_distributed.py --txt benchmarks/results/distributed.txt   # about 4 min on 2 cores
-    python benchmarks/bench_distributed.py --quick --out /tmp/quick.json              # small sizes, 30 s
-    python benchmarks/bench_distributed.py --model-only       # refit the model of the JSON, print the tables
+    python -m benchmarks.bench_distributed --txt benchmarks/results/distributed.txt   # about 4 min on 2 cores
+    python -m benchmarks.bench_distributed --quick --out /tmp/quick.json              # small sizes, 30 s
+    python -m benchmarks.bench_distributed --model-only       # refit the model of the JSON, print the tables
 
 The worker alone, e.g. across nodes (see docs/distributed.md):
 
-    mpiexec -n 2 python -m mpi4py benchmarks/bench_distributed.py worker --engine mpi --out w.json
-    torchrun --standalone --nproc_per_node=2 benchmarks/bench_distributed.py worker --engine torch --out w.json
+    mpiexec -n 2 python -m mpi4py -m benchmarks.bench_distributed worker --engine mpi --out w.json
+    torchrun --standalone --nproc_per_node=2 -m benchmarks.bench_distributed worker --engine torch --out w.json
 
 With two processes on a machine of two (shared) cores, the comparison of 1 and 2 processes
 measures the overhead of the communication, not a parallel speed-up.
@@ -602,7 +602,7 @@ def drive(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_distributed", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command")
     ap.add_argument("--engines", nargs="+", default=["mpi", "torch"], choices=("mpi", "torch"))
     ap.add_argument("--sizes", nargs="+", type=float, default=list(SIZES), help="global vector lengths n")

@@ -22,8 +22,8 @@ forms its residual norm) adds a few hundred kilobytes.
 
 Run from the repository root, e.g.::
 
-    python benchmarks/bench_memory.py --n 1e7 --iters 80
-    python benchmarks/bench_memory.py --backend torch:cuda:0 --n 1e8 --dtype float32
+    python -m benchmarks.bench_memory --n 1e7 --iters 80
+    python -m benchmarks.bench_memory --backend torch:cuda:0 --n 1e8 --dtype float32
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def measure(lib, device, dtype_name, n, method, iters):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_memory", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--backend", default="numpy", help="numpy, torch:cuda:0 or cupy (PyTorch CPU: not measurable)")
     ap.add_argument("--n", type=float, default=1e7, help="vector length")

@@ -34,9 +34,9 @@ is 3.2 GB; all windows of one n are alive at once, about 7 GB peak).  On the
 2-core VM of docs/benchmarks.md the default sweep took about 25 s per dtype
 (numpy) and about 40 s per dtype (torch).  Run from the repository root:
 
-    python benchmarks/bench_overhead.py --backend numpy --out benchmarks/results/overhead_numpy.json
-    python benchmarks/bench_overhead.py --backend torch --threads 1 --dtype float32 float64
-    python benchmarks/bench_overhead.py --backend cupy --device cuda:0 --sizes 1e5 1e6 1e7 1e8
+    python -m benchmarks.bench_overhead --backend numpy --out benchmarks/results/overhead_numpy.json
+    python -m benchmarks.bench_overhead --backend torch --threads 1 --dtype float32 float64
+    python -m benchmarks.bench_overhead --backend cupy --device cuda:0 --sizes 1e5 1e6 1e7 1e8
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def fit(rows):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_overhead", description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="numpy", choices=("numpy", "torch", "cupy"))
     ap.add_argument("--device", default=None, help="cpu (default for numpy/torch) or cuda:<i>")
     ap.add_argument("--dtype", nargs="+", default=["float64"], choices=("float32", "float64"))

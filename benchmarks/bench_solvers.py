@@ -22,10 +22,10 @@ Run from the repository root (on a small shared VM, pin the BLAS/OpenMP pools to
 one thread, e.g. ``OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1``;
 see docs/benchmarks.md):
 
-    python benchmarks/bench_solvers.py                       # every usable backend
-    python benchmarks/bench_solvers.py --backends numpy torch --repeats 5 \\
+    python -m benchmarks.bench_solvers                       # every usable backend
+    python -m benchmarks.bench_solvers --backends numpy torch --repeats 5 \\
         --out benchmarks/results/solvers_cpu.json
-    python benchmarks/bench_solvers.py --backends torch:cuda:0 cupy   # on a GPU machine
+    python -m benchmarks.bench_solvers --backends torch:cuda:0 cupy   # on a GPU machine
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def ratios(runs):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_solvers", description=__doc__.splitlines()[0])
     ap.add_argument("--backends", nargs="+", default=None,
                     help="numpy, torch, torch:cuda:0, cupy, cupy:cuda:0 (default: every usable one)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per solve, after one warm-up run (default 5)")

@@ -128,7 +128,7 @@ def deq_sized(method: str, batch: int, n: int, repeats: int, k1: int, k2: int) -
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_stragglers", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=2000, help="stragglers batch size (default 2000)")
     p.add_argument("--n", type=int, default=256, help="stragglers sample length (default 256)")

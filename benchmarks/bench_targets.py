@@ -26,7 +26,7 @@ Threads: pin them (``OMP_NUM_THREADS=1`` etc.); torch is set to ``--threads``
 Run from the repository root::
 
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \\
-        python benchmarks/bench_targets.py --out benchmarks/results/targets.json
+        python -m benchmarks.bench_targets --out benchmarks/results/targets.json
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def target_tiny(repeats):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_targets", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--repeats", type=int, default=9, help="interleaved rounds per target")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")

@@ -7,7 +7,7 @@ the same arguments, so that a slow spell of a shared machine hits both; per (dty
 n, m) the median over rounds of each tree's time, and new / old.  Each run writes its
 JSON into ``--work``; the comparison goes to ``--out``.
 
-    python benchmarks/compare_overhead.py --old /tmp/base --rounds 3 -- --backend numpy --dtype float64
+    python -m benchmarks.compare_overhead --old /tmp/base --rounds 3 -- --backend numpy --dtype float64
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def run(tree: Path, args: list[str], out: Path) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.compare_overhead", description=__doc__.splitlines()[0])
     ap.add_argument("--old", required=True, help="the other checkout (a folder with fixedpoint/ and benchmarks/)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     ap.add_argument("--work", default=None, help="folder for the runs' JSON (default: a temporary one)")

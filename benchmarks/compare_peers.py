@@ -57,9 +57,9 @@ library (the script sets ``torch.set_num_threads`` and, unless already set, ``XL
 be pinned in the environment)::
 
     export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
-    python benchmarks/compare_peers.py                                    # everything: several minutes
-    python benchmarks/compare_peers.py --quick --out /tmp/peers.json      # small sizes, one repeat: seconds
-    python benchmarks/compare_peers.py --problems h-equation tanh --peers torchdeq scipy
+    python -m benchmarks.compare_peers                                    # everything: several minutes
+    python -m benchmarks.compare_peers --quick --out /tmp/peers.json      # small sizes, one repeat: seconds
+    python -m benchmarks.compare_peers --problems h-equation tanh --peers torchdeq scipy
 """
 
 from __future__ import annotations
@@ -839,7 +839,7 @@ def print_targets(tg: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison; returns 0.  See the module docstring and ``--help``."""
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.compare_peers", description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--quick", action="store_true",
                     help="CI size: H-equation N=200 only, small tanh/Poisson/conv problems, 1 repeat")
     ap.add_argument("--problems", nargs="+", default=None,

@@ -18,8 +18,8 @@ copied along.
 
 Examples
 --------
-    python benchmarks/device_report.py
-    python benchmarks/device_report.py --json out/device.json
+    python -m benchmarks.device_report
+    python -m benchmarks.device_report --json out/device.json
 """
 
 from __future__ import annotations
@@ -254,7 +254,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 def make_parser() -> argparse.ArgumentParser:
     """The command line (``--help``)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.device_report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default=None, metavar="PATH",
                     help="also write the full report as JSON to PATH (default: print only)")
     return ap

@@ -21,8 +21,8 @@ the network.
 
 Examples
 --------
-    python benchmarks/fetch_device_wheels.py            # fill .whl/ (about 160 kB)
-    python benchmarks/fetch_device_wheels.py --check    # check what is there
+    python -m benchmarks.fetch_device_wheels            # fill .whl/ (about 160 kB)
+    python -m benchmarks.fetch_device_wheels --check    # check what is there
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def git_ignored(path: Path) -> bool | None:
 
 def make_parser() -> argparse.ArgumentParser:
     """The command line (``--help``)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.fetch_device_wheels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dest", default=str(ROOT / ".whl"),
                     help="folder of the wheels (default: .whl/ in the repository root)")
     ap.add_argument("--latest", action="store_true",

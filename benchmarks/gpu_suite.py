@@ -43,10 +43,10 @@ test of the suite.  Its target statuses exercise the pipeline and say nothing ab
 
 Examples
 --------
-    python benchmarks/gpu_suite.py --out out/gpu_suite              # on a CUDA machine
-    python benchmarks/gpu_suite.py --dry-run --out /tmp/suite-dry   # rehearsal on a CPU
-    python benchmarks/gpu_suite.py --list                           # the stages and commands
-    python benchmarks/gpu_suite.py --only overhead_cupy deq_cupy --out out/rerun
+    python -m benchmarks.gpu_suite --out out/gpu_suite              # on a CUDA machine
+    python -m benchmarks.gpu_suite --dry-run --out /tmp/suite-dry   # rehearsal on a CPU
+    python -m benchmarks.gpu_suite --list                           # the stages and commands
+    python -m benchmarks.gpu_suite --only overhead_cupy deq_cupy --out out/rerun
 
 See docs/benchmarks.md ("GPU") for what to install and how long each stage takes.
 """
@@ -951,7 +951,8 @@ class Suite:
 
 def make_parser() -> argparse.ArgumentParser:
     """The command line (``--help`` shows every default once)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Stages: env, overhead_cupy, "
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_suite", description=__doc__.split("\n\n")[0],
+                                 epilog="Stages: env, overhead_cupy, "
                                  "overhead_torch_cuda, cvg_jacobi, gpu_tests, cvg_gpu, deq_cupy, deq_torch (dry run: "
                                  "overhead_numpy, overhead_torch, deq_numpy, deq_torch). See docs/benchmarks.md.")
     ap.add_argument("--out", default="out/gpu_suite",

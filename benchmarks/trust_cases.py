@@ -262,7 +262,7 @@ def demo_cases():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.trust_cases", description=__doc__.split("\n")[0])
     parser.add_argument("--txt", help="also write the table to this file")
     args = parser.parse_args(argv)
     cases = library_cases() + multiprocess_cases() + demo_cases()

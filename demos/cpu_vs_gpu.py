@@ -17,9 +17,9 @@ iterations).
 
 Examples::
 
-    python demos/cpu_vs_gpu.py                          # default sweep: a few minutes on 2 CPU cores
-    python demos/cpu_vs_gpu.py --quick --out /tmp/cvg   # seconds (used by the tests)
-    python demos/cpu_vs_gpu.py --backends numpy cupy torch:cuda:0 --max-n 1e7
+    python -m demos.cpu_vs_gpu                          # default sweep: a few minutes on 2 CPU cores
+    python -m demos.cpu_vs_gpu --quick --out /tmp/cvg   # seconds (used by the tests)
+    python -m demos.cpu_vs_gpu --backends numpy cupy torch:cuda:0 --max-n 1e7
 
 The sizes swept are the decades from 1e3 to ``--max-n`` (1e6 by default) unless
 ``--sizes`` lists them.  torch uses as many threads as there are idle CPUs unless
@@ -292,7 +292,7 @@ def _decades(max_n):
 
 def make_parser():
     """The command line of the demo (``--help`` shows every default once)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m demos.cpu_vs_gpu", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", nargs="+", choices=PROBLEMS, default=list(PROBLEMS), metavar="PROBLEM",
                     help=f"any of {', '.join(PROBLEMS)}; conv needs torch (default: all)")

@@ -1,6 +1,6 @@
 """The DEQ demo under torchrun: data-parallel training (DistributedDataParallel), one process per rank.
 
-``torchrun --standalone --nproc_per_node=N demos/deq_cifar10.py ...`` starts N processes
+``torchrun --standalone --nproc_per_node=N -m demos.deq_cifar10 ...`` starts N processes
 and tells each its place through the environment (``WORLD_SIZE``, ``RANK``,
 ``LOCAL_RANK``); :meth:`Ranks.start` reads it and joins the process group: gloo for a
 CPU run, NCCL for ``--device cuda`` (each process on the GPU of its ``LOCAL_RANK``).

@@ -13,12 +13,12 @@ the model's tensors crossing over zero-copy through DLPack.
 
 Examples
 --------
-    python demos/deq_cifar10.py --dataset digits --solver both --epochs 5 --out out/deq-digits
-    python demos/deq_cifar10.py --dataset digits --solver forward anderson broyden --compact on --out out/deq-3
-    python demos/deq_cifar10.py --dataset digits --solver anderson --gradient phantom --jac-reg 0.1 --out out/deq-pg
-    python demos/deq_cifar10.py --dataset fashion-mnist --limit-train 5000 --epochs 3 --out out/deq-fmnist
-    python demos/deq_cifar10.py --dataset cifar10 --data-dir ~/data --device cuda --epochs 20
-    torchrun --standalone --nproc_per_node=2 demos/deq_cifar10.py --dataset digits --solver anderson --out out/deq-2
+    python -m demos.deq_cifar10 --dataset digits --solver both --epochs 5 --out out/deq-digits
+    python -m demos.deq_cifar10 --dataset digits --solver forward anderson broyden --compact on --out out/deq-3
+    python -m demos.deq_cifar10 --dataset digits --solver anderson --gradient phantom --jac-reg 0.1 --out out/deq-pg
+    python -m demos.deq_cifar10 --dataset fashion-mnist --limit-train 5000 --epochs 3 --out out/deq-fmnist
+    python -m demos.deq_cifar10 --dataset cifar10 --data-dir ~/data --device cuda --epochs 20
+    torchrun --standalone --nproc_per_node=2 -m demos.deq_cifar10 --dataset digits --solver anderson --out out/deq-2
 
 Under torchrun the demo trains data-parallel (DistributedDataParallel; gloo on the CPU,
 NCCL with --device cuda): --batch-size is the global batch, each rank takes its share,
@@ -91,7 +91,7 @@ EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 def make_parser():
     """The command line of the demo (``--help`` shows every default once)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m demos.deq_cifar10", description=__doc__.split("\n\n")[0])
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=DATASETS, default="cifar10",
                    help="cifar10 (cifar-10-batches-py), fashion-mnist (IDX files) or digits (scikit-learn, built "

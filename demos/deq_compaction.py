@@ -20,7 +20,7 @@ Settings are interleaved batch by batch so that a change of load affects them al
 
 Example::
 
-    python demos/deq_compaction.py out/deq-fmnist/checkpoint-forward.pt --batches 4 --out compaction.json
+    python -m demos.deq_compaction out/deq-fmnist/checkpoint-forward.pt --batches 4 --out compaction.json
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ SETTINGS = (("off", "off", 0.5), ("auto", "auto", 0.5), ("on/0", "on", 0.0), ("o
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m demos.deq_compaction", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="checkpoint-SOLVER.pt written by demos/deq_cifar10.py")
     p.add_argument("--batches", type=positive_int, default=3, help="training batches measured (default: %(default)s)")
     p.add_argument("--first", type=int, default=0, help="index of the first batch (default: %(default)s)")

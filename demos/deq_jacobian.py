@@ -8,7 +8,7 @@ iterations of the solve.  Used to see what Jacobian regularisation (``--jac-reg`
 
 Example::
 
-    python demos/deq_jacobian.py out/deq-digits/checkpoint-anderson.pt out/deq-jacreg/checkpoint-anderson.pt
+    python -m demos.deq_jacobian out/deq-digits/checkpoint-anderson.pt out/deq-jacreg/checkpoint-anderson.pt
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tooling.timing import add_threads_flag, positive_int, use_threads
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m demos.deq_jacobian", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="+", help="checkpoint-SOLVER.pt files written by demos/deq_cifar10.py")
     p.add_argument("--probes", type=positive_int, default=8, help="probes per sample (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the probes (default: %(default)s)")

@@ -376,8 +376,8 @@ def load_outputs(out):
 
 
 def make_parser():
-    """The command line of ``python demos/deq_report.py``."""
-    p = argparse.ArgumentParser(
+    """The command line of ``python -m demos.deq_report``."""
+    p = argparse.ArgumentParser(prog="python -m demos.deq_report",
         description="Recompute the totals and the comparison of a DEQ demo output folder from its records "
                     "(metrics.jsonl, batches.csv, residuals.csv), rewrite its summary.json, redraw its plots and "
                     "print the comparison table.")
@@ -386,7 +386,7 @@ def make_parser():
 
 
 def main(argv=None):
-    """``python demos/deq_report.py OUT``: recompute the totals and the comparison of an output folder
+    """``python -m demos.deq_report OUT``: recompute the totals and the comparison of an output folder
     from its records (metrics.jsonl, batches.csv), rewrite summary.json, redraw the plots, print the table.
 
     Returns 0, or 2 with a one-line error naming the file when the folder or a record file is

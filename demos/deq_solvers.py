@@ -7,7 +7,7 @@ settings and compaction on (:mod:`demos.deq_same_model`, which says what is meas
 
 Example::
 
-    python demos/deq_solvers.py out/deq-fmnist/checkpoint-forward.pt out/deq-fmnist/checkpoint-anderson.pt \\
+    python -m demos.deq_solvers out/deq-fmnist/checkpoint-forward.pt out/deq-fmnist/checkpoint-anderson.pt \\
         --batches 5 --out solvers.json
 """
 
@@ -28,7 +28,7 @@ SOLVERS = ("forward", "anderson", "broyden")
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m demos.deq_solvers", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="+", help="checkpoint-SOLVER.pt files written by demos/deq_cifar10.py")
     p.add_argument("--solvers", nargs="+", choices=SOLVERS, default=list(SOLVERS),
                    help="solvers run on each model (default: all)")

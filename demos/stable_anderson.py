@@ -6,8 +6,8 @@ of mini-batches, for a small and a large batch size, and records the training lo
 problem's error against optimizer steps and training wall time (evaluation excluded).  The
 Anderson runs use the closure safeguard unless ``--no-safeguard`` is given.
 
-    python demos/stable_anderson.py --out docs/results/stable_anderson
-    python demos/stable_anderson.py --quick --out /tmp/stable_anderson     # seconds, for tests
+    python -m demos.stable_anderson --out docs/results/stable_anderson
+    python -m demos.stable_anderson --quick --out /tmp/stable_anderson     # seconds, for tests
 
 Writes ``metrics.json`` (every curve, every extrapolation's status and RSD, the settings and the
 machine), ``summary.csv`` (one row per run) and PNG plots into ``--out`` (default
@@ -186,7 +186,7 @@ def output_names():
 
 def make_parser():
     """The command line of the demo (``--help`` shows every default once)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m demos.stable_anderson", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("out/stable_anderson"),
                     help="output folder; one that holds an earlier run is refused unless --overwrite is given "

@@ -56,7 +56,7 @@ def test_gpu_sections_say_how_to_run_on_your_own_cuda_machine():
     cvg = " ".join((DOCS / "cpu_vs_gpu.md").read_text(encoding="utf-8").split("## GPU run", 1)[1].split())
     for text in (bench, cvg):
         assert "python -m venv" in text and 'pip install -e ".[test,torch,demos,cuda12]"' in text
-        assert "python benchmarks/gpu_suite.py --out out/gpu_suite" in text
+        assert "python -m benchmarks.gpu_suite --out out/gpu_suite" in text
         assert "report.md" in text and "results.tar.gz" in text and "has not been measured" in text
     # the commands name real extras and the suite's real files
     cfg = (DOCS.parent / "setup.cfg").read_text()

@@ -371,7 +371,7 @@ def mismatches(rec):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tooling.doc_figures", description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true",
                     help="recompute and compare with the record and the docs, write nothing; exit 1 on a difference")
     ap.add_argument("--render-only", action="store_true",
