@@ -21,7 +21,7 @@ SOLVER_BACKENDS = ("auto", "numpy", "cupy", "torch")
 
 
 def solver_backend_for(backend: str, device: torch.device | str) -> str:
-    """The array library the solver runs in for tensors on ``device``.
+    """Return the array library the solver runs in for tensors on ``device``.
 
     Parameters
     ----------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
@@ -24,37 +25,60 @@ from .guards import Watch
 from .solving import RowSet, solve_layer
 from .stats import DEQStats
 
+#: The layer's map f(z, x) -> tensor of z's shape.
+FMap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 class Timer:
-    """The ends of one call's backward pass, for :attr:`DEQStats.backward_time` (and its cost, once known)."""
+    """Record the ends of one call's backward pass in :attr:`DEQStats.backward_time` (and its cost, once known).
 
-    def __init__(self, stats, device, vjps=None, rows=None):
-        self.stats, self.device, self.vjps, self.rows, self.t0 = stats, device, vjps, rows, None
+    Parameters
+    ----------
+    stats : DEQStats
+        The call's statistics, written by :meth:`start` and :meth:`stop`.
+    device : torch.device
+        Device synchronised at both ends.
+    vjps, rows : int, optional
+        The backward pass's products and their samples, when known before it runs (phantom
+        gradients, JFB); written into ``stats`` at :meth:`start`.
+    """
 
-    def start(self):
+    def __init__(self, stats: DEQStats, device: torch.device, vjps: int | None = None,
+                 rows: int | None = None) -> None:
+        self.stats, self.device, self.vjps, self.rows = stats, device, vjps, rows
+        self.t0: float | None = None
+
+    def start(self) -> None:
+        """Note the start of the backward pass (after synchronising the device)."""
         synchronize(self.device)
         self.t0 = time.perf_counter()
         if self.vjps is not None:
             self.stats.backward_vjps, self.stats.backward_rows = self.vjps, self.rows
 
-    def stop(self):
+    def stop(self) -> None:
+        """Set ``stats.backward_time`` (after synchronising the device), if the start was noted."""
         if self.t0 is not None:
             synchronize(self.device)
             self.stats.backward_time = time.perf_counter() - self.t0
 
 
 class Clock(torch.autograd.Function):
-    """A copy of a tensor whose backward notes that the gradient has passed: start or end of the layer's
-    backward pass (at its output, or at x once every contribution to x's gradient has been summed).
+    """Copy a tensor; its backward notes that the gradient has passed, on a :class:`Timer`.
+
+    The start or the end of the layer's backward pass: at its output, or at x once every
+    contribution to x's gradient has been summed.
     """
 
+    # ctx: torch's autograd context object, which carries the attributes set here (untyped in torch)
     @staticmethod
-    def forward(ctx, t, timer, end):
+    def forward(ctx: Any, t: torch.Tensor, timer: Timer, end: bool) -> torch.Tensor:
+        """Return a copy of ``t``; ``end`` says whether its backward ends (else starts) ``timer``."""
         ctx.timer, ctx.end = timer, end
         return t.clone()
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        """Stop or start the timer; pass ``grad`` through unchanged."""
         if ctx.end:
             ctx.timer.stop()
         else:
@@ -73,25 +97,30 @@ class _Adjoint:
     ever shrink (samples that stop do not come back).
     """
 
-    def __init__(self, f, z, z_leaf, x, grad, batch, rebuild_fraction):
+    def __init__(self, f: FMap, z: torch.Tensor, z_leaf: torch.Tensor, x: torch.Tensor, grad: torch.Tensor,
+                 batch: bool, rebuild_fraction: float) -> None:
         self.f, self.x, self.grad = f, x, grad
         self.rebuild_fraction = rebuild_fraction
         self.z_star = z_leaf.detach()
         self.graph = (z, z_leaf)
-        self.graph_rows = None  # indices of the graph's samples in the batch; None: every sample
+        self.graph_rows: torch.Tensor | None = None  # indices of the graph's samples in the batch; None: every sample
         self.size = z.shape[0] if batch else 1  # samples of the graph in use
         self.batch = batch
-        self.seen, self.pos, self.grad_rows = RowSet(), None, None
+        self.seen = RowSet()
+        self.pos: torch.Tensor | None = None  # places of the rows in the graph; None: the graph holds exactly them
+        # grad[rows]: read only after _select has set it (the first set of rows is always new)
+        self.grad_rows = grad
         self.vjp_rows = 0  # samples of the graphs the products were taken on, in all
         self.rebuilt_rows = 0  # samples f was evaluated on again
 
-    def _vjp(self, u):
+    def _vjp(self, u: torch.Tensor) -> torch.Tensor:
         out, leaf = self.graph
         (v,) = torch.autograd.grad(out, leaf, u, retain_graph=True)
         self.vjp_rows += self.size
         return v
 
-    def __call__(self, u, rows=None):
+    def __call__(self, u: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Return J_fᵀ u + g for u of the shape of the rows ``rows`` of the batch (all of them when None)."""
         if rows is None or (self.graph_rows is None and rows.shape[0] == self.size):
             return self._vjp(u) + self.grad  # out of place: the product may be u itself (f(z) = z + ...)
         if self.seen.changed(rows):
@@ -102,9 +131,10 @@ class _Adjoint:
         w.index_copy_(0, self.pos, u)
         return self._vjp(w).index_select(0, self.pos) + self.grad_rows
 
-    def _select(self, rows):
-        """New rows (at a host check): rebuild the graph on them when they are few enough; their places in it."""
-        rows = self.seen.rows  # a copy: the solver's array is its own
+    def _select(self, rows: torch.Tensor) -> None:
+        """Take new rows (at a host check): rebuild the graph on them when they are few enough; their places in it."""
+        # a copy (the solver's array is its own), set by the seen.changed(rows) that led here
+        rows = cast(torch.Tensor, self.seen.rows)
         self.grad_rows = self.grad.index_select(0, rows)
         k = rows.shape[0]
         if k <= self.rebuild_fraction * self.size:
@@ -126,7 +156,7 @@ class _Adjoint:
 class Backward:
     """What the adjoint solve of one call needs besides the saved tensors."""
 
-    f: Callable
+    f: FMap
     x: torch.Tensor  # detached
     cfg: Config
     backend: str
@@ -135,19 +165,29 @@ class Backward:
 
 
 class ImplicitBackward(torch.autograd.Function):
-    """Identity on z = f(z*, x) in the forward pass; in the backward pass, replaces the incoming
-    gradient ∂L/∂z by the adjoint u = J_fᵀ u + ∂L/∂z, which then flows through the graph of f
-    to x and the parameters.
+    """Pass z = f(z*, x) through; in the backward pass, replace ∂L/∂z by the adjoint u = J_fᵀ u + ∂L/∂z.
+
+    The adjoint then flows through the graph of f to x and the parameters.
     """
 
     @staticmethod
-    def forward(ctx, z, z_leaf, job):
+    def forward(ctx: Any, z: torch.Tensor, z_leaf: torch.Tensor, job: Backward) -> torch.Tensor:
+        """Return a copy of ``z``; save ``z`` and the leaf ``z_leaf`` (z*) it was computed from, and ``job``."""
         ctx.save_for_backward(z, z_leaf)
         ctx.job = job
         return z.clone()
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        """Solve the adjoint fixed point for the incoming ``grad``; return it as the gradient of ``z``.
+
+        Raises
+        ------
+        RuntimeError
+            Under ``create_graph=True`` (second derivatives are not supported).
+        ConvergenceError
+            With ``unconverged="raise"``, when the adjoint solve ends unconverged.
+        """
         if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative is being built
             raise RuntimeError(
                 "second derivatives through a DEQ layer are not supported: the implicit gradient's dependence on "
@@ -171,12 +211,18 @@ class ImplicitBackward(torch.autograd.Function):
         return u, None, None
 
 
-def unroll(f, z_first, x, steps, damping):
-    """The layer's output from z* with autograd, and f(z*, x).
+def unroll(f: FMap, z_first: torch.Tensor, x: torch.Tensor, steps: int,
+           damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the layer's output from z* with autograd, and f(z*, x).
 
     ``steps`` = 1 (implicit gradients, JFB): the one evaluation f(z*, x).  Phantom gradients:
     z_k after the k = ``steps`` damped steps z_{i+1} = (1 − λ) z_i + λ f(z_i, x) from z_0 = z*,
     λ = ``damping``, whose backpropagation is the phantom gradient.
+
+    Raises
+    ------
+    ValueError
+        If f returns another shape than z's.
     """
     z, fz_first = z_first, z_first
     for i in range(steps):

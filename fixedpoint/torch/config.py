@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 from ..checks import check_choice, check_int, check_real, user_stacklevel
 from ..method import Method
@@ -17,6 +18,7 @@ from ..options import COMMON_OPTIONS, check_common
 from ..registry import resolve_method
 from ..result import ConvergenceError, ConvergenceWarning
 from .backends import SOLVER_BACKENDS
+from .stats import SolveStats
 
 __all__ = ["GRADIENTS", "PHANTOM_DAMPING", "PHANTOM_STEPS", "REBUILD_FRACTION", "UNCONVERGED"]
 
@@ -44,7 +46,7 @@ class Config:
     """A DEQ layer's options, checked (:func:`make_config`); the solver's method objects resolved."""
 
     method: Method
-    solver_options: dict  # common solver options besides the layer's own (stop_mode, check_every)
+    solver_options: dict[str, Any]  # common solver options besides the layer's own (stop_mode, check_every)
     backend: str
     tol: float
     max_iter: int
@@ -54,15 +56,19 @@ class Config:
     gradient_steps: int
     gradient_damping: float
     backward_method: Method
-    backward_solver_options: dict
+    backward_solver_options: dict[str, Any]
     backward_tol: float
     backward_max_iter: int
     unconverged: str = "warn"
     rebuild_fraction: float = REBUILD_FRACTION
 
 
-def _resolve(method, options, name):
-    """(method object, common solver options) from a method name or object and a dict of options."""
+def _resolve(method: str | Method, options: object, name: str) -> tuple[Method, dict[str, Any]]:
+    """Return (method object, checked common solver options) from a method name or object and ``options``.
+
+    ``name`` names ``options`` in the errors: ``TypeError`` for a non-dict, a reserved key, or an
+    option unknown to the method; ``ValueError`` for a bad value.
+    """
     if not isinstance(options, dict):
         raise TypeError(f"{name} must be a dict of solver options, got {type(options).__name__}")
     for key in options:
@@ -73,7 +79,8 @@ def _resolve(method, options, name):
     return method_obj, check_common(common)
 
 
-def _check_compact(compact, batch):
+def _check_compact(compact: bool | str, batch: bool) -> bool | str:
+    """Return the checked ``compact`` (False without batch mode); ``ValueError`` for True with ``batch=False``."""
     compact = COMMON_OPTIONS["compact"].check(compact)
     if compact is True and not batch:
         raise ValueError("compact=True evaluates f on the samples still iterating, so it needs batch=True "
@@ -81,7 +88,13 @@ def _check_compact(compact, batch):
     return compact if batch else False
 
 
-def _check_gradient(gradient, steps, damping, backward_given):
+def _check_gradient(gradient: str, steps: int | None, damping: float | None,
+                    backward_given: list[str]) -> tuple[str, int, float]:
+    """Return (gradient, steps, damping) checked, with the phantom defaults, or (gradient, 1, 1.0) otherwise.
+
+    ``backward_given`` names the adjoint options that were set; they are refused (``ValueError``)
+    with phantom or Jacobian-free gradients, as are phantom options with another gradient.
+    """
     check_choice("gradient", gradient, GRADIENTS)
     if gradient != "phantom":
         for name, value in (("gradient_steps", steps), ("gradient_damping", damping)):
@@ -99,10 +112,22 @@ def _check_gradient(gradient, steps, damping, backward_given):
     return gradient, steps, damping
 
 
-def make_config(method, backend, tol, max_iter, batch, options, backward_method, backward_tol,
-                 backward_max_iter, backward_options, compact="auto", gradient="implicit", gradient_steps=None,
-                 gradient_damping=None, unconverged="warn", rebuild_fraction=REBUILD_FRACTION):
-    """The layer's options checked once (each error names its option), as a :class:`Config`."""
+def make_config(method: str | Method, backend: str, tol: float, max_iter: int, batch: bool,
+                options: dict[str, Any] | None, backward_method: str | Method | None, backward_tol: float | None,
+                backward_max_iter: int | None, backward_options: dict[str, Any] | None,
+                compact: bool | str = "auto", gradient: str = "implicit", gradient_steps: int | None = None,
+                gradient_damping: float | None = None, unconverged: str = "warn",
+                rebuild_fraction: float = REBUILD_FRACTION) -> Config:
+    """Check the layer's options once and return them as a :class:`Config`.
+
+    The parameters are those of :func:`fixedpoint.torch.deq_fixed_point` (``options`` and
+    ``backward_options`` as dicts, None for none).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a bad option (the message names it), as listed in :func:`fixedpoint.torch.deq_fixed_point`.
+    """
     check_choice("backend", backend, SOLVER_BACKENDS)
     unconverged = check_choice("unconverged", unconverged, UNCONVERGED)
     tol = COMMON_OPTIONS["tol"].check(tol)
@@ -130,8 +155,21 @@ def make_config(method, backend, tol, max_iter, batch, options, backward_method,
                    rebuild_fraction)
 
 
-def signal_unconverged(cfg, which, stats):
-    """The layer's ``unconverged`` policy for a solve (``which``: "forward" or "adjoint") that did not converge."""
+def signal_unconverged(cfg: Config, which: str, stats: SolveStats) -> None:
+    """Apply the layer's ``unconverged`` policy to a solve (``which``: "forward" or "adjoint").
+
+    Nothing happens when every sample converged or ``cfg.unconverged`` is "ignore".
+
+    Raises
+    ------
+    ConvergenceError
+        With ``unconverged="raise"``, carrying ``stats``.
+
+    Warns
+    -----
+    ConvergenceWarning
+        With ``unconverged="warn"`` (the same text each time, so Python's default filter shows it once).
+    """
     if cfg.unconverged == "ignore" or stats.converged_fraction >= 1.0:
         return
     where = "layer.stats.forward" if which == "forward" else "layer.stats.backward"

@@ -77,14 +77,14 @@ chapter 4; M. Al Dajani & D. Keyes, arXiv 2410.19460 (2024).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
 from ..checks import check_int
 from ..method import Method
 from .backends import SOLVER_BACKENDS, solver_backend_for
-from .backward import Backward, Clock, ImplicitBackward, Timer, unroll
+from .backward import Backward, Clock, FMap, ImplicitBackward, Timer, unroll
 from .config import (
     GRADIENTS,
     PHANTOM_DAMPING,
@@ -103,10 +103,20 @@ from .stats import DEQStats, SolveStats
 __all__ = ["DEQ", "DEQStats", "SolveStats", "deq_fixed_point", "jacobian_frobenius", "solver_backend_for",
            "GRADIENTS", "PHANTOM_DAMPING", "PHANTOM_STEPS", "REBUILD_FRACTION", "SOLVER_BACKENDS", "UNCONVERGED"]
 
+# The autograd Functions' apply, with the signatures of their forward (torch declares Function.apply untyped)
+_clock: Callable[[torch.Tensor, Timer, bool], torch.Tensor] = Clock.apply
+_implicit: Callable[[torch.Tensor, torch.Tensor, Backward], torch.Tensor] = ImplicitBackward.apply
 
-def _deq(f, x, z0, cfg: Config, jacobian_probes=0):
-    """One call of the layer: check the inputs, solve z* = f(z*, x), and attach the output to autograd as
-    ``cfg.gradient`` says; returns (output, DEQStats, Jacobian estimate or None).
+
+def _check_inputs(x: torch.Tensor, z0: torch.Tensor | None, batch: bool) -> torch.Tensor:
+    """Check the layer's input ``x`` and initial guess ``z0``; return z0 (default zeros of x's shape).
+
+    Raises
+    ------
+    TypeError
+        For a non-tensor ``x`` or ``z0``, or a ``z0`` without a floating dtype.
+    ValueError
+        For a ``z0`` on another device than x, or (batch mode) without x's leading batch axis.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -118,14 +128,18 @@ def _deq(f, x, z0, cfg: Config, jacobian_probes=0):
         raise ValueError(f"z0 must be on x's device {x.device}, got {z0.device}")
     if not z0.is_floating_point():
         raise TypeError(f"z0 must have a floating dtype, got {z0.dtype}")
-    if cfg.batch and (z0.dim() == 0 or (x.dim() > 0 and z0.shape[0] != x.shape[0])):
+    if batch and (z0.dim() == 0 or (x.dim() > 0 and z0.shape[0] != x.shape[0])):
         raise ValueError(f"batch=True needs z0 with x's leading batch axis, got z0 of shape {tuple(z0.shape)} "
                          f"and x of shape {tuple(x.shape)}")
-    jacobian_probes = check_int("jacobian_probes", jacobian_probes, 0)
-    grad_on = torch.is_grad_enabled()
-    if jacobian_probes and not grad_on:
-        raise ValueError("jacobian_probes > 0 needs grad mode (the estimate is differentiated through f's graph); "
-                         "call the layer without it under torch.no_grad()")
+    return z0
+
+
+def _solve_forward(f: FMap, x: torch.Tensor, z0: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, SolveStats, str]:
+    """Solve z* = f(z*, x) from ``z0`` under no_grad; return (z*, its SolveStats, the solver's library).
+
+    f is checked first (:func:`check_modes`, :class:`Watch`), the solver's errors about the map
+    are reworded for f (:func:`as_f_error`), and the ``unconverged`` policy is applied.
+    """
     check_modes(f)
     backend = solver_backend_for(cfg.backend, z0.device)
 
@@ -139,19 +153,28 @@ def _deq(f, x, z0, cfg: Config, jacobian_probes=0):
     try:
         with Watch(f):
             z_star, fstats = solve_layer(fmap, z0.detach(), cfg.method, cfg.tol, cfg.max_iter, cfg.batch,
-                                    cfg.solver_options, backend, cfg.compact)
+                                         cfg.solver_options, backend, cfg.compact)
     except (TypeError, ValueError) as exc:
         err = as_f_error(exc)
         if err is exc:
             raise
         raise err from None
     signal_unconverged(cfg, "forward", fstats)
+    return z_star, fstats, backend
+
+
+def _attach(f: FMap, x: torch.Tensor, z_star: torch.Tensor, fstats: SolveStats, cfg: Config, backend: str,
+            grad_on: bool, jacobian_probes: int) -> tuple[torch.Tensor, DEQStats, torch.Tensor | None]:
+    """Evaluate f at z* with autograd and attach the output to the graph as ``cfg.gradient`` says.
+
+    Returns (output, DEQStats, Jacobian estimate or None); ``grad_on`` is the grad mode of the call.
+    """
     steps = cfg.gradient_steps if cfg.gradient == "phantom" else 1
     stats = DEQStats(forward=fstats, gradient=cfg.gradient, graph_evals=steps)
     z_star = z_star.detach()
     batch_rows = z_star.shape[0] if cfg.batch else 1
     timer = Timer(stats, z_star.device, *(() if cfg.gradient == "implicit" else (steps, steps * batch_rows)))
-    x_in = Clock.apply(x, timer, True) if grad_on and x.requires_grad else x
+    x_in = _clock(x, timer, True) if grad_on and x.requires_grad else x
     # z* is a leaf that requires grad where something differentiates with respect to it: the adjoint's
     # products (implicit) and the Jacobian estimate
     leaf = bool(jacobian_probes) or (grad_on and cfg.gradient == "implicit")
@@ -163,11 +186,88 @@ def _deq(f, x, z0, cfg: Config, jacobian_probes=0):
         return z, stats, jac
     if cfg.gradient == "implicit":
         job = Backward(f, x.detach(), cfg, backend, stats, timer)
-        return ImplicitBackward.apply(z, z_first, job), stats, jac
-    return Clock.apply(z, timer, False), stats, jac
+        return _implicit(z, z_first, job), stats, jac
+    return _clock(z, timer, False), stats, jac
 
 
-_PARAMETERS = """
+def _deq(f: FMap, x: torch.Tensor, z0: torch.Tensor | None, cfg: Config,
+         jacobian_probes: int = 0) -> tuple[torch.Tensor, DEQStats, torch.Tensor | None]:
+    """Run one call of the layer: check the inputs, solve z* = f(z*, x), attach the output to autograd.
+
+    Returns (output, DEQStats, Jacobian estimate or None); the errors are those of
+    :func:`deq_fixed_point`.
+    """
+    z0 = _check_inputs(x, z0, cfg.batch)
+    jacobian_probes = check_int("jacobian_probes", jacobian_probes, 0)
+    grad_on = torch.is_grad_enabled()
+    if jacobian_probes and not grad_on:
+        raise ValueError("jacobian_probes > 0 needs grad mode (the estimate is differentiated through f's graph); "
+                         "call the layer without it under torch.no_grad()")
+    z_star, fstats, backend = _solve_forward(f, x, z0, cfg)
+    return _attach(f, x, z_star, fstats, cfg, backend, grad_on, jacobian_probes)
+
+
+@overload
+def deq_fixed_point(f: FMap, x: torch.Tensor, z0: torch.Tensor | None = None, *, method: str | Method = "anderson",
+                    backend: str = "auto", tol: float = 1e-2, max_iter: int = 1000, batch: bool = True,
+                    compact: bool | str = "auto", gradient: str = "implicit", gradient_steps: int | None = None,
+                    gradient_damping: float | None = None, options: dict[str, Any] | None = None,
+                    backward_method: str | Method | None = None, backward_tol: float | None = None,
+                    backward_max_iter: int | None = None, backward_options: dict[str, Any] | None = None,
+                    jacobian_probes: Literal[0] = 0, unconverged: str = "warn",
+                    rebuild_fraction: float = REBUILD_FRACTION) -> tuple[torch.Tensor, DEQStats]: ...
+
+
+@overload
+def deq_fixed_point(f: FMap, x: torch.Tensor, z0: torch.Tensor | None = None, *, method: str | Method = "anderson",
+                    backend: str = "auto", tol: float = 1e-2, max_iter: int = 1000, batch: bool = True,
+                    compact: bool | str = "auto", gradient: str = "implicit", gradient_steps: int | None = None,
+                    gradient_damping: float | None = None, options: dict[str, Any] | None = None,
+                    backward_method: str | Method | None = None, backward_tol: float | None = None,
+                    backward_max_iter: int | None = None, backward_options: dict[str, Any] | None = None,
+                    jacobian_probes: int, unconverged: str = "warn", rebuild_fraction: float = REBUILD_FRACTION
+                    ) -> tuple[torch.Tensor, DEQStats] | tuple[torch.Tensor, DEQStats, torch.Tensor]: ...
+
+
+def deq_fixed_point(f: FMap, x: torch.Tensor, z0: torch.Tensor | None = None, *, method: str | Method = "anderson",
+                    backend: str = "auto", tol: float = 1e-2, max_iter: int = 1000, batch: bool = True,
+                    compact: bool | str = "auto", gradient: str = "implicit", gradient_steps: int | None = None,
+                    gradient_damping: float | None = None, options: dict[str, Any] | None = None,
+                    backward_method: str | Method | None = None, backward_tol: float | None = None,
+                    backward_max_iter: int | None = None, backward_options: dict[str, Any] | None = None,
+                    jacobian_probes: int = 0, unconverged: str = "warn", rebuild_fraction: float = REBUILD_FRACTION
+                    ) -> tuple[torch.Tensor, DEQStats] | tuple[torch.Tensor, DEQStats, torch.Tensor]:
+    """Solve z* = f(z*, x) as a DEQ layer does, differentiably (implicitly, by phantom gradients or JFB).
+
+    The functional form of :class:`DEQ` (see the module documentation for the methods).
+
+    Parameters
+    ----------
+    f : callable
+        ``f(z, x) -> tensor`` of z's shape, dtype and device; usually a
+        ``torch.nn.Module``.  In batch mode it must treat the samples (leading
+        axis) independently; with compaction it is called on some of them, with
+        the matching rows of x.  Gradients flow to x and to every tensor f uses
+        that requires grad (its parameters).
+    x : torch.Tensor
+        The input injection, any shape with z0's leading batch axis, floating dtype
+        (float32 or float64 typical).
+    z0 : torch.Tensor, optional
+        Initial guess, default ``torch.zeros_like(x)``; its shape is z's shape.
+    method : str or fixedpoint.method.Method, default "anderson"
+        Method of the forward solve: an object (``fixedpoint.Anderson(m=5)``,
+        ``fixedpoint.Broyden()``, ``fixedpoint.ForwardIteration()``, ...) or a name
+        ("anderson", "forward", "broyden") whose options are given in ``options``.
+    backend : {"auto", "numpy", "cupy", "torch"}, default "auto"
+        Array library the solver runs in (:func:`solver_backend_for`): "auto" is
+        NumPy for CPU tensors and CuPy for CUDA tensors, zero-copy through DLPack.
+    tol : float, default 1e-2
+        Tolerance on the residual (relative by default, see ``options["stop_mode"]``).
+    max_iter : int, default 1000
+        Iteration cap of the forward solve.
+    batch : bool, default True
+        Per-sample solves (own residual, convergence flag and iteration count for
+        every sample along the leading axis); False solves the whole batch as one vector.
     compact : {"auto", True, False}, default "auto"
         Batch mode: evaluate f only on the samples still iterating, in the forward
         and in the adjoint solve (module documentation): True from the start, "auto"
@@ -210,49 +310,7 @@ _PARAMETERS = """
         :class:`fixedpoint.ConvergenceWarning` (once per place in the program, by
         Python's default filter), raise :class:`fixedpoint.ConvergenceError` (from
         the call, or from ``backward()`` for the adjoint), or do nothing.  The
-        statistics are in the returned ``stats`` / ``layer.stats`` in every case."""
-
-
-def deq_fixed_point(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
-                    z0: torch.Tensor | None = None, *, method: str | Method = "anderson", backend: str = "auto",
-                    tol: float = 1e-2, max_iter: int = 1000, batch: bool = True, compact: bool | str = "auto",
-                    gradient: str = "implicit", gradient_steps: int | None = None,
-                    gradient_damping: float | None = None, options: dict[str, Any] | None = None,
-                    backward_method: str | Method | None = None, backward_tol: float | None = None,
-                    backward_max_iter: int | None = None, backward_options: dict[str, Any] | None = None,
-                    jacobian_probes: int = 0, unconverged: str = "warn",
-                    rebuild_fraction: float = REBUILD_FRACTION) -> tuple:
-    """Fixed point z* = f(z*, x) of a DEQ layer, differentiable (implicitly, by phantom gradients or JFB).
-
-    The functional form of :class:`DEQ` (see the module documentation for the methods).
-
-    Parameters
-    ----------
-    f : callable
-        ``f(z, x) -> tensor`` of z's shape, dtype and device; usually a
-        ``torch.nn.Module``.  In batch mode it must treat the samples (leading
-        axis) independently; with compaction it is called on some of them, with
-        the matching rows of x.  Gradients flow to x and to every tensor f uses
-        that requires grad (its parameters).
-    x : torch.Tensor
-        The input injection, any shape with z0's leading batch axis, floating dtype
-        (float32 or float64 typical).
-    z0 : torch.Tensor, optional
-        Initial guess, default ``torch.zeros_like(x)``; its shape is z's shape.
-    method : str or fixedpoint.method.Method, default "anderson"
-        Method of the forward solve: an object (``fixedpoint.Anderson(m=5)``,
-        ``fixedpoint.Broyden()``, ``fixedpoint.ForwardIteration()``, ...) or a name
-        ("anderson", "forward", "broyden") whose options are given in ``options``.
-    backend : {"auto", "numpy", "cupy", "torch"}, default "auto"
-        Array library the solver runs in (:func:`solver_backend_for`): "auto" is
-        NumPy for CPU tensors and CuPy for CUDA tensors, zero-copy through DLPack.
-    tol : float, default 1e-2
-        Tolerance on the residual (relative by default, see ``options["stop_mode"]``).
-    max_iter : int, default 1000
-        Iteration cap of the forward solve.
-    batch : bool, default True
-        Per-sample solves (own residual, convergence flag and iteration count for
-        every sample along the leading axis); False solves the whole batch as one vector.""" + _PARAMETERS + """
+        statistics are in the returned ``stats`` / ``layer.stats`` in every case.
     options : dict, optional
         Further solver options: ``stop_mode`` and ``check_every`` (as for
         :func:`fixedpoint.solve`) and, with a method name, the method's own (``m``,
@@ -309,8 +367,9 @@ def deq_fixed_point(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: 
 
 
 class DEQ(torch.nn.Module):
-    """A deep equilibrium layer: returns z* with z* = f(z*, x), trained by implicit differentiation
-    (default), phantom gradients or Jacobian-free backpropagation.
+    """A deep equilibrium layer: returns z* with z* = f(z*, x).
+
+    Trained by implicit differentiation (default), phantom gradients or Jacobian-free backpropagation.
 
     See :mod:`fixedpoint.torch.deq` for the methods and :func:`deq_fixed_point`
     for the parameters, which are the same; solver options of the method (``m``,
@@ -361,7 +420,7 @@ class DEQ(torch.nn.Module):
     torch.Size([3])
     """
 
-    def __init__(self, f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, method: str | Method = "anderson",
+    def __init__(self, f: FMap, *, method: str | Method = "anderson",
                  backend: str = "auto", tol: float = 1e-2, max_iter: int = 1000, batch: bool = True,
                  compact: bool | str = "auto", gradient: str = "implicit", gradient_steps: int | None = None,
                  gradient_damping: float | None = None, backward_method: str | Method | None = None,
@@ -377,7 +436,8 @@ class DEQ(torch.nn.Module):
                                    gradient_damping, unconverged, rebuild_fraction)
         self.stats: DEQStats | None = None
 
-    def forward(self, x: torch.Tensor, z0: torch.Tensor | None = None, *, jacobian_probes: int = 0) -> Any:
+    def forward(self, x: torch.Tensor, z0: torch.Tensor | None = None, *,
+                jacobian_probes: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Solve z* = f(z*, x) from ``z0`` (default zeros of x's shape); see :func:`deq_fixed_point`.
 
         Returns z, or ``(z, jacobian)`` with ``jacobian_probes > 0`` (the estimate of
@@ -386,7 +446,8 @@ class DEQ(torch.nn.Module):
         z, self.stats, jac = _deq(self.f, x, z0, self.config, jacobian_probes)
         return z if jac is None else (z, jac)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
+        """Return the layer's options for ``repr`` (those of the solver, the adjoint and the gradient)."""
         c = self.config
         opts = "".join(f", {k}={v!r}" for k, v in c.solver_options.items())
         back = "" if c.backward_method == c.method else f", backward_method={c.backward_method!r}"

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -75,6 +76,7 @@ class ExtrapolationRecord:
 
     @property
     def accepted(self) -> bool:
+        """Whether the weights were replaced by the extrapolate (``status == "accepted"``)."""
         return self.status == "accepted"
 
 
@@ -226,14 +228,17 @@ class AndersonAcceleration:
 
     # --- the optimizer interface -------------------------------------------------------------
     @property
-    def param_groups(self):
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The wrapped optimizer's parameter groups."""
         return self.optimizer.param_groups
 
     @property
-    def state(self):
+    def state(self) -> defaultdict[torch.Tensor, Any]:
+        """The wrapped optimizer's per-parameter state (momentum, Adam moments, ...)."""
         return self.optimizer.state
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients of the parameters, as the wrapped optimizer's ``zero_grad``."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -272,59 +277,95 @@ class AndersonAcceleration:
 
     # --- extrapolation -----------------------------------------------------------------------
     @staticmethod
-    def _loss(closure):
+    def _loss(closure: Callable[[], Any]) -> float:
+        """Return the closure's loss (evaluated with grad mode on) as a float; ``TypeError`` for None."""
         with torch.enable_grad():
             loss = closure()
         if loss is None:
             raise TypeError("safeguard=True needs a closure that returns the loss, got None")
         return float(loss)
 
-    def _extrapolate(self, closure, stored):
-        status, tried = {}, []
+    def _extrapolate(self, closure: Callable[[], Any] | None, stored: list[tuple[bool, float] | None]) -> None:
+        """Extrapolate every group that can, keep or undo the extrapolates, and record the outcome per group.
+
+        ``stored`` is :meth:`ParamGroupState.after_step`'s return value for each group on this store step.
+        """
+        status, tried = self._candidates()
+        losses = (math.nan, math.nan)
+        decision = "accepted"  # for the groups tried, if any
+        if tried:
+            accept, losses = self._try_extrapolates(closure, tried)
+            self._keep_or_undo(tried, accept)
+            decision = "accepted" if accept else "rejected"
+        self._record({i: decision if st is None else st for i, st in status.items()}, stored, losses)
+
+    def _candidates(self) -> tuple[dict[int, str | None], list[ParamGroupState]]:
+        """Extrapolate each group with parameters into its ``work`` buffer.
+
+        Returns the status of each such group by index (None for a group with an extrapolate to
+        try) and the groups to try.
+        """
+        status: dict[int, str | None] = {}
+        tried: list[ParamGroupState] = []
         for i, g in enumerate(self.groups):
             if g.n:
                 status[i] = g.candidate()
                 if status[i] is None:
                     tried.append(g)
-        losses = (math.nan, math.nan)
-        if tried:
-            if self.safeguard:
-                plain = self._loss(closure)
-            for g in tried:
-                g.scatter("work")
-            accept = True
-            if self.safeguard:
-                losses = (plain, self._loss(closure))
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    pair = torch.tensor(losses, dtype=torch.float64, device=tried[0].device)
-                    torch.distributed.all_reduce(pair)
-                    losses = tuple((pair / torch.distributed.get_world_size()).tolist())
-                accept = math.isfinite(losses[1]) and losses[1] <= losses[0]
-            for g in tried:
-                if accept:
-                    g.gather("prev")
-                    if g.averaging:
-                        g.last.copy_(g.prev)
-                else:
-                    g.scatter("cur")
-                status[self.groups.index(g)] = "accepted" if accept else "rejected"
+        return status, tried
+
+    def _try_extrapolates(self, closure: Callable[[], Any] | None,
+                          tried: list[ParamGroupState]) -> tuple[bool, tuple[float, float]]:
+        """Write the extrapolates of ``tried`` into the parameters; return (accept, (loss_plain, loss_extrapolated)).
+
+        Without the safeguard every extrapolate is accepted and the losses are NaN; with it, the
+        closure's losses before and after (averaged over ranks) decide for all groups at once.
+        """
+        guard = closure if self.safeguard else None  # step() refuses safeguard=True without a closure
+        plain = self._loss(guard) if guard is not None else math.nan
+        for g in tried:
+            g.scatter("work")
+        if guard is None:
+            return True, (math.nan, math.nan)
+        losses = _mean_over_ranks((plain, self._loss(guard)), tried[0].device)
+        return math.isfinite(losses[1]) and losses[1] <= losses[0], losses
+
+    @staticmethod
+    def _keep_or_undo(tried: list[ParamGroupState], accept: bool) -> None:
+        """Make accepted extrapolates the start of the next block, or write the optimizer's weights back."""
+        for g in tried:
+            if accept:
+                g.gather("prev")
+                if g.averaging:
+                    g.last.copy_(g.prev)
+            else:
+                g.scatter("cur")
+
+    def _record(self, status: dict[int, str], stored: list[tuple[bool, float] | None],
+                losses: tuple[float, float]) -> None:
+        """Count each group's status and append its :class:`ExtrapolationRecord`."""
         for i, st in status.items():
             g = self.groups[i]
             g.counts[st] += 1
-            averaged, rsd = stored[i]
+            # a group with parameters stored an iterate on this store step
+            averaged, rsd = cast("tuple[bool, float]", stored[i])
             self.records.append(ExtrapolationRecord(self.n_steps, i, st, averaged, rsd, g.n_history(), *losses))
 
     def reset(self) -> None:
-        """Forget the stored iterates of every group (e.g. after a learning-rate drop, when the old
-        steps no longer describe the map); the moving average and the counters carry on.
+        """Forget the stored iterates of every group.
+
+        E.g. after a learning-rate drop, when the old steps no longer describe the map; the moving
+        average and the counters carry on.
         """
         for g in self.groups:
             if g.n:
                 g.hist.reset()
 
     def summary(self) -> dict[str, int]:
-        """Counts over all groups: ``steps``, ``stores``, ``averaged`` (stored iterates that were
-        moving averages) and one entry per extrapolation status (see :class:`ExtrapolationRecord`).
+        """Return counts over all groups.
+
+        ``steps``, ``stores``, ``averaged`` (stored iterates that were moving averages) and one
+        entry per extrapolation status (see :class:`ExtrapolationRecord`).
         """
         out = dict(steps=self.n_steps, stores=0, averaged=0, **{s: 0 for s in STATUSES})
         for g in self.groups:
@@ -334,7 +375,7 @@ class AndersonAcceleration:
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state dict and the wrapper's own state (tensors are copies).
+        """Return the wrapped optimizer's state dict and the wrapper's own state (tensors are copies).
 
         Returns
         -------
@@ -378,6 +419,17 @@ class AndersonAcceleration:
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.n_steps = int(mine["n_steps"])
 
-    def __repr__(self):
+    def __repr__(self) -> str:
+        """Return ``AndersonAcceleration(<optimizer class>, <options>)``."""
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"AndersonAcceleration({type(self.optimizer).__name__}, {opts})"
+
+
+def _mean_over_ranks(losses: tuple[float, float], device: torch.device) -> tuple[float, float]:
+    """Return ``losses`` averaged over the ranks when ``torch.distributed`` is initialised, else as given."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        pair = torch.tensor(losses, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(pair)
+        plain, extrapolated = (pair / torch.distributed.get_world_size()).tolist()
+        return plain, extrapolated
+    return losses

@@ -1,26 +1,29 @@
-"""One parameter group of :class:`fixedpoint.torch.optim.AndersonAcceleration`: its weights as flat buffers,
-its Anderson history, and the moving average of the optimizer iterates between stored ones.
+"""One parameter group of :class:`fixedpoint.torch.optim.AndersonAcceleration`.
 
-The stored iterate of a block of optimizer steps is the optimizer's weights, or with averaging the mean of
-the block's iterates; the relative standard deviation (RSD) of the block's steps decides the ``"auto"``
-mode (J. Yin, M. Lupo Pasini, M. Stoyanov & V. Reshniak, "Stable Anderson Acceleration for Deep Learning",
-arXiv 2110.14813, 2021).  Each stored pair (g_k, f_k = g_k − θ_k) goes into a
-:class:`fixedpoint.AndersonHistory`, which extrapolates.
+Its weights as flat buffers, its Anderson history, and the moving average of the optimizer iterates
+between stored ones.  The stored iterate of a block of optimizer steps is the optimizer's weights, or
+with averaging the mean of the block's iterates; the relative standard deviation (RSD) of the block's
+steps decides the ``"auto"`` mode (J. Yin, M. Lupo Pasini, M. Stoyanov & V. Reshniak, "Stable Anderson
+Acceleration for Deep Learning", arXiv 2110.14813, 2021).  Each stored pair (g_k, f_k = g_k − θ_k) goes
+into a :class:`fixedpoint.AndersonHistory`, which extrapolates.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 
-from ..backend import resolve_namespace
+from ..anderson import Anderson, AndersonHistory
+from ..backend import Array, resolve_namespace
 from ..kernels import Kernels
 
 __all__ = ["ParamGroupState"]
 
 
-def _copy_all(dst, src):
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """Copy each tensor of ``src`` into the matching one of ``dst`` (one fused call; nothing for empty lists)."""
     if dst:
         torch._foreach_copy_(dst, src)
 
@@ -32,7 +35,7 @@ class ParamGroupState:
     ----------
     index : int
         The group's index in the optimizer's ``param_groups`` (for error messages).
-    group : dict
+    group : dict of str to object
         The parameter group; its parameters with ``requires_grad`` are extrapolated, as one flat vector
         of n = their total number of elements, in the promoted dtype of the parameters (at least float32).
     method : fixedpoint.Anderson
@@ -59,13 +62,17 @@ class ParamGroupState:
     s2: torch.Tensor
     acc: torch.Tensor
     views: dict[str, list[torch.Tensor]]
+    hist: AndersonHistory
+    active: Array  # small-state bool array of shape (1,): the one "sample" the restart safeguards apply to
+    device: torch.device
+    averaging: bool
 
-    def __init__(self, index, group, method, averaging):
+    def __init__(self, index: int, group: dict[str, Any], method: Anderson, averaging: bool) -> None:
         self.params = [p for p in group["params"] if p.requires_grad]
         self.n = n = sum(p.numel() for p in self.params)
         self.block = 0
-        self.was_averaged = None
-        self.counts = dict(stores=0, averaged=0, accepted=0, rejected=0, restart=0, short_history=0)
+        self.was_averaged: bool | None = None
+        self.counts: dict[str, int] = dict(stores=0, averaged=0, accepted=0, rejected=0, restart=0, short_history=0)
         if n == 0:
             return
         for p in self.params:
@@ -98,17 +105,17 @@ class ParamGroupState:
         if averaging:
             self.last.copy_(self.prev)
 
-    def gather(self, name):
+    def gather(self, name: str) -> None:
         """Copy the parameters into the flat buffer ``name``."""
         _copy_all(self.views[name], [p.detach() for p in self.params])
 
-    def scatter(self, name):
+    def scatter(self, name: str) -> None:
         """Write the flat buffer ``name`` into the parameters the optimizer updates (those with a gradient)."""
         pairs = [(p, v) for p, v in zip(self.params, self.views[name]) if p.grad is not None]
         _copy_all([p.detach() for p, _ in pairs], [v for _, v in pairs])
 
-    def rsd(self):
-        """max_i std_i / max_i |mean_i| over the steps d_t = x_t − x_{t−1} of the current block.
+    def rsd(self) -> float:
+        """Return max_i std_i / max_i |mean_i| over the steps d_t = x_t − x_{t−1} of the current block.
 
         Clobbers ``work`` and ``s2`` (both are rewritten before their next use).
         """
@@ -116,15 +123,31 @@ class ParamGroupState:
         torch.div(self.s1, L, out=self.work)                      # mean step
         lo, hi = torch.aminmax(self.work)
         self.s2.div_(L).addcmul_(self.work, self.work, value=-1.0)  # variance of the steps
+        mean_max: float
+        var_max: float
         mean_max, var_max = torch.stack([torch.maximum(-lo, hi), self.s2.max()]).tolist()
         std_max = math.sqrt(max(var_max, 0.0))
         if mean_max > 0.0:
             return std_max / mean_max
         return math.inf if std_max > 0.0 else 0.0
 
-    def after_step(self, store, mode, threshold):
+    def after_step(self, store: bool, mode: str, threshold: float) -> tuple[bool, float] | None:
         """Update the moving-average sums; on a store step, add the pair (g_k, f_k) to the history.
-        Returns (averaged, rsd) of the stored iterate (None when nothing was stored).
+
+        Parameters
+        ----------
+        store : bool
+            Whether this optimizer step stores an iterate.
+        mode : {"on", "auto", "off"}
+            The wrapper's ``average``.
+        threshold : float
+            The RSD above which "auto" averages.
+
+        Returns
+        -------
+        tuple of (bool, float) or None
+            (averaged, rsd) of the stored iterate (rsd NaN without averaging); None when nothing
+            was stored (not a store step, or a group with nothing to extrapolate).
         """
         if self.n == 0:
             return None
@@ -153,26 +176,32 @@ class ParamGroupState:
         if self.was_averaged is not None and averaged != self.was_averaged:
             self.hist.reset()  # "auto" switched: the stored pairs belong to the other map
         self.was_averaged = averaged
-        torch.sub(value, self.prev, out=self.hist.residual_buffer())
-        self.hist.push(value, self.hist.residual_buffer())
+        f_k = cast(torch.Tensor, self.hist.residual_buffer())  # a torch tensor: the history runs on torch Kernels
+        torch.sub(value, self.prev, out=f_k)
+        self.hist.push(value, f_k)
         self.prev.copy_(self.cur)  # the next block starts from the optimizer's weights
         self.counts["stores"] += 1
         self.counts["averaged"] += int(averaged)
         return averaged, rsd
 
-    def candidate(self):
-        """Extrapolate into ``work``; returns a status when there is nothing to try, else None."""
+    def candidate(self) -> str | None:
+        """Extrapolate into ``work``; return a status when there is nothing to try, else None.
+
+        The status is "short_history" (fewer than two stored pairs) or "restart" (AA's safeguard
+        cleared the history).
+        """
         if self.n_history() < 2:
             return "short_history"
         if bool(self.hist.extrapolate(self.active, self.work)[0]):
             return "restart"
         return None
 
-    def n_history(self):
-        """Number of stored pairs the next extrapolation combines."""
+    def n_history(self) -> int:
+        """Return the number of stored pairs the next extrapolation combines."""
         return int(self.hist.size()[0]) if self.n else 0
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
+        """Return the group's state: counters and, for a group with parameters, history and buffers (copies)."""
         state = dict(n=self.n, block=self.block, was_averaged=self.was_averaged,
                      counts=dict(self.counts))
         if self.n:
@@ -181,12 +210,14 @@ class ParamGroupState:
             state.update({b: getattr(self, b).clone() for b in self.BUFFERS if hasattr(self, b)})
         return state
 
-    def check_state(self, state, index):
+    def check_state(self, state: dict[str, Any], index: int) -> None:
+        """Refuse (``ValueError``) a :meth:`state_dict` of a group with another number of elements."""
         if state.get("n") != self.n:
             raise ValueError(f"state_dict: param_groups[{index}] has {state.get('n')} elements to extrapolate, "
                              f"this optimizer's has {self.n}")
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (checked by :meth:`check_state`)."""
         if self.n:
             self.hist.load_state_dict(state["history"])
             for b in self.BUFFERS:

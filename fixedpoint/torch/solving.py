@@ -10,18 +10,26 @@ matching rows of a tensor (x, or the loss gradient) once per set.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 
-from ..backend import synchronize
+from ..backend import Array, synchronize
+from ..method import Method
+from ..result import FixedPointResult
 from ..solve import solve
 from .stats import SolveStats
 
+R = TypeVar("R")
 
-def _run_solve(g, u0, method, tol, max_iter, batch, options, backend, compact=False):
+
+def _run_solve(g: Callable[..., Array], u0: torch.Tensor, method: Method, tol: float, max_iter: int, batch: bool,
+               options: dict[str, Any], backend: str,
+               compact: bool | str = False) -> tuple[FixedPointResult, SolveStats]:
     """Solve u = g(u) for a torch tensor u0 under no_grad with a method object; return (result, SolveStats)."""
     t0, c0 = time.perf_counter(), time.process_time()
-    extra = {"compact": compact} if compact is not False else {}
+    extra: dict[str, Any] = {"compact": compact} if compact is not False else {}
     with torch.no_grad():
         res = solve(g, u0, method, tol=tol, max_iter=max_iter, batch=batch, backend=backend, **options, **extra)
     synchronize(u0.device)
@@ -30,9 +38,11 @@ def _run_solve(g, u0, method, tol, max_iter, batch, options, backend, compact=Fa
     return res, stats
 
 
-class TimedMap:
-    """A map that adds the wall seconds spent in it to ``seconds`` (for maps on the CPU, which need no
-    device synchronisation: :func:`_timed_solve` and ``benchmarks/bench_broyden.py``).
+class TimedMap(Generic[R]):
+    """Wrap a map and add the wall seconds spent in it to ``seconds``.
+
+    For maps on the CPU, which need no device synchronisation (:func:`_timed_solve` and
+    ``benchmarks/bench_broyden.py``).
 
     Parameters
     ----------
@@ -45,10 +55,11 @@ class TimedMap:
         Wall seconds (``time.perf_counter``) spent inside ``g`` so far, starting at 0.
     """
 
-    def __init__(self, g):
+    def __init__(self, g: Callable[..., R]) -> None:
         self.g, self.seconds = g, 0.0
 
-    def __call__(self, *args):
+    def __call__(self, *args: Any) -> R:
+        """Return ``g(*args)``, adding the time it took to ``seconds``."""
         t0 = time.perf_counter()
         try:
             return self.g(*args)
@@ -56,8 +67,11 @@ class TimedMap:
             self.seconds += time.perf_counter() - t0
 
 
-def _timed_solve(g, u0, *args):
-    """:func:`_run_solve` with the map's own time in ``SolveStats.map_time`` (CPU tensors only)."""
+def _timed_solve(g: Callable[..., Array], u0: torch.Tensor, method: Method, tol: float, max_iter: int,
+                 batch: bool, options: dict[str, Any], backend: str,
+                 compact: bool | str) -> tuple[FixedPointResult, SolveStats]:
+    """Run :func:`_run_solve` with the map's own time in ``SolveStats.map_time`` (CPU tensors only)."""
+    args = (method, tol, max_iter, batch, options, backend, compact)
     if u0.device.type != "cpu":
         return _run_solve(g, u0, *args)
     timed = TimedMap(g)
@@ -66,10 +80,31 @@ def _timed_solve(g, u0, *args):
     return res, stats
 
 
-def solve_layer(g, u0, method, tol, max_iter, batch, options, backend, compact):
-    """The layer's solve of u = g(u); returns (x, SolveStats)."""
+def solve_layer(g: Callable[..., Array], u0: torch.Tensor, method: Method, tol: float, max_iter: int, batch: bool,
+                options: dict[str, Any], backend: str, compact: bool | str) -> tuple[torch.Tensor, SolveStats]:
+    """Solve u = g(u) from ``u0`` as the layer does; return (the solution, SolveStats).
+
+    Parameters
+    ----------
+    g : callable
+        The map, on torch tensors of u0's shape: ``g(u)``, or ``g(u, rows)`` with compaction.
+    u0 : torch.Tensor
+        Initial guess (detached).
+    method, tol, max_iter, batch, options, backend, compact
+        The solve's method object, tolerance, iteration cap, batch mode, common solver options,
+        solver library ("numpy", "cupy" or "torch") and compaction, as checked by
+        :func:`~fixedpoint.torch.config.make_config`.
+
+    Returns
+    -------
+    x : torch.Tensor
+        The solver's best iterate, shape, dtype and device of ``u0``.
+    stats : SolveStats
+        The solve's statistics, timed (``map_time`` for CPU tensors only).
+    """
     res, stats = _timed_solve(g, u0, method, tol, max_iter, batch, options, backend, compact)
-    return res.x, stats
+    # fixedpoint.solve returns x in x0's library: a tensor for the tensor u0
+    return cast(torch.Tensor, res.x), stats
 
 
 class RowSet:
@@ -80,10 +115,12 @@ class RowSet:
     on the CPU, where it costs no synchronisation, the indices themselves.
     """
 
-    def __init__(self):
-        self.key, self.rows = None, None
+    def __init__(self) -> None:
+        self.key: tuple[int, int, torch.device] | None = None
+        self.rows: torch.Tensor | None = None
 
-    def changed(self, rows):
+    def changed(self, rows: torch.Tensor) -> bool:
+        """Return whether ``rows`` (a 1-D index tensor) differs from the last set, and remember it if so."""
         key = (rows.shape[0], rows.data_ptr(), rows.device)
         if rows.device.type == "cpu":
             same = self.rows is not None and self.rows.shape == rows.shape and bool(torch.equal(self.rows, rows))
@@ -102,10 +139,12 @@ class RowsOf:
     (then ``t`` itself is returned) until compaction starts.
     """
 
-    def __init__(self, t):
-        self.t, self.seen, self.value = t, RowSet(), None
+    def __init__(self, t: torch.Tensor) -> None:
+        # value is read only after seen.changed() has set it: the first set of fewer rows is always new
+        self.t, self.seen, self.value = t, RowSet(), t
 
-    def __call__(self, rows):
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """Return ``t[rows]`` for the 1-D index tensor ``rows`` (``t`` itself for every row or a 0-d ``t``)."""
         if self.t.dim() == 0 or rows.shape[0] == self.t.shape[0]:  # increasing and distinct: every row
             return self.t
         if self.seen.changed(rows):

@@ -1,5 +1,7 @@
-"""Statistics of a DEQ layer's solves: :class:`SolveStats` for one fixed-point solve (forward or adjoint),
-:class:`DEQStats` for one call of the layer (its forward solve and what its backward pass cost).
+"""Statistics of a DEQ layer's solves.
+
+:class:`SolveStats` for one fixed-point solve (forward or adjoint), :class:`DEQStats` for one call of
+the layer (its forward solve and what its backward pass cost).
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class SolveStats:
                    residual_history=hist.reshape(hist.shape[0], -1))
 
     def as_dict(self) -> dict[str, Any]:
-        """The statistics as a dict of Python scalars (no residual history), for logging."""
+        """Return the statistics as a dict of Python scalars (no residual history), for logging."""
         return {key: getattr(self, key) for key in self.__dataclass_fields__ if key != "residual_history"}
 
 
