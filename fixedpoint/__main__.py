@@ -9,18 +9,21 @@ needed than forward iteration.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from . import Anderson, Broyden, ForwardIteration, backends, problems, solve
 from .backend import namespace_of
 from .interop import to_numpy
+from .problems import Problem
+from .result import FixedPointResult
 
 #: Default tolerance per dtype: well above each one's resolution (float32: eps = 1.2e-7).
 DEFAULT_TOL = {"float64": 1e-10, "float32": 1e-5}
 
 
-def _albedo(text):
+def _albedo(text: str) -> float:
     try:
         c = float(text)
     except ValueError:
@@ -30,8 +33,8 @@ def _albedo(text):
     return c
 
 
-def _positive(kind):
-    def parse(text):
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
@@ -45,25 +48,26 @@ def _positive(kind):
 class _OneDefault(argparse.ArgumentDefaultsHelpFormatter):
     """Adds "(default: ...)" to an option's help unless the help already says what its default is."""
 
-    def _get_help_string(self, action):
+    def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         return text if "default" in text else super()._get_help_string(action)
 
 
-def compare(prob, tol, m=5, max_iter=10000):
+def compare(prob: Problem, tol: float, m: int = 5, max_iter: int = 10000) -> dict[str, FixedPointResult]:
     """Solve ``prob`` by forward iteration, Anderson (window ``m``, ``delay=3``) and Broyden: {name: result}.
 
     The settings of ``python -m fixedpoint``; ``tooling/doc_figures.py`` uses them for the README's figure.
     """
     # delay=3: three plain steps first, so that Anderson settles on the physical root near c = 1
-    methods = {"forward": ForwardIteration(), "anderson": Anderson(m=m, delay=3), "broyden": Broyden()}
+    methods: dict[str, ForwardIteration | Anderson | Broyden] = {
+        "forward": ForwardIteration(), "anderson": Anderson(m=m, delay=3), "broyden": Broyden()}
     return {name: solve(prob.g, prob.x0, method=method, tol=tol, max_iter=max_iter)
             for name, method in methods.items()}
 
 
-def make_parser():
-    """The command line (``--help`` prints each default once)."""
-    parser = argparse.ArgumentParser(prog="python -m fixedpoint", description=__doc__.splitlines()[0],
+def make_parser() -> argparse.ArgumentParser:
+    """Build the command line (``--help`` prints each default once)."""
+    parser = argparse.ArgumentParser(prog="python -m fixedpoint", description=(__doc__ or "").splitlines()[0],
                                      formatter_class=_OneDefault)
     parser.add_argument("--n", type=_positive(int), default=400, help="quadrature nodes")
     parser.add_argument("--c", type=_albedo, default=0.99, help="albedo c in (0, 1]")
@@ -79,7 +83,11 @@ def make_parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the comparison of ``python -m fixedpoint`` with the arguments ``argv``; return the exit status.
+
+    0 when every method converged, else 1.
+    """
     parser = make_parser()
     args = parser.parse_args(argv)
 
@@ -88,6 +96,7 @@ def main(argv=None):
         prob = problems.chandrasekhar(args.n, args.c, backend=args.backend, dtype=args.dtype, device=args.device)
     except ImportError as exc:
         parser.error(str(exc))
+    assert prob.solution is not None  # chandrasekhar() always has its Newton reference
     exact = to_numpy(prob.solution)
     dtype = str(prob.x0.dtype).rpartition(".")[2]
     tol = args.tol if args.tol is not None else DEFAULT_TOL.get(dtype, 1e-5)

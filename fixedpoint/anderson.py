@@ -25,16 +25,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import array_api_compat
 import numpy as np
 
-from .backend import namespace_of
+from .backend import Array, namespace_of
 from .checks import check_choice, check_int, check_real
 from .interop import convert
-from .kernels import LDL_MAX_K, SHORT_ROWS, Kernels, ldl_solve_one
-from .method import Method, MethodState
+from .kernels import LDL_MAX_K, SHORT_ROWS, Kernels, ReductionTerm, ldl_solve_one
+from .method import Method, MethodState, ObservedNorms
 from .registry import register_method
 
 __all__ = ["Anderson", "AndersonHistory", "LAM_MODES"]
@@ -125,6 +126,7 @@ class Anderson(Method):
     restart_weight: float = 1e6
 
     def __post_init__(self) -> None:
+        """Validate and normalise the options (``TypeError``/``ValueError`` naming the option)."""
         self._set(
             m=check_int("m", self.m, 1),
             beta=check_real("beta", self.beta, 0.0, 1.0, low_open=True),
@@ -138,7 +140,7 @@ class Anderson(Method):
         )
 
     def init(self, kern: Kernels, B: int, n: int, dtype: Any) -> AndersonHistory:
-        """An :class:`AndersonHistory` for ``B`` samples of length ``n``: the state of one solve."""
+        """Allocate an :class:`AndersonHistory` for ``B`` samples of length ``n``: the state of one solve."""
         return AndersonHistory(kern, B, n, dtype, self)
 
 
@@ -179,11 +181,12 @@ class AndersonHistory(MethodState):
         self.beta, self.lam, self.lam_mode = method.beta, method.lam, method.lam_mode
         self.lam_factor = 1.0 + method.lam  # "relative": each diagonal entry times 1 + λ
         xp, dev, sxp, sdev, sdt = kern.xp, kern.device, kern.sxp, kern.sdevice, kern.sdtype
-        # Buffers for B samples; after pack() the state works on views of their first rows.
-        self.R = xp.zeros((2 * m, B, n), dtype=dtype, device=dev)  # a stack: [:m] the g_j, [m:] the f_j
-        self._R_flat = xp.reshape(self.R, (-1,))  # pack() keeps the stack contiguous at its start
-        self._row = xp.zeros((B, m), dtype=dtype, device=dev)
-        self._w = xp.zeros((B, 2 * m), dtype=dtype, device=dev)
+        # Buffers for B samples; after pack() the state works on views of their first rows.  The small state
+        # (kern.sxp arrays: NumPy on the host, else the vectors' library) is typed by that namespace.
+        self.R: Array = xp.zeros((2 * m, B, n), dtype=dtype, device=dev)  # a stack: [:m] the g_j, [m:] the f_j
+        self._R_flat: Array = xp.reshape(self.R, (-1,))  # pack() keeps the stack contiguous at its start
+        self._row: Array = xp.zeros((B, m), dtype=dtype, device=dev)
+        self._w: Array = xp.zeros((B, 2 * m), dtype=dtype, device=dev)
         self._H = sxp.zeros((B, m, m), dtype=sdt, device=sdev)  # the regularised, normalised Gram matrices
         self._ones = sxp.ones((B, m), dtype=sdt, device=sdev)
         self.G = sxp.zeros((B, m, m), dtype=sdt, device=sdev)
@@ -206,13 +209,15 @@ class AndersonHistory(MethodState):
         self.B = B
         self.g_slots = [self.R[s, ...] for s in range(m)]  # views made once: push() recognises its own buffer
         self.f_slots = [self.R[m + s, ...] for s in range(m)]
-        self.row, self.w, self.H, self.ones = (a[:B, ...] for a in (self._row, self._w, self._H, self._ones))
-        self._gstack_one = None  # combine()'s one-sample view, where it applies
+        self.row, self.w = self._row[:B, ...], self._w[:B, ...]
+        self.H, self.ones = self._H[:B, ...], self._ones[:B, ...]
+        self._gstack_one: np.ndarray | None = None  # combine()'s one-sample view, where it applies
         if B == 1 and kern.mode == "numpy":  # host views for _push_one and combine, made once per layout
-            stack = kern.small(self.R)
-            self._row_one = kern.small(self.row)[0]
+            # NumPy mode: Kernels.small gives NumPy arrays (np.asarray returns them as they are)
+            stack = np.asarray(kern.small(self.R))
+            self._row_one: np.ndarray = np.asarray(kern.small(self.row))[0]
             # the Gram row by Kernels.matvec's kernel for one sample (by n: dot products per slot, or gemv)
-            self._gram_one: tuple[Any, list[Any], Any, Any]
+            self._gram_one: tuple[np.ndarray, list[np.ndarray], np.ndarray, Callable[..., Any]]
             if self.n <= SHORT_ROWS:
                 self._gram_one = (stack[m:, 0, None, :], [stack[m + s, 0][:, None] for s in range(m)],
                                   self._row_one[:, None, None], np.matmul)
@@ -221,12 +226,14 @@ class AndersonHistory(MethodState):
             if self.beta == 1.0 and stack.dtype == np.float64 == np.dtype(kern.sdtype):  # α needs no cast
                 self._gstack_one = stack[:m, 0, :]
 
-    def pack(self, keep: Any) -> bool:
-        """Keep only the samples ``keep`` (increasing indices among the current ones), moved to the front in
-        place: the stored pairs (no buffer of size n is allocated), the Gram matrices and the restart
+    def pack(self, keep: np.ndarray) -> bool:
+        """Keep only the samples ``keep`` (increasing indices among the current ones), moved to the front in place.
+
+        That is the stored pairs (no buffer of size n is allocated), the Gram matrices and the restart
         bookkeeping.  Part of the solve loop's protocol (:meth:`fixedpoint.method.MethodState.pack`).
         """
-        self.R = self.kern.pack_stack(self._R_flat, tuple(self.R.shape), keep)
+        slots, rows_now, n = self.R.shape
+        self.R = self.kern.pack_stack(self._R_flat, (slots, rows_now, n), keep)
         rows = self.kern.small_index(keep)
         sxp = self.kern.sxp
         self.G, self.valid = sxp.take(self.G, rows, axis=0), sxp.take(self.valid, rows, axis=0)
@@ -236,11 +243,11 @@ class AndersonHistory(MethodState):
 
     # --- the pair (g_k, f_k) ---------------------------------------------------------------------
 
-    def residual_buffer(self) -> Any:
-        """The ring slot where the next f_k = g(x_k) − x_k is to be written, shape (B, n)."""
+    def residual_buffer(self) -> Array:
+        """Return the ring slot where the next f_k = g(x_k) − x_k is to be written, shape (B, n)."""
         return self.f_slots[self.k % self.m]
 
-    def push(self, g: Any, f: Any, *, gnorm: bool = False) -> Any:
+    def push(self, g: Array, f: Array, *, gnorm: bool = False) -> ObservedNorms:
         """Store the pair (g_k, f_k), both ``(B, n)``, and add the Gram row ⟨f_j, f_k⟩.
 
         ``f`` may be the :meth:`residual_buffer` itself (no copy) or any array of that shape.
@@ -259,55 +266,57 @@ class AndersonHistory(MethodState):
         kern.copy(self.g_slots[s], g)
         if self.B == 1 and kern.mode == "numpy" and kern.comm is None:
             return self._push_one(s, g, gnorm)
-        terms = [("matvec", self.R[self.m:, ...], self.f_slots[s], self.row)] + ([("sqnorm", g)] if gnorm else [])
+        terms: list[ReductionTerm] = [("matvec", self.R[self.m:, ...], self.f_slots[s], self.row)]
+        if gnorm:
+            terms.append(("sqnorm", g))
         sums = kern.sums(*terms)
-        row = sums[0]
+        row: Any = sums[0]  # small state: NumPy (with its .sum()) where kern.small_on_host
         if kern.small_on_host and not math.isfinite(float(row[:, s].sum())):  # |f|^2 overflowed, so may the row
             row = kern.rescued(terms[0], row)
-        self.r = kern.root(row[:, s], ("sqnorm", self.f_slots[s]))
+        self.r = r = kern.root(row[:, s], ("sqnorm", self.f_slots[s]))
         self.G[:, s, :] = row
         self.G[:, :, s] = row
         self.valid[:, s] = True
         self.k += 1
         if gnorm:
-            return self.r, kern.root(sums[1], ("sqnorm", g))
-        return self.r
+            return r, kern.root(sums[1], ("sqnorm", g))
+        return r
 
-    def _push_one(self, s: int, g: Any, gnorm: bool) -> Any:
-        """The Gram row of :meth:`push` for one sample on the host: direct ``np.dot`` calls and Python scalars."""
+    def _push_one(self, s: int, g: Array, gnorm: bool) -> ObservedNorms:
+        """Compute the Gram row of :meth:`push` for one sample on the host: direct ``np.dot`` calls, Python scalars."""
         row = self._row_one
         fstack, f_one, out, product = self._gram_one
         product(fstack, f_one[s], out=out)  # Kernels.matvec's one-sample kernel: the batch path's bits
         sq = float(row[s])
         if not math.isfinite(sq):  # |f|^2 overflowed in the vectors' dtype (so may have the row)
-            row = self.kern.rescued(("matvec", self.R[self.m:, ...], self.f_slots[s]), row[None].astype(np.float64))[0]
+            term: ReductionTerm = ("matvec", self.R[self.m:, ...], self.f_slots[s])
+            row = np.asarray(self.kern.rescued(term, row[None].astype(np.float64)))[0]  # host small state: NumPy
             sq = float(row[s])
         G = self.G[0]
         G[s, :] = row
         G[:, s] = row
         self.valid[0, s] = True
-        self.r = self._sqrt_one(sq, self.f_slots[s])
+        self.r = r = self._sqrt_one(sq, self.f_slots[s])
         self.k += 1
         if gnorm:
-            g1 = self.kern.small(g)[0]
-            return self.r, self._sqrt_one(float(np.dot(g1, g1)), g)
-        return self.r
+            g1: Any = self.kern.small(g)[0]  # NumPy mode: a NumPy view
+            return r, self._sqrt_one(float(np.dot(g1, g1)), g)
+        return r
 
-    def _sqrt_one(self, sq: float, v: Any) -> Any:
-        """The norm of the one-sample vector ``v`` from its square ``sq``, rescued by the kernels when the square
-        overflowed.
-        """
+    def _sqrt_one(self, sq: float, v: Array) -> Array:
+        """Return the norm of the one-sample vector ``v`` from its square ``sq`` (rescued if the square overflowed)."""
         if math.isfinite(sq):
             return np.array([math.sqrt(sq)], dtype=self.kern.sdtype)
         return self.kern.root(np.array([sq], dtype=self.kern.sdtype), ("sqnorm", v))
 
-    def size(self) -> Any:
-        """Number of stored pairs each sample's next extrapolation combines: small-state integers, shape (B,)."""
-        return self.kern.sxp.sum(self.kern.sxp.astype(self.valid, self.kern.sxp.int64), axis=1)
+    def size(self) -> Array:
+        """Return how many stored pairs each sample's next extrapolation combines: small-state integers, shape (B,)."""
+        counts: Array = self.kern.sxp.sum(self.kern.sxp.astype(self.valid, self.kern.sxp.int64), axis=1)
+        return counts
 
     # --- the extrapolation -----------------------------------------------------------------------
 
-    def weights(self, active: Any) -> tuple[Any, Any]:
+    def weights(self, active: Array) -> tuple[Array, Array]:
         """Mixing weights α (shape (B, m)) for the newest pair, and the samples that restarted (shape (B,)).
 
         Solves the normal equations of the module docstring with H divided by its
@@ -329,7 +338,7 @@ class AndersonHistory(MethodState):
             return self._weights_one(active)
         rhs = self._system()
         xp, s, method = self.kern.sxp, (self.k - 1) % self.m, self.method
-        y = self.kern.solve_spd(self.H, rhs)
+        y: Any = self.kern.solve_spd(self.H, rhs)  # small state: NumPy (with its .copy()) where kern.small_on_host
         if self.kern.small_on_host:  # Σ_j y_j left to right, as _weights_one
             total = y[:, 0].copy()
             for j in range(1, self.m):
@@ -341,15 +350,17 @@ class AndersonHistory(MethodState):
         restart = active & ~ok  # NaN weights fail the comparison, hence restart
         self.valid = xp.where(restart[:, None], self.onehot_b[s], self.valid)
         self.ref_r = xp.where(restart, self.r, xp.minimum(self.ref_r, self.r))
-        if self.k <= method.delay:
-            return xp.broadcast_to(self.onehot[s], alpha.shape), restart
-        return xp.where(restart[:, None], self.onehot[s], alpha), restart
+        weights: Array = (xp.broadcast_to(self.onehot[s], alpha.shape) if self.k <= method.delay
+                          else xp.where(restart[:, None], self.onehot[s], alpha))
+        return weights, restart
 
-    def _system(self) -> Any:
-        """The systems of :meth:`weights` in ``self.H``; returns their right-hand sides (1 on valid slots, 0
-        elsewhere).  H = G / (largest valid diagonal entry), then the regularisation on the valid diagonal
-        entries; invalid slots get a unit diagonal.  Once every slot is valid and the small state is NumPy,
-        the same values by in-place operations without masks (a third of the time for thousands of samples).
+    def _system(self) -> Array:
+        """Write the systems of :meth:`weights` into ``self.H``; return their right-hand sides.
+
+        The right-hand sides are 1 on valid slots, 0 elsewhere.  H = G / (largest valid diagonal entry), then
+        the regularisation on the valid diagonal entries; invalid slots get a unit diagonal.  Once every slot
+        is valid and the small state is NumPy, the same values by in-place operations without masks (a third
+        of the time for thousands of samples).
         """
         xp, v, lam, mode = self.kern.sxp, self.valid, self.lam, self.lam_mode
         full = self.kern.small_on_host and bool(v.all())
@@ -368,7 +379,8 @@ class AndersonHistory(MethodState):
                 diag += lam
             else:
                 diag += lam / scale[:, None]
-            return self.ones
+            ones: Array = self.ones
+            return ones
         H = xp.where(v[:, :, None] & v[:, None, :], self.G, 0.0) / scale[:, None, None]
         diag = xp.linalg.diagonal(H)
         if mode == "relative":
@@ -378,52 +390,27 @@ class AndersonHistory(MethodState):
         else:
             diag = diag + lam / scale[:, None]
         self.H[...] = xp.where(self.eye_b, xp.where(v, diag, 1.0)[:, None, :], H)
-        return xp.astype(v, self.kern.sdtype)
+        rhs: Array = xp.astype(v, self.kern.sdtype)
+        return rhs
 
-    def _weights_one(self, active: Any) -> tuple[Any, Any]:
-        """:meth:`weights` for one sample with the small state on the host, in Python floats: the same operations
-        in the same order as the batch path (:meth:`_system`, :func:`fixedpoint.kernels.ldl_solve_one`), so the
-        same weights to the bit, with a fraction of the NumPy calls.
+    def _weights_one(self, active: Array) -> tuple[Array, Array]:
+        """Compute :meth:`weights` for one sample with the small state on the host, in Python floats.
+
+        The same operations in the same order as the batch path (:meth:`_system`,
+        :func:`fixedpoint.kernels.ldl_solve_one`), so the same weights to the bit, with a fraction of
+        the NumPy calls: the system (:meth:`_system_one`), its solve, the normalised weights
+        (:meth:`_normalised_one`), then the safeguards.
         """
-        s, method, m = (self.k - 1) % self.m, self.method, self.m
-        on = self.valid[0].tolist()
+        s, method = (self.k - 1) % self.m, self.method
+        on: list[bool] = self.valid[0].tolist()
         every = all(on)
-        Gl = self.G[0].ravel().tolist()
-        diag = Gl[:: m + 1] if every else [Gl[j * (m + 1)] if on[j] else 0.0 for j in range(m)]
-        scale = max(diag)
-        if not scale > 0.0 or any(d != d for d in diag):  # NumPy's max is NaN when any entry is
-            scale = 1.0
-        if every:  # the usual case: every slot in use
-            H = [x / scale for x in Gl]
-        else:
-            H = [Gl[i * m + j] / scale if on[i] and on[j] else 0.0 for i in range(m) for j in range(m)]
-        mode, lam = self.lam_mode, self.lam
-        if every and mode == "relative":
-            factor = self.lam_factor
-            for jj in range(0, m * m, m + 1):
-                H[jj] *= factor
-        else:
-            for j in range(m):
-                jj = j * (m + 1)
-                if not on[j]:
-                    H[jj] = 1.0
-                elif mode == "relative":
-                    H[jj] *= self.lam_factor
-                elif mode == "relative_max":
-                    H[jj] += lam
-                else:
-                    H[jj] += lam / scale
-        y = ldl_solve_one(H, self._ones_one if every else [1.0 if v else 0.0 for v in on])
-        total = y[0]
-        for j in range(1, m):
-            total += y[j]
-        r, ref = self.r.item(), self.ref_r.item()
+        y = ldl_solve_one(self._system_one(on, every), self._ones_one if every else [1.0 if v else 0.0 for v in on])
+        ys, finite = self._normalised_one(y)
+        r: float = self.r.item()
+        ref: float = self.ref_r.item()
         bound = method.restart_weight
-        if total == 0.0 or not math.isfinite(total):  # some y_j, hence some α_j, not finite (NumPy: inf or NaN)
-            ys, ok = [math.nan] * m, False
-        else:  # every y_j finite, so every α_j: max and min see no NaN
-            ys = [yj / total for yj in y]
-            ok = max(ys) <= bound and min(ys) >= -bound and r <= method.restart_growth * ref  # False for NaN r
+        # finite: every α_j is, so max and min see no NaN; False for NaN r
+        ok = finite and max(ys) <= bound and min(ys) >= -bound and r <= method.restart_growth * ref
         restart = bool(active[0]) and not ok  # NaN weights fail the comparison, hence restart
         if restart:
             self.valid[0] = self.onehot_b[s]
@@ -435,10 +422,55 @@ class AndersonHistory(MethodState):
             alpha[0] = ys
         return alpha, _RESTARTED[restart]
 
-    def combine(self, alpha: Any, out: Any) -> None:
+    def _system_one(self, on: list[bool], every: bool) -> list[float]:
+        """Return the regularised, normalised Gram matrix of :meth:`_system` for one sample, row-major in floats.
+
+        ``on`` flags the sample's valid slots (``every``: all of them).
+        """
+        m = self.m
+        g_flat: list[float] = self.G[0].ravel().tolist()
+        diag = g_flat[:: m + 1] if every else [g_flat[j * (m + 1)] if on[j] else 0.0 for j in range(m)]
+        scale = max(diag)
+        if not scale > 0.0 or any(d != d for d in diag):  # NumPy's max is NaN when any entry is
+            scale = 1.0
+        if every:  # the usual case: every slot in use
+            H = [x / scale for x in g_flat]
+        else:
+            H = [g_flat[i * m + j] / scale if on[i] and on[j] else 0.0 for i in range(m) for j in range(m)]
+        mode, lam = self.lam_mode, self.lam
+        if every and mode == "relative":
+            factor = self.lam_factor
+            for jj in range(0, m * m, m + 1):
+                H[jj] *= factor
+            return H
+        for j in range(m):
+            jj = j * (m + 1)
+            if not on[j]:
+                H[jj] = 1.0
+            elif mode == "relative":
+                H[jj] *= self.lam_factor
+            elif mode == "relative_max":
+                H[jj] += lam
+            else:
+                H[jj] += lam / scale
+        return H
+
+    def _normalised_one(self, y: list[float]) -> tuple[list[float], bool]:
+        """Return the weights α_j = y_j / Σ_j y_j (summed left to right) and whether they are finite (else NaN)."""
+        total = y[0]
+        for j in range(1, self.m):
+            total += y[j]
+        if total == 0.0 or not math.isfinite(total):  # some y_j, hence some α_j, not finite (NumPy: inf or NaN)
+            return [math.nan] * self.m, False
+        return [yj / total for yj in y], True
+
+    def combine(self, alpha: Array, out: Array) -> None:
         """x_{k+1} = Σ_j α_j [g_j − (1 − β) f_j] into ``out`` (shape (B, n)) for weights α of shape (B, m)."""
         if self._gstack_one is not None:  # Kernels.vecmat's one-sample product without its casts
-            np.matmul(alpha[0], self._gstack_one, out=self.kern.small(out)[0])
+            # NumPy mode (_bind): the weights (host small state) and the view of out are NumPy arrays
+            alpha_one: Any = alpha[0]
+            out_one: Any = self.kern.small(out)[0]
+            np.matmul(alpha_one, self._gstack_one, out=out_one)
             return
         a = self.kern.big(alpha, self.dtype)
         if self.beta == 1.0:
@@ -448,7 +480,7 @@ class AndersonHistory(MethodState):
             self.w[:, self.m:] = (self.beta - 1.0) * a
             self.kern.vecmat(out, self.w, self.R)
 
-    def extrapolate(self, active: Any, out: Any) -> Any:
+    def extrapolate(self, active: Array, out: Array) -> Array:
         """Write the Anderson extrapolate of the stored pairs into ``out`` (shape (B, n)).
 
         Parameters
@@ -470,16 +502,19 @@ class AndersonHistory(MethodState):
 
     # --- the solve loop's protocol (fixedpoint.method.MethodState) -------------------------------
 
-    def observe(self, x: Any, gx: Any, f: Any, need_gnorm: bool = False) -> Any:
+    def observe(self, x: Array, gx: Array, f: Array | None, need_gnorm: bool = False) -> ObservedNorms:
+        """Push the pair (g_k, f_k) (:meth:`push`); return ‖f_k‖₂ (and ‖g_k‖₂ with ``need_gnorm``)."""
+        assert f is not None  # the loop passes the residual_buffer(), which is never None here
         return self.push(gx, f, gnorm=need_gnorm)
 
-    def step(self, x: Any, gx: Any, f: Any, active: Any, out: Any) -> Any:
+    def step(self, x: Array, gx: Array, f: Array | None, active: Array, out: Array) -> Array:
+        """Write the extrapolate into ``out`` (:meth:`extrapolate`); return the samples that restarted."""
         return self.extrapolate(active, out)
 
     # --- checkpoints -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Copies of the state arrays (:attr:`STATE`) by name, and ``"count"``, the number of pairs pushed."""
+        """Return copies of the state arrays (:attr:`STATE`) by name, and ``"count"``, the number of pairs pushed."""
         state = {name: namespace_of(getattr(self, name)).asarray(getattr(self, name), copy=True) for name in self.STATE}
         state["count"] = self.kern.sxp.asarray(self.k, dtype=self.kern.sxp.int64, device=self.kern.sdevice)
         return state

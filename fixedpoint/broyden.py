@@ -58,9 +58,10 @@ from typing import Any
 
 import numpy as np
 
+from .backend import Array
 from .checks import check_int, check_real
-from .kernels import SHORT_ROWS, Kernels
-from .method import Method, MethodState
+from .kernels import SHORT_ROWS, Kernels, ReductionTerm
+from .method import Method, MethodState, ObservedNorms
 from .registry import register_method
 
 __all__ = ["Broyden"]
@@ -145,6 +146,7 @@ class Broyden(Method):
     restart_growth: float = 10.0
 
     def __post_init__(self) -> None:
+        """Validate and normalise the options (``TypeError``/``ValueError`` naming the option)."""
         self._set(
             m=check_int("m", self.m, 1),
             beta=check_real("beta", self.beta, 0.0, 1.0, low_open=True),
@@ -154,13 +156,12 @@ class Broyden(Method):
         )
 
     def init(self, kern: Kernels, B: int, n: int, dtype: Any) -> MethodState:
-        """The state of one solve: the pairs, the last step and two scratch vectors per sample."""
+        """Allocate the state of one solve: the pairs, the last step and two scratch vectors per sample."""
         return _BroydenState(kern, B, n, dtype, self)
 
 
 class _BroydenState(MethodState):
-    """The pairs, the last step and the per-sample bookkeeping of one solve (module docstring: the work per
-    iteration).
+    """The pairs, the last step and the per-sample bookkeeping of one solve (module docstring: work per iteration).
 
     Two layouts of the pairs, chosen by the kernels and n alone (never by B, so that a sample's iterates do
     not depend on its batch):
@@ -183,11 +184,15 @@ class _BroydenState(MethodState):
         self.degenerate_tol, self.restart_growth = method.degenerate_tol, method.restart_growth
         xp, dev, sxp, sdev, sdt = kern.xp, kern.device, kern.sxp, kern.sdevice, kern.sdtype
         self.per_sample = kern.mode == "numpy" and kern.comm is None and n > SHORT_ROWS
+        self._h: Array = xp.empty((B, n), dtype=dtype, device=dev)
+        self._v_new: Array = xp.empty((B, n), dtype=dtype, device=dev)
         if self.per_sample:
-            self.U = xp.empty((B, m, n), dtype=dtype, device=dev)
-            self.V = xp.empty((B, m, n), dtype=dtype, device=dev)
-            self._U_host, self._V_host = kern.small(self.U), kern.small(self.V)
-            self._f, self._p = (xp.empty((B, n), dtype=dtype, device=dev) for _ in range(2))
+            self.U: Array = xp.empty((B, m, n), dtype=dtype, device=dev)
+            self.V: Array = xp.empty((B, m, n), dtype=dtype, device=dev)
+            # NumPy mode: Kernels.small gives NumPy views (np.asarray returns them as they are)
+            self._U_host, self._V_host = np.asarray(kern.small(self.U)), np.asarray(kern.small(self.V))
+            self._f: Array = xp.empty((B, n), dtype=dtype, device=dev)
+            self._p: Array = xp.empty((B, n), dtype=dtype, device=dev)
             self.blocks = list(range(B))  # the block of U and V that holds each sample's pairs
             # the raw products Vᵀf and Uᵀf, a row per sample, in the vectors' dtype (masked into c and e)
             self._cr = np.zeros((B, m), dtype=self._U_host.dtype)
@@ -197,12 +202,11 @@ class _BroydenState(MethodState):
             self.U = xp.empty((m + 1, B, n), dtype=dtype, device=dev)
             self.V = xp.empty((m + 1, B, n), dtype=dtype, device=dev)
             # pack() keeps the stacks contiguous at the start of these flat views
-            self._U_flat, self._V_flat = xp.reshape(self.U, (-1,)), xp.reshape(self.V, (-1,))
-            self._rows = [xp.zeros((B, m), dtype=dtype, device=dev) for _ in range(2)]  # products c, e
-            self._w = xp.zeros((B, m + 1), dtype=dtype, device=dev)
+            self._U_flat: Array = xp.reshape(self.U, (-1,))
+            self._V_flat: Array = xp.reshape(self.V, (-1,))
+            self._rows: list[Array] = [xp.zeros((B, m), dtype=dtype, device=dev) for _ in range(2)]  # products c, e
+            self._w: Array = xp.zeros((B, m + 1), dtype=dtype, device=dev)
             self._w[:, 0] = -self.beta
-        self._h = xp.empty((B, n), dtype=dtype, device=dev)
-        self._v_new = xp.empty((B, n), dtype=dtype, device=dev)
         self.UG = sxp.zeros((B, m, m), dtype=sdt, device=sdev)  # the Gram matrix of the u_i, kept up to date
         self.valid = sxp.zeros((B, m), dtype=sxp.bool, device=sdev)
         self.d = sxp.zeros((B, m), dtype=sdt, device=sdev)  # u_i·p for the step p about to be taken (derived)
@@ -218,21 +222,23 @@ class _BroydenState(MethodState):
     def _bind(self, B: int) -> None:
         """Work on ``B`` samples: views of the first ``B`` rows of the buffers (the stacks' samples when stacked)."""
         self.B, m, small = B, self.m, self.kern.small
-        if self.per_sample:
+        self.h, self.v_new = self._h[:B, ...], self._v_new[:B, ...]
+        if self.per_sample:  # with NumPy views of the vectors for the products (np.asarray: as they are)
             self.f, self.p = self._f[:B, ...], self._p[:B, ...]
-            self._f_host, self._p_host = small(self.f), small(self.p)
+            self._f_host, self._p_host = np.asarray(small(self.f)), np.asarray(small(self.p))
+            self._h_host, self._v_new_host = np.asarray(small(self.h)), np.asarray(small(self.v_new))
         else:
             self.f, self.p = self.U[0, ...], self.V[0, ...]
             self.u_slots = [self.U[1 + s, ...] for s in range(m)]
             self.v_slots = [self.V[1 + s, ...] for s in range(m)]
             self.w = self._w[:B, ...]
             self.rows = [r[:B, ...] for r in self._rows]
-        self.h, self.v_new = self._h[:B, ...], self._v_new[:B, ...]
 
-    def pack(self, keep: Any) -> bool:
-        """Keep the samples ``keep`` only, in order (see :meth:`fixedpoint.method.MethodState.pack`): the pairs in
-        use (per sample: renumbered, not moved; stacked: moved to the front in place), the last step, the Gram
-        matrix of the u_i, the derived products d and the restart bookkeeping.
+    def pack(self, keep: np.ndarray) -> bool:
+        """Keep the samples ``keep`` only, in order (see :meth:`fixedpoint.method.MethodState.pack`).
+
+        That is the pairs in use (per sample: renumbered, not moved; stacked: moved to the front in place),
+        the last step, the Gram matrix of the u_i, the derived products d and the restart bookkeeping.
         """
         kern, sxp, used = self.kern, self.kern.sxp, min(self.n_updates, self.m)
         k = len(keep)
@@ -251,12 +257,14 @@ class _BroydenState(MethodState):
         self._bind(k)  # (observe() computes the rest of the per-sample values anew)
         return True
 
-    def observe(self, x: Any, gx: Any, f: Any, need_gnorm: bool = False) -> Any:
-        """‖f‖ (and ‖g‖) in one reduction; stacked, with p·f, ‖p‖², c = Vᵀf and e = Uᵀf in it (per sample,
-        those are taken in :meth:`step`, each beside the combination that reads the same pairs).
+    def observe(self, x: Array, gx: Array, f: Array | None, need_gnorm: bool = False) -> ObservedNorms:
+        """Return ‖f‖ (and ‖g‖) from one reduction; stacked, p·f, ‖p‖², c = Vᵀf and e = Uᵀf are in it.
+
+        Per sample, those are taken in :meth:`step`, each beside the combination that reads the same pairs.
         """
+        assert f is not None  # the loop passes the residual_buffer(), which is never None here
         kern, sxp, used = self.kern, self.kern.sxp, min(self.n_updates, self.m)
-        terms: list[tuple] = [("sqnorm", f)]
+        terms: list[ReductionTerm] = [("sqnorm", f)]
         stacked = self.k > 0 and not self.per_sample
         if stacked:
             terms += [("dot", self.p, f), ("sqnorm", self.p)]
@@ -267,7 +275,7 @@ class _BroydenState(MethodState):
             terms.append(("sqnorm", gx))
         sums = kern.sums(*terms)
         self.ff = sums[0]
-        self.r = kern.root(self.ff, ("sqnorm", f))
+        self.r = r = kern.root(self.ff, ("sqnorm", f))
         if stacked:
             self.pf, self.pp = sums[1], sums[2]
             valid = self.valid[:, :used]
@@ -275,17 +283,18 @@ class _BroydenState(MethodState):
                               else (sxp.zeros((self.B, 0), dtype=kern.sdtype, device=kern.sdevice),) * 2)
         self.k += 1
         if need_gnorm:
-            return self.r, kern.root(sums[-1], ("sqnorm", gx))
-        return self.r
+            return r, kern.root(sums[-1], ("sqnorm", gx))
+        return r
 
-    def _combine(self, out, coef, basis, used):
-        """Stacked: out = −β · basis[0] + Σ_i coef_i basis[1 + i] over the ``used`` pairs (one product)."""
+    def _combine(self, out: Array, coef: Array, basis: Array, used: int) -> None:
+        """Write, stacked, out = −β · basis[0] + Σ_i coef_i basis[1 + i] over the ``used`` pairs (one product)."""
         self.w[:, 1:1 + used] = self.kern.big(coef, self.dtype)
         self.kern.vecmat(out, self.w[:, :1 + used], basis[:1 + used, ...])
 
     def _products_per_sample(self, used: int) -> None:
-        """Per sample, one read of its pairs V for c = Vᵀf and v_new = −β p + V d, then one of U for e = Uᵀf and
-        h = −β f + U c (the second product of each finds the block in cache); p·f and ‖p‖² beside them.
+        """Compute, per sample, c = Vᵀf and v_new = −β p + V d in one read of V, then e = Uᵀf and h = −β f + U c.
+
+        The second product of each read finds the block in cache; p·f and ‖p‖² are taken beside them.
         Sets ``pf``, ``pp``, ``c``, ``e`` (small state) and fills ``h`` and ``v_new``.
         """
         sxp, sdt, beta, B = self.kern.sxp, self.kern.sdtype, self.beta, self.B
@@ -294,17 +303,19 @@ class _BroydenState(MethodState):
         valid = self.valid[:, :used]
         # v = −β (y − W (coef / β)) = W coef − β y: the combination, then y subtracted (and β applied) in place
         wd = np.asarray(self.d[:, :used] / beta, dtype=cr.dtype)
-        self._pass(self._V_host, used, f, cr, wd, p, self.kern.small(self.v_new), (pf, pp))
+        self._pass(self._V_host, used, f, cr, wd, p, self._v_new_host, (pf, pp))
         self.pf, self.pp = pf, pp
         self.c = sxp.where(valid, cr[:B, :used], 0.0).astype(sdt)
         wc = np.asarray(self.c / beta, dtype=cr.dtype)
-        self._pass(self._U_host, used, f, er, wc, f, self.kern.small(self.h))
+        self._pass(self._U_host, used, f, er, wc, f, self._h_host)
         self.e = sxp.where(valid, er[:B, :used], 0.0).astype(sdt)
 
-    def _pass(self, stack, used, vec, products, coef, y, out, dots=None):
-        """Per sample i, with W = its block of ``stack`` (the ``used`` pairs in use): ``products[i] = W vec[i]``,
-        then ``out[i] = β (Wᵀ coef[i] − y[i])`` while W is in cache; with ``dots = (pf, pp)`` also p·f and ‖p‖²
-        (p = ``y``, f = ``vec``).
+    def _pass(self, stack: np.ndarray, used: int, vec: np.ndarray, products: np.ndarray, coef: np.ndarray,
+              y: np.ndarray, out: np.ndarray, dots: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Compute ``products[i] = W vec[i]``, then ``out[i] = β (Wᵀ coef[i] − y[i])`` while W is in cache.
+
+        Per sample i, with W = its block of ``stack`` (the ``used`` pairs in use); with ``dots = (pf, pp)``
+        also p·f and ‖p‖² (p = ``y``, f = ``vec``).
         """
         beta = self.beta
         for i, blk in enumerate(self.blocks):
@@ -321,7 +332,9 @@ class _BroydenState(MethodState):
             if beta != 1.0:
                 np.multiply(oi, beta, out=oi)
 
-    def step(self, x: Any, gx: Any, f: Any, active: Any, out: Any) -> Any:
+    def step(self, x: Array, gx: Array, f: Array | None, active: Array, out: Array) -> Array | None:
+        """Write x_{k+1} = x_k − H_k f_k into ``out`` and update H; return the samples that restarted."""
+        assert f is not None  # the loop passes the residual_buffer(), which is never None here
         kern, sxp, beta = self.kern, self.kern.sxp, self.beta
         if self.k == 1:  # no step taken yet: the mixing step from H_0 = -beta I
             self.ref_r = self.r
@@ -332,16 +345,16 @@ class _BroydenState(MethodState):
         if self.per_sample:
             self._products_per_sample(used)
         c, d, e, UG = self.c, self.d[:, :used], self.e, self.UG[:, :used, :used]
-        UGc = sxp.sum(UG * c[:, None, :], axis=2)                              # (UG c)_i = Σ_j u_i·u_j c_j
+        ugc = sxp.sum(UG * c[:, None, :], axis=2)                              # (UG c)_i = Σ_j u_i·u_j c_j
         hp = -beta * self.pf + sxp.sum(c * d, axis=1)                         # p·h, h = H f_k
-        hh = beta * beta * self.ff - 2.0 * beta * sxp.sum(c * e, axis=1) + sxp.sum(c * UGc, axis=1)
+        hh = beta * beta * self.ff - 2.0 * beta * sxp.sum(c * e, axis=1) + sxp.sum(c * ugc, axis=1)
         denom = hp + self.pp                                                  # p^T H (f_k - f_{k-1})
         norm_a = sxp.sqrt(sxp.maximum(hh + 2.0 * hp + self.pp, 0.0))         # ‖H (f_k - f_{k-1})‖
         growth = self.r > self.restart_growth * self.ref_r
         # degenerate: a tiny denominator relative to ‖p‖ ‖H Δf‖, or one lost to cancellation in p·h + ‖p‖²
         ok = ((sxp.abs(denom) > self.degenerate_tol * sxp.sqrt(self.pp) * norm_a)
               & (sxp.abs(denom) > self.cancel * (sxp.abs(hp) + self.pp)) & ~growth)  # False for NaN
-        restart = active & ~ok
+        restart: Array = active & ~ok
         safe = sxp.where(ok, denom, 1.0)
         if not self.per_sample:
             self._combine(self.h, c, self.U, used)                            # h = H f_k
@@ -369,7 +382,7 @@ class _BroydenState(MethodState):
         kern.add_scaled(out, x, 1.0, self.p)
         # the Gram matrix's row of the new pair, and d = U'ᵀ p_{k+1} for the next iteration from small quantities:
         # u_i·h = hu_i, u_i·u_old = UG_is (before the row is replaced), u_new·p_{k+1} = -(a h·h + b h·u_old) / denom
-        hu = -beta * e + UGc                                                  # h·u_i for the pairs in use
+        hu = -beta * e + ugc                                                  # h·u_i for the pairs in use
         d_new = sxp.zeros((self.B, self.m), dtype=kern.sdtype, device=kern.sdevice)
         d_new[:, :used] = a[:, None] * hu
         hp_new = a * hh
@@ -388,13 +401,15 @@ class _BroydenState(MethodState):
         self.n_updates += 1
         return restart
 
-    def _write_pair_per_sample(self, s: int, out: Any, b: Any, u_scale: Any) -> None:
-        """Per sample: p = out + b u_old (the pair in slot ``s`` before it is replaced; p = out when ``b`` is
-        None), then the new pair u_new = u_scale · h, v_new into slot ``s`` of the sample's block.
+    def _write_pair_per_sample(self, s: int, out: Array, b: Array | None, u_scale: Array) -> None:
+        """Write, per sample, p = out + b u_old, then the new pair u_new = u_scale · h, v_new into slot ``s``.
+
+        u_old is the pair in slot ``s`` of the sample's block before it is replaced; p = out when ``b`` is None.
         """
         dt = self._cr.dtype
-        Us, Vs, p, o = self._U_host, self._V_host, self._p_host, self.kern.small(out)
-        h, v_new = self.kern.small(self.h), self.kern.small(self.v_new)
+        o: Any = self.kern.small(out)  # NumPy mode (per sample): a NumPy view
+        Us, Vs, p = self._U_host, self._V_host, self._p_host
+        h, v_new = self._h_host, self._v_new_host
         us = np.asarray(u_scale, dtype=dt)
         if b is None:
             np.copyto(p, o)

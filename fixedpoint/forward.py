@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .backend import Array
 from .checks import check_real
 from .kernels import Kernels
 from .method import Method, MethodState
@@ -42,10 +43,11 @@ class ForwardIteration(Method):
     damping: float = 1.0
 
     def __post_init__(self) -> None:
+        """Validate the option (``TypeError``/``ValueError`` naming it)."""
         self._set(damping=check_real("damping", self.damping, 0.0, 1.0, low_open=True))
 
     def init(self, kern: Kernels, B: int, n: int, dtype: Any) -> MethodState:
-        """The state of one solve: the residual buffer."""
+        """Allocate the state of one solve (no buffer of size n: the loop forms no residual)."""
         return _ForwardState(kern, B, n, dtype, self.damping)
 
 
@@ -58,7 +60,8 @@ class _ForwardState(MethodState):
         super().__init__(kern, B, n, dtype, residual=False)
         self.damping = damping
 
-    def step(self, x: Any, gx: Any, f: Any, active: Any, out: Any) -> None:
+    def step(self, x: Array, gx: Array, f: Array | None, active: Array, out: Array) -> None:
+        """Write x_{k+1} = (1 − ω) x_k + ω g(x_k) into ``out``; nothing restarts."""
         if self.damping == 1.0:
             self.kern.copy(out, gx)
         else:

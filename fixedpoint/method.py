@@ -8,8 +8,8 @@ residual history, callbacks, ``check_every`` host synchronisation, the ``backend
 bridge and the result.  Each iteration k it does, with x = x_k of shape ``(B, n)``::
 
     gx = g(x)                                   # the loop calls the map
-    f = state.residual_buffer()                 # (B, n), the method's buffer
-    f[...] = gx - x                             # the loop writes f_k = g(x_k) - x_k there
+    f = state.residual_buffer()                 # (B, n), the method's buffer (or None: the loop forms no f_k)
+    f[...] = gx - x                             # the loop writes f_k = g(x_k) - x_k there (f not None)
     norm = state.observe(x, gx, f, need_gnorm)  # ‖f_k‖ (and ‖g_k‖) per sample, or None: the loop computes
     ...                                         # stopping test, best iterate, per-sample flags
     restarted = state.step(x, gx, f, active, out)   # the method writes x_{k+1} into out
@@ -34,12 +34,19 @@ complete method written from scratch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
+import numpy as np
+
+from .backend import Array
 from .checks import check_options
 from .kernels import Kernels
 
 __all__ = ["Method", "MethodState"]
+
+#: What :meth:`MethodState.observe` may return besides None: ‖f_k‖₂ per sample, or the pair (‖f_k‖₂, ‖g_k‖₂);
+#: small-state arrays of shape ``(B,)``.
+ObservedNorms: TypeAlias = "Array | tuple[Array, Array]"
 
 
 class MethodState:
@@ -63,10 +70,11 @@ class MethodState:
 
     def __init__(self, kern: Kernels, B: int, n: int, dtype: Any, *, residual: bool = True) -> None:
         self.kern, self.B, self.n, self.dtype = kern, B, n, dtype
-        self.f = kern.xp.empty((B, n), dtype=dtype, device=kern.device) if residual else None
+        f: Array | None = kern.xp.empty((B, n), dtype=dtype, device=kern.device) if residual else None
+        self.f = f
 
-    def residual_buffer(self) -> Any | None:
-        """The ``(B, n)`` buffer into which the loop writes f_k = g(x_k) − x_k before :meth:`observe`.
+    def residual_buffer(self) -> Array | None:
+        """Return the ``(B, n)`` buffer into which the loop writes f_k = g(x_k) − x_k before :meth:`observe`.
 
         A method that needs no more than the norms of f_k may return None: the loop then computes
         ‖g(x_k) − x_k‖ without forming f_k (:meth:`Kernels.diff_norms`), and ``observe`` and
@@ -74,7 +82,7 @@ class MethodState:
         """
         return self.f
 
-    def observe(self, x: Any, gx: Any, f: Any, need_gnorm: bool = False) -> Any | None:
+    def observe(self, x: Array, gx: Array, f: Array | None, need_gnorm: bool = False) -> ObservedNorms | None:
         """Record the pair (g_k, f_k); return ‖f_k‖₂ per sample (small state, shape ``(B,)``), or None.
 
         Return None to let the loop compute the norms itself.  A method that reduces over the
@@ -89,7 +97,7 @@ class MethodState:
     #: (the residual buffer ``f`` is included by itself).  None: the state cannot pack.
     PACKED_ROWS: ClassVar[tuple[str, ...] | None] = None
 
-    def pack(self, keep: Any) -> bool:
+    def pack(self, keep: np.ndarray) -> bool:
         """Keep only the samples ``keep``, moved to the front in order; return True (False: not supported).
 
         Parameters
@@ -124,13 +132,15 @@ class MethodState:
         self.B = k
         return True
 
-    def step(self, x: Any, gx: Any, f: Any, active: Any, out: Any) -> Any | None:
+    def step(self, x: Array, gx: Array, f: Array | None, active: Array, out: Array) -> Array | None:
         """Write the next iterate x_{k+1} into ``out`` (shape ``(B, n)``).
 
         Parameters
         ----------
-        x, gx, f : array, shape (B, n)
-            x_k, g(x_k) and f_k (the buffer of :meth:`residual_buffer`).
+        x, gx : array, shape (B, n)
+            x_k and g(x_k).
+        f : array, shape (B, n), or None
+            f_k, in the buffer of :meth:`residual_buffer` (None where that returned None).
         active : small-state bool array, shape (B,)
             Samples still iterating after this step's stopping test.
         out : array, shape (B, n)
@@ -158,8 +168,9 @@ class Method:
     name: ClassVar[str] = "method"
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Method:
-        """Refuse an unknown keyword option with the valid ones listed (``Anderson(window=5)``), as
-        :func:`fixedpoint.solve` does, instead of Python's bare "unexpected keyword argument".
+        """Refuse an unknown keyword option, listing the valid ones (``Anderson(window=5)``).
+
+        As :func:`fixedpoint.solve` does, instead of Python's bare "unexpected keyword argument".
         """
         if kwargs and dataclasses.is_dataclass(cls):
             check_options(f"{cls.__name__}()", kwargs, tuple(f.name for f in dataclasses.fields(cls)))
@@ -170,7 +181,7 @@ class Method:
         raise NotImplementedError
 
     def options(self) -> dict[str, Any]:
-        """The method's options by name (its dataclass fields)."""
+        """Return the method's options by name (its dataclass fields)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def _set(self, **values: Any) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import resolve_namespace
+from ..backend import Array, Namespace, resolve_namespace
 
 __all__ = ["Problem", "placed"]
 
@@ -37,15 +37,15 @@ class Problem:
     """
 
     name: str
-    g: Callable
-    x0: Any
-    solution: Any
-    xp: Any
-    params: dict = field(default_factory=dict)
+    g: Callable[[Array], Array]
+    x0: Array
+    solution: Array | None
+    xp: Namespace
+    params: dict[str, Any] = field(default_factory=dict)
 
 
-def placed(a, backend, dtype, device):
-    """Host float64 NumPy array ``a`` as an array of ``backend`` with ``dtype`` on ``device``.
+def placed(a: np.ndarray, backend: str | Namespace, dtype: Any, device: Any) -> tuple[Array, Namespace]:
+    """Place the host float64 NumPy array ``a`` as an array of ``backend`` with ``dtype`` on ``device``.
 
     ``dtype=None`` means the library's default real floating dtype; a dtype may
     also be named ("float32", "float64").  Returns the namespace too.
@@ -60,4 +60,5 @@ def placed(a, backend, dtype, device):
         if dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32', 'float64' or a dtype of the library, got {dtype!r}")
         dtype = getattr(xp, dtype)
-    return xp.astype(out, dtype), xp
+    placed_a: Array = xp.astype(out, dtype)
+    return placed_a, xp

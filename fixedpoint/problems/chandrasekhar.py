@@ -7,12 +7,12 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from ..backend import namespace_of
+from ..backend import Array, namespace_of
 from ..checks import check_int, check_real
 from .base import Problem, placed
 
 
-def _newton(kmat, tol=1e-15, max_steps=200):
+def _newton(kmat: np.ndarray, tol: float = 1e-15, max_steps: int = 200) -> np.ndarray:
     """Discrete H-equation H = 1/(1 − K H) solved by Newton's method in float64 (the independent reference)."""
     n = kmat.shape[0]
     h = np.ones(n)
@@ -76,13 +76,13 @@ def chandrasekhar(n: int = 100, c: float = 0.9, *, backend: Any = "numpy", dtype
     kt, xp = placed(kmat.T, backend, dtype, device)
     exact = _newton(kmat)
 
-    def g(h):
+    def g(h: Array) -> Array:
         return 1.0 / (1.0 - h @ kt)
 
-    def evaluate(h, points):
+    def evaluate(h: Array, points: Any) -> Array:
         return h_function(h, points, nodes=mu, weights=w, c=c)
 
-    def root(h):
+    def root(h: Array) -> str:
         return h_equation_root(h, weights=w, c=c)
 
     x0 = xp.ones_like(placed(mu, backend, kt.dtype, device)[0])
@@ -91,8 +91,8 @@ def chandrasekhar(n: int = 100, c: float = 0.9, *, backend: Any = "numpy", dtype
                    dict(n=n, c=c, nodes=mu, weights=w, evaluate=evaluate, root=root))
 
 
-def h_equation_root(h: Any, *, weights: np.ndarray, c: float) -> str:
-    """Which solution of the discrete H-equation ``h`` is, by the moment test.
+def h_equation_root(h: Array, *, weights: np.ndarray, c: float) -> str:
+    """Tell which solution of the discrete H-equation ``h`` is, by the moment test.
 
     The discrete solutions have (c/2) Σ_i w_i H_i = 1 ∓ √(1 − c): "physical" for the
     minus sign (the solution of radiative transfer), "non-physical" for the plus
@@ -119,7 +119,7 @@ def h_equation_root(h: Any, *, weights: np.ndarray, c: float) -> str:
     return "physical" if abs(moment - (1 - gap)) <= abs(moment - (1 + gap)) else "non-physical"
 
 
-def h_function(h: Any, points: Any, *, nodes: np.ndarray, weights: np.ndarray, c: float) -> Any:
+def h_function(h: Array, points: Any, *, nodes: np.ndarray, weights: np.ndarray, c: float) -> Array:
     """H(μ) at any μ from the values ``h`` at the quadrature nodes (Nyström interpolation).
 
     H(μ) = 1 / (1 − (c/2) Σ_j w_j μ h_j / (μ + μ_j)): the discretised equation

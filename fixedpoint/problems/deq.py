@@ -6,13 +6,14 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import Array
 from ..checks import check_int, check_real
 from .base import Problem, placed
 
 
 def tanh_layer(d: int = 64, batch: int = 8, p: int | None = None, rho: float = 0.9, *, seed: int = 0,
                backend: Any = "numpy", dtype: Any = None, device: Any = None) -> Problem:
-    """The implicit layer of a small DEQ: g(z) = tanh(z Wᵀ + x Uᵀ + b) for a batch of inputs x.
+    """Build the implicit layer of a small DEQ: g(z) = tanh(z Wᵀ + x Uᵀ + b) for a batch of inputs x.
 
     W has spectral norm ``rho`` < 1 (a scaled Gaussian matrix), so g is a
     contraction (tanh is 1-Lipschitz) with a unique fixed point per sample.
@@ -51,8 +52,9 @@ def tanh_layer(d: int = 64, batch: int = 8, p: int | None = None, rho: float = 0
     wt, xp = placed(w.T, backend, dtype, device)
     injection, _ = placed(x @ u.T + b, backend, wt.dtype, device)
 
-    def g(z):
-        return xp.tanh(z @ wt + injection)
+    def g(z: Array) -> Array:
+        gz: Array = xp.tanh(z @ wt + injection)
+        return gz
 
     return Problem(f"tanh layer (d={d}, batch={batch}, rho={rho:g})", g, xp.zeros_like(injection), None, xp,
                    dict(W=w, U=u, b=b, x=x, rho=rho, seed=seed))

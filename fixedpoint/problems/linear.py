@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import Array
 from ..checks import check_int, check_real
 from .base import Problem, placed
 
@@ -48,7 +49,7 @@ def linear_contraction(n: int = 100, rho: float = 0.9, *, seed: int = 0, backend
     at, xp = placed(a.T, backend, dtype, device)
     bb, _ = placed(b, backend, at.dtype, device)
 
-    def g(x):
+    def g(x: Array) -> Array:
         return x @ at + bb
 
     solution = placed(exact, backend, at.dtype, device)[0]

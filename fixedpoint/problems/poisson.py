@@ -7,6 +7,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from ..backend import Array
 from ..checks import check_int, check_real
 from .base import Problem, placed
 
@@ -56,11 +57,12 @@ def poisson_jacobi(n: int = 1000, shift: float = 0.0, *, backend: Any = "numpy",
     exact, xp = placed(u, backend, dtype, device)
     h2, denom = h * h, 2.0 + s
 
-    def g(v):
+    def g(v: Array) -> Array:
         pad = xp.zeros(v.shape[:-1] + (1,), dtype=v.dtype, device=array_api_compat.device(v))
         left = xp.concat([pad, v[..., :-1]], axis=-1)
         right = xp.concat([v[..., 1:], pad], axis=-1)
-        return (left + right + h2) / denom
+        gv: Array = (left + right + h2) / denom
+        return gv
 
     name = f"1-D Poisson, Jacobi sweep (n={n}" + (f", shift={s:g})" if s else ")")
     return Problem(name, g, xp.zeros_like(exact), exact, xp, dict(n=n, shift=s))
