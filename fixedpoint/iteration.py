@@ -190,6 +190,8 @@ class _Loop:
     tol: float
     max_iter: int
     stop_mode: str
+    rel: bool  # stop_mode == "rel"
+    divtol: float | None
     x0: Array
     shape: tuple[int, ...]
     caller_xp: Namespace
@@ -292,6 +294,7 @@ class _Loop:
         """
         self.opts = opts = check_common(opts)
         self.tol, self.max_iter, self.stop_mode = opts["tol"], opts["max_iter"], opts["stop_mode"]
+        self.rel, self.divtol = self.stop_mode == "rel", opts["divtol"]
         if not callable(g):
             raise TypeError(f"g must be callable, got {g!r}")
         if isinstance(x0, np.matrix):
@@ -363,7 +366,7 @@ class _Loop:
 
     def _step_batch(self, x: Array, gx: Array) -> tuple[Array, Array]:
         """Test x_k = ``x`` for every sample and write x_{k+1} into ``rec.x_next``; return (residual, active)."""
-        kern, state, rec, rel = self.kern, self.state, self.rec, self.stop_mode == "rel"
+        kern, state, rec, rel = self.kern, self.state, self.rec, self.rel
         f = state.residual_buffer()
         if f is not None:
             kern.sub(f, gx, x)
@@ -385,7 +388,7 @@ class _Loop:
         """
         rec, sxp = self.rec, self.kern.sxp
         r = fnorm
-        if self.stop_mode == "rel":  # a non-finite ‖g(x)‖ makes the residual non-finite, never 0
+        if self.rel:  # a non-finite ‖g(x)‖ makes the residual non-finite, never 0
             assert gnorm is not None  # _norms computes it for "rel"
             if rec.f0 is None:  # the first iteration: the references of the tests below
                 rec.f0, rec.scale = fnorm, sxp.maximum(gnorm, fnorm)
@@ -393,7 +396,7 @@ class _Loop:
         elif rec.f0 is None:
             rec.f0 = fnorm
         active = rec.active
-        divtol = self.opts["divtol"]
+        divtol = self.divtol
         if divtol is not None:
             diverging = active & (fnorm > divtol * rec.f0)
             rec.diverged = rec.diverged | diverging
@@ -554,7 +557,7 @@ class _Loop:
 
     def _step_one(self, one: _OneSample, k: int, x: Array, gx: Array) -> float:
         """:meth:`_step_batch` for :meth:`_run_one`: test x_k, write x_{k+1}; return the residual."""
-        kern, state, rec, rel = self.kern, self.state, self.rec, self.stop_mode == "rel"
+        kern, state, rec, rel = self.kern, self.state, self.rec, self.rel
         f = state.residual_buffer()
         if f is not None:
             kern.sub(f, gx, x)
@@ -567,7 +570,7 @@ class _Loop:
             assert gnorm is not None  # _norms computes it for "rel"
             r = self._relative_one(one, k, fn, float(gnorm[0]))
         was_active = one.active
-        divtol = self.opts["divtol"]
+        divtol = self.divtol
         if divtol is not None and one.active and fn > divtol * one.f0:
             one.diverged, one.active = True, False
         improved = one.active and r < one.best_r  # False for NaN

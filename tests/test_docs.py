@@ -35,7 +35,7 @@ def test_docs_build_without_warnings(tmp_path):
     api = (tmp_path / "html" / "api.html").read_text(encoding="utf-8")
     for name in ("fixedpoint.solve", "fixedpoint.anderson", "fixedpoint.FixedPointResult",
                  "fixedpoint.problems.h_function", "fixedpoint.interop.convert",
-                 "fixedpoint.kernels.Kernels"):
+                 "fixedpoint.Kernels", "fixedpoint.register_method", "fixedpoint.COMMON_OPTIONS"):
         assert f'id="{name}"' in api, f"{name} missing from the API page"
 
 

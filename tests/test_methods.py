@@ -2,6 +2,9 @@
 
 import dataclasses
 import re
+import subprocess
+import sys
+import textwrap
 import tracemalloc
 from pathlib import Path
 
@@ -38,7 +41,8 @@ def test_objects_are_frozen_comparable_and_readable():
     assert repr(ForwardIteration(damping=0.5)) == "ForwardIteration(damping=0.5)"
     assert "Broyden(m=20" in repr(Broyden())
     assert Anderson(m=np.int64(3)).m == 3 and type(Anderson(m=np.int64(3)).m) is int  # normalised
-    assert fixedpoint.METHODS == {"anderson": Anderson, "forward": ForwardIteration, "broyden": Broyden}
+    assert {k: fixedpoint.METHODS[k] for k in ("anderson", "forward", "broyden")} == {
+        "anderson": Anderson, "forward": ForwardIteration, "broyden": Broyden}
 
 
 @pytest.mark.parametrize("name, options, obj", [
@@ -247,3 +251,74 @@ def test_broyden_allocates_nothing_of_size_n_inside_the_loop():
     finally:
         tracemalloc.stop()
     assert peak - mark["base"] < n * 8 // 4
+
+
+def test_a_method_from_the_docs_in_a_new_file_is_solved_by_name(tmp_path):
+    """The docs' recipe saved as one new module: importing it is all it takes for solve and the DEQ layer to take
+    its name (nothing of fixedpoint is edited; a fresh process, so no other test's registration helps)."""
+    text = DOCS.read_text(encoding="utf-8")
+    (tmp_path / "type_one_anderson.py").write_text(
+        re.search(r"<!-- method-example.*?-->\s*```python\n(.*?)```", text, re.S).group(1), encoding="utf-8")
+    code = textwrap.dedent("""
+        import numpy as np, torch, fixedpoint, type_one_anderson
+        from fixedpoint import problems
+        from fixedpoint.torch import DEQ
+        assert "anderson_type1" not in dir(fixedpoint)
+        p = problems.chandrasekhar(30, 0.9)
+        by_name = fixedpoint.solve(p.g, p.x0, method="anderson_type1", tol=1e-10)
+        by_object = fixedpoint.solve(p.g, p.x0, method=type_one_anderson.TypeOneAnderson(), tol=1e-10)
+        assert by_name.converged and by_name.method == "anderson_type1" and np.array_equal(by_name.x, by_object.x)
+        layer = DEQ(lambda z, x: 0.5 * torch.tanh(z) + x, method="anderson_type1", tol=1e-8)
+        z = layer(torch.linspace(-1, 1, 6).reshape(2, 3))
+        assert layer.stats.forward.converged_fraction == 1.0
+        torch.testing.assert_close(z, 0.5 * torch.tanh(z) + torch.linspace(-1, 1, 6).reshape(2, 3))
+        print(sorted(fixedpoint.METHODS))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['anderson', 'anderson_type1', 'broyden', 'forward']"
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".py"] == ["type_one_anderson.py"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Halfway(fixedpoint.Method):
+    """x_{k+1} = (x_k + g(x_k)) / 2: a method of this test module, for the registry's rules."""
+
+    name = "halfway"
+
+    def init(self, kern, B, n, dtype):
+        return fixedpoint.ForwardIteration(damping=0.5).init(kern, B, n, dtype)
+
+
+def test_register_method_rules():
+    assert fixedpoint.register_method("halfway_test", _Halfway) is _Halfway
+    res = fixedpoint.solve(np.cos, np.zeros(2), method="halfway_test", tol=1e-12)
+    ref = fixedpoint.solve(np.cos, np.zeros(2), method=ForwardIteration(damping=0.5), tol=1e-12)
+    assert res.converged and np.array_equal(res.x, ref.x) and res.n_fev == ref.n_fev
+    fixedpoint.register_method("halfway_test", _Halfway)  # the same class again: accepted
+    with pytest.raises(ValueError, match="already registered to .*_Halfway; pass replace=True"):
+        fixedpoint.register_method("halfway_test", Anderson)
+    with pytest.raises(ValueError, match="already registered"):
+        fixedpoint.register_method("anderson", _Halfway)  # a built-in cannot be taken over by mistake
+    fixedpoint.register_method("halfway_test", Anderson, replace=True)
+    assert fixedpoint.METHODS["halfway_test"] is Anderson
+    with pytest.raises(TypeError, match="cls must be a subclass of fixedpoint.Method"):
+        fixedpoint.register_method("halfway_test2", object)
+    with pytest.raises(TypeError, match="cls must be a subclass"):
+        fixedpoint.register_method("halfway_test2", Anderson())  # an instance, not the class
+    with pytest.raises(ValueError, match="Python identifier"):
+        fixedpoint.register_method("half way", _Halfway)
+    with pytest.raises(ValueError, match="option common to every method"):
+        fixedpoint.register_method("tol", _Halfway)
+    with pytest.raises(TypeError):
+        fixedpoint.METHODS["x"] = _Halfway  # read-only: register_method is the one way in
+
+
+def test_unknown_method_names_list_the_registered_ones():
+    with pytest.raises(ValueError, match=r"method must be one of .*'anderson'.*'broyden'.*'forward'.*got 'andersen'"):
+        fixedpoint.solve(np.cos, np.zeros(2), method="andersen")
+    torch = pytest.importorskip("torch")
+    from fixedpoint.torch import DEQ
+
+    with pytest.raises(ValueError, match="method must be one of .*'anderson'"):
+        DEQ(lambda z, x: torch.tanh(z) + x, method="andersen")
