@@ -55,8 +55,9 @@ def main(argv=None) -> int:
                iterations_whole_batch=np.asarray(whole.n_iter)[hard].tolist(),
                iterations_compact=np.asarray(compact.n_iter)[hard].tolist(),
                iterations_alone=[int(a.n_iter) for a in alone],
-               samples_differing_compact=int((whole.x != compact.x).any(axis=1).sum()),
-               hard_samples_differing_alone=int(sum(bool((a.x != whole.x[i]).any()) for a, i in zip(alone, hard))))
+               samples_differing_compact=int((np.asarray(whole.x) != np.asarray(compact.x)).any(axis=1).sum()),
+               hard_samples_differing_alone=int(sum(bool((np.asarray(a.x) != np.asarray(whole.x[i])).any())
+                                                    for a, i in zip(alone, hard))))
     print(f"hard samples' iterations: whole batch {res['iterations_whole_batch']}\n"
           f"                          compact     {res['iterations_compact']}\n"
           f"                          alone       {res['iterations_alone']}\n"

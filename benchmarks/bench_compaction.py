@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,7 @@ def orthogonal(n: int, seed: int) -> np.ndarray:
 def generic(method: str, batch: int, n: int, seed: int) -> dict:
     """Rows of g in fixedpoint.solve with and without compaction (item 1)."""
     r, Q = rates(batch)[:, None], orthogonal(n, seed)
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for compact in (False, True):
         def g(x, rows=None):
             rr = r if rows is None else r[rows]
@@ -90,6 +91,7 @@ def layer(method: str, batch: int, n: int, seed: int) -> dict:
         z, stats = deq_fixed_point(f, x, method=method, compact=compact, tol=1e-8, max_iter=5000)
         (grad,) = torch.autograd.grad(z.sum(), x)
         fw, bw = stats.forward, stats.backward
+        assert bw is not None  # z.sum() was differentiated: the adjoint ran
         out["on" if compact else "off"] = dict(
             forward_rows=int(fw.n_rows), adjoint_rows=int(bw.n_rows), adjoint_rebuilt_rows=int(bw.n_graph_rows),
             converged=[fw.converged_fraction, bw.converged_fraction], cpu_s=time.process_time() - c0,

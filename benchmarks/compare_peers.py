@@ -182,7 +182,7 @@ class Case:
         return int(self.maps["numpy"][1].shape[0]) if self.batch else 1
 
 
-def relative_residuals(g64: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: bool) -> np.ndarray:
+def relative_residuals(g64: Callable[[Any], Any], x: np.ndarray, batch: bool) -> np.ndarray:
     """‖g(x) − x‖₂ / ‖g(x)‖₂ per sample, in float64 (one sample unless ``batch``)."""
     x = np.asarray(x, dtype=np.float64)
     gx = np.asarray(g64(x), dtype=np.float64)

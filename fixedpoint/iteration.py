@@ -39,7 +39,7 @@ from .backend import (
 from .checks import user_stacklevel
 from .comm import Communicator, agreed, as_communicator
 from .interop import call_map, check_unmodified, convert, lend, read_only_message, to_numpy, wrap_map
-from .kernels import Kernels
+from .kernels import Kernels, NormTerm, ReductionTerm
 from .method import Method, MethodState
 from .options import check_common
 from .result import ConvergenceWarning, FixedPointResult
@@ -635,8 +635,10 @@ class _Loop:
         if observed is not None and not rel:
             return observed, None
         kern = self.kern
-        fterm = ("sqnorm", f) if f is not None else ("sqdiff", gx, x)
-        terms = ([] if observed is not None else [fterm]) + ([("sqnorm", gx)] if rel else [])
+        fterm: NormTerm = ("sqnorm", f) if f is not None else ("sqdiff", gx, x)
+        terms: list[ReductionTerm] = [] if observed is not None else [fterm]
+        if rel:
+            terms.append(("sqnorm", gx))
         sums = kern.sums(*terms)
         fnorm = observed if observed is not None else kern.root(sums[0], fterm)
         return fnorm, (kern.root(sums[-1], ("sqnorm", gx)) if rel else None)
