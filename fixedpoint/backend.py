@@ -66,7 +66,7 @@ class Array(Protocol):
         """Number of axes."""
 
     def __getitem__(self, key: Any, /) -> Array:
-        """A view or copy of a part (basic or advanced indexing)."""
+        """Return a view or copy of a part (basic or advanced indexing)."""
 
     def __setitem__(self, key: Any, value: Any, /) -> None:
         """Write into a part."""
@@ -101,6 +101,18 @@ class Array(Protocol):
     def __neg__(self) -> Array:
         """Elementwise negation."""
 
+    def __invert__(self) -> Array:
+        """Elementwise logical not (boolean arrays)."""
+
+    def __and__(self, other: Any, /) -> Array:
+        """Elementwise logical and (boolean arrays)."""
+
+    def __or__(self, other: Any, /) -> Array:
+        """Elementwise logical or (boolean arrays)."""
+
+    def __float__(self) -> float:
+        """Return the value of a one-element array as a Python float."""
+
     def __matmul__(self, other: Any, /) -> Array:
         """Matrix product."""
 
@@ -115,6 +127,9 @@ class Array(Protocol):
 
     def __ge__(self, other: Any, /) -> Array:
         """Elementwise comparison."""
+
+    def __int__(self) -> int:
+        """Return the value of a one-element array as a Python int."""
 
 
 #: An array API namespace (a module such as ``numpy`` or array-api-compat's wrapper of ``torch``): its
@@ -143,9 +158,11 @@ def namespace_of(*arrays: Array) -> Namespace:
     return _native_numpy(xp)
 
 
-def _native_numpy(xp):
-    """NumPy >= 2.1 implements the array API standard itself: use it directly and skip the
-    compatibility wrappers, whose Python overhead dominates solves of small problems.
+def _native_numpy(xp: Namespace) -> Namespace:
+    """Return NumPy itself for array-api-compat's NumPy namespace where NumPy is >= 2.1, else ``xp``.
+
+    NumPy >= 2.1 implements the array API standard itself: use it directly and skip the compatibility
+    wrappers, whose Python overhead dominates solves of small problems.
     """
     if is_numpy_namespace(xp) and _NUMPY_IS_STANDARD:
         return np
@@ -205,12 +222,15 @@ def library_name(xp: Namespace) -> str:
     return getattr(xp, "__name__", repr(xp))
 
 
-def _real_float_dtypes(xp, device):
+def _real_float_dtypes(xp: Namespace, device: Any) -> dict[str, Any]:
+    """Return the real floating dtypes of namespace ``xp`` on ``device``, by name."""
     info = xp.__array_namespace_info__()
+    dtypes: dict[str, Any]
     try:
-        return info.dtypes(device=device, kind="real floating")
+        dtypes = info.dtypes(device=device, kind="real floating")
     except TypeError:  # older namespaces without the device argument
-        return info.dtypes(kind="real floating")
+        dtypes = info.dtypes(kind="real floating")
+    return dtypes
 
 
 def working_dtype(xp: Namespace, x: Array) -> Any:
@@ -238,9 +258,10 @@ def working_dtype(xp: Namespace, x: Array) -> Any:
 
 
 def buffer_dtype(xp: Namespace, dtype: Any) -> Any:
-    """Dtype of the solver's buffers for iterates of floating ``dtype``: ``dtype`` itself, except float32
-    for the half-precision dtypes (float16, bfloat16), whose range and precision are too small for
-    residual norms, Gram matrices and combinations (float16 overflows at 65504).
+    """Dtype of the solver's buffers for iterates of floating ``dtype``.
+
+    ``dtype`` itself, except float32 for the half-precision dtypes (float16, bfloat16), whose range and
+    precision are too small for residual norms, Gram matrices and combinations (float16 overflows at 65504).
 
     The solve loop then calls g with the iterate rounded to ``dtype`` and rounds every new iterate
     to ``dtype``, so that the residuals it measures are those of ``dtype``-valued points.
@@ -289,12 +310,12 @@ def emulation() -> tuple[bool, bool]:
 
 
 def is_torch_cpu(lib: str, device: Any) -> bool:
-    """True for PyTorch (``lib == "torch"``) on the CPU (``device`` None or a CPU device)."""
+    """Return whether ``lib`` is PyTorch (``lib == "torch"``) and ``device`` the CPU (None or a CPU device)."""
     return lib == "torch" and (device is None or importlib.import_module("torch").device(device).type == "cpu")
 
 
 def is_accelerator(xp: Namespace, device: Any) -> bool:
-    """True when ``device`` is not host memory (a CUDA/ROCm/... device), or under :func:`emulate_accelerator`."""
+    """Return whether ``device`` is not host memory (a CUDA/ROCm/... device), or :func:`emulate_accelerator` is on."""
     name = library_name(xp)
     if name == "cupy":
         return True
@@ -350,7 +371,8 @@ class BackendInfo:
     detail: str
 
 
-def _probe_cupy():
+def _probe_cupy() -> list[BackendInfo]:
+    """Return CuPy's entries of :func:`backends`: one per CUDA device, or one saying why there is none."""
     try:
         cupy = importlib.import_module("cupy")
     except Exception as exc:  # ImportError, or a broken CUDA runtime raising at import
@@ -358,7 +380,7 @@ def _probe_cupy():
     try:
         if not cupy.cuda.is_available():
             return [BackendInfo("cupy", "cuda", False, f"cupy {cupy.__version__}: no usable CUDA device")]
-        out = []
+        out: list[BackendInfo] = []
         for i in range(cupy.cuda.runtime.getDeviceCount()):
             with cupy.cuda.Device(i):
                 float((cupy.arange(4, dtype=cupy.float32) ** 2).sum())  # creating and computing really works
@@ -371,7 +393,7 @@ def _probe_cupy():
 
 @functools.cache
 def cupy_usable() -> bool:
-    """True when CuPy imports and at least one CUDA device really creates and computes an array.
+    """Return whether CuPy imports and at least one CUDA device really creates and computes an array.
 
     The probe of :func:`backends`, run once per process and then cached (so that code choosing a
     solver library on every call does not probe the GPU each time).
@@ -383,7 +405,8 @@ def cupy_usable() -> bool:
     return any(b.usable for b in _probe_cupy())
 
 
-def _probe_torch():
+def _probe_torch() -> list[BackendInfo]:
+    """Return PyTorch's entries of :func:`backends`: the CPU, and each CUDA device or why there is none."""
     try:
         torch = importlib.import_module("torch")
     except Exception as exc:

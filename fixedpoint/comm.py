@@ -128,11 +128,11 @@ class Communicator:
         self.comm.Abort(1)
 
     def sum(self, a: Any) -> Any:
-        """The elementwise sum of ``a`` over the processes (a NumPy array, or a tensor/array of the device)."""
+        """Return the elementwise sum of ``a`` over the processes (a NumPy array, or a tensor/array of the device)."""
         return self._reduce(a, "sum")
 
     def max(self, a: Any) -> Any:
-        """The elementwise maximum of ``a`` over the processes."""
+        """Return the elementwise maximum of ``a`` over the processes."""
         return self._reduce(a, "max")
 
     def agree(self, exc: BaseException | None, what: str = "", description: str = "") -> None:
@@ -155,9 +155,10 @@ class Communicator:
                              f"{description}; every process must call the solver with the same settings")
 
     def check_same(self, what: str, description: str) -> None:
-        """Raise ``ValueError`` on every process unless ``description`` is the same on all of them (one small
-        collective: :meth:`agree` with nothing failed), so that processes whose settings differ stop with a clear
-        error instead of waiting in mismatched collectives.
+        """Raise ``ValueError`` on every process unless ``description`` is the same on all of them.
+
+        One small collective (:meth:`agree` with nothing failed), so that processes whose settings differ stop
+        with a clear error instead of waiting in mismatched collectives.
         """
         self.agree(None, what, description)
 
@@ -179,6 +180,7 @@ class Communicator:
         raise error
 
     def __repr__(self) -> str:
+        """Return the kind, rank and size, e.g. ``Communicator(mpi, rank=0, size=4)``."""
         return f"Communicator({self.kind}, rank={self.rank}, size={self.size})"
 
 

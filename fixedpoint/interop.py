@@ -26,51 +26,72 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import array_api_compat
 import numpy as np
 
 from .backend import Array, Namespace, library_name, namespace_of, resolve_namespace
 
+if TYPE_CHECKING:  # for annotations only: neither is imported when fixedpoint is
+    import cupy
+    from torch import Tensor
+
 __all__ = ["call_map", "check_unmodified", "convert", "lend", "to_numpy", "wrap_map", "same_memory",
            "may_share_memory"]
 
 
-def _is_host(lib, x):
+def _is_host(lib: str, x: Array) -> bool:
+    """Return whether ``x``, an array of library ``lib``, is in host memory."""
     if lib == "cupy":
         return False
     if lib == "torch":
-        return x.device.type == "cpu"
+        return bool(x.device.type == "cpu")
     return True
 
 
-def _exportable(x, lib):
+def _exportable(x: Array, lib: str) -> Array:
     """Return ``x`` (or a copy) in a form every DLPack consumer accepts."""
     if lib == "torch":
         torch = importlib.import_module("torch")
-        x = x.detach()
-        if x.dtype == torch.bfloat16:
-            x = x.float()
-        elif x.dtype == torch.bool:
-            x = x.to(torch.uint8)
-        if x.is_conj():
-            x = x.resolve_conj()
-        if x.is_neg():
-            x = x.resolve_neg()
-        return x.contiguous()
+        t = cast("Tensor", x).detach()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        elif t.dtype == torch.bool:
+            t = t.to(torch.uint8)
+        if t.is_conj():
+            t = t.resolve_conj()
+        if t.is_neg():
+            t = t.resolve_neg()
+        return t.contiguous()
     if lib in ("numpy", "cupy"):
         raw = np if lib == "numpy" else importlib.import_module("cupy")
-        if x.dtype == raw.bool_:
-            x = x.view(raw.uint8)
-        if not x.flags.c_contiguous or (lib == "numpy" and not x.flags.writeable):
-            x = raw.array(x, order="C", copy=True)
-        return x
+        a = cast("np.ndarray | cupy.ndarray", x)  # the two share the attributes used here
+        if a.dtype == raw.bool_:
+            a = a.view(raw.uint8)
+        if not a.flags.c_contiguous or (lib == "numpy" and not a.flags.writeable):
+            a = raw.array(a, order="C", copy=True)
+        return a
     return x
 
 
+class _DLPackArray(Protocol):
+    """An array that exports its memory through DLPack (what ``from_dlpack`` functions take)."""
+
+    def __dlpack__(self, /, *, stream: None = None) -> Any:
+        """Return a DLPack capsule of the array's memory."""
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        """Return the DLPack device type and index of the array's memory."""
+
+
+def _dlpack(x: Array) -> _DLPackArray:
+    """Return ``x`` as the DLPack exporter it is (every array of the libraries :func:`convert` handles)."""
+    return cast(_DLPackArray, x)
+
+
 def to_numpy(x: Array) -> np.ndarray:
-    """A NumPy copy (or view, for host arrays) of ``x``, whatever its library and device.
+    """Return a NumPy copy (or view, for host arrays) of ``x``, whatever its library and device.
 
     Meant for small arrays (statistics, histories) and for host-side references.
     bfloat16 tensors come back as float32.
@@ -79,16 +100,17 @@ def to_numpy(x: Array) -> np.ndarray:
         return x
     lib = library_name(namespace_of(x))
     if lib == "torch":
-        x = x.detach()
-        if str(x.dtype) == "torch.bfloat16":
-            x = x.float()
-        return x.cpu().numpy()
+        t = cast("Tensor", x).detach()
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.float()
+        return t.cpu().numpy()
     if lib == "cupy":
-        return x.get()
+        host: np.ndarray = cast("cupy.ndarray", x).get()
+        return host
     if lib == "array_api_strict":
         xp = namespace_of(x)
         return np.from_dlpack(xp.asarray(x, device=xp.Device("CPU_DEVICE"), copy=True))
-    return np.from_dlpack(x)
+    return np.from_dlpack(_dlpack(x))
 
 
 def convert(x: Array, target: str | Namespace, *, device: Any = None, dtype: Any = None) -> Array:
@@ -127,34 +149,56 @@ def convert(x: Array, target: str | Namespace, *, device: Any = None, dtype: Any
     if src_lib == tlib and device is None:
         out = x
     else:
-        y = _exportable(x, src_lib)
-        if tlib == "torch":
-            torch = importlib.import_module("torch")
-            if device is not None:
-                want = torch.device(device)
-            else:
-                want = torch.device("cpu") if _is_host(src_lib, y) else None
-            if want is not None and want.type == "cpu" and not _is_host(src_lib, y):
-                y = to_numpy(y)
-            out = torch.from_dlpack(y) if src_lib != "array_api_strict" else torch.from_dlpack(to_numpy(y))
-            if want is not None and out.device != want:
-                out = out.to(want)
-        elif tlib == "cupy":
-            cupy = importlib.import_module("cupy")
-            if _is_host(src_lib, y):
-                out = cupy.asarray(to_numpy(y))
-            else:
-                out = cupy.from_dlpack(y)
-            if device is not None:
-                with cupy.cuda.Device(int(str(device).split(":")[-1])):
-                    out = cupy.asarray(out)
-        elif tlib == "numpy":
-            out = np.from_dlpack(y) if src_lib in ("numpy", "torch") and _is_host(src_lib, y) else to_numpy(y)
-        else:
-            host = to_numpy(y)
-            out = txp.asarray(host) if device is None else txp.asarray(host, device=device)
+        out = _move(_exportable(x, src_lib), src_lib, txp, device)
+    return _cast_to(out, tlib, bool_=was_bool, dtype=dtype)
+
+
+def _move(y: Array, src_lib: str, txp: Namespace, device: Any) -> Array:
+    """Return ``y`` (exportable, of library ``src_lib``) as an array of namespace ``txp`` on ``device``."""
+    tlib = library_name(txp)
+    if tlib == "torch":
+        return _to_torch(y, src_lib, device)
+    if tlib == "cupy":
+        return _to_cupy(y, src_lib, device)
+    if tlib == "numpy":
+        return np.from_dlpack(_dlpack(y)) if src_lib in ("numpy", "torch") and _is_host(src_lib, y) else to_numpy(y)
+    host = to_numpy(y)
+    out: Array = txp.asarray(host) if device is None else txp.asarray(host, device=device)
+    return out
+
+
+def _to_torch(y: Array, src_lib: str, device: Any) -> Tensor:
+    """Return ``y`` as a PyTorch tensor on ``device`` (default: the CPU for host arrays, else ``y``'s device)."""
+    torch = importlib.import_module("torch")
+    if device is not None:
+        want = torch.device(device)
+    else:
+        want = torch.device("cpu") if _is_host(src_lib, y) else None
+    if want is not None and want.type == "cpu" and not _is_host(src_lib, y):
+        y = to_numpy(y)
+    out: Tensor = torch.from_dlpack(y) if src_lib != "array_api_strict" else torch.from_dlpack(to_numpy(y))
+    if want is not None and out.device != want:
+        out = out.to(want)
+    return out
+
+
+def _to_cupy(y: Array, src_lib: str, device: Any) -> Array:
+    """Return ``y`` as a CuPy array, on the CUDA device ``device`` if given."""
+    cupy = importlib.import_module("cupy")
+    if _is_host(src_lib, y):
+        out: Array = cupy.asarray(to_numpy(y))
+    else:
+        out = cupy.from_dlpack(y)
+    if device is not None:
+        with cupy.cuda.Device(int(str(device).split(":")[-1])):
+            out = cupy.asarray(out)
+    return out
+
+
+def _cast_to(out: Array, tlib: str, *, bool_: bool, dtype: Any) -> Array:
+    """Return ``out`` (of library ``tlib``) cast back to bool if ``bool_`` (exported as uint8), then to ``dtype``."""
     oxp = resolve_namespace(tlib)
-    if was_bool and not str(out.dtype).endswith("bool"):
+    if bool_ and not str(out.dtype).endswith("bool"):
         out = oxp.astype(out, oxp.bool)
     if dtype is not None and out.dtype != dtype:
         out = oxp.astype(out, dtype)
@@ -162,35 +206,43 @@ def convert(x: Array, target: str | Namespace, *, device: Any = None, dtype: Any
 
 
 def same_memory(a: Array, b: Array) -> bool:
-    """True when arrays ``a`` and ``b`` (any libraries) start at the same memory address."""
+    """Return whether arrays ``a`` and ``b`` (any libraries) start at the same memory address."""
 
-    def ptr(x):
+    def ptr(x: Array) -> int:
         lib = library_name(namespace_of(x))
         if lib == "torch":
-            return x.data_ptr()
+            return cast("Tensor", x).data_ptr()
         if lib == "cupy":
-            return x.data.ptr
-        return x.__array_interface__["data"][0] if isinstance(x, np.ndarray) else np.from_dlpack(x).ctypes.data
+            address: int = cast("cupy.ndarray", x).data.ptr
+            return address
+        if isinstance(x, np.ndarray):
+            address = x.__array_interface__["data"][0]
+            return address
+        return np.from_dlpack(_dlpack(x)).ctypes.data
 
     return ptr(a) == ptr(b)
 
 
 def may_share_memory(a: Array, b: Array) -> bool:
-    """True when arrays ``a`` and ``b`` (one library) may share memory: overlapping bounds, or the same
-    PyTorch storage.  O(1); may say True for disjoint slices of one buffer.
+    """Return whether arrays ``a`` and ``b`` (one library) may share memory.
+
+    True for overlapping bounds, or the same PyTorch storage.  O(1); may say True for disjoint slices of
+    one buffer.
     """
     lib = library_name(namespace_of(a, b))
     if lib == "cupy":
         return bool(importlib.import_module("cupy").may_share_memory(a, b))
     if lib == "torch":  # views share their storage
-        return bool(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+        ta, tb = cast("Tensor", a), cast("Tensor", b)
+        return bool(ta.untyped_storage().data_ptr() == tb.untyped_storage().data_ptr())
     if lib == "numpy":
-        return bool(np.may_share_memory(a, b))
-    return bool(np.may_share_memory(np.from_dlpack(a), np.from_dlpack(b)))  # host libraries: NumPy views
+        return bool(np.may_share_memory(cast(np.ndarray, a), cast(np.ndarray, b)))
+    # host libraries: NumPy views
+    return bool(np.may_share_memory(np.from_dlpack(_dlpack(a)), np.from_dlpack(_dlpack(b))))
 
 
 def read_only_message(lib: str, who: str = "g") -> str:
-    """The error for user code (the map ``g``, or a ``callback``) that wrote into an array it was lent."""
+    """Return the error for user code (the map ``g``, or a ``callback``) that wrote into an array it was lent."""
     if who == "g":
         return (f"g must not modify its argument in place: it is the solver's iterate ({lib} array). Compute the "
                 "result into a new array (y = 0.5 * x + 1, not x *= 0.5; x += 1; return x)")
@@ -199,8 +251,9 @@ def read_only_message(lib: str, who: str = "g") -> str:
 
 
 def lend(x: Array, *, copy: bool = True) -> tuple[Array, int | None]:
-    """Hand ``x`` to user code so that an in-place write cannot go unnoticed: the one rule for every array the
-    solvers pass to a user's function.
+    """Hand ``x`` to user code so that an in-place write cannot go unnoticed.
+
+    The one rule for every array the solvers pass to a user's function:
 
     - NumPy: a read-only view (a write raises NumPy's "read-only" ``ValueError``);
     - PyTorch (except inference-mode tensors): ``x`` itself, with its version counter as the token for
@@ -226,10 +279,14 @@ def lend(x: Array, *, copy: bool = True) -> tuple[Array, int | None]:
         view.flags.writeable = False
         return view, None
     lib = library_name(namespace_of(x))
-    if lib == "torch" and not x.is_inference():
-        return x, x._version
+    if lib == "torch":
+        if TYPE_CHECKING:  # PyTorch tensors (narrowed for the type checker only: this runs at every call of g)
+            assert isinstance(x, Tensor)
+        if not x.is_inference():
+            return x, x._version
     if copy:
-        return namespace_of(x).asarray(x, copy=True), None
+        lent: Array = namespace_of(x).asarray(x, copy=True)
+        return lent, None
     return x, None
 
 
@@ -242,8 +299,11 @@ def check_unmodified(x: Array, token: int | None, who: str = "g") -> None:
         If ``token`` is a PyTorch version count and ``x``'s has changed; the message names ``who``
         (``"g"`` or ``"callback"``).  With ``token`` None nothing is checked.
     """
-    if token is not None and x._version != token:
-        raise ValueError(read_only_message("torch", who))
+    if token is not None:
+        if TYPE_CHECKING:  # a token is a PyTorch version count (lend); narrowed for the type checker only
+            assert isinstance(x, Tensor)
+        if x._version != token:
+            raise ValueError(read_only_message("torch", who))
 
 
 def call_map(g: Callable[..., Array], x: Array, *args: Any) -> Array:
@@ -343,7 +403,7 @@ def wrap_map(g: Callable[[Array], Array], caller: str | Namespace, solver: str |
         return g
 
     @functools.wraps(g)
-    def wrapped(x, *args):
+    def wrapped(x: Array, *args: Array) -> Array:
         extra = [convert(a, caller, device=caller_device) for a in args]  # e.g. sample indices
         y = call_map(g, convert(x, caller, device=caller_device, dtype=caller_dtype), *extra)
         return convert(y, solver, device=None, dtype=solver_dtype)

@@ -17,7 +17,8 @@ import contextlib
 import functools
 import importlib
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
 import array_api_compat
 import numpy as np
@@ -33,7 +34,27 @@ from .backend import (
 )
 from .comm import as_communicator
 
-__all__ = ["Kernels"]
+if TYPE_CHECKING:  # for annotations only: neither is imported when fixedpoint is
+    import cupy
+    from torch import Tensor
+
+__all__ = ["Kernels", "ReductionTerm"]
+
+#: ``("matvec", A, v)`` or ``("matvec", A, v, out)``: ⟨A[j, b], v[b]⟩ for a stack ``A`` ``(k, B, n)`` and ``v``
+#: ``(B, n)``, optionally computed into ``out`` ``(B, k)`` (in the vectors' dtype).
+MatvecTerm: TypeAlias = tuple[Literal["matvec"], Array, Array] | tuple[Literal["matvec"], Array, Array, Array]
+#: ``("dot", a, b)``: ⟨a[b], b[b]⟩ per row.
+DotTerm: TypeAlias = tuple[Literal["dot"], Array, Array]
+#: ``("sqnorm", a)``: ‖a[b]‖² per row.
+SqnormTerm: TypeAlias = tuple[Literal["sqnorm"], Array]
+#: ``("sqdiff", a, b)``: ‖a[b] − b[b]‖² per row, without a temporary of size n.
+SqdiffTerm: TypeAlias = tuple[Literal["sqdiff"], Array, Array]
+#: The terms whose sums are squared norms (:meth:`Kernels.root` takes their square roots).
+NormTerm: TypeAlias = SqnormTerm | SqdiffTerm
+#: One reduction of :meth:`Kernels.sums`, tagged by its kind.
+ReductionTerm: TypeAlias = MatvecTerm | DotTerm | NormTerm
+#: One system of :func:`ldl_solve_one` solved in Python floats (``None`` at a zero pivot).
+LdlOne: TypeAlias = Callable[[list[float], list[float]], list[float] | None]
 
 
 #: Rows of at most this many elements use per-slot batched dot products for the Gram row (NumPy);
@@ -108,51 +129,87 @@ class Kernels:
             self.sdtype = self.sxp.float32
         #: True when the small state is NumPy, so reading it costs no device synchronisation.
         self.small_on_host = library_name(self.sxp) == "numpy"
-        self._scratch: Any = None  # a block of _BLOCK elements for norms of differences and packing (_block)
+        self._scratch: Array | None = None  # a block of _BLOCK elements for norms of differences and packing (_block)
 
     # --- conversions ---------------------------------------------------------------------------
 
+    # The library-specific branches below narrow ``Array`` to the concrete type of their branch with
+    # ``if TYPE_CHECKING: assert isinstance(...)``: checked by the type checker, free at run time (the
+    # kernels run several times per iteration, where a ``typing.cast`` would add a function call).
+
     def small(self, a: Array) -> Array:
-        """View an array of the vectors' library as an array of :attr:`sxp` (no copy): a NumPy view of a PyTorch
-        CPU tensor, else ``a`` itself.  The vector work of NumPy mode runs on these views too.
+        """View an array of the vectors' library as an array of :attr:`sxp` (no copy).
+
+        A NumPy view of a PyTorch CPU tensor, else ``a`` itself.  The vector work of NumPy mode runs on these
+        views too (:meth:`numpy_view`).
         """
-        return a.detach().numpy() if self._views else a
+        if self._views:
+            if TYPE_CHECKING:  # NumPy mode on PyTorch CPU tensors
+                assert isinstance(a, Tensor)
+            return a.detach().numpy()
+        return a
+
+    def numpy_view(self, a: Array) -> np.ndarray:
+        """View an array of the vectors' library as a NumPy array, in NumPy mode only (no copy).
+
+        :meth:`small` typed for the NumPy code paths (``mode == "numpy"``, equivalently :attr:`small_on_host`):
+        a NumPy view of a PyTorch CPU tensor, else ``a`` itself, a NumPy array.
+        """
+        if self._views:
+            if TYPE_CHECKING:  # NumPy mode on PyTorch CPU tensors
+                assert isinstance(a, Tensor)
+            return a.detach().numpy()
+        if TYPE_CHECKING:  # NumPy mode on NumPy arrays
+            assert isinstance(a, np.ndarray)
+        return a
 
     def big(self, a: Array, dtype: Any = None) -> Array:
-        """An array of :attr:`sxp` as an array of the vectors' library, cast to ``dtype`` if given."""
+        """Return an array of :attr:`sxp` as an array of the vectors' library, cast to ``dtype`` if given."""
         if self._views:
+            if TYPE_CHECKING:  # the small state of NumPy mode
+                assert isinstance(a, np.ndarray)
             if not a.flags.writeable:  # e.g. a broadcast view: torch.from_numpy wants writeable memory
                 a = np.array(a)
-            a = self._raw_torch().from_numpy(a)
-            return a if dtype is None else a.to(dtype)
+            t: Tensor = self._raw_torch().from_numpy(a)
+            return t if dtype is None else t.to(dtype)
         if self.mode == "numpy":
+            if TYPE_CHECKING:  # NumPy arrays
+                assert isinstance(a, np.ndarray)
             return a if dtype is None or a.dtype == dtype else a.astype(dtype)
-        return a if dtype is None else self.xp.astype(a, dtype)
+        if dtype is None:
+            return a
+        out: Array = self.xp.astype(a, dtype)
+        return out
 
     def _raw_torch(self) -> Any:
         return importlib.import_module("torch")
 
     def _host_float64(self, a: Array) -> np.ndarray:
-        """The values of a vectors' array on the host as float64 NumPy (a copy unless already so)."""
+        """Return the values of a vectors' array on the host as float64 NumPy (a copy unless already so)."""
+        host: Any = a  # NumPy or array-api-strict: converted by np.asarray
         if self.lib == "torch":
-            a = a.detach().cpu().to(self._raw_torch().float64)
+            host = cast("Tensor", a).detach().cpu().to(self._raw_torch().float64)
         elif self.lib == "cupy":
-            a = a.get()
-        return np.asarray(a, dtype=np.float64)
+            host = cast("cupy.ndarray", a).get()
+        return np.asarray(host, dtype=np.float64)
 
-    def _coef(self, alpha: float | Array, like: Array) -> Any:
-        """A Python float as is; a per-sample small-state array ``(B,)`` as ``(B, 1)`` for the vector work."""
+    def _coef(self, alpha: float | Array, like: Array) -> float | Array:
+        """Return a Python float as is; a per-sample small-state array ``(B,)`` as ``(B, 1)`` for the vector work."""
         if isinstance(alpha, (int, float)):
             return float(alpha)
         if self.mode == "numpy":
+            if TYPE_CHECKING:  # the small state of NumPy mode
+                assert isinstance(alpha, np.ndarray)
             return np.asarray(alpha, dtype=self.small(like).dtype)[:, None]
-        return self.xp.astype(alpha, like.dtype)[:, None]
+        coef: Array = self.xp.astype(alpha, like.dtype)
+        return coef[:, None]
 
     def solver_context(self) -> contextlib.ExitStack:
-        """Context in which the solver runs: ``torch.no_grad()`` for PyTorch (the solve is not
-        differentiated through; gradients come from implicit differentiation), and NumPy's floating
-        point warnings off (the solver detects non-finite values itself; NumPy holds the small
-        state on the host, and array-api-strict computes with NumPy).
+        """Return the context in which the solver runs.
+
+        ``torch.no_grad()`` for PyTorch (the solve is not differentiated through; gradients come from
+        implicit differentiation), and NumPy's floating point warnings off (the solver detects non-finite
+        values itself; NumPy holds the small state on the host, and array-api-strict computes with NumPy).
         """
         stack = contextlib.ExitStack()
         if self.lib == "torch":
@@ -175,6 +232,8 @@ class Kernels:
     def copy(self, out: Array, a: Array) -> None:
         """``out[...] = a``."""
         if self.mode == "torch":
+            if TYPE_CHECKING:  # PyTorch tensors
+                assert isinstance(out, Tensor) and isinstance(a, Tensor)
             out.copy_(a)
         elif self._raw is not None:
             self._raw.copyto(self.small(out), self.small(a))
@@ -229,6 +288,8 @@ class Kernels:
         With the small state on the host, an all-false mask costs nothing and an all-true one a plain copy.
         """
         if self.small_on_host:
+            if TYPE_CHECKING:  # the small state of NumPy mode
+                assert isinstance(mask, np.ndarray)
             if not mask.any():
                 return
             if mask.all():
@@ -253,7 +314,7 @@ class Kernels:
         """
         k, B, n = A.shape
         if self.mode == "numpy":
-            A, v, out = self.small(A), self.small(v), self.small(out)
+            A, v, out = self.numpy_view(A), self.numpy_view(v), self.numpy_view(out)
             if n <= SHORT_ROWS:  # per slot, one dot product per sample (for one sample, all slots in one call)
                 if B == 1:
                     np.matmul(A[:, 0, None, :], v[0][:, None], out=out[0][:, None, None])
@@ -277,7 +338,7 @@ class Kernels:
         """
         k, B, n = A.shape
         if self.mode == "numpy":
-            A, w, out = self.small(A), self.small(w), self.small(out)
+            A, w, out = self.numpy_view(A), self.numpy_view(w), self.numpy_view(out)
             if k == 1:
                 np.multiply(A[0], w, out=out)
             elif B == 1:
@@ -292,8 +353,9 @@ class Kernels:
     # --- packing the samples still iterating to the front ----------------------------------------
 
     def take_rows(self, out: Array, a: Array, rows: Array) -> None:
-        """``out[i] = a[rows[i]]`` into a preallocated ``out`` of ``len(rows)`` rows (``rows`` an index array of the
-        vectors' library and device).
+        """``out[i] = a[rows[i]]`` into a preallocated ``out`` of ``len(rows)`` rows.
+
+        ``rows`` is an index array of the vectors' library and device.
         """
         if self.lib == "torch":
             self._raw_torch().index_select(a, 0, rows, out=out)
@@ -305,6 +367,8 @@ class Kernels:
     def put_rows(self, out: Array, rows: Array, a: Array) -> None:
         """``out[rows[i]] = a[i]``."""
         if self.lib == "torch":
+            if TYPE_CHECKING:  # PyTorch tensors
+                assert isinstance(out, Tensor) and isinstance(rows, Tensor) and isinstance(a, Tensor)
             out.index_copy_(0, rows, a)
         elif self.lib in ("numpy", "cupy"):
             out[rows] = a
@@ -313,17 +377,16 @@ class Kernels:
                 out[int(rows[i]), ...] = a[i, ...]
 
     def pack_rows(self, a: Array, keep: np.ndarray) -> None:
-        """Move the rows ``keep`` of ``a`` (along its first axis) to the front, in order, in place: row ``keep[i]``
-        goes to row ``i``.
+        """Move the rows ``keep`` of ``a`` (along its first axis) to the front, in order, in place.
 
-        ``keep`` is an increasing host array of row indices.  Rows before the first one that moves
-        stay; from there, a long run of consecutive rows is copied directly in pieces that cannot
-        overwrite a row not yet moved (or through the scratch block when it moves by less than a
+        Row ``keep[i]`` goes to row ``i``.  ``keep`` is an increasing host array of row indices.  Rows before
+        the first one that moves stay; from there, a long run of consecutive rows is copied directly in pieces
+        that cannot overwrite a row not yet moved (or through the scratch block when it moves by less than a
         block), and scattered rows are gathered a block at a time into the fixed scratch block of
-        :data:`_BLOCK` elements and copied back.  Every destination lies before its source, so nothing
-        is overwritten before it moves, and nothing of size n is allocated; the copies (one kernel
-        launch each on a GPU, no synchronisation) number about twice the rows moved over the rows
-        per block, or one per long run.
+        :data:`_BLOCK` elements and copied back.  Every destination lies before its source, so nothing is
+        overwritten before it moves, and nothing of size n is allocated; the copies (one kernel launch each on
+        a GPU, no synchronisation) number about twice the rows moved over the rows per block, or one per long
+        run.
         """
         keep = np.asarray(keep, dtype=np.int64)
         moved = np.nonzero(keep != np.arange(keep.size))[0]
@@ -356,18 +419,21 @@ class Kernels:
                 i += c
 
     def _block_rows(self, a: Array, c: int) -> Array:
-        """The scratch block as ``c`` rows shaped like those of ``a``."""
-        return self.xp.reshape(self._block(a.dtype)[: c * math.prod(a.shape[1:])], (c,) + tuple(a.shape[1:]))
+        """Return the scratch block as ``c`` rows shaped like those of ``a``."""
+        rows: Array = self.xp.reshape(self._block(a.dtype)[: c * math.prod(a.shape[1:])], (c,) + tuple(a.shape[1:]))
+        return rows
 
     def _block(self, dtype: Any) -> Array:
-        """The scratch block of :data:`_BLOCK` elements in ``dtype`` (made on first use, or for a new dtype)."""
+        """Return the scratch block of :data:`_BLOCK` elements in ``dtype`` (made on first use, or for a new dtype)."""
         if self._scratch is None or self._scratch.dtype != dtype:
             self._scratch = self.xp.empty((_BLOCK,), dtype=dtype, device=self.device)
         return self._scratch
 
     def pack_stack(self, flat: Array, shape: tuple[int, int, int], keep: np.ndarray) -> Array:
-        """Pack a contiguous stack of ``shape`` ``(s, w, n)`` stored at the start of the 1-d buffer ``flat`` to the
-        samples ``keep``, as a contiguous ``(s, len(keep), n)`` stack at the start of ``flat``; return it (a view).
+        """Pack a contiguous stack at the start of the 1-d buffer ``flat`` to the samples ``keep``.
+
+        The stack of ``shape`` ``(s, w, n)`` becomes a contiguous ``(s, len(keep), n)`` stack at the start
+        of ``flat``, which is returned (a view).
 
         The rows move in place in the order of their addresses (:meth:`pack_rows` on the ``(s·w, n)``
         rows): every destination lies before its source, so nothing is overwritten before it moves
@@ -379,35 +445,38 @@ class Kernels:
         k = len(keep)
         self.pack_rows(self.xp.reshape(flat[: s * w * n], (s * w, n)),
                        (np.arange(s)[:, None] * w + np.asarray(keep)[None, :]).reshape(-1))
-        return self.xp.reshape(flat[: s * k * n], (s, k, n))
+        packed: Array = self.xp.reshape(flat[: s * k * n], (s, k, n))
+        return packed
 
     def small_index(self, rows: np.ndarray) -> Array:
-        """A host array of row indices as an index array of the small state (its library and device)."""
-        return self.sxp.asarray(np.asarray(rows, dtype=np.int64), device=self.sdevice)
+        """Return a host array of row indices as an index array of the small state (its library and device)."""
+        index: Array = self.sxp.asarray(np.asarray(rows, dtype=np.int64), device=self.sdevice)
+        return index
 
     # --- reductions into small state ---------------------------------------------------------------
 
-    def _local(self, term: tuple) -> Array:
-        """The local partial sums of one reduction term, as small state in :attr:`sdtype`."""
-        kind, a = term[0], term[1]
-        if kind == "matvec":  # ("matvec", A (k, B, n), v (B, n)[, out (B, k) in the vectors' dtype])
+    def _local(self, term: ReductionTerm) -> Array:
+        """Return the local partial sums of one reduction term, as small state in :attr:`sdtype`."""
+        if term[0] == "matvec":  # ("matvec", A (k, B, n), v (B, n)[, out (B, k) in the vectors' dtype])
+            a = term[1]
             out = term[3] if len(term) > 3 else None
             if out is None:
                 out = self.xp.empty((a.shape[1], a.shape[0]), dtype=term[2].dtype, device=self.device)
             self.matvec(out, a, term[2])
             if self.mode == "numpy":
-                return np.asarray(self.small(out), dtype=self.sdtype)
-            return self.sxp.astype(self.small(out), self.sdtype)
-        if kind == "dot":
-            return self._local(("matvec", a[None, ...], term[2]))[:, 0]
-        if kind == "sqnorm":
-            return self._sqsum(a)
-        if kind == "sqdiff":
-            return self._sqdiff(a, term[2])
-        raise ValueError(f"unknown reduction {kind!r}")
+                return np.asarray(self.numpy_view(out), dtype=self.sdtype)
+            local: Array = self.sxp.astype(self.small(out), self.sdtype)
+            return local
+        if term[0] == "dot":
+            return self._local(("matvec", term[1][None, ...], term[2]))[:, 0]
+        if term[0] == "sqnorm":
+            return self._sqsum(term[1])
+        if term[0] == "sqdiff":
+            return self._sqdiff(term[1], term[2])
+        raise ValueError(f"unknown reduction {term[0]!r}")
 
-    def sums(self, *terms: tuple) -> list[Array]:
-        """Sums over the vectors' entries, over every shard when the solve is sharded, in one collective.
+    def sums(self, *terms: ReductionTerm) -> list[Array]:
+        """Sum over the vectors' entries, over every shard when the solve is sharded, in one collective.
 
         Each term is one of ``("matvec", A, v[, out])`` (⟨A[j, b], v[b]⟩ for a stack ``A``
         ``(k, B, n)``: shape ``(B, k)``), ``("dot", a, b)``, ``("sqnorm", a)`` or
@@ -429,21 +498,26 @@ class Kernels:
         local = [self._local(t) for t in terms]
         if self.comm is None:
             return local
-        if self.comm is not None:
-            flat = [self.sxp.reshape(v, (v.shape[0], -1)) for v in local]
-            total = self.comm.sum(self.sxp.concat(flat, axis=1))
-            out, start = [], 0
-            for v, f in zip(local, flat):
-                out.append(self.sxp.reshape(total[:, start:start + f.shape[1]], v.shape))
-                start += f.shape[1]
+        flat = [self.sxp.reshape(v, (v.shape[0], -1)) for v in local]
+        total = self.comm.sum(self.sxp.concat(flat, axis=1))
+        out: list[Array] = []
+        start = 0
+        for v, f in zip(local, flat):
+            out.append(self.sxp.reshape(total[:, start:start + f.shape[1]], v.shape))
+            start += f.shape[1]
         return out
 
-    def rescued(self, term: tuple, value: Array) -> Array:
-        """``value`` (the result of ``term`` in :meth:`sums`), recomputed in float64 from scaled copies where it is
-        not finite and the small state is on the host (a device would synchronise for the check).
+    def rescued(self, term: ReductionTerm, value: Array) -> Array:
+        """Return ``value`` (the result of ``term`` in :meth:`sums`), recomputed where it is not finite.
+
+        It is recomputed in float64 from scaled copies where the small state is on the host (a device
+        would synchronise for the check).
         """
-        if self.small_on_host and not math.isfinite(float(value.sum())) and not np.isfinite(value).all():
-            return self._rescue(term, value)
+        if self.small_on_host:
+            if TYPE_CHECKING:  # the small state of NumPy mode
+                assert isinstance(value, np.ndarray)
+            if not math.isfinite(float(value.sum())) and not np.isfinite(value).all():
+                return self._rescue(term, value)
         return value
 
     def _global_max(self, a: np.ndarray) -> np.ndarray:
@@ -452,22 +526,21 @@ class Kernels:
     def _global_sum(self, a: np.ndarray) -> np.ndarray:
         return self.comm.sum(a) if self.comm is not None else a
 
-    def _rescue(self, term: tuple, value: np.ndarray) -> np.ndarray:
+    def _rescue(self, term: ReductionTerm, value: np.ndarray) -> np.ndarray:
         """Recompute a term whose sums overflowed, in float64 from copies scaled by their (global) largest entries."""
-        kind = term[0]
-        if kind in ("sqnorm", "sqdiff"):
+        if term[0] == "sqnorm" or term[0] == "sqdiff":
             return self._safe_norms(term) ** 2
-        A = term[1] if kind == "matvec" else term[1][None, ...]
-        A64, v64 = self._host_float64(A), self._host_float64(term[2])
-        sa = self._global_max(np.max(np.abs(A64), axis=2).T.copy())  # (B, k)
+        A = term[1] if term[0] == "matvec" else term[1][None, ...]
+        stack64, v64 = self._host_float64(A), self._host_float64(term[2])
+        sa = self._global_max(np.max(np.abs(stack64), axis=2).T.copy())  # (B, k)
         sv = self._global_max(np.max(np.abs(v64), axis=1))
         sa, sv = np.where(sa > 0, sa, 1.0), np.where(sv > 0, sv, 1.0)
-        scaled = self._global_sum(np.einsum("kbn,bn->bk", A64 / sa.T[:, :, None], v64 / sv[:, None]))
-        out = scaled * sa * sv[:, None]
-        return out[:, 0] if kind == "dot" else out
+        scaled = self._global_sum(np.einsum("kbn,bn->bk", stack64 / sa.T[:, :, None], v64 / sv[:, None]))
+        out: np.ndarray = scaled * sa * sv[:, None]
+        return out[:, 0] if term[0] == "dot" else out
 
-    def _safe_norms(self, term: tuple) -> np.ndarray:
-        """‖a‖ (or ‖a − b‖) per row in float64, scaled by the largest entry: finite when the norm fits in float64."""
+    def _safe_norms(self, term: NormTerm) -> np.ndarray:
+        """Return ‖a‖ (or ‖a − b‖) per row in float64, scaled by the largest entry: finite when it fits in float64."""
         v = self._host_float64(term[1])
         if term[0] == "sqdiff":
             v = v - self._host_float64(term[2])
@@ -480,23 +553,26 @@ class Kernels:
     def _sqsum(self, a: Array) -> Array:
         """Σ_n a[b, n]² per row, local, in the vectors' dtype, as small state in :attr:`sdtype` (no temporary)."""
         if self.mode == "numpy":
-            a = self.small(a)
+            a = self.numpy_view(a)
             if a.shape[0] == 1:
                 return np.array([np.dot(a[0], a[0])], dtype=self.sdtype)
             return np.asarray((a[:, None, :] @ a[:, :, None])[:, 0, 0], dtype=self.sdtype)
         if self.mode == "torch":
-            return self._raw.linalg.vector_norm(a, dim=1).to(self.sdtype) ** 2
-        return self.sxp.astype((a[:, None, :] @ a[:, :, None])[:, 0, 0], self.sdtype)
+            sq: Array = self._raw.linalg.vector_norm(a, dim=1).to(self.sdtype) ** 2
+            return sq
+        sq = self.sxp.astype((a[:, None, :] @ a[:, :, None])[:, 0, 0], self.sdtype)
+        return sq
 
     def _sqdiff(self, a: Array, b: Array) -> Array:
         """Σ_n (a − b)[r, n]² per row, local, formed block by block in a fixed scratch (CuPy: one fused kernel)."""
         B, n = a.shape
         if self.mode == "cupy":
-            return self.sxp.astype(_cupy_sqdiff()(a, b, axis=1), self.sdtype)
+            fused: Array = self.sxp.astype(_cupy_sqdiff()(a, b, axis=1), self.sdtype)
+            return fused
         if self.mode == "generic" or B * n <= _BLOCK:
             return self._sqsum(a - b)
         scratch = self._block(a.dtype)
-        acc = self.sxp.zeros((B,), dtype=self.sdtype, device=self.sdevice)
+        acc: Array = self.sxp.zeros((B,), dtype=self.sdtype, device=self.sdevice)
         if n >= _BLOCK:  # long rows: column blocks of each row
             for i in range(B):
                 for c in range(0, n, _BLOCK):
@@ -513,7 +589,7 @@ class Kernels:
 
     def dot(self, a: Array, b: Array) -> Array:
         """Inner product of each row of ``a`` with the same row of ``b`` (both ``(B, n)``): small state ``(B,)``."""
-        term = ("dot", a, b)
+        term: DotTerm = ("dot", a, b)
         return self.rescued(term, self.sums(term)[0])
 
     def norms(self, a: Array) -> Array:
@@ -528,21 +604,27 @@ class Kernels:
         """‖a[i] − b[i]‖₂ per row of ``(B, n)`` arrays, as :meth:`norms`, without a temporary of size n."""
         return self.root(self.sums(("sqdiff", a, b))[0], ("sqdiff", a, b))
 
-    def root(self, sq: Array, term: tuple) -> Array:
-        """The square root of a reduced squared norm; on the host, a norm whose square overflowed float64 is
-        recomputed by scaling (``term`` is the ``("sqnorm", a)`` or ``("sqdiff", a, b)`` it came from).
+    def root(self, sq: Array, term: NormTerm) -> Array:
+        """Return the square root of a reduced squared norm, recomputed by scaling where it overflowed.
+
+        On the host, a norm whose square overflowed float64 is recomputed by scaling (``term`` is the
+        ``("sqnorm", a)`` or ``("sqdiff", a, b)`` it came from).
         """
-        r = self.sxp.sqrt(sq)
-        if self.small_on_host and not math.isfinite(float(r[0] if r.size == 1 else r.sum())) \
-                and not np.isfinite(r).all():  # the sum: a cheap first test
-            return self._safe_norms(term)
+        r: Array = self.sxp.sqrt(sq)
+        if self.small_on_host:
+            if TYPE_CHECKING:  # the small state of NumPy mode
+                assert isinstance(r, np.ndarray)
+            if not math.isfinite(float(r[0] if r.size == 1 else r.sum())) \
+                    and not np.isfinite(r).all():  # the sum: a cheap first test
+                return self._safe_norms(term)
         return r
 
     # --- the small solve -----------------------------------------------------------------------------
 
     def solve_spd(self, A: Array, b: Array) -> Array:
-        """:meth:`solve` for symmetric positive definite ``A`` ``(B, k, k)``, ``b`` ``(B, k)``; each sample's
-        solution the same to the bit whatever B is (with the small state on the host).
+        """Solve as :meth:`solve` for symmetric positive definite ``A`` ``(B, k, k)``, ``b`` ``(B, k)``.
+
+        Each sample's solution is the same to the bit whatever B is (with the small state on the host).
 
         With the small state on the host and k ≤ :data:`LDL_MAX_K`: an LDLᵀ factorisation without
         pivoting (stable for positive definite systems) whose every sum runs left to right, vectorised
@@ -554,6 +636,8 @@ class Kernels:
         """
         B, k = b.shape
         if self.small_on_host and k <= LDL_MAX_K:
+            if TYPE_CHECKING:  # the small state of NumPy mode
+                assert isinstance(A, np.ndarray) and isinstance(b, np.ndarray)
             if B < LDL_SCALAR_BELOW:
                 return np.array([ldl_solve_one(a, r) for a, r in zip(A.reshape(B, k * k).tolist(), b.tolist())],
                                 dtype=np.float64).reshape(B, k)
@@ -570,16 +654,22 @@ class Kernels:
         thousands of small systems).
         """
         sxp, slib = self.sxp, library_name(self.sxp)
+        x: Array
         if slib == "torch":
-            return self._raw_torch().linalg.solve_ex(A, b)[0]
+            x = self._raw_torch().linalg.solve_ex(A, b)[0]
+            return x
         if slib == "cupy":  # cuSOLVER path: no singularity check, no synchronisation
-            return sxp.linalg.solve(A, b[:, :, None])[:, :, 0]
+            x = sxp.linalg.solve(A, b[:, :, None])[:, :, 0]
+            return x
         if slib == "numpy":
+            if TYPE_CHECKING:  # the small state of NumPy mode
+                assert isinstance(A, np.ndarray) and isinstance(b, np.ndarray)
             if _lapack_solve1 is not None:  # NumPy's own kernel without numpy.linalg.solve's 15 µs of checks:
                 return _lapack_solve1(A, b)  # a singular system gives NaN (under solver_context's errstate)
             sxp = np
         try:
-            return sxp.linalg.solve(A, b[:, :, None])[:, :, 0]
+            x = sxp.linalg.solve(A, b[:, :, None])[:, :, 0]
+            return x
         except Exception:  # LinAlgError from a singular row: redo row by row, NaN for the singular ones
             rows = []
             for i in range(A.shape[0]):
@@ -587,7 +677,8 @@ class Kernels:
                     rows.append(sxp.linalg.solve(A[i, ...], b[i, :, None])[:, 0])
                 except Exception:
                     rows.append(sxp.full(b.shape[1:], float("nan"), dtype=b.dtype, device=array_api_compat.device(b)))
-            return sxp.stack(rows)
+            x = sxp.stack(rows)
+            return x
 
 
 #: :meth:`Kernels.solve_spd` solves systems of at most this size by LDLᵀ (O(k²) NumPy operations over the
@@ -627,12 +718,14 @@ def ldl_solve(A: np.ndarray, b: np.ndarray) -> np.ndarray:
     for q in range(k - 1, 0, -1):  # Lᵀ y = w, column by column from the last
         np.multiply(W[q, :q], y[q], out=tmp[:q])
         np.subtract(y[:q], tmp[:q], out=y[:q])
-    return y.T
+    solution: np.ndarray = y.T  # (B, k)
+    return solution
 
 
 def _ldl_one_source(k: int) -> str:
-    """Python source of ``ldl{k}(A, b)``: :func:`ldl_solve` for one k×k system written out operation by operation
-    (A row-major as a flat list of floats, b a list; only A's lower triangle is read).
+    """Return the Python source of ``ldl{k}(A, b)``: :func:`ldl_solve` for one k×k system, operation by operation.
+
+    A is row-major as a flat list of floats, b a list; only A's lower triangle is read.
     """
     w = [[f"w{i}_{j}" for j in range(k)] for i in range(k)]
     out = [f"def ldl{k}(A, b):"]
@@ -656,16 +749,18 @@ def _ldl_one_source(k: int) -> str:
 
 
 @functools.cache
-def _ldl_one(k: int) -> Any:
-    """The compiled ``ldl{k}`` of :func:`_ldl_one_source`."""
+def _ldl_one(k: int) -> LdlOne:
+    """Return the compiled ``ldl{k}`` of :func:`_ldl_one_source`."""
     scope: dict[str, Any] = {}
     exec(compile(_ldl_one_source(k), f"<fixedpoint.kernels.ldl{k}>", "exec"), scope)  # noqa: S102
-    return scope[f"ldl{k}"]
+    solve_one: LdlOne = scope[f"ldl{k}"]
+    return solve_one
 
 
-def ldl_solve_one(A: list, b: list) -> list:
-    """:func:`ldl_solve` for one system, ``A`` row-major as a flat list of k² Python floats and ``b`` a list of k:
-    the same operations in the same order (Python floats are IEEE doubles, as NumPy's float64), hence the same
+def ldl_solve_one(A: list[float], b: list[float]) -> list[float]:
+    """Solve as :func:`ldl_solve` for one system, ``A`` row-major as a flat list of k² Python floats, ``b`` of k.
+
+    The same operations in the same order (Python floats are IEEE doubles, as NumPy's float64), hence the same
     bits.  Written out operation by operation for each k (compiled once): a few µs for k = 5.  Where NumPy would
     divide by a zero pivot (giving non-finite values), every entry is NaN.
     """
@@ -673,12 +768,14 @@ def ldl_solve_one(A: list, b: list) -> list:
     return [math.nan] * len(b) if y is None else y
 
 
-def _numpy_solve1() -> Any:
-    """NumPy's LAPACK solver gufunc (``numpy.linalg._umath_linalg.solve1``, (k, k), (k) -> (k)), or None."""
+def _numpy_solve1() -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+    """Return NumPy's LAPACK solver gufunc (``numpy.linalg._umath_linalg.solve1``, (k, k), (k) -> (k)), or None."""
     try:
-        return importlib.import_module("numpy.linalg._umath_linalg").solve1
+        solve1: Callable[[np.ndarray, np.ndarray], np.ndarray] = importlib.import_module(
+            "numpy.linalg._umath_linalg").solve1
     except (ImportError, AttributeError):
         return None
+    return solve1
 
 
 _lapack_solve1 = _numpy_solve1()
@@ -686,6 +783,6 @@ _lapack_solve1 = _numpy_solve1()
 
 @functools.cache
 def _cupy_sqdiff() -> Any:
-    """A CuPy reduction kernel: Σ (a − b)² along an axis, in one pass and without a temporary."""
+    """Return a CuPy reduction kernel: Σ (a − b)² along an axis, in one pass and without a temporary."""
     cupy = importlib.import_module("cupy")
     return cupy.ReductionKernel("T a, T b", "T y", "(a - b) * (a - b)", "a + b", "y = a", "0", "fixedpoint_sqdiff")

@@ -94,8 +94,10 @@ class SampleRecord:
         self.pending += 1
 
     def keep_best(self, improved: Any, r: Any) -> None:
-        """The samples ``improved`` have their best iterate in ``x``: remember it, and copy the best rows that were
-        pending in ``best_buf`` (the buffer the step is about to overwrite) for the samples that did not improve.
+        """Remember the best iterate of the samples ``improved``, which lies in ``x``.
+
+        The best rows that were pending in ``best_buf`` (the buffer the step is about to overwrite) are copied
+        for the samples that did not improve.
 
         The best iterate is copied into ``best_x`` lazily: a sample whose best iterate is its latest one
         leaves it in the iterate buffer (``best_pending``), and it is copied only when that buffer is about
@@ -108,7 +110,7 @@ class SampleRecord:
         self.best_buf, self.best_pending = self.x, improved
 
     def swap(self) -> None:
-        """The next iterate becomes the iterate."""
+        """Make the next iterate the iterate."""
         self.x, self.x_next = self.x_next, self.x
 
     # --- at host checks ------------------------------------------------------------------------------
@@ -131,8 +133,10 @@ class SampleRecord:
             self.best_buf = None
 
     def pack(self, keep: np.ndarray) -> None:
-        """Write the results of the working samples not in ``keep`` (increasing positions among the working rows)
-        to the output record, and move the rows ``keep`` of every working array to the front, in place.
+        """Write out the working samples not in ``keep``, and move the rows ``keep`` to the front, in place.
+
+        The results of the working samples not in ``keep`` (increasing positions among the working rows) go to
+        the output record; the rows ``keep`` of every working array move to the front.
         """
         kern, xp, sxp = self.kern, self.kern.xp, self.kern.sxp
         gone = np.setdiff1d(np.arange(self.w), keep)
@@ -164,8 +168,9 @@ class SampleRecord:
     # --- the results ---------------------------------------------------------------------------------
 
     def whole_batch(self) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
-        """The best iterates ``(B, n)`` and, on the host, best residuals, restart counts and divergence flags of
-        every sample, the working ones' joined to the finished ones' (call :meth:`settle_best` first).
+        """Return the best iterates ``(B, n)`` and, on the host, best residuals, restart counts and divergence flags.
+
+        For every sample, the working ones' joined to the finished ones' (call :meth:`settle_best` first).
         """
         best_r = to_numpy(self.best_r).astype(np.float64)
         restarts, diverged = to_numpy(self.n_restarts).astype(np.int64), to_numpy(self.diverged).astype(bool)
@@ -177,5 +182,5 @@ class SampleRecord:
         return self.out_x, self.out_r, self.out_restarts, self.out_diverged
 
     def history(self) -> np.ndarray:
-        """The residual history on the host, ``(iterations, B)``, INACTIVE where a sample had stopped."""
+        """Return the residual history on the host, ``(iterations, B)``, INACTIVE where a sample had stopped."""
         return np.concatenate(self.hist_host) if self.hist_host else np.empty((0, self.B))
