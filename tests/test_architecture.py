@@ -6,6 +6,8 @@ import inspect
 import pathlib
 import re
 
+import pytest
+
 import fixedpoint
 from fixedpoint.options import COMMON_OPTIONS, DEFAULTS
 
@@ -160,3 +162,17 @@ def test_the_option_reference_is_written_from_the_tables():
     assert doc_options.PAGE.read_text(encoding="utf-8") == text, "run python -m tooling.doc_options"
     for name, option in COMMON_OPTIONS.items():
         assert f"| `{name}` |" in text and option.doc.split(";")[0] in text
+
+
+def test_the_deq_layer_and_its_functional_form_share_one_table_of_defaults():
+    pytest.importorskip("torch")
+    from fixedpoint.torch import DEQ, deq_fixed_point
+    from fixedpoint.torch.config import LAYER_DEFAULTS, LayerOptions
+
+    layer = inspect.signature(DEQ.__init__).parameters
+    functional = inspect.signature(deq_fixed_point).parameters
+    for name, default in LAYER_DEFAULTS.items():
+        assert layer[name].default is default and functional[name].default is default, name
+    assert LAYER_DEFAULTS["max_iter"] == DEFAULTS["max_iter"]
+    # the overloads' keyword arguments are the functional form's, by name
+    assert set(LayerOptions.__annotations__) == set(functional) - {"f", "x", "z0", "jacobian_probes"}

@@ -9,18 +9,21 @@ policy (:func:`signal_unconverged`) read.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, TypedDict
 
 from ..checks import check_choice, check_int, check_real, user_stacklevel
 from ..method import Method
-from ..options import COMMON_OPTIONS, check_common
+from ..options import COMMON_OPTIONS, DEFAULTS, check_common
 from ..registry import resolve_method
 from ..result import ConvergenceError, ConvergenceWarning
 from .backends import SOLVER_BACKENDS
 from .stats import SolveStats
 
-__all__ = ["GRADIENTS", "PHANTOM_DAMPING", "PHANTOM_STEPS", "REBUILD_FRACTION", "UNCONVERGED"]
+__all__ = ["GRADIENTS", "LAYER_DEFAULTS", "LayerOptions", "PHANTOM_DAMPING", "PHANTOM_STEPS", "REBUILD_FRACTION",
+           "UNCONVERGED"]
 
 #: Values of the ``gradient`` argument: implicit differentiation, phantom gradients, Jacobian-free backpropagation.
 GRADIENTS = ("implicit", "phantom", "jfb")
@@ -39,6 +42,38 @@ _RESERVED = ("tol", "max_iter", "batch", "backend", "callback", "compact")
 
 #: Values of the ``unconverged`` argument: what the layer does when its forward or adjoint solve ends unconverged.
 UNCONVERGED = ("warn", "raise", "ignore")
+
+#: Defaults of the layer's own arguments, written once for :class:`fixedpoint.torch.DEQ` and
+#: :func:`fixedpoint.torch.deq_fixed_point`: the tolerance 1e-2 of Al Dajani & Keyes (arXiv 2410.19460) in place
+#: of :func:`fixedpoint.solve`'s 1e-5, solve's ``max_iter``, batch mode, and compaction once half the samples have
+#: stopped.  The other solver options default as in :data:`fixedpoint.COMMON_OPTIONS`.
+LAYER_DEFAULTS: Mapping[str, Any] = MappingProxyType({
+    "method": "anderson", "backend": "auto", "tol": 1e-2, "max_iter": DEFAULTS["max_iter"], "batch": True,
+    "compact": "auto", "gradient": "implicit", "unconverged": "warn", "rebuild_fraction": REBUILD_FRACTION})
+
+
+class LayerOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`fixedpoint.torch.deq_fixed_point` besides ``jacobian_probes``, with their types.
+
+    Its overloads take them as ``**options: Unpack[LayerOptions]``, so that the signature is written once.
+    """
+
+    method: str | Method
+    backend: str
+    tol: float
+    max_iter: int
+    batch: bool
+    compact: bool | str
+    gradient: str
+    gradient_steps: int | None
+    gradient_damping: float | None
+    options: dict[str, Any] | None
+    backward_method: str | Method | None
+    backward_tol: float | None
+    backward_max_iter: int | None
+    backward_options: dict[str, Any] | None
+    unconverged: str
+    rebuild_fraction: float
 
 
 @dataclass(frozen=True)
@@ -115,9 +150,8 @@ def _check_gradient(gradient: str, steps: int | None, damping: float | None,
 def make_config(method: str | Method, backend: str, tol: float, max_iter: int, batch: bool,
                 options: dict[str, Any] | None, backward_method: str | Method | None, backward_tol: float | None,
                 backward_max_iter: int | None, backward_options: dict[str, Any] | None,
-                compact: bool | str = "auto", gradient: str = "implicit", gradient_steps: int | None = None,
-                gradient_damping: float | None = None, unconverged: str = "warn",
-                rebuild_fraction: float = REBUILD_FRACTION) -> Config:
+                compact: bool | str, gradient: str, gradient_steps: int | None, gradient_damping: float | None,
+                unconverged: str, rebuild_fraction: float) -> Config:
     """Check the layer's options once and return them as a :class:`Config`.
 
     The parameters are those of :func:`fixedpoint.torch.deq_fixed_point` (``options`` and

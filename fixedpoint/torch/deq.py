@@ -77,9 +77,12 @@ chapter 4; M. Al Dajani & D. Keyes, arXiv 2410.19460 (2024).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11; in annotations only (never evaluated)
 
 from ..checks import check_int
 from ..method import Method
@@ -87,11 +90,13 @@ from .backends import SOLVER_BACKENDS, solver_backend_for
 from .backward import Backward, Clock, FMap, ImplicitBackward, Timer, unroll
 from .config import (
     GRADIENTS,
+    LAYER_DEFAULTS,
     PHANTOM_DAMPING,
     PHANTOM_STEPS,
     REBUILD_FRACTION,
     UNCONVERGED,
     Config,
+    LayerOptions,
     make_config,
     signal_unconverged,
 )
@@ -208,34 +213,26 @@ def _deq(f: FMap, x: torch.Tensor, z0: torch.Tensor | None, cfg: Config,
 
 
 @overload
-def deq_fixed_point(f: FMap, x: torch.Tensor, z0: torch.Tensor | None = None, *, method: str | Method = "anderson",
-                    backend: str = "auto", tol: float = 1e-2, max_iter: int = 1000, batch: bool = True,
-                    compact: bool | str = "auto", gradient: str = "implicit", gradient_steps: int | None = None,
-                    gradient_damping: float | None = None, options: dict[str, Any] | None = None,
-                    backward_method: str | Method | None = None, backward_tol: float | None = None,
-                    backward_max_iter: int | None = None, backward_options: dict[str, Any] | None = None,
-                    jacobian_probes: Literal[0] = 0, unconverged: str = "warn",
-                    rebuild_fraction: float = REBUILD_FRACTION) -> tuple[torch.Tensor, DEQStats]: ...
+def deq_fixed_point(f: FMap, x: torch.Tensor, z0: torch.Tensor | None = None, *, jacobian_probes: Literal[0] = 0,
+                    **options: Unpack[LayerOptions]) -> tuple[torch.Tensor, DEQStats]: ...
 
 
 @overload
-def deq_fixed_point(f: FMap, x: torch.Tensor, z0: torch.Tensor | None = None, *, method: str | Method = "anderson",
-                    backend: str = "auto", tol: float = 1e-2, max_iter: int = 1000, batch: bool = True,
-                    compact: bool | str = "auto", gradient: str = "implicit", gradient_steps: int | None = None,
-                    gradient_damping: float | None = None, options: dict[str, Any] | None = None,
-                    backward_method: str | Method | None = None, backward_tol: float | None = None,
-                    backward_max_iter: int | None = None, backward_options: dict[str, Any] | None = None,
-                    jacobian_probes: int, unconverged: str = "warn", rebuild_fraction: float = REBUILD_FRACTION
+def deq_fixed_point(f: FMap, x: torch.Tensor, z0: torch.Tensor | None = None, *, jacobian_probes: int,
+                    **options: Unpack[LayerOptions]
                     ) -> tuple[torch.Tensor, DEQStats] | tuple[torch.Tensor, DEQStats, torch.Tensor]: ...
 
 
-def deq_fixed_point(f: FMap, x: torch.Tensor, z0: torch.Tensor | None = None, *, method: str | Method = "anderson",
-                    backend: str = "auto", tol: float = 1e-2, max_iter: int = 1000, batch: bool = True,
-                    compact: bool | str = "auto", gradient: str = "implicit", gradient_steps: int | None = None,
+def deq_fixed_point(f: FMap, x: torch.Tensor, z0: torch.Tensor | None = None, *,
+                    method: str | Method = LAYER_DEFAULTS["method"], backend: str = LAYER_DEFAULTS["backend"],
+                    tol: float = LAYER_DEFAULTS["tol"], max_iter: int = LAYER_DEFAULTS["max_iter"],
+                    batch: bool = LAYER_DEFAULTS["batch"], compact: bool | str = LAYER_DEFAULTS["compact"],
+                    gradient: str = LAYER_DEFAULTS["gradient"], gradient_steps: int | None = None,
                     gradient_damping: float | None = None, options: dict[str, Any] | None = None,
                     backward_method: str | Method | None = None, backward_tol: float | None = None,
                     backward_max_iter: int | None = None, backward_options: dict[str, Any] | None = None,
-                    jacobian_probes: int = 0, unconverged: str = "warn", rebuild_fraction: float = REBUILD_FRACTION
+                    jacobian_probes: int = 0, unconverged: str = LAYER_DEFAULTS["unconverged"],
+                    rebuild_fraction: float = LAYER_DEFAULTS["rebuild_fraction"]
                     ) -> tuple[torch.Tensor, DEQStats] | tuple[torch.Tensor, DEQStats, torch.Tensor]:
     """Solve z* = f(z*, x) as a DEQ layer does, differentiably (implicitly, by phantom gradients or JFB).
 
@@ -420,13 +417,15 @@ class DEQ(torch.nn.Module):
     torch.Size([3])
     """
 
-    def __init__(self, f: FMap, *, method: str | Method = "anderson",
-                 backend: str = "auto", tol: float = 1e-2, max_iter: int = 1000, batch: bool = True,
-                 compact: bool | str = "auto", gradient: str = "implicit", gradient_steps: int | None = None,
-                 gradient_damping: float | None = None, backward_method: str | Method | None = None,
-                 backward_tol: float | None = None, backward_max_iter: int | None = None,
-                 backward_options: dict[str, Any] | None = None, unconverged: str = "warn",
-                 rebuild_fraction: float = REBUILD_FRACTION, **options: Any) -> None:
+    def __init__(self, f: FMap, *, method: str | Method = LAYER_DEFAULTS["method"],
+                 backend: str = LAYER_DEFAULTS["backend"], tol: float = LAYER_DEFAULTS["tol"],
+                 max_iter: int = LAYER_DEFAULTS["max_iter"], batch: bool = LAYER_DEFAULTS["batch"],
+                 compact: bool | str = LAYER_DEFAULTS["compact"], gradient: str = LAYER_DEFAULTS["gradient"],
+                 gradient_steps: int | None = None, gradient_damping: float | None = None,
+                 backward_method: str | Method | None = None, backward_tol: float | None = None,
+                 backward_max_iter: int | None = None, backward_options: dict[str, Any] | None = None,
+                 unconverged: str = LAYER_DEFAULTS["unconverged"],
+                 rebuild_fraction: float = LAYER_DEFAULTS["rebuild_fraction"], **options: Any) -> None:
         super().__init__()
         if not callable(f):
             raise TypeError(f"f must be a torch.nn.Module or a callable f(z, x), got {f!r}")
