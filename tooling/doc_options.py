@@ -2,7 +2,8 @@
 
 The options common to every method come from :data:`fixedpoint.options.COMMON_OPTIONS` (name,
 default, one line), the options of each built-in method from its dataclass fields (name and
-default), so the page cannot disagree with the code::
+default), the DEQ layer's own defaults from :data:`fixedpoint.torch.config.LAYER_DEFAULTS`, so
+the page cannot disagree with the code::
 
     python -m tooling.doc_options           # rewrite docs/options.md
     python -m tooling.doc_options --check   # exit status 1 if docs/options.md differs
@@ -55,6 +56,18 @@ A method's own options are the fields of its class, given either to the class
 """
 
 
+_LAYER_HEAD = """
+## The DEQ layer's own arguments
+
+{class}`fixedpoint.torch.DEQ` and {func}`fixedpoint.torch.deq_fixed_point` share these
+defaults; the layer's tolerance is the paper's 1e-2 (Al Dajani & Keyes) rather than
+`solve`'s. Their meaning is in {func}`fixedpoint.torch.deq_fixed_point`'s docstring.
+
+| argument | default |
+|---|---|
+"""
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -71,7 +84,11 @@ def render() -> str:
         cls = fixedpoint.METHODS[name]
         fields = ", ".join(f"`{f.name}` ({_value(f.default)})" for f in dataclasses.fields(cls))
         methods.append(f"| `{name}` | {{class}}`fixedpoint.{cls.__name__}` | {fields} |")
-    return _HEAD + "\n".join(rows) + "\n" + _METHODS_HEAD + "\n".join(methods) + "\n"
+    from fixedpoint.torch.config import LAYER_DEFAULTS
+
+    layer = [f"| `{name}` | `{_value(value)}` |" for name, value in LAYER_DEFAULTS.items()]
+    return (_HEAD + "\n".join(rows) + "\n" + _METHODS_HEAD + "\n".join(methods) + "\n" + _LAYER_HEAD
+            + "\n".join(layer) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
