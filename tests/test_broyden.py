@@ -11,6 +11,7 @@ import pytest
 
 import fixedpoint
 from fixedpoint import Broyden
+from fixedpoint.interop import to_numpy
 from fixedpoint.kernels import SHORT_ROWS
 
 
@@ -70,7 +71,7 @@ def iterates(g, x0, method, iters, backend="numpy"):
     """x_0 .. x_{iters-1} of a batch solve, as NumPy float64 (B, iters, n), and the result."""
     seen = []
     kw = dict(method=method, batch=True, tol=1e-300, stop_mode="abs", max_iter=iters,
-              callback=lambda info: seen.append(np.array(info.x, dtype=np.float64)))
+              callback=lambda info: seen.append(np.array(to_numpy(info.x), dtype=np.float64)))
     if backend == "numpy":
         res = fixedpoint.solve(g, x0, **kw)
     else:
