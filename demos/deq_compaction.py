@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 from torch.nn import functional as F
@@ -35,7 +34,7 @@ from torch.nn import functional as F
 from demos.cli import Refused, add_overwrite_flag, check_out_file, refuse, write_text_replacing
 from demos.data import DataError
 from demos.deq_training import CheckpointError, TrainedRun, solver_options
-from tooling.timing import add_threads_flag, positive_int, use_threads
+from tooling.timing import add_threads_flag, positive_int, run_command, use_threads
 
 #: (name, --compact value, the layer's rebuild_fraction) of each setting measured.
 SETTINGS = (("off", "off", 0.5), ("auto", "auto", 0.5), ("on/0", "on", 0.0), ("on/0.25", "on", 0.25),
@@ -131,7 +130,7 @@ def main(argv=None):
               f"   {sum(r['fwd_rows'] for r in mine):7d} / {sum(r['bwd_rows'] for r in mine):7d} / "
               f"{sum(r['bwd_rebuilt_rows'] for r in mine):5d}")
     if args.out:
-        command = " ".join(["python", "-m", "demos.deq_compaction", *(sys.argv[1:] if argv is None else argv)])
+        command = " ".join(run_command("demos.deq_compaction", argv))
         record = dict(command=command, checkpoint=str(args.checkpoint), solver=run.solver, settings=run.state["config"],
                       measurements=rows)
         write_text_replacing(args.out, json.dumps(record, indent=1) + "\n")

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 
 from demos.cli import Refused, add_overwrite_flag, check_out_file, refuse, write_text_replacing
 from demos.data import DataError
 from demos.deq_same_model import same_model_ratios, same_model_table, solve_same_model
 from demos.deq_training import CheckpointError, TrainedRun, solver_options
-from tooling.timing import add_threads_flag, positive_int, use_threads
+from tooling.timing import add_threads_flag, positive_int, run_command, use_threads
 
 SOLVERS = ("forward", "anderson", "broyden")
 
@@ -75,7 +74,7 @@ def main(argv=None):
             print(f"{path}:", flush=True)
             print(same_model_table({res["trained_with"]: res}), flush=True)
         if args.out:
-            command = shlex.join(["python", "-m", "demos.deq_solvers", *(sys.argv[1:] if argv is None else argv)])
+            command = shlex.join(run_command("demos.deq_solvers", argv))
             write_text_replacing(args.out, json.dumps(dict(command=command, results=results), indent=1) + "\n")
     except Refused as exc:
         return refuse(exc)

@@ -40,7 +40,15 @@ from demos.cli import (
 )
 from demos.stable_anderson_problems import PROBLEMS
 from fixedpoint.torch import AndersonAcceleration
-from tooling.timing import add_threads_flag, machine_info, positive_float, positive_int, use_threads, write_csv
+from tooling.timing import (
+    add_threads_flag,
+    machine_info,
+    positive_float,
+    positive_int,
+    run_command,
+    use_threads,
+    write_csv,
+)
 
 METHODS = ("adam", "anderson", "stable_anderson")
 LABELS = {"adam": "Adam", "anderson": "Adam + AA", "stable_anderson": "Adam + stable AA (auto average)"}
@@ -269,7 +277,7 @@ def main(argv=None):
             results[(pname, batch)] = runs
     rows = summarise(results)
     write_csv(args.out / "summary.csv", rows)
-    command = " ".join(["python", "-m", "demos.stable_anderson", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(run_command("demos.stable_anderson", argv))
     payload = dict(command=command, machine=machine_info({"torch"}), anderson_options=aa, settings=settings,
                    quick=args.quick, seed=args.seed,
                    summary=rows,

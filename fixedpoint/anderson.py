@@ -213,9 +213,8 @@ class AndersonHistory(MethodState):
         self.H, self.ones = self._H[:B, ...], self._ones[:B, ...]
         self._gstack_one: np.ndarray | None = None  # combine()'s one-sample view, where it applies
         if B == 1 and kern.mode == "numpy":  # host views for _push_one and combine, made once per layout
-            # NumPy mode: Kernels.small gives NumPy arrays (np.asarray returns them as they are)
-            stack = np.asarray(kern.small(self.R))
-            self._row_one: np.ndarray = np.asarray(kern.small(self.row))[0]
+            stack = kern.numpy_view(self.R)
+            self._row_one: np.ndarray = kern.numpy_view(self.row)[0]
             # the Gram row by Kernels.matvec's kernel for one sample (by n: dot products per slot, or gemv)
             self._gram_one: tuple[np.ndarray, list[np.ndarray], np.ndarray, Callable[..., Any]]
             if self.n <= SHORT_ROWS:
@@ -299,7 +298,7 @@ class AndersonHistory(MethodState):
         self.r = r = self._sqrt_one(sq, self.f_slots[s])
         self.k += 1
         if gnorm:
-            g1: Any = self.kern.small(g)[0]  # NumPy mode: a NumPy view
+            g1 = self.kern.numpy_view(g)[0]
             return r, self._sqrt_one(float(np.dot(g1, g1)), g)
         return r
 
@@ -469,7 +468,7 @@ class AndersonHistory(MethodState):
         if self._gstack_one is not None:  # Kernels.vecmat's one-sample product without its casts
             # NumPy mode (_bind): the weights (host small state) and the view of out are NumPy arrays
             alpha_one: Any = alpha[0]
-            out_one: Any = self.kern.small(out)[0]
+            out_one = self.kern.numpy_view(out)[0]
             np.matmul(alpha_one, self._gstack_one, out=out_one)
             return
         a = self.kern.big(alpha, self.dtype)

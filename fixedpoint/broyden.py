@@ -189,8 +189,7 @@ class _BroydenState(MethodState):
         if self.per_sample:
             self.U: Array = xp.empty((B, m, n), dtype=dtype, device=dev)
             self.V: Array = xp.empty((B, m, n), dtype=dtype, device=dev)
-            # NumPy mode: Kernels.small gives NumPy views (np.asarray returns them as they are)
-            self._U_host, self._V_host = np.asarray(kern.small(self.U)), np.asarray(kern.small(self.V))
+            self._U_host, self._V_host = kern.numpy_view(self.U), kern.numpy_view(self.V)
             self._f: Array = xp.empty((B, n), dtype=dtype, device=dev)
             self._p: Array = xp.empty((B, n), dtype=dtype, device=dev)
             self.blocks = list(range(B))  # the block of U and V that holds each sample's pairs
@@ -221,12 +220,12 @@ class _BroydenState(MethodState):
 
     def _bind(self, B: int) -> None:
         """Work on ``B`` samples: views of the first ``B`` rows of the buffers (the stacks' samples when stacked)."""
-        self.B, m, small = B, self.m, self.kern.small
+        self.B, m, view = B, self.m, self.kern.numpy_view
         self.h, self.v_new = self._h[:B, ...], self._v_new[:B, ...]
-        if self.per_sample:  # with NumPy views of the vectors for the products (np.asarray: as they are)
+        if self.per_sample:  # with NumPy views of the vectors for the products
             self.f, self.p = self._f[:B, ...], self._p[:B, ...]
-            self._f_host, self._p_host = np.asarray(small(self.f)), np.asarray(small(self.p))
-            self._h_host, self._v_new_host = np.asarray(small(self.h)), np.asarray(small(self.v_new))
+            self._f_host, self._p_host = view(self.f), view(self.p)
+            self._h_host, self._v_new_host = view(self.h), view(self.v_new)
         else:
             self.f, self.p = self.U[0, ...], self.V[0, ...]
             self.u_slots = [self.U[1 + s, ...] for s in range(m)]
@@ -407,7 +406,7 @@ class _BroydenState(MethodState):
         u_old is the pair in slot ``s`` of the sample's block before it is replaced; p = out when ``b`` is None.
         """
         dt = self._cr.dtype
-        o: Any = self.kern.small(out)  # NumPy mode (per sample): a NumPy view
+        o = self.kern.numpy_view(out)  # NumPy mode (per sample)
         Us, Vs, p = self._U_host, self._V_host, self._p_host
         h, v_new = self._h_host, self._v_new_host
         us = np.asarray(u_scale, dtype=dt)
