@@ -19,6 +19,38 @@ scale effects from the rest) and the convolutional DEQ cell of demos/deq_model.p
 float32, tol 1e-4; PyTorch, which SciPy and fixedpoint on NumPy call through ``torch.from_numpy``; no JAX version).
 The iteration budget is 1000 for the H-equation and 100 for the others (``--quick``: 60).
 
+The cases of issue 22 (``--problems issue22``, or each group or key on its own):
+
+- ``h-equation-16`` / ``h-equation-20``: the H-equation from H = 1 at tol 1e-10 (relative 2-norm), budget 1000,
+  float64, with the midpoint rule (μ_i = (i − 1/2)/N, w_i = 1/N) and Gauss–Legendre, N = 100 and 1000,
+  c ∈ {0.5, 0.9, 0.99, 0.999, 0.9999}: keys ``h-mid100-c0.9999``, ``h-gl1000-c0.5``, ...  That is 20 cases; the
+  issue counts 16, which is the reading that keeps every case it names (its 6 failures are at c = 0.999 and
+  0.9999, its 8 hard cases c ∈ {0.999, 0.9999} × 2 rules × 2 N): c ∈ {0.9, 0.99, 0.999, 0.9999}.  All 20 run in
+  ``h-equation-20`` (and by default); the target is computed on the 16 (group ``h-equation-16``) and the c = 0.5
+  cases are reported besides.  Target: fixedpoint[numpy]'s default Anderson finds the physical root in 16/16
+  (the moment test (c/2) Σ w_i H_i = 1 − √(1 − c) of ``problems.chandrasekhar``) with evaluations <= SciPy
+  anderson's in every case.  The original cases above (Gauss–Legendre, tol 1e-8) are kept as they were.
+- ``broyden-small``: g(x) = tanh(A x) + b, n = 5, A Gaussian (seed 0) scaled to ‖A‖₂ = 0.95, b ~ N(0, 1), x0 = 0,
+  float64, tol 1e-12 on the *absolute* ‖g(x) − x‖₂ (``stop_mode="abs"``; SciPy's ``tol_norm`` is then the 2-norm,
+  torchdeq's ``stop_mode="abs"``, JAXopt's tol is tol itself), budget 100.  Each timed run makes 200 solves (5
+  with ``--quick``) and the time is per solve.  Reported: time per evaluation (median time / evaluations) and
+  total time of fixedpoint's Broyden and Anderson against ``broyden1`` and ``anderson``.  Target: our Broyden's
+  time per evaluation <= 1.2 × broyden1's, and its total time below broyden1's where it needs fewer evaluations.
+- ``broyden-hard``: the hard batch of benchmarks/bench_broyden.py (``hard_map(400, 10, seed=0)``:
+  g_i(z) = tanh(z W + u_i), W symmetric, ‖W‖₂ = 0.99, float32), relative tol 1e-6, budget 300 (``--quick``:
+  n = 100, the same budget); PyTorch calls the NumPy map through ``torch.from_numpy``; no JAX version.  Per
+  solver: samples converged out of 10 (the solver's own per-sample verdict: fixedpoint's ``converged``,
+  torchdeq's lowest residual per sample, JAXopt's per-sample test; for SciPy, which solves the batch as one
+  system, the recomputed residual) and iterations per sample (mean/max; torchdeq: the step of its lowest
+  residual).  Target: fixedpoint's default Broyden converges 10/10 within 300 iterations.
+- ``nonlin``: SciPy's nonlinear test problems through ``fixedpoint.root`` against SciPy's solvers, run by
+  benchmarks/peers_nonlin.py (``nonlin_rows``, ``nonlin_targets``; imported when selected, skipped with a note if
+  absent); its rows are printed and stored as ``nonlin_runs``, its targets under ``targets["nonlin"]``.
+
+The JSON's ``targets["issue22"]`` and the end of the printed summary list the issue's targets side by side
+(met: true, false, or null where the case did not run), with the original ones (tanh Broyden against
+torchdeq; Anderson against SciPy on the tol-1e-8 H-equation cases) as its "nothing gets worse".
+
 Every solver gets the same map, initial guess, tolerance and iteration budget, the relative stopping test
 ‖g(x) − x‖₂ / ‖g(x)‖₂ <= tol per sample wherever the peer can express it, and otherwise the peer's own
 defaults; every setting is recorded in the JSON.  Where the semantics differ:
@@ -50,7 +82,8 @@ run (the solvers of a problem take turns, so a slow spell hits all of them; JAX 
 the ratios of both to fixedpoint's same method on the same array library (NumPy for SciPy and JAXopt, PyTorch
 for torchdeq), and the final residual ‖g(x) − x‖₂ / ‖g(x)‖₂ recomputed here from the returned x in float64 (the
 largest over the batch).  For the H-equation: the error against Newton's solution (the physical root) and
-H(1), which tells the physical root (H(1) ≈ 2.858 at c = 0.9999) from the non-physical one (≈ 2.959).
+H(1) (≈ 2.858 on the physical root at c = 0.9999, ≈ 2.959 on the other) and the root, told by the moment test
+of ``problems.chandrasekhar`` ("not a root" where the recomputed residual exceeds 100 tol).
 
 Peers that are not installed are skipped with a note.  Run from the repository root with one thread per
 library (the script sets ``torch.set_num_threads`` and, unless already set, ``XLA_FLAGS``; the BLAS pools must
@@ -60,6 +93,7 @@ be pinned in the environment)::
     python -m benchmarks.compare_peers                                    # everything: several minutes
     python -m benchmarks.compare_peers --quick --out /tmp/peers.json      # small sizes, one repeat: seconds
     python -m benchmarks.compare_peers --problems h-equation tanh --peers torchdeq scipy
+    python -m benchmarks.compare_peers --problems issue22 --out /tmp/issue22.json   # issue 22's cases only
 """
 
 from __future__ import annotations
@@ -147,6 +181,12 @@ class Case:
         H-equation only: x (float64) -> H(1).
     params : dict
         The parameters, recorded in the JSON.
+    stop_mode : str
+        "rel" (‖g(x) − x‖₂ / ‖g(x)‖₂ <= tol) or "abs" (‖g(x) − x‖₂ <= tol), per sample.
+    inner : int
+        Solves per timed run (the time reported is per solve): microsecond problems are timed over many.
+    root_of : callable or None
+        H-equation: x (float64) -> "physical" or "non-physical" by the moment test of the discretisation.
     """
 
     key: str
@@ -163,6 +203,9 @@ class Case:
     reference_solve: Callable[[], np.ndarray] | None = None
     evaluate: Callable[[np.ndarray], float] | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    stop_mode: str = "rel"
+    inner: int = 1
+    root_of: Callable[[np.ndarray], str] | None = None
     _x_ref: np.ndarray | None = None
 
     def reference_norms(self) -> np.ndarray:
@@ -215,12 +258,17 @@ def _h_kernel_t(nodes: np.ndarray, weights: np.ndarray, c: float) -> np.ndarray:
     return np.ascontiguousarray(kmat.T)
 
 
-def h_case(n: int, c: float, libs: set[str]) -> Case:
-    """Chandrasekhar's H-equation with N = ``n`` nodes and albedo ``c``: float64, tol 1e-8, one vector."""
-    p = chandrasekhar(n, c, dtype="float64")
+def h_case(n: int, c: float, libs: set[str], *, rule: str = "gauss-legendre", tol: float = 1e-8,
+           key: str | None = None) -> Case:
+    """Chandrasekhar's H-equation with N = ``n`` nodes of ``rule`` and albedo ``c``: float64, one vector.
+
+    The defaults are the original cases (Gauss–Legendre, tol 1e-8, key ``h{n}-c{c}``); the issue-22 cases
+    pass ``rule``, tol 1e-10 and their own key.
+    """
+    p = chandrasekhar(n, c, rule=rule, dtype="float64")
     maps: dict[str, tuple[Callable[[Any], Any], Any]] = {"numpy": (p.g, p.x0)}
     if "torch" in libs:
-        pt = chandrasekhar(n, c, backend="torch", dtype="float64")
+        pt = chandrasekhar(n, c, rule=rule, backend="torch", dtype="float64")
         maps["torch"] = (pt.g, pt.x0)
     jax_map = None
     if "jax" in libs:
@@ -232,11 +280,12 @@ def h_case(n: int, c: float, libs: set[str]) -> Case:
 
         jax_map = JaxMap(h_jax, np.asarray(p.x0), np.zeros(()))
     evaluate = p.params["evaluate"]
-    return Case(key=f"h{n}-c{c:g}", name=f"H-equation N={n} c={c:g}", family="h-equation", tol=1e-8,
+    label = "" if rule == "gauss-legendre" else f" {rule}"
+    return Case(key=key or f"h{n}-c{c:g}", name=f"H-equation N={n}{label} c={c:g}", family="h-equation", tol=tol,
                 dtype="float64", batch=False, max_iter=1000, maps=maps, jax_map=jax_map,
                 residual64=lambda x: relative_residuals(p.g, x, False), solution=np.asarray(p.solution),
-                evaluate=lambda x: float(np.asarray(evaluate(x, [1.0]))[0]),
-                params=dict(n=n, c=c, x0="ones", solution="Newton's method in float64 (the physical root)",
+                evaluate=lambda x: float(np.asarray(evaluate(x, [1.0]))[0]), root_of=p.params.get("root"),
+                params=dict(n=n, c=c, rule=rule, x0="ones", solution="Newton's method in float64 (the physical root)",
                             h1_physical=float(np.asarray(evaluate(np.asarray(p.solution), [1.0]))[0])))
 
 
@@ -365,8 +414,121 @@ def conv_case(batch: int, libs: set[str]) -> Case:
                             x0="zeros", cell="demos.deq_model.ResidualCell via demos.cpu_vs_gpu.ConvDEQ"))
 
 
-PROBLEM_KEYS = [f"h{n}-c{c:g}" for n, c in H_CASES] + ["tanh", "poisson", "poisson-scaled", "conv"]
-PROBLEM_GROUPS = {"h-equation": [k for k in PROBLEM_KEYS if k.startswith("h")]}
+def absolute_residuals(g64: Callable[[Any], Any], x: np.ndarray, batch: bool) -> np.ndarray:
+    """‖g(x) − x‖₂ per sample, in float64 (one sample unless ``batch``)."""
+    x = np.asarray(x, dtype=np.float64)
+    rows = (x.shape[0], -1) if batch else (1, -1)
+    return np.linalg.norm((np.asarray(g64(x), dtype=np.float64) - x).reshape(rows), axis=1)
+
+
+#: broyden-small: n, ‖A‖₂, seed, absolute tolerance, budget.
+SMALL_N, SMALL_NORM, SMALL_SEED, SMALL_TOL, SMALL_MAX_ITER = 5, 0.95, 0, 1e-12, 100
+
+
+def small_case(libs: set[str], inner: int) -> Case:
+    """g(x) = tanh(A x) + b, n = 5, ‖A‖₂ = 0.95, float64, one vector, tol 1e-12 on the absolute ‖g(x) − x‖₂.
+
+    A is a Gaussian matrix (seed 0) scaled to spectral norm 0.95 and b ~ N(0, 1); x0 = 0.  A map of a few
+    microseconds, where a solver's own cost per iteration is all there is to time: each timed run makes
+    ``inner`` solves.  SciPy gets ``tol_norm`` = the 2-norm (its default is the max norm), torchdeq
+    ``stop_mode="abs"``, JAXopt its own absolute test with tol itself.
+    """
+    n = SMALL_N
+    rng = np.random.default_rng(SMALL_SEED)
+    a = rng.standard_normal((n, n))
+    a *= SMALL_NORM / np.linalg.norm(a, 2)
+    b = rng.standard_normal(n)
+    at = np.ascontiguousarray(a.T)
+
+    def g(x: np.ndarray) -> np.ndarray:
+        return np.tanh(x @ at) + b
+
+    maps: dict[str, tuple[Callable[[Any], Any], Any]] = {"numpy": (g, np.zeros(n))}
+    if "torch" in libs:
+        torch = _torch()
+        at_t, b_t = torch.from_numpy(at), torch.from_numpy(b)
+
+        def g_torch(x: Any) -> Any:
+            return torch.tanh(x @ at_t) + b_t
+
+        maps["torch"] = (g_torch, torch.zeros(n, dtype=torch.float64))
+    jax_map = None
+    if "jax" in libs:
+        def small_jax(x: Any, aux: Any) -> Any:
+            jnp = importlib.import_module("jax.numpy")
+            return jnp.tanh(x @ jnp.asarray(at)) + jnp.asarray(b)
+
+        jax_map = JaxMap(small_jax, np.zeros(n), np.zeros(()))
+    return Case(key="broyden-small", name=f"tanh(Ax)+b n={n} |A|={SMALL_NORM:g}", family="small",
+                tol=SMALL_TOL, dtype="float64", batch=False, max_iter=SMALL_MAX_ITER, maps=maps,
+                jax_map=jax_map, residual64=lambda x: absolute_residuals(g, x, False), stop_mode="abs",
+                reference_solve=lambda: np.asarray(fixedpoint.solve(g, np.zeros(n), tol=1e-14, stop_mode="abs",
+                                                                    max_iter=1000).x),
+                inner=inner, params=dict(n=n, spectral_norm=SMALL_NORM, seed=SMALL_SEED, x0="zeros",
+                                         b="N(0, 1)", solves_per_timed_run=inner))
+
+
+#: broyden-hard: samples, seed, relative tolerance, budget (n is 400, 100 with --quick).
+HARD_BATCH, HARD_SEED, HARD_TOL, HARD_MAX_ITER = 10, 0, 1e-6, 300
+
+
+def hard_case(n: int, libs: set[str]) -> Case:
+    """The hard batch of benchmarks/bench_broyden.py: g_i(z) = tanh(z W + u_i), W symmetric, ‖W‖₂ = 0.99.
+
+    B = 10 samples of length ``n``, float32, relative tol 1e-6, budget 300 (``hard_map`` with seed 0).  The map
+    is NumPy's; PyTorch (fixedpoint on torch, torchdeq) calls it through ``torch.from_numpy`` (no copy).
+    No JAX version.  Per-sample convergence and iterations are recorded (the target: 10/10).  The verified
+    residual evaluates the float32 map at the returned x (rounded to float32) and widens it to float64: its
+    rounding error (about 1e-7 relative) is a tenth of tol.
+    """
+    from benchmarks.bench_broyden import hard_map
+
+    g_raw, x0 = hard_map(n, HARD_BATCH, HARD_SEED)
+
+    def g(z: np.ndarray) -> np.ndarray:
+        return g_raw(z)
+
+    maps: dict[str, tuple[Callable[[Any], Any], Any]] = {"numpy": (g, x0)}
+    if "torch" in libs:
+        torch = _torch()
+
+        def g_torch(z: Any) -> Any:
+            return torch.from_numpy(g_raw(z.numpy()))
+
+        maps["torch"] = (g_torch, torch.from_numpy(x0.copy()))
+
+    def g64(z: np.ndarray) -> np.ndarray:  # hard_map keeps W and u in float32: its float32 values, widened
+        return np.asarray(g_raw(np.asarray(z, dtype=np.float32)), dtype=np.float64)
+
+    def reference() -> np.ndarray:
+        res = fixedpoint.solve(g, x0, method=fixedpoint.Broyden(m=300), tol=1e-6, max_iter=1000, batch=True)
+        return np.asarray(res.x, dtype=np.float64)
+
+    return Case(key="broyden-hard", name=f"hard tanh batch B={HARD_BATCH} n={n} |W|=0.99", family="hard",
+                tol=HARD_TOL, dtype="float32", batch=True, max_iter=HARD_MAX_ITER, maps=maps, jax_map=None,
+                residual64=lambda x: relative_residuals(g64, x, True), reference_solve=reference,
+                params=dict(n=n, batch=HARD_BATCH, seed=HARD_SEED, spectral_norm=0.99, x0="zeros",
+                            map="benchmarks.bench_broyden.hard_map"))
+
+
+#: The H-equation cases of issue 22: both rules, N = 100 and 1000, five albedos, tol 1e-10, x0 = ones.
+H22_RULES = {"mid": "midpoint", "gl": "gauss-legendre"}
+H22_NS = (100, 1000)
+H22_CS = (0.5, 0.9, 0.99, 0.999, 0.9999)
+H22_TOL = 1e-10
+#: The albedos of the issue's 16 cases (2 rules × 2 N × 4 c; c = 0.5 is run and reported besides).
+H22_CS_16 = (0.9, 0.99, 0.999, 0.9999)
+H22_CASES = {f"h-{r}{n}-c{c:g}": (rule, n, c) for r, rule in H22_RULES.items() for n in H22_NS for c in H22_CS}
+
+#: Groups of problems that are not built as a Case: the nonlinear-system comparison of benchmarks/peers_nonlin.py.
+NONLIN = "nonlin"
+
+PROBLEM_KEYS = ([f"h{n}-c{c:g}" for n, c in H_CASES] + ["tanh", "poisson", "poisson-scaled", "conv"]
+                + list(H22_CASES) + ["broyden-small", "broyden-hard", NONLIN])
+PROBLEM_GROUPS = {"h-equation": [f"h{n}-c{c:g}" for n, c in H_CASES],
+                  "h-equation-16": [k for k, (_, _, c) in H22_CASES.items() if c in H22_CS_16],
+                  "h-equation-20": list(H22_CASES),
+                  "issue22": list(H22_CASES) + ["broyden-small", "broyden-hard", NONLIN]}
 
 
 #: The iteration budget of the float32 problems with ``--quick`` (the H-equation keeps its 1000).
@@ -376,12 +538,23 @@ QUICK_MAX_ITER = 60
 def build_case(key: str, quick: bool, libs: set[str]) -> Case:
     """The :class:`Case` named ``key`` (full sizes, or CI sizes with ``quick``)."""
     case = _build_case(key, quick, libs)
-    if quick and case.family != "h-equation":
+    if quick and case.family not in ("h-equation", "hard"):
         case.max_iter = min(case.max_iter, QUICK_MAX_ITER)
     return case
 
 
+#: broyden-small: solves per timed run (each takes about a millisecond), full size and with ``--quick``.
+SMALL_INNER = (200, 5)
+
+
 def _build_case(key: str, quick: bool, libs: set[str]) -> Case:
+    if key in H22_CASES:
+        rule, n, c = H22_CASES[key]
+        return h_case(n, c, libs, rule=rule, tol=H22_TOL, key=key)
+    if key == "broyden-small":
+        return small_case(libs, SMALL_INNER[1] if quick else SMALL_INNER[0])
+    if key == "broyden-hard":
+        return hard_case(100 if quick else 400, libs)
     if key.startswith("h"):
         n, c = next((n, c) for n, c in H_CASES if f"h{n}-c{c:g}" == key)
         return h_case(n, c, libs)
@@ -423,6 +596,8 @@ class Outcome:
     own_residual: float | None = None
     n_fev: int | None = None  # set by the solver only where g cannot be wrapped (JAX)
     message: str | None = None
+    sample_converged: list[bool] | None = None  # batch problems: the solver's own verdict per sample
+    sample_iters: list[int] | None = None  # batch problems: iterations per sample, where the solver reports them
 
 
 @dataclass
@@ -446,6 +621,12 @@ class Solver:
 
 
 REL_TEST = "‖g(x)−x‖₂/‖g(x)‖₂ <= tol per sample"
+ABS_TEST = "‖g(x)−x‖₂ <= tol per sample"
+
+
+def our_test(case: Case) -> str:
+    """fixedpoint's stopping test on ``case``, in words."""
+    return ABS_TEST if case.stop_mode == "abs" else REL_TEST
 
 
 def fixedpoint_solvers(case: Case, lib: str) -> list[Solver]:
@@ -457,12 +638,16 @@ def fixedpoint_solvers(case: Case, lib: str) -> list[Solver]:
     for name, method in FIXEDPOINT_METHODS.items():
         def run(method: Any = method) -> Outcome:
             res = fixedpoint.solve(counter, x0, method=method, tol=case.tol, max_iter=case.max_iter,
-                                   stop_mode="rel", batch=case.batch)
-            return Outcome(res.x, bool(np.all(res.converged)), res.status, res.n_fev, float(np.max(res.residual)))
+                                   stop_mode=case.stop_mode, batch=case.batch)
+            out = Outcome(res.x, bool(np.all(res.converged)), res.status, res.n_fev, float(np.max(res.residual)))
+            if case.batch:
+                out.sample_converged = [bool(v) for v in np.asarray(res.converged).reshape(-1)]
+                out.sample_iters = [int(v) for v in np.asarray(res.n_iter).reshape(-1)]
+            return out
 
         out.append(Solver("fixedpoint", lib, name, f"fixedpoint.solve(method={type(method).__name__}())", run,
                           counter, sync, dict(method.options(), tol=case.tol, max_iter=case.max_iter,
-                                              stop_mode="rel", batch=case.batch), REL_TEST))
+                                              stop_mode=case.stop_mode, batch=case.batch), our_test(case)))
     return out
 
 
@@ -487,18 +672,24 @@ def torchdeq_solvers(case: Case) -> list[Solver]:
     for method, (fname, fn, defaults) in functions.items():
         def run(fn: Any = fn) -> Outcome:
             with torch.no_grad():
-                z, _, info = fn(mapped, x0_td, max_iter=case.max_iter, tol=case.tol, stop_mode="rel")
-            rel = float(info["rel_lowest"].max())
+                z, _, info = fn(mapped, x0_td, max_iter=case.max_iter, tol=case.tol, stop_mode=case.stop_mode)
+            lowest = info[f"{case.stop_mode}_lowest"].reshape(-1)
+            rel = float(lowest.max())
             ok = rel < case.tol
             steps = int(info["nstep"].max())
-            return Outcome(z.reshape(shape), ok, "converged" if ok else "not converged", steps, rel)
+            out = Outcome(z.reshape(shape), ok, "converged" if ok else "not converged", steps, rel)
+            if case.batch:  # per sample: its lowest residual, and the step where it was reached
+                out.sample_converged = [bool(v < case.tol) for v in lowest.tolist()]
+                out.sample_iters = [int(v) for v in info["nstep"].reshape(-1).tolist()]
+            return out
 
-        settings = dict(defaults, tol=case.tol, max_iter=case.max_iter, stop_mode="rel",
+        settings = dict(defaults, tol=case.tol, max_iter=case.max_iter, stop_mode=case.stop_mode,
                         note="documented defaults besides tol, max_iter, stop_mode")
         if method == "broyden":  # LBFGS_thres=None: max_iter pairs (u, v) allocated (zeroed) by every solve
             settings["pairs_allocated_bytes"] = 2 * case.max_iter * x0.numel() * x0.element_size()
         out.append(Solver("torchdeq", "torch", method, fname, run, counter, lambda: None, settings,
-                          "‖g(x)−x‖/(‖g(x)‖+1e-9) < tol for the largest of the batch"))
+                          "‖g(x)−x‖/(‖g(x)‖+1e-9) < tol for the largest of the batch" if case.stop_mode == "rel"
+                          else "‖g(x)−x‖ < tol for the largest of the batch"))
     return out
 
 
@@ -568,7 +759,8 @@ def scipy_solvers(case: Case) -> list[Solver]:
         out.append(Solver("scipy", "numpy", method, f"scipy.optimize.{fname}",
                           _scipy_nonlin(getattr(optimize, fname), optimize.NoConvergence, counter, x0, case),
                           counter, lambda: None, _scipy_nonlin_settings(fname, case),
-                          "fixedpoint's, through tol_norm (the batch is one system)"))
+                          "fixedpoint's, through tol_norm (the batch is one system)" if case.stop_mode == "rel"
+                          else "‖F(x)‖₂ <= f_tol (tol_norm = the 2-norm)"))
     return out
 
 
@@ -576,11 +768,13 @@ def _scipy_nonlin(solve: Callable[..., Any], no_convergence: type[Exception], g:
                   x0: np.ndarray, case: Case) -> Callable[[], Outcome]:
     """A run of SciPy's nonlinear solver ``solve`` on F(x) = g(x) − x with fixedpoint's stopping test."""
     tol_norm = ScipyRelativeNorm(g, tuple(x0.shape), case.n_samples)
+    residual, norm = ((tol_norm.residual, tol_norm) if case.stop_mode == "rel" else
+                      (lambda x: g(x) - x, lambda v: float(np.linalg.norm(v))))
 
     def run() -> Outcome:
         tol_norm.reset()
         try:
-            x = solve(tol_norm.residual, x0, f_tol=case.tol, tol_norm=tol_norm, maxiter=case.max_iter)
+            x = solve(residual, x0, f_tol=case.tol, tol_norm=norm, maxiter=case.max_iter)
         except no_convergence as exc:
             return Outcome(exc.args[0], False, "max_iter")
         return Outcome(x, True, "converged")
@@ -591,7 +785,8 @@ def _scipy_nonlin(solve: Callable[..., Any], no_convergence: type[Exception], g:
 def _scipy_nonlin_settings(fname: str, case: Case) -> dict[str, Any]:
     """The settings of SciPy's ``anderson`` or ``broyden1`` as run here (the rest are its defaults)."""
     settings: dict[str, Any] = dict(
-        f_tol=case.tol, tol_norm="relative residual per sample (max over the batch)", maxiter=case.max_iter,
+        f_tol=case.tol, tol_norm=("relative residual per sample (max over the batch)" if case.stop_mode == "rel"
+                                  else "2-norm of F"), maxiter=case.max_iter,
         line_search="armijo", alpha="None (0.5 max(‖x0‖, 1) / ‖F(x0)‖)",
         note="documented defaults besides f_tol, tol_norm and maxiter")
     settings.update(dict(M=5, w0=0.01) if fname == "anderson" else dict(reduction_method="restart", max_rank="inf"))
@@ -619,7 +814,8 @@ def jaxopt_solvers(case: Case) -> list[Solver]:
     jaxopt = importlib.import_module("jaxopt")
     jm = case.jax_map
     x64 = case.dtype == "float64"
-    tols = case.tol * case.reference_norms()
+    tols = (case.tol * case.reference_norms() if case.stop_mode == "rel"
+            else np.full(case.n_samples, case.tol))
     g_np, x0_np = case.maps["numpy"]
     probe = (x0_np + 0.1 * np.random.default_rng(2).uniform(size=x0_np.shape)).astype(x0_np.dtype)
     with _x64(jax, x64):
@@ -646,11 +842,16 @@ def jaxopt_solvers(case: Case) -> list[Solver]:
             err = np.atleast_1d(np.asarray(res.state.error))
             ok = bool(np.all(err <= tols))
             n_iter = int(np.max(np.asarray(res.state.iter_num)))
-            return Outcome(res.params, ok, "converged" if ok else "max_iter",
-                           int(np.max(np.asarray(res.state.num_fun_eval))),
-                           float(np.max(err / case.reference_norms())), n_fev=n_iter)
+            own = err / case.reference_norms() if case.stop_mode == "rel" else err
+            out = Outcome(res.params, ok, "converged" if ok else "max_iter",
+                          int(np.max(np.asarray(res.state.num_fun_eval))), float(np.max(own)), n_fev=n_iter)
+            if case.batch:
+                out.sample_converged = [bool(v) for v in err <= tols]
+                out.sample_iters = [int(v) for v in np.atleast_1d(np.asarray(res.state.iter_num))]
+            return out
 
-        settings: dict[str, Any] = dict(tol="tol × ‖x*‖₂ per sample", tol_per_sample=[float(t) for t in tols],
+        settings: dict[str, Any] = dict(tol="tol × ‖x*‖₂ per sample" if case.stop_mode == "rel" else "tol",
+                                        tol_per_sample=[float(t) for t in tols],
                                         maxiter=case.max_iter, jit=True, vmap_over_batch=case.batch,
                                         jax_enable_x64=x64, compile_s=compile_s,
                                         note="documented defaults besides tol and maxiter; compiled ahead of "
@@ -658,7 +859,7 @@ def jaxopt_solvers(case: Case) -> list[Solver]:
         if method == "anderson":
             settings.update(history_size=5, mixing_frequency=1, beta=1.0, ridge=1e-5)
         out.append(Solver("jaxopt", "jax", method, f"jaxopt.{cls.__name__}", run, None, lambda: None, settings,
-                          "absolute ‖g(x)−x‖₂ <= tol·‖x*‖₂ per sample"))
+                          "absolute ‖g(x)−x‖₂ <= tol·‖x*‖₂ per sample" if case.stop_mode == "rel" else ABS_TEST))
     return out
 
 
@@ -672,15 +873,16 @@ def as_float64(x: Any, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(a, dtype=np.float64).reshape(shape)
 
 
-def run_once(s: Solver) -> tuple[float, Outcome]:
-    """Seconds and outcome of one solve, the device synchronised before and after."""
-    if s.counter is not None:
-        s.counter.reset()
+def run_once(s: Solver, inner: int = 1) -> tuple[float, Outcome]:
+    """Seconds per solve and outcome of the last of ``inner`` solves, the device synchronised before and after."""
     s.sync()
     t0 = time.perf_counter()
-    res = s.run()
+    for _ in range(inner):
+        if s.counter is not None:
+            s.counter.reset()
+        res = s.run()
     s.sync()
-    elapsed = time.perf_counter() - t0
+    elapsed = (time.perf_counter() - t0) / inner
     if res.n_fev is None and s.counter is not None:
         res.n_fev = s.counter.calls
     return elapsed, res
@@ -700,7 +902,7 @@ def measure_case(case: Case, solvers: list[Solver], repeats: int, warmup: int) -
             if i in errors:
                 continue
             try:
-                t, last[i] = run_once(s)
+                t, last[i] = run_once(s, case.inner)
             except Exception as exc:  # a peer that fails is a result, not the end of the benchmark
                 errors[i] = f"{type(exc).__name__}: {exc}"[:300]
                 print(f"  {case.key}: {s.label} {s.function} raised {errors[i]}", file=sys.stderr, flush=True)
@@ -726,11 +928,17 @@ def measure_case(case: Case, solvers: list[Solver], repeats: int, warmup: int) -
                    verified_meets_tol=bool(np.max(verified) <= case.tol), time_s=timing.summarize(times[i]))
         if res.message:
             row["message"] = res.message
+        if case.stop_mode != "rel":
+            row["stop_mode"] = case.stop_mode
+        if case.batch:
+            row.update(sample_converged=res.sample_converged or [bool(v <= case.tol) for v in verified],
+                       sample_converged_from="solver" if res.sample_converged else "verified residual",
+                       sample_iters=res.sample_iters)
         if case.solution is not None:
             row["max_error"] = float(np.max(np.abs(x - case.solution)) / np.max(np.abs(case.solution)))
         if case.evaluate is not None:
             row["h1"] = case.evaluate(x)
-            row["root"] = root_label(row, case)
+            row["root"] = root_label(row, case, x)
         rows.append(row)
         print(f"  {case.key:14s} {s.label:18s} {s.method:8s} {res.status:13s} n_fev={res.n_fev!s:>5} "
               f"res={row['verified_residual']:.2e} time={1e3 * row['time_s']['median']:9.2f} ms",
@@ -739,10 +947,16 @@ def measure_case(case: Case, solvers: list[Solver], repeats: int, warmup: int) -
     return rows
 
 
-def root_label(row: dict[str, Any], case: Case) -> str:
-    """H-equation: "physical" (Newton's root), "non-physical" (another root) or "not a root"."""
+def root_label(row: dict[str, Any], case: Case, x: np.ndarray) -> str:
+    """H-equation: "physical", "non-physical" or "not a root" (verified residual above 100 tol).
+
+    Which root: the moment test of the problem (``params["root"]`` of :func:`fixedpoint.problems.chandrasekhar`,
+    (c/2) Σ w_i H_i = 1 ∓ √(1 − c)) where it has one, else within 1e-4 (relative, max norm) of Newton's solution.
+    """
     if not row["verified_residual"] <= 100 * case.tol:
         return "not a root"
+    if case.root_of is not None:
+        return case.root_of(x)
     return "physical" if row["max_error"] <= 1e-4 else "non-physical"
 
 
@@ -760,8 +974,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         r["time_ratio"] = r["time_s"]["median"] / base["time_s"]["median"]
 
 
-def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The figures the issue asks for, where the rows hold them."""
+def targets(rows: list[dict[str, Any]], nonlin: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The figures the issues ask for, where the rows hold them; ``nonlin``: the targets of peers_nonlin."""
     by = {(r["problem"], r["solver"], r["method"]): r for r in rows if "n_fev" in r}
     out: dict[str, Any] = {}
     ours, theirs = by.get(("tanh", "fixedpoint[torch]", "broyden")), by.get(("tanh", "torchdeq", "broyden"))
@@ -774,7 +988,7 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
             time_clearly_less=bool(ours["time_s"]["q3"] < theirs["time_s"]["q1"]),
             time_clearly_more=bool(ours["time_s"]["q1"] > theirs["time_s"]["q3"]))
     h = []
-    for key in sorted({r["problem"] for r in rows if r["family"] == "h-equation"}, key=PROBLEM_KEYS.index):
+    for key in [k for k in PROBLEM_GROUPS["h-equation"] if any(r["problem"] == k for r in rows)]:
         ours, theirs = by.get((key, "fixedpoint[numpy]", "anderson")), by.get((key, "scipy", "anderson"))
         if ours and theirs:
             h.append(dict(problem=key, fixedpoint_n_fev=ours["n_fev"], scipy_n_fev=theirs["n_fev"],
@@ -784,6 +998,129 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
                           time_ratio=ours["time_s"]["median"] / theirs["time_s"]["median"]))
     if h:
         out["h_equation_anderson_vs_scipy"] = h
+    for name, fn in (("h_equation_16", _target_h16), ("broyden_small", _target_small),
+                     ("broyden_hard", _target_hard)):
+        found = fn(by, rows)
+        if found is not None:
+            out[name] = found
+    if nonlin is not None:
+        out["nonlin"] = nonlin
+    out["issue22"] = issue22_summary(out)
+    return out
+
+
+def _target_h16(by: dict[tuple[str, str, str], dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Issue 22, H-equation: fixedpoint[numpy]'s default Anderson on the physical root, evaluations <= SciPy's."""
+    cases = []
+    for key, (rule, n, c) in H22_CASES.items():
+        ours, theirs = by.get((key, "fixedpoint[numpy]", "anderson")), by.get((key, "scipy", "anderson"))
+        if ours is None:
+            continue
+        cases.append(dict(problem=key, rule=rule, n=n, c=c, in_16=c in H22_CS_16, fixedpoint_root=ours["root"],
+                          fixedpoint_n_fev=ours["n_fev"], scipy_root=theirs["root"] if theirs else None,
+                          scipy_n_fev=theirs["n_fev"] if theirs else None,
+                          fev_le_scipy=bool(ours["n_fev"] <= theirs["n_fev"]) if theirs else None))
+    if not cases:
+        return None
+
+    def counts(sel: list[dict[str, Any]]) -> dict[str, int]:
+        return dict(cases_run=len(sel), physical=sum(c["fixedpoint_root"] == "physical" for c in sel),
+                    scipy_compared=sum(c["fev_le_scipy"] is not None for c in sel),
+                    fev_le_scipy=sum(c["fev_le_scipy"] is True for c in sel),
+                    scipy_physical=sum(c["scipy_root"] == "physical" for c in sel))
+
+    sixteen = counts([c for c in cases if c["in_16"]])
+    met = (sixteen["cases_run"] == len(H22_RULES) * len(H22_NS) * len(H22_CS_16)
+           and sixteen["physical"] == sixteen["cases_run"] == sixteen["fev_le_scipy"])
+    return dict(sixteen, target="fixedpoint[numpy] Anderson(): physical root in 16/16 (c >= 0.9) and evaluations "
+                "<= scipy.optimize.anderson's in every case", met=bool(met), all_cases=counts(cases), cases=cases)
+
+
+def _target_small(by: dict[tuple[str, str, str], dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Issue 22, n = 5: Broyden's time per evaluation <= 1.2 × broyden1's; total time below where it needs fewer."""
+    out: dict[str, Any] = {}
+    for method, fname in (("broyden", "broyden1"), ("anderson", "anderson")):
+        ours = by.get(("broyden-small", "fixedpoint[numpy]", method))
+        theirs = by.get(("broyden-small", "scipy", method))
+        if not (ours and theirs and ours["n_fev"] and theirs["n_fev"]):
+            continue
+        t_ours, t_theirs = ours["time_s"]["median"], theirs["time_s"]["median"]
+        pi_ours, pi_theirs = t_ours / ours["n_fev"], t_theirs / theirs["n_fev"]
+        fewer = ours["n_fev"] < theirs["n_fev"]
+        out[method] = dict(peer=f"scipy.optimize.{fname}", fixedpoint_n_fev=ours["n_fev"],
+                           scipy_n_fev=theirs["n_fev"], fixedpoint_converged=ours["converged"],
+                           scipy_converged=theirs["converged"], fixedpoint_time_s=t_ours, scipy_time_s=t_theirs,
+                           fixedpoint_us_per_iter=1e6 * pi_ours, scipy_us_per_iter=1e6 * pi_theirs,
+                           per_iter_ratio=pi_ours / pi_theirs, fewer_evaluations=fewer,
+                           total_time_ratio=t_ours / t_theirs)
+    b = out.get("broyden")
+    if b is None:
+        return None
+    b["target"] = ("time per evaluation <= 1.2x broyden1's, and total time below broyden1's wherever fewer "
+                   "evaluations are needed")
+    b["met"] = bool(b["fixedpoint_converged"] and b["per_iter_ratio"] <= 1.2
+                    and (not b["fewer_evaluations"] or b["total_time_ratio"] < 1.0))
+    return dict(out, target=b["target"], met=b["met"])
+
+
+def _target_hard(by: dict[tuple[str, str, str], dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Issue 22, hard batch: samples converged (of 10) and iterations per solver; target: our Broyden 10/10."""
+    solvers = []
+    for r in rows:
+        if r["problem"] != "broyden-hard" or "sample_converged" not in r:
+            continue
+        its = r["sample_iters"]
+        solvers.append(dict(solver=r["solver"], method=r["method"], converged=sum(r["sample_converged"]),
+                            samples=len(r["sample_converged"]), n_fev=r["n_fev"],
+                            iterations_mean=float(np.mean(its)) if its else None,
+                            iterations_max=int(np.max(its)) if its else None,
+                            converged_from=r["sample_converged_from"]))
+    if not solvers:
+        return None
+    ours = [s for s in solvers if s["solver"].startswith("fixedpoint") and s["method"] == "broyden"]
+    met = bool(ours) and all(s["converged"] == s["samples"] and s["n_fev"] <= HARD_MAX_ITER for s in ours)
+    return dict(solvers=solvers, target=f"fixedpoint Broyden() converges {HARD_BATCH}/{HARD_BATCH} samples "
+                f"within {HARD_MAX_ITER} iterations (NumPy and PyTorch)", met=met)
+
+
+def issue22_summary(tg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 22's targets side by side: name, target, met (None: not run here) and the figures in words."""
+    out = []
+    h = tg.get("h_equation_16")
+    out.append(dict(name="H-equation, 16 cases", target=h["target"] if h else "physical root 16/16, evaluations <= "
+                    "scipy anderson's", met=h["met"] if h else None, figures=None if h is None else
+                    f"physical {h['physical']}/{h['cases_run']}, evaluations <= scipy {h['fev_le_scipy']}/"
+                    f"{h['scipy_compared']} (all {h['all_cases']['cases_run']} cases run: physical "
+                    f"{h['all_cases']['physical']}, <= scipy {h['all_cases']['fev_le_scipy']})"))
+    nl = tg.get("nonlin")
+    out.append(dict(name="SciPy test_nonlin problems via fixedpoint.root", target=nl.get("target") if nl else
+                    "converged 10/10, evaluations <= 1.2x the best SciPy solver's", met=nl.get("met") if nl else None,
+                    figures=nl.get("figures", nl.get("summary")) if nl else None))
+    b = (tg.get("broyden_small") or {}).get("broyden")
+    out.append(dict(name="Broyden n=5 cost per iteration", target=b["target"] if b else "<= 1.2x broyden1's",
+                    met=b["met"] if b else None, figures=None if b is None else
+                    f"{b['fixedpoint_us_per_iter']:.1f} vs {b['scipy_us_per_iter']:.1f} us per evaluation "
+                    f"({b['per_iter_ratio']:.2f}x); evaluations {b['fixedpoint_n_fev']} vs {b['scipy_n_fev']}; total "
+                    f"{1e6 * b['fixedpoint_time_s']:.0f} vs {1e6 * b['scipy_time_s']:.0f} us "
+                    f"({b['total_time_ratio']:.2f}x)"))
+    hd = tg.get("broyden_hard")
+    out.append(dict(name="Broyden on the hard batch", target=hd["target"] if hd else "10/10 within 300",
+                    met=hd["met"] if hd else None, figures=None if hd is None else "; ".join(
+                        f"{s['solver']} {s['method']} {s['converged']}/{s['samples']}"
+                        + (f" (iterations mean {s['iterations_mean']:.0f}, max {s['iterations_max']})"
+                           if s["iterations_mean"] is not None else "") for s in hd["solvers"]
+                        if s["method"] != "forward")))
+    t = tg.get("tanh_broyden_vs_torchdeq")
+    old_h = tg.get("h_equation_anderson_vs_scipy")
+    out.append(dict(name="nothing worse: tanh Broyden vs torchdeq", target=t["target"] if t else "fev <= 1.25x, "
+                    "time < torchdeq's", met=t["met"] if t else None, figures=None if t is None else
+                    f"evaluations {t['fixedpoint_n_fev']} vs {t['torchdeq_n_fev']}, time {t['time_ratio']:.2f}x"))
+    out.append(dict(name="nothing worse: H-equation tol 1e-8 (Gauss-Legendre N=200/2000)",
+                    target="Anderson evaluations <= scipy anderson's on every case, physical root",
+                    met=None if not old_h else all(c["fev_le_scipy"] and c["fixedpoint_root"] == "physical"
+                                                   for c in old_h),
+                    figures=None if not old_h else ", ".join(
+                        f"{c['problem']} {c['fixedpoint_n_fev']} vs {c['scipy_n_fev']}" for c in old_h)))
     return out
 
 
@@ -835,13 +1172,61 @@ def print_targets(tg: dict[str, Any]) -> None:
         print(f"{h['problem']}: Anderson evaluations fixedpoint {h['fixedpoint_n_fev']} ({h['fixedpoint_root']}) "
               f"vs scipy {h['scipy_n_fev']} ({h['scipy_root']}): {'<=' if h['fev_le_scipy'] else '>'}; time "
               f"{1e3 * h['fixedpoint_time_s']:.2f} vs {1e3 * h['scipy_time_s']:.2f} ms ({h['time_ratio']:.2f}x)")
+    h16 = tg.get("h_equation_16")
+    if h16:
+        print("\nH-equation, issue 22 (tol 1e-10; fixedpoint[numpy] Anderson vs scipy anderson):")
+        for c in h16["cases"]:
+            print(f"  {c['problem']:18s} {c['fixedpoint_root']:12s} n_fev {c['fixedpoint_n_fev']!s:>5} vs scipy "
+                  f"{c['scipy_n_fev']!s:>5} ({c['scipy_root']})" + ("" if c["in_16"] else "  [not one of the 16]"))
+    small = tg.get("broyden_small", {})
+    for method in ("broyden", "anderson"):
+        b = small.get(method)
+        if b:
+            print(f"n=5 {method}: {b['fixedpoint_us_per_iter']:.1f} us/evaluation vs {b['peer']} "
+                  f"{b['scipy_us_per_iter']:.1f} ({b['per_iter_ratio']:.2f}x); evaluations {b['fixedpoint_n_fev']} "
+                  f"vs {b['scipy_n_fev']}; total {1e6 * b['fixedpoint_time_s']:.0f} vs "
+                  f"{1e6 * b['scipy_time_s']:.0f} us ({b['total_time_ratio']:.2f}x)")
+    hard = tg.get("broyden_hard")
+    if hard:
+        print("hard batch (samples converged, iterations mean/max):")
+        for s in hard["solvers"]:
+            its = "" if s["iterations_mean"] is None else f" {s['iterations_mean']:.1f}/{s['iterations_max']}"
+            print(f"  {s['solver']:18s} {s['method']:8s} {s['converged']}/{s['samples']}{its} (n_fev {s['n_fev']})")
+    verdict = {True: "met", False: "NOT met", None: "not run"}
+    print("\nissue 22 targets:")
+    for t in tg.get("issue22", []):
+        print(f"  [{verdict[t['met']]:7s}] {t['name']}: {t['target']}" + (f"\n            {t['figures']}"
+                                                                          if t["figures"] else ""))
+
+
+def run_nonlin(repeats: int, warmup: int, quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+    """Rows and targets of benchmarks/peers_nonlin.py (SciPy's nonlinear test problems), or None if it is absent."""
+    try:
+        mod = importlib.import_module("benchmarks.peers_nonlin")
+    except ModuleNotFoundError as exc:
+        if exc.name != "benchmarks.peers_nonlin":
+            raise
+        return None
+    rows = mod.nonlin_rows(repeats=repeats, warmup=warmup, quick=quick)
+    return rows, mod.nonlin_targets(rows)
+
+
+def print_nonlin(rows: list[dict[str, Any]]) -> None:
+    """The table of the nonlinear-system rows."""
+    table = [dict(r, _t=1e3 * r["time_s"]["median"] if r.get("time_s") else None) for r in rows]
+    print("\nnonlinear systems F(x) = 0 (benchmarks/peers_nonlin.py):")
+    timing.print_table(table, [
+        ("problem", "problem", "{}"), ("solver", "solver", "{}"), ("method", "method", "{}"),
+        ("converged", "converged", "{}"), ("n_fev", "n_fev", "{}"), ("_t", "time ms", "{:.2f}"),
+        ("residual", "residual", "{:.2e}")])
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison; returns 0.  See the module docstring and ``--help``."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.compare_peers", description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--quick", action="store_true",
-                    help="CI size: H-equation N=200 only, small tanh/Poisson/conv problems, 1 repeat")
+                    help="CI size: H-equation N<=200 only, small tanh/Poisson/conv/hard problems, 5 solves per timed "
+                         "run of broyden-small, 1 repeat")
     ap.add_argument("--problems", nargs="+", default=None,
                     help=f"problems to run (default all): {', '.join(PROBLEM_KEYS + list(PROBLEM_GROUPS))}")
     ap.add_argument("--peers", nargs="+", default=None,
@@ -863,7 +1248,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         ap.error(str(exc))
     if args.quick and args.problems is None:
-        problem_keys = [k for k in problem_keys if not k.startswith("h2000")]
+        problem_keys = [k for k in problem_keys if not k.startswith("h2000")
+                        and not (k in H22_CASES and H22_CASES[k][1] > 100)]
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)
     warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
     if repeats < 1 or warmup < 0:
@@ -892,8 +1278,15 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict[str, Any]] = []
     problems = []
+    nonlin: tuple[list[dict[str, Any]], dict[str, Any]] | None = None
     for key in problem_keys:
         t0 = time.perf_counter()
+        if key == NONLIN:
+            nonlin = run_nonlin(repeats, warmup, args.quick)
+            if nonlin is None:
+                skipped.append("nonlin: benchmarks/peers_nonlin.py not found, skipped")
+                print("note: nonlin: benchmarks/peers_nonlin.py not found, skipped", file=sys.stderr)
+            continue
         case = build_case(key, args.quick, libs)
         print(f"{case.name}: built in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         solvers = fixedpoint_solvers(case, "numpy")
@@ -916,7 +1309,9 @@ def main(argv: list[str] | None = None) -> int:
           "the peer's library (NumPy for SciPy and JAXopt, PyTorch for torchdeq); verified res. = max over the "
           "batch of ‖g(x)−x‖₂/‖g(x)‖₂ in float64 at the returned x\n")
     print_rows(rows)
-    tg = targets(rows)
+    if nonlin is not None:
+        print_nonlin(nonlin[0])
+    tg = targets(rows, nonlin[1] if nonlin is not None else None)
     print_targets(tg)
     for note in skipped:
         print(f"skipped: {note}")
@@ -938,7 +1333,7 @@ def main(argv: list[str] | None = None) -> int:
         settings=dict(quick=args.quick, repeats=repeats, warmup=warmup, threads=args.threads, peers=peers,
                       problems=problems, reference_library=REFERENCE_LIBRARY,
                       fixedpoint_methods={k: m.options() for k, m in FIXEDPOINT_METHODS.items()}),
-        skipped=skipped, runs=rows, targets=tg))
+        skipped=skipped, runs=rows, nonlin_runs=nonlin[0] if nonlin is not None else [], targets=tg))
     print(f"\nwrote {path}")
     return 0
 
