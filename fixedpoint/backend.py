@@ -31,6 +31,7 @@ __all__ = [
     "emulate_accelerator",
     "emulation",
     "is_accelerator",
+    "is_complex_dtype",
     "is_torch_cpu",
     "library_name",
     "namespace_of",
@@ -236,17 +237,25 @@ def _real_float_dtypes(xp: Namespace, device: Any) -> dict[str, Any]:
 def working_dtype(xp: Namespace, x: Array) -> Any:
     """Floating dtype the solver works in for an input array ``x``.
 
-    Rule: a real floating ``x`` keeps its dtype; a boolean or integer ``x`` is
-    promoted to the library's default real floating dtype on ``x``'s device
-    (float64 for NumPy, CuPy and array-api-strict; ``torch.get_default_dtype()``
-    for PyTorch).  Complex inputs are rejected.
+    Rule: a real floating ``x`` keeps its dtype, and so does a complex one of at least
+    single precision (complex64, complex128); a boolean or integer ``x`` is promoted to
+    the library's default real floating dtype on ``x``'s device (float64 for NumPy, CuPy
+    and array-api-strict; ``torch.get_default_dtype()`` for PyTorch).
 
     Raises
     ------
     TypeError
-        If ``x`` has a complex (or otherwise non-real) dtype.
+        If ``x`` has a half-precision complex dtype (PyTorch's ``complex32``/``chalf``, whose
+        range is too small for residual norms and which few operations support), or one that is
+        neither floating, integer nor boolean.
     """
     if xp.isdtype(x.dtype, "real floating"):
+        return x.dtype
+    if xp.isdtype(x.dtype, "complex floating"):
+        if xp.finfo(x.dtype).bits < 32:
+            raise TypeError(f"x0 must not have the half-precision complex dtype {x.dtype}: complex dtypes are "
+                            "supported in single and double precision (complex64, complex128); convert x0 (and "
+                            "g's values) to complex64")
         return x.dtype
     if xp.isdtype(x.dtype, ("integral", "bool")):
         info = xp.__array_namespace_info__()
@@ -254,7 +263,22 @@ def working_dtype(xp: Namespace, x: Array) -> Any:
             return info.default_dtypes(device=array_api_compat.device(x))["real floating"]
         except TypeError:
             return info.default_dtypes()["real floating"]
-    raise TypeError(f"x0 must have a real floating, integer or boolean dtype, got {x.dtype}")
+    raise TypeError(f"x0 must have a real or complex floating, integer or boolean dtype, got {x.dtype}")
+
+
+def is_complex_dtype(dtype: Any) -> bool:
+    """Return whether ``dtype`` (a dtype object of NumPy, CuPy, PyTorch or another array API library) is complex.
+
+    Cheap enough for the kernels to call once per operation: NumPy's and CuPy's ``dtype.kind``,
+    PyTorch's ``dtype.is_complex``, else the dtype's name.
+    """
+    kind = getattr(dtype, "kind", None)
+    if isinstance(kind, str):
+        return kind == "c"
+    flag = getattr(dtype, "is_complex", None)
+    if isinstance(flag, bool):
+        return flag
+    return "complex" in str(dtype)
 
 
 def buffer_dtype(xp: Namespace, dtype: Any) -> Any:
@@ -262,6 +286,7 @@ def buffer_dtype(xp: Namespace, dtype: Any) -> Any:
 
     ``dtype`` itself, except float32 for the half-precision dtypes (float16, bfloat16), whose range and
     precision are too small for residual norms, Gram matrices and combinations (float16 overflows at 65504).
+    Complex dtypes (complex64, complex128: :func:`working_dtype` refuses half-precision complex) are kept.
 
     The solve loop then calls g with the iterate rounded to ``dtype`` and rounds every new iterate
     to ``dtype``, so that the residuals it measures are those of ``dtype``-valued points.

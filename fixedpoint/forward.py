@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 from .backend import Array
 from .checks import check_real
@@ -35,10 +35,14 @@ class ForwardIteration(Method):
     Notes
     -----
     Memory: nothing besides the loop's iterates (the residual norm is computed
-    without forming the residual).  Work per iteration besides g: O(n).
+    without forming the residual).  Work per iteration besides g: O(n).  Complex
+    iterates (complex64, complex128) are iterated as real ones; the residual norms
+    are real.
     """
 
     name = "forward"
+    #: Complex x0 (complex64, complex128) is accepted: the step is linear in the iterates.
+    supports_complex: ClassVar[bool] = True
 
     damping: float = 1.0
 

@@ -31,6 +31,7 @@ from .backend import (
     Namespace,
     buffer_dtype,
     is_accelerator,
+    is_complex_dtype,
     library_name,
     namespace_of,
     resolve_namespace,
@@ -123,6 +124,18 @@ class _MapCall:
                 return y  # even a view of its argument: read-only, so unmodified
             return call_map(lambda _x, *_a: y, x, *args)  # the full checks, with their messages
         return call_map(self.g, x, *args)
+
+
+def _check_complex(method: Method, dtype: Any) -> None:
+    """Raise TypeError if ``dtype`` is complex and ``method`` does not declare ``supports_complex = True``.
+
+    A method whose state reduces through :class:`fixedpoint.kernels.Kernels` gets Hermitian products and
+    real norms for complex vectors, but its own small state (dtypes, comparisons, Python-float paths) must
+    be written for them: it says so by the class attribute.
+    """
+    if is_complex_dtype(dtype) and not getattr(method, "supports_complex", False):
+        raise TypeError(f"x0 has the complex dtype {dtype}, which method {method.name!r} does not support; "
+                        "method='forward' iterates complex x0")
 
 
 def _settings(method: Method | None, x0: Array, opts: dict[str, Any]) -> str:
@@ -241,6 +254,7 @@ class _Loop:
                 agreement.compare("the method, the options, x0's dtype and library, and the batch size",
                                   _settings(method, self.x0, opts))
             assert method is not None  # None only with an error to raise (failed)
+            _check_complex(method, self.caller_dtype)
             self.method = method
             self._allocate(method, g, comm)
 

@@ -27,6 +27,7 @@ from .backend import (
     Array,
     Namespace,
     emulation,
+    is_complex_dtype,
     is_torch_cpu,
     library_name,
     resolve_namespace,
@@ -53,8 +54,8 @@ SqdiffTerm: TypeAlias = tuple[Literal["sqdiff"], Array, Array]
 NormTerm: TypeAlias = SqnormTerm | SqdiffTerm
 #: One reduction of :meth:`Kernels.sums`, tagged by its kind.
 ReductionTerm: TypeAlias = MatvecTerm | DotTerm | NormTerm
-#: One system of :func:`ldl_solve_one` solved in Python floats (``None`` at a zero pivot).
-LdlOne: TypeAlias = Callable[[list[float], list[float]], list[float] | None]
+#: One system of :func:`ldl_solve_one` solved in Python floats or complex numbers (``None`` at a zero pivot).
+LdlOne: TypeAlias = Callable[[list[Any], list[Any]], list[Any] | None]
 
 
 #: Rows of at most this many elements use per-slot batched dot products for the Gram row (NumPy);
@@ -127,9 +128,12 @@ class Kernels:
         self.sdtype = solve_dtype(self.sxp, self.sdevice)
         if emulated and not emulated_float64:
             self.sdtype = self.sxp.float32
+        #: The complex dtype of the small state of complex vectors: complex128 where :attr:`sdtype` is float64.
+        self.csdtype = self.sxp.complex128 if self.sdtype == self.sxp.float64 else self.sxp.complex64
         #: True when the small state is NumPy, so reading it costs no device synchronisation.
         self.small_on_host = library_name(self.sxp) == "numpy"
         self._scratch: Array | None = None  # a block of _BLOCK elements for norms of differences and packing (_block)
+        self._conj: Array | None = None  # complex vectors: a flat buffer for conj(v) in Hermitian products (_conj_of)
 
     # --- conversions ---------------------------------------------------------------------------
 
@@ -181,22 +185,39 @@ class Kernels:
         out: Array = self.xp.astype(a, dtype)
         return out
 
+    def small_dtype(self, dtype: Any) -> Any:
+        """Return the dtype of the small state that goes with vectors of ``dtype``.
+
+        :attr:`sdtype` (real) for real vectors; for complex ones, the complex dtype of the same
+        precision as :attr:`sdtype` (:attr:`csdtype`: complex128 where :attr:`sdtype` is float64, else
+        complex64), in which the Hermitian products of :meth:`sums` (``"matvec"``, ``"dot"``) come back.
+        Norms (``"sqnorm"``, ``"sqdiff"``) are real, in :attr:`sdtype`, whatever the vectors' dtype.
+        """
+        return self.csdtype if is_complex_dtype(dtype) else self.sdtype
+
     def _raw_torch(self) -> Any:
         return importlib.import_module("torch")
 
     def _host_float64(self, a: Array) -> np.ndarray:
-        """Return the values of a vectors' array on the host as float64 NumPy (a copy unless already so)."""
+        """Return the values of a vectors' array on the host as float64 NumPy, complex128 if complex (a copy)."""
+        wide = np.complex128 if is_complex_dtype(a.dtype) else np.float64
         host: Any = a  # NumPy or array-api-strict: converted by np.asarray
         if self.lib == "torch":
-            host = cast("Tensor", a).detach().cpu().to(self._raw_torch().float64)
+            torch = self._raw_torch()
+            host = cast("Tensor", a).detach().cpu().to(torch.complex128 if wide is np.complex128 else torch.float64)
         elif self.lib == "cupy":
             host = cast("cupy.ndarray", a).get()
-        return np.asarray(host, dtype=np.float64)
+        return np.asarray(host, dtype=wide)
 
-    def _coef(self, alpha: float | Array, like: Array) -> float | Array:
-        """Return a Python float as is; a per-sample small-state array ``(B,)`` as ``(B, 1)`` for the vector work."""
+    def _coef(self, alpha: float | complex | Array, like: Array) -> float | complex | Array:
+        """Return a Python number as is; a per-sample small-state array ``(B,)`` as ``(B, 1)`` for the vector work.
+
+        A complex coefficient (a Python complex, or complex small state) needs complex vectors.
+        """
         if isinstance(alpha, (int, float)):
             return float(alpha)
+        if isinstance(alpha, complex):
+            return alpha
         if self.mode == "numpy":
             if TYPE_CHECKING:  # the small state of NumPy mode
                 assert isinstance(alpha, np.ndarray)
@@ -240,14 +261,15 @@ class Kernels:
         else:
             out[...] = a
 
-    def add_scaled(self, out: Array, a: Array, alpha: float | Array, b: Array) -> None:
-        """``out[...] = a + alpha * b``, ``alpha`` a Python float or a per-sample small-state array of shape ``(B,)``.
+    def add_scaled(self, out: Array, a: Array, alpha: float | complex | Array, b: Array) -> None:
+        """``out[...] = a + alpha * b``, ``alpha`` a Python number or a per-sample small-state array of shape ``(B,)``.
 
-        ``out`` must not overlap ``a`` or ``b``.
+        ``out`` must not overlap ``a`` or ``b``.  A complex ``alpha`` (Python complex, or small state in
+        :meth:`small_dtype`) needs complex vectors.
         """
         alpha = self._coef(alpha, out)
         if self.mode == "torch":
-            if isinstance(alpha, float):
+            if isinstance(alpha, (float, complex)):
                 self._raw.add(a, b, alpha=alpha, out=out)
             else:
                 self._raw.addcmul(a, b, alpha, out=out)
@@ -259,8 +281,11 @@ class Kernels:
         else:
             out[...] = a + alpha * b
 
-    def scale(self, out: Array, a: Array, alpha: float | Array) -> None:
-        """``out[...] = alpha * a``, ``alpha`` a Python float or a per-sample small-state array of shape ``(B,)``."""
+    def scale(self, out: Array, a: Array, alpha: float | complex | Array) -> None:
+        """``out[...] = alpha * a``, ``alpha`` a Python number or a per-sample small-state array of shape ``(B,)``.
+
+        A complex ``alpha`` needs complex vectors.
+        """
         alpha = self._coef(alpha, out)
         if self.mode == "torch":
             self._raw.mul(a, alpha, out=out)
@@ -307,6 +332,11 @@ class Kernels:
     def matvec(self, out: Array, A: Array, v: Array) -> None:
         """``out[b, j] = ⟨A[j, b], v[b]⟩`` for a stack ``A`` ``(k, B, n)``, ``v`` ``(B, n)``, ``out`` ``(B, k)``.
 
+        For complex vectors ⟨a, b⟩ = Σ conj(a) b, the Hermitian inner product, conjugate-linear in the
+        stack: computed as conj(A conj(v)), with conj(v) written into a buffer kept from call to call
+        (NumPy, CuPy: no allocation of size n once it exists), or through PyTorch's lazy conjugate view.
+        Real vectors take the same kernels as without that branch.
+
         NumPy chooses the kernel by n alone, never by B, so that a sample's products are the same
         to the bit in a batch of any size (alone, in a batch, after compaction): rows of at most
         :data:`SHORT_ROWS` entries use one dot product per stored vector, longer ones one
@@ -315,6 +345,11 @@ class Kernels:
         k, B, n = A.shape
         if self.mode == "numpy":
             A, v, out = self.numpy_view(A), self.numpy_view(v), self.numpy_view(out)
+            hermitian = v.dtype.kind == "c"
+            if hermitian:  # conj(A) v = conj(A conj(v))
+                v = self._conj_of(v)
+                if TYPE_CHECKING:  # NumPy mode: a NumPy buffer
+                    assert isinstance(v, np.ndarray)
             if n <= SHORT_ROWS:  # per slot, one dot product per sample (for one sample, all slots in one call)
                 if B == 1:
                     np.matmul(A[:, 0, None, :], v[0][:, None], out=out[0][:, None, None])
@@ -325,10 +360,63 @@ class Kernels:
                 np.dot(A[:, 0, :], v[0], out=out[0])
             else:
                 np.matmul(A.transpose(1, 0, 2), v[:, :, None], out=out[:, :, None])
-        elif self._raw is not None:
-            self._raw.matmul(self.xp.permute_dims(A, (1, 0, 2)), v[:, :, None], out=out[:, :, None])
+            if hermitian:
+                np.conjugate(out, out=out)
         else:
-            out[...] = (self.xp.permute_dims(A, (1, 0, 2)) @ v[:, :, None])[:, :, 0]
+            self._matvec_other(out, A, v)
+
+    def _matvec_other(self, out: Array, A: Array, v: Array) -> None:
+        """:meth:`matvec` for the modes other than NumPy: one batched matmul (PyTorch, CuPy), or the standard's."""
+        if self.mode == "torch":
+            if TYPE_CHECKING:  # PyTorch tensors
+                assert isinstance(A, Tensor)
+            stack = A.permute(1, 0, 2)
+            self._raw.matmul(stack.conj() if v.dtype.is_complex else stack, v[:, :, None], out=out[:, :, None])
+        elif self.mode == "cupy":
+            hermitian = v.dtype.kind == "c"
+            if hermitian:  # conj(A) v = conj(A conj(v))
+                v = self._conj_of(v)
+            self._raw.matmul(self.xp.permute_dims(A, (1, 0, 2)), v[:, :, None], out=out[:, :, None])
+            if hermitian:
+                self._raw.conjugate(out, out=out)
+        else:
+            stack = self.xp.permute_dims(A, (1, 0, 2))
+            if is_complex_dtype(v.dtype):
+                stack = self.xp.conj(stack)
+            out[...] = (stack @ v[:, :, None])[:, :, 0]
+
+    def _conj_of(self, v: Array) -> Array:
+        """Return conj(v) for complex NumPy or CuPy ``v`` ``(B, n)``, written into a buffer kept between calls.
+
+        The buffer is allocated on first use and again only when a larger ``v`` (or another dtype) comes:
+        a solve's products all have the same ``v`` shape, or fewer rows after packing.
+        """
+        B, n = v.shape
+        buf: Any = self._conj
+        if buf is None or buf.dtype != v.dtype or buf.shape[0] < B * n:
+            buf = self._conj = self._raw.empty_like(v).reshape(-1)
+        out: Any = buf[: B * n].reshape(B, n)
+        self._raw.conjugate(v, out=out)
+        return cast("Array", out)
+
+    def _as_real(self, a: Array) -> Array:
+        """Return complex vectors ``a`` ``(B, n)`` as real ``(B, 2n)`` (real and imaginary parts interleaved).
+
+        A view (no copy) for NumPy, CuPy and PyTorch when each row is contiguous; the sums of squares of
+        these rows are the squared moduli Σ|a|² of ``a``'s.  Other libraries: a copy.
+        """
+        if self.lib == "torch":
+            if TYPE_CHECKING:
+                assert isinstance(a, Tensor)
+            rows: Array = self._raw_torch().view_as_real(a).flatten(1)
+            return rows
+        if self.lib in ("numpy", "cupy"):
+            if TYPE_CHECKING:
+                assert isinstance(a, np.ndarray)
+            view: Array = a.view(a.dtype.char.lower())  # complex64 -> float32, complex128 -> float64
+            return view
+        copy: Array = self.xp.concat([self.xp.real(a), self.xp.imag(a)], axis=1)
+        return copy
 
     def vecmat(self, out: Array, w: Array, A: Array) -> None:
         """``out[b] = Σ_j w[b, j] A[j, b]`` for ``w`` ``(B, k)``, a stack ``A`` ``(k, B, n)``, ``out`` ``(B, n)``.
@@ -464,8 +552,9 @@ class Kernels:
                 out = self.xp.empty((a.shape[1], a.shape[0]), dtype=term[2].dtype, device=self.device)
             self.matvec(out, a, term[2])
             if self.mode == "numpy":
-                return np.asarray(self.numpy_view(out), dtype=self.sdtype)
-            local: Array = self.sxp.astype(self.small(out), self.sdtype)
+                o = self.numpy_view(out)
+                return np.asarray(o, dtype=self.csdtype if o.dtype.kind == "c" else self.sdtype)
+            local: Array = self.sxp.astype(self.small(out), self.small_dtype(out.dtype))
             return local
         if term[0] == "dot":
             return self._local(("matvec", term[1][None, ...], term[2]))[:, 0]
@@ -480,9 +569,12 @@ class Kernels:
 
         Each term is one of ``("matvec", A, v[, out])`` (⟨A[j, b], v[b]⟩ for a stack ``A``
         ``(k, B, n)``: shape ``(B, k)``), ``("dot", a, b)``, ``("sqnorm", a)`` or
-        ``("sqdiff", a, b)`` (‖a − b‖², without a temporary of size n): shape ``(B,)``.  The
-        local sums run in the vectors' dtype and are converted to small state in
-        :attr:`sdtype`; with a communicator (:mod:`fixedpoint.comm`) all the terms of one call
+        ``("sqdiff", a, b)`` (‖a − b‖², without a temporary of size n): shape ``(B,)``.  For
+        complex vectors ⟨a, b⟩ = Σ conj(a) b (Hermitian, conjugate-linear in the stack or first
+        argument: ⟨a, b⟩ = conj(⟨b, a⟩)), and ‖a‖² = Σ |a|² is real.  The local sums run in the
+        vectors' dtype and are converted to small state in :meth:`small_dtype` of that dtype
+        (:attr:`sdtype` for real vectors and for the norms, :attr:`csdtype` for the complex
+        products); with a communicator (:mod:`fixedpoint.comm`) all the terms of one call
         are summed over the processes in a single allreduce, so every process gets the same
         values.  The results may have overflowed in the vectors' dtype: :meth:`root` (for norms)
         and :meth:`rescued` recompute them in float64 from scaled copies where the small state
@@ -498,14 +590,45 @@ class Kernels:
         local = [self._local(t) for t in terms]
         if self.comm is None:
             return local
-        flat = [self.sxp.reshape(v, (v.shape[0], -1)) for v in local]
+        # complex sums travel as their real and imaginary parts: one real buffer, whatever the terms' dtypes
+        flat = [self._small_as_real(self.sxp.reshape(v, (v.shape[0], -1))) for v in local]
         total = self.comm.sum(self.sxp.concat(flat, axis=1))
         out: list[Array] = []
         start = 0
         for v, f in zip(local, flat):
-            out.append(self.sxp.reshape(total[:, start:start + f.shape[1]], v.shape))
+            part = total[:, start:start + f.shape[1]]
+            if is_complex_dtype(v.dtype):
+                part = self._small_as_complex(part)
+            out.append(self.sxp.reshape(part, v.shape))
             start += f.shape[1]
         return out
+
+    def _small_as_real(self, a: Array) -> Array:
+        """Return small state ``(B, c)`` as is if real, else as real ``(B, 2c)`` (real, imaginary interleaved)."""
+        if not is_complex_dtype(a.dtype):
+            return a
+        if library_name(self.sxp) == "torch":
+            if TYPE_CHECKING:
+                assert isinstance(a, Tensor)
+            rows: Array = self._raw_torch().view_as_real(a.contiguous()).flatten(1)
+            return rows
+        if TYPE_CHECKING:
+            assert isinstance(a, np.ndarray)
+        pairs: Array = a.copy().view(a.dtype.char.lower())  # NumPy, CuPy (a contiguous copy of a few numbers)
+        return pairs
+
+    def _small_as_complex(self, a: Array) -> Array:
+        """Return the inverse of :meth:`_small_as_real`: real ``(B, 2c)`` as complex ``(B, c)``."""
+        if library_name(self.sxp) == "torch":
+            if TYPE_CHECKING:
+                assert isinstance(a, Tensor)
+            torch = self._raw_torch()
+            pairs: Array = torch.view_as_complex(a.contiguous().reshape(a.shape[0], -1, 2))
+            return pairs
+        if TYPE_CHECKING:
+            assert isinstance(a, np.ndarray)
+        values: Array = a.copy().view(np.complex64 if a.dtype == np.float32 else np.complex128)
+        return values
 
     def rescued(self, term: ReductionTerm, value: Array) -> Array:
         """Return ``value`` (the result of ``term`` in :meth:`sums`), recomputed where it is not finite.
@@ -524,17 +647,25 @@ class Kernels:
         return self.comm.max(a) if self.comm is not None else a
 
     def _global_sum(self, a: np.ndarray) -> np.ndarray:
-        return self.comm.sum(a) if self.comm is not None else a
+        if self.comm is None:
+            return a
+        if np.iscomplexobj(a):  # summed as real and imaginary parts
+            total: np.ndarray = self.comm.sum(np.ascontiguousarray(a).view(np.float64)).view(np.complex128)
+            return total
+        summed: np.ndarray = self.comm.sum(a)
+        return summed
 
     def _rescue(self, term: ReductionTerm, value: np.ndarray) -> np.ndarray:
         """Recompute a term whose sums overflowed, in float64 from copies scaled by their (global) largest entries."""
         if term[0] == "sqnorm" or term[0] == "sqdiff":
             return self._safe_norms(term) ** 2
         A = term[1] if term[0] == "matvec" else term[1][None, ...]
-        stack64, v64 = self._host_float64(A), self._host_float64(term[2])
+        stack64, v64 = self._host_float64(A), self._host_float64(term[2])  # complex128 for complex vectors
         sa = self._global_max(np.max(np.abs(stack64), axis=2).T.copy())  # (B, k)
         sv = self._global_max(np.max(np.abs(v64), axis=1))
         sa, sv = np.where(sa > 0, sa, 1.0), np.where(sv > 0, sv, 1.0)
+        if np.iscomplexobj(stack64):  # the Hermitian product: conjugate-linear in the stack
+            stack64 = np.conj(stack64)
         scaled = self._global_sum(np.einsum("kbn,bn->bk", stack64 / sa.T[:, :, None], v64 / sv[:, None]))
         out: np.ndarray = scaled * sa * sv[:, None]
         return out[:, 0] if term[0] == "dot" else out
@@ -547,19 +678,26 @@ class Kernels:
         with np.errstate(all="ignore"):
             scale = self._global_max(np.max(np.abs(v), axis=1))
             safe = np.where((scale > 0) & np.isfinite(scale), scale, 1.0)
-            ss = self._global_sum(np.sum((v / safe[:, None]) ** 2, axis=1))
+            ss = self._global_sum(np.sum(np.abs(v / safe[:, None]) ** 2, axis=1))  # |.|: complex vectors
             return np.where(np.isfinite(scale), safe * np.sqrt(ss), scale)
 
     def _sqsum(self, a: Array) -> Array:
-        """Σ_n a[b, n]² per row, local, in the vectors' dtype, as small state in :attr:`sdtype` (no temporary)."""
+        """Σ_n |a[b, n]|² per row, local, in the vectors' dtype, as small state in :attr:`sdtype` (no temporary).
+
+        Complex rows are summed as their real views (:meth:`_as_real`); PyTorch's norm takes complex itself.
+        """
         if self.mode == "numpy":
             a = self.numpy_view(a)
+            if a.dtype.kind == "c":
+                a = a.view(a.dtype.char.lower())  # as _as_real: the squares of the real and imaginary parts
             if a.shape[0] == 1:
                 return np.array([np.dot(a[0], a[0])], dtype=self.sdtype)
             return np.asarray((a[:, None, :] @ a[:, :, None])[:, 0, 0], dtype=self.sdtype)
         if self.mode == "torch":
             sq: Array = self._raw.linalg.vector_norm(a, dim=1).to(self.sdtype) ** 2
             return sq
+        if is_complex_dtype(a.dtype):
+            a = self._as_real(a)
         sq = self.sxp.astype((a[:, None, :] @ a[:, :, None])[:, 0, 0], self.sdtype)
         return sq
 
@@ -567,6 +705,8 @@ class Kernels:
         """Σ_n (a − b)[r, n]² per row, local, formed block by block in a fixed scratch (CuPy: one fused kernel)."""
         B, n = a.shape
         if self.mode == "cupy":
+            if a.dtype.kind == "c":  # |a − b|² summed as the squares of the real and imaginary parts
+                a, b = self._as_real(a), self._as_real(b)
             fused: Array = self.sxp.astype(_cupy_sqdiff()(a, b, axis=1), self.sdtype)
             return fused
         if self.mode == "generic" or B * n <= _BLOCK:
@@ -624,7 +764,9 @@ class Kernels:
     def solve_spd(self, A: Array, b: Array) -> Array:
         """Solve as :meth:`solve` for symmetric positive definite ``A`` ``(B, k, k)``, ``b`` ``(B, k)``.
 
-        Each sample's solution is the same to the bit whatever B is (with the small state on the host).
+        Complex ``A`` must be Hermitian positive definite (only its lower triangle is read by the LDLᴴ
+        below, with D real).  Each sample's solution is the same to the bit whatever B is (with the small
+        state on the host).
 
         With the small state on the host and k ≤ :data:`LDL_MAX_K`: an LDLᵀ factorisation without
         pivoting (stable for positive definite systems) whose every sum runs left to right, vectorised
@@ -639,6 +781,9 @@ class Kernels:
             if TYPE_CHECKING:  # the small state of NumPy mode
                 assert isinstance(A, np.ndarray) and isinstance(b, np.ndarray)
             if B < LDL_SCALAR_BELOW:
+                if A.dtype.kind == "c":
+                    return np.array([ldl_solve_one_hermitian(a, r) for a, r in
+                                     zip(A.reshape(B, k * k).tolist(), b.tolist())], dtype=np.complex128).reshape(B, k)
                 return np.array([ldl_solve_one(a, r) for a, r in zip(A.reshape(B, k * k).tolist(), b.tolist())],
                                 dtype=np.float64).reshape(B, k)
             return ldl_solve(A, b)
@@ -698,7 +843,11 @@ def ldl_solve(A: np.ndarray, b: np.ndarray) -> np.ndarray:
     A = L D Lᵀ (L unit lower triangular, no pivoting), then L z = b, D w = z, Lᵀ y = w; every
     operation acts on the length-B column of one matrix entry, and every sum is accumulated left
     to right, so that sample i's result is the one :func:`ldl_solve_one` computes for it alone.
+    Complex128 ``A`` (Hermitian positive definite, lower triangle read): A = L D Lᴴ with D real
+    (:func:`_ldl_solve_hermitian`).
     """
+    if A.dtype.kind == "c":
+        return _ldl_solve_hermitian(A, b)
     k, B = A.shape[-1], A.shape[0]
     W = A.transpose(1, 2, 0).copy()  # (k, k, B): W[i, j] the batch of entries (i, j); becomes L below the diagonal
     d, t, tmp = np.empty((k, B)), np.empty((k, B)), np.empty((k, B))
@@ -720,6 +869,90 @@ def ldl_solve(A: np.ndarray, b: np.ndarray) -> np.ndarray:
         np.subtract(y[:q], tmp[:q], out=y[:q])
     solution: np.ndarray = y.T  # (B, k)
     return solution
+
+
+def _ldl_solve_hermitian(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """:func:`ldl_solve` for complex Hermitian positive definite ``A``: A = L D Lᴴ (D real), L z = b, D w = z, Lᴴ y = w.
+
+    The real and imaginary parts are kept in separate float64 arrays and every complex product is written out
+    in real operations (no fused multiply-add, which NumPy's complex loops may use), in the order of the source
+    of :func:`_ldl_one_source` with ``hermitian=True``: sample i's result is the one :func:`ldl_solve_one`
+    computes for it alone, to the bit.
+    """
+    k, B = A.shape[-1], A.shape[0]
+    wr, wi = A.real.transpose(1, 2, 0).copy(), A.imag.transpose(1, 2, 0).copy()  # (k, k, B): L below the diagonal
+    d, p, q = np.empty((k, B)), np.empty((k, B)), np.empty((k, B))
+    tr, ti = np.empty(B), np.empty(B)
+    for j in range(k):
+        for ell in range(j):
+            np.multiply(wr[j, ell], d[ell], out=tr)  # t = conj(L_j,ell) d_ell
+            np.multiply(wi[j, ell], d[ell], out=ti)
+            np.negative(ti, out=ti)
+            _csub_prod(wr[j:, j], wi[j:, j], wr[j:, ell], wi[j:, ell], tr, ti, p[: k - j], q[: k - j], conj=False)
+        d[j] = wr[j, j]
+        np.divide(wr[j + 1:, j], d[j], out=wr[j + 1:, j])
+        np.divide(wi[j + 1:, j], d[j], out=wi[j + 1:, j])
+    yr, yi = b.real.T.copy(), b.imag.T.copy()
+    for ell in range(k - 1):  # L z = b
+        _csub_prod(yr[ell + 1:], yi[ell + 1:], wr[ell + 1:, ell], wi[ell + 1:, ell], yr[ell], yi[ell],
+                   p[: k - 1 - ell], q[: k - 1 - ell], conj=False)
+    np.divide(yr, d, out=yr)  # D w = z
+    np.divide(yi, d, out=yi)
+    for ell in range(k - 1, 0, -1):  # Lᴴ y = w: the entries (i, ell) of Lᴴ are conj(L_ell,i)
+        _csub_prod(yr[:ell], yi[:ell], wr[ell, :ell], wi[ell, :ell], yr[ell], yi[ell], p[:ell], q[:ell], conj=True)
+    solution = np.empty((B, k), dtype=np.complex128)
+    solution.real, solution.imag = yr.T, yi.T
+    return solution
+
+
+def _csub_prod(zr: np.ndarray, zi: np.ndarray, ar: np.ndarray, ai: np.ndarray, br: np.ndarray, bi: np.ndarray,
+               p: np.ndarray, q: np.ndarray, *, conj: bool) -> None:
+    """``z -= a * b`` (``conj``: ``z -= conj(a) * b``) in place, on real and imaginary parts, ``p``, ``q`` scratch.
+
+    Real part: ``zr - (ar br - ai bi)`` (``conj``: ``+``); imaginary: ``zi - (ar bi + ai br)`` (``conj``: ``ar bi -
+    ai br``): each operation rounded once, as in the Python source of :func:`_ldl_one_source`.
+    """
+    np.multiply(ar, br, out=p)
+    np.multiply(ai, bi, out=q)
+    (np.add if conj else np.subtract)(p, q, out=p)
+    np.subtract(zr, p, out=zr)
+    np.multiply(ar, bi, out=p)
+    np.multiply(ai, br, out=q)
+    (np.subtract if conj else np.add)(p, q, out=p)
+    np.subtract(zi, p, out=zi)
+
+
+def _ldl_hermitian_source(k: int) -> str:
+    """Return the Python source of ``ldl{k}(A, b)`` for a complex Hermitian positive definite system.
+
+    :func:`_ldl_solve_hermitian` for one system: A and b lists of Python complex numbers (A row-major, its
+    lower triangle read), every complex operation written out on real and imaginary parts (``r``/``i``
+    prefixes), in the same order.
+    """
+    out = [f"def ldl{k}(A, b):"]
+    out += [f"    {part}{i}_{j} = A[{i * k + j}].{attr}" for i in range(k) for j in range(i + 1)
+            for part, attr in (("r", "real"), ("i", "imag"))]
+    for j in range(k):
+        for ell in range(j):
+            out += [f"    tr = r{j}_{ell} * d{ell}", f"    ti = -(i{j}_{ell} * d{ell})"]
+            out += [line for i in range(j, k) for line in _sub_prod_source(f"{i}_{j}", f"{i}_{ell}", "tr", "ti")]
+        out += [f"    d{j} = r{j}_{j}", f"    if d{j} == 0.0:", "        return None"]
+        out += [f"    {part}{i}_{j} = {part}{i}_{j} / d{j}" for i in range(j + 1, k) for part in "ri"]
+    out += [f"    {part}y{i} = b[{i}].{attr}" for i in range(k) for part, attr in (("r", "real"), ("i", "imag"))]
+    out += [line for ell in range(k - 1) for i in range(ell + 1, k)
+            for line in _sub_prod_source(f"y{i}", f"{i}_{ell}", f"ry{ell}", f"iy{ell}")]
+    out += [f"    {part}y{i} = {part}y{i} / d{i}" for i in range(k) for part in "ri"]
+    out += [line for ell in range(k - 1, 0, -1) for i in range(ell)
+            for line in _sub_prod_source(f"y{i}", f"{ell}_{i}", f"ry{ell}", f"iy{ell}", conj=True)]
+    out.append("    return [" + ", ".join(f"complex(ry{i}, iy{i})" for i in range(k)) + "]")
+    return "\n".join(out)
+
+
+def _sub_prod_source(z: str, a: str, br: str, bi: str, conj: bool = False) -> list[str]:
+    """Return the two lines of ``z -= a * b`` (``conj``: ``z -= conj(a) * b``) as :func:`_csub_prod` computes it."""
+    plus, minus = ("+", "-") if conj else ("-", "+")
+    return [f"    r{z} = r{z} - (r{a} * {br} {plus} i{a} * {bi})",
+            f"    i{z} = i{z} - (r{a} * {bi} {minus} i{a} * {br})"]
 
 
 def _ldl_one_source(k: int) -> str:
@@ -749,10 +982,12 @@ def _ldl_one_source(k: int) -> str:
 
 
 @functools.cache
-def _ldl_one(k: int) -> LdlOne:
+def _ldl_one(k: int, hermitian: bool = False) -> LdlOne:
     """Return the compiled ``ldl{k}`` of :func:`_ldl_one_source`."""
     scope: dict[str, Any] = {}
-    exec(compile(_ldl_one_source(k), f"<fixedpoint.kernels.ldl{k}>", "exec"), scope)  # noqa: S102
+    name = f"<fixedpoint.kernels.ldl{k}{'h' if hermitian else ''}>"
+    source = _ldl_hermitian_source(k) if hermitian else _ldl_one_source(k)
+    exec(compile(source, name, "exec"), scope)  # noqa: S102
     solve_one: LdlOne = scope[f"ldl{k}"]
     return solve_one
 
@@ -762,10 +997,21 @@ def ldl_solve_one(A: list[float], b: list[float]) -> list[float]:
 
     The same operations in the same order (Python floats are IEEE doubles, as NumPy's float64), hence the same
     bits.  Written out operation by operation for each k (compiled once): a few µs for k = 5.  Where NumPy would
-    divide by a zero pivot (giving non-finite values), every entry is NaN.
+    divide by a zero pivot (giving non-finite values), every entry is NaN.  Complex systems:
+    :func:`ldl_solve_one_hermitian`.
     """
     y = _ldl_one(len(b))(A, b)
     return [math.nan] * len(b) if y is None else y
+
+
+def ldl_solve_one_hermitian(A: list[complex], b: list[complex]) -> list[complex]:
+    """:func:`ldl_solve_one` for a complex Hermitian positive definite system (``A``, ``b`` Python complex numbers).
+
+    The LDLᴴ of :func:`ldl_solve` for complex ``A``, operation by operation on real and imaginary parts: the
+    same bits.  Every entry is NaN at a zero pivot.
+    """
+    y = _ldl_one(len(b), True)(A, b)
+    return [complex(math.nan, math.nan)] * len(b) if y is None else y
 
 
 def _numpy_solve1() -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
