@@ -11,10 +11,12 @@ from .broyden import Broyden
 from .forward import ForwardIteration
 from .iteration import IterationInfo
 from .kernels import Kernels
+from .linesearch import Backtracking
 from .method import Method, MethodState
 from .options import COMMON_OPTIONS
 from .registry import METHODS, register_method
 from .result import STATUSES, ConvergenceError, ConvergenceWarning, FixedPointResult
+from .root import root
 from .solve import anderson, broyden, forward_iteration, solve
 
 __version__ = "0.2.0"
@@ -23,6 +25,7 @@ __all__ = [
     "Anderson",
     "AndersonHistory",
     "BackendInfo",
+    "Backtracking",
     "Broyden",
     "COMMON_OPTIONS",
     "ConvergenceError",
@@ -40,5 +43,6 @@ __all__ = [
     "broyden",
     "forward_iteration",
     "register_method",
+    "root",
     "solve",
 ]
