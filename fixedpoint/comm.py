@@ -106,7 +106,9 @@ class Communicator:
             t = torch.from_dlpack(a)
         moved = self._device is not None and t.device.type == "cpu"
         work = t.to(self._device) if moved else t
-        self._dist.all_reduce(work, op=self._dist.ReduceOp.SUM if op == "sum" else self._dist.ReduceOp.MAX,
+        # complex sums as their real and imaginary parts (a view), which every backend reduces (gloo: no complex)
+        parts = torch.view_as_real(work) if work.is_complex() and op == "sum" else work
+        self._dist.all_reduce(parts, op=self._dist.ReduceOp.SUM if op == "sum" else self._dist.ReduceOp.MAX,
                               group=self._group)
         if moved:
             t.copy_(work)

@@ -13,6 +13,7 @@ Nothing here imports torch or cupy at module import time.
 
 from __future__ import annotations
 
+import cmath
 import contextlib
 import functools
 import importlib
@@ -639,7 +640,9 @@ class Kernels:
         if self.small_on_host:
             if TYPE_CHECKING:  # the small state of NumPy mode
                 assert isinstance(value, np.ndarray)
-            if not math.isfinite(float(value.sum())) and not np.isfinite(value).all():
+            total = value.sum()  # a cheap first test; complex: both parts
+            if not (math.isfinite(float(total)) if value.dtype.kind != "c" else cmath.isfinite(complex(total))) \
+                    and not np.isfinite(value).all():
                 return self._rescue(term, value)
         return value
 

@@ -56,7 +56,8 @@ class FixedPointResult:
     x : array
         The solution: for each sample the iterate with the smallest residual seen
         (the converged iterate when it converged).  Same library, device, shape as
-        ``x0``, and ``x0``'s floating dtype (see :func:`fixedpoint.backend.working_dtype`).
+        ``x0``, and ``x0``'s floating dtype, complex for complex ``x0`` (see
+        :func:`fixedpoint.backend.working_dtype`).
     converged : bool or ndarray of bool, shape (B,)
         Whether the residual of ``x`` is at most ``tol``.
     status : str
@@ -78,7 +79,7 @@ class FixedPointResult:
         mode), fewer with ``compact``, which evaluates only the samples still iterating.
     residual : float or ndarray of float64, shape (B,)
         Residual of ``x`` in the solve's ``stop_mode`` (dimensionless for "rel",
-        units of x for "abs").
+        units of x for "abs"); real for complex ``x0`` too (a Euclidean norm).
     residual_history : ndarray of float64, shape (n_fev,) or (n_fev, B)
         Residual of every iterate, on the host; NaN after a sample stopped.
     n_restarts : int or ndarray of int, shape (B,)

@@ -39,7 +39,12 @@ def solve(g: Callable[..., Any], x0: Any, method: str | Method = "anderson", *,
         x0's own library (:func:`fixedpoint.backend.working_dtype`), whatever
         ``backend`` says.  Half-precision x0 (float16, bfloat16) is iterated in
         float32 with every iterate rounded to x0's dtype, so g always sees and the
-        result has that dtype (:func:`fixedpoint.backend.buffer_dtype`).  A torch
+        result has that dtype (:func:`fixedpoint.backend.buffer_dtype`).  Complex
+        x0 (complex64, complex128; not torch's complex32) is iterated in its own
+        dtype by the methods that declare ``supports_complex`` (forward iteration
+        today): g must return that complex dtype, inner products are Hermitian
+        (⟨a, b⟩ = Σ conj(a) b) and the residual norms, ``tol``, ``residual`` and
+        ``residual_history`` are real; other methods raise ``TypeError``.  A torch
         x0 that requires grad is detached: the solve is not differentiated through
         (for gradients of a fixed point use :class:`fixedpoint.torch.DEQ`).
     method : str or Method, default "anderson"
