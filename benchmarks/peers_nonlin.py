@@ -229,6 +229,31 @@ def nonlin_targets(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+#: The alternatives measured for the choice of root's defaults (docs/root.md): method and line search.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "anderson (defaults)": {},
+    "anderson + armijo": {"line_search": "armijo"},
+    "anderson m=5": {"m": 5, "lam": 1e-5, "beta": 1.0},
+    "broyden": {"method": "broyden"},
+    "broyden + armijo": {"method": "broyden", "line_search": "armijo"},
+}
+
+
+def variant_counts() -> dict[str, dict[str, str]]:
+    """Evaluations of ``fixedpoint.root`` per problem for each of :data:`VARIANTS` ("n" converged, "-" not)."""
+    out: dict[str, dict[str, str]] = {}
+    for label, options in VARIANTS.items():
+        out[label] = {}
+        for p in problems():
+            if np.iscomplexobj(p.x0):
+                continue
+            F = _Counted(p.F)
+            res = fixedpoint.root(F, p.x0, tol=p.tol, **options)
+            ok = bool(res.converged) and float(np.linalg.norm(p.F(np.asarray(res.x)))) <= p.tol
+            out[label][p.name] = str(F.calls) if ok else f"- ({F.calls})"
+    return out
+
+
 def _table(targets: dict[str, dict[str, Any]]) -> str:
     lines = ["| problem | fixedpoint.root | evaluations | best SciPy (evaluations) | ratio | target |",
              "|---|---|---|---|---|---|"]
@@ -251,15 +276,20 @@ def main(argv: list[str] | None = None) -> int:
     with threadpool_limits(1):
         rows = nonlin_rows(repeats=args.repeats, quick=args.quick)
     targets = nonlin_targets(rows)
+    variants = variant_counts()
     for r in rows:
         print(f"{r['problem']:18s} {r['solver']:10s} {r['method']:14s} conv={r['converged']!s:5s} "
               f"n_fev={r['n_fev']:5d} median={1e3 * r['time_s']['median']:8.3f} ms residual={r['residual']:.2e}")
     print(_table(targets))
     met = sum(t["target"] for t in targets.values())
     print(f"targets met: {met}/{len(targets)}")
+    names = list(next(iter(variants.values())))
+    print("| root variant | " + " | ".join(names) + " |")
+    for label, counts in variants.items():
+        print(f"| {label} | " + " | ".join(counts[n] for n in names) + " |")
     if args.out:
         data = dict(command=timing.run_command("benchmarks.peers_nonlin", argv), machine=timing.machine_info(()),
-                    rows=rows, targets=targets, table=_table(targets))
+                    rows=rows, targets=targets, table=_table(targets), variants=variants)
         print(f"wrote {timing.write_json(args.out, data)}")
     return 0
 
