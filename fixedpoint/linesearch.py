@@ -29,7 +29,7 @@ one vector difference), and one evaluation of g per backtrack where they do not.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -158,7 +158,7 @@ class _BacktrackingState(MethodState):
 
     def _all(self, mask: Array) -> bool:
         """Whether every entry of ``mask`` is true, known without synchronising (False on a device)."""
-        return self.kern.small_on_host and bool(np.all(self.kern.numpy_view(mask)))
+        return self.kern.small_on_host and bool(np.all(cast(np.ndarray, mask)))  # host small state: NumPy
 
     def step(self, x: Array, gx: Array, f: Array | None, active: Array, out: Array) -> Array | None:
         """Write the inner method's proposal (accepted samples) or the backtracked point x_b + t'p into ``out``."""
@@ -210,10 +210,13 @@ class _BacktrackingState(MethodState):
         if not self.inner.pack(keep):
             return False
         k = len(keep)
-        for name in ("base", "p", "trial", "own_f", "fbase", "t", "back", "slack", "j"):
+        for name in ("base", "p", "trial", "own_f"):  # vectors: moved in place, nothing of size n allocated
             a = getattr(self, name)
             if a is not None:
                 self.kern.pack_rows(a, keep)
                 setattr(self, name, a[:k, ...])
+        rows, sxp = self.kern.small_index(keep), self.kern.sxp
+        for name in ("fbase", "t", "back", "slack", "j"):  # small state: gathered
+            setattr(self, name, sxp.take(getattr(self, name), rows, axis=0))
         self.B = k
         return True

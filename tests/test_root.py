@@ -100,6 +100,12 @@ def test_torch_tensors():
     res = fixedpoint.root(lambda x: A @ x - b, torch.tensor(p.x0), tol=1e-12)
     assert isinstance(res.x, torch.Tensor) and res.x.dtype == torch.float64
     np.testing.assert_allclose(res.x.numpy(), np.linalg.solve(peers_nonlin._A3, [1.0, 2.0, 3.0]), atol=1e-11)
+    # a batch whose samples finish at different iterations: the line search's state is packed with the method's
+    X0 = torch.tensor(np.random.default_rng(1).standard_normal((4, 3)) * [[0.1], [2.0], [0.5], [1.0]])
+    res = fixedpoint.root(lambda X: torch.from_numpy(_batch_F(X.numpy())), X0, batch=True, tol=1e-10,
+                          line_search="armijo")
+    assert res.converged.all() and len(set(res.n_iter.tolist())) > 1
+    assert float(torch.abs(torch.from_numpy(_batch_F(res.x.numpy()))).max()) < 1e-9
 
 
 def test_a_list_x0_relative_stopping_and_the_callback_sees_x():
@@ -139,7 +145,7 @@ def test_bad_F_and_x0_and_line_search_options():
     with pytest.raises(TypeError, match="x0"):
         fixedpoint.root(np.sin, "abc")
     with pytest.raises(ValueError, match="F\\(x0\\)"):
-        fixedpoint.root(lambda x: x / 0.0, np.ones(2))
+        fixedpoint.root(lambda x: np.full_like(x, np.inf), np.ones(2))
     with pytest.raises(TypeError, match="inner"):
         Backtracking(inner="anderson")
     with pytest.raises(ValueError, match="sigma"):
