@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,10 @@ LINE_SEARCHES = ("armijo", None)
 #: The options in which :func:`root` differs from the method's own defaults, per method name (measured on SciPy's
 #: test problems, docs/root.md): a window as long as the problems of SciPy's tests (n <= 20), so that the 20x20 linear
 #: system is solved in about n + 5 evaluations as by GMRES; a damped first step (beta); Broyden with a long memory.
-ROOT_DEFAULTS: dict[str, dict[str, Any]] = {"anderson": {"m": 25, "lam": 1e-12, "beta": 0.7}, "broyden": {"m": 50}}
+ROOT_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
+    "anderson": MappingProxyType({"m": 25, "lam": 1e-12, "beta": 0.7}),
+    "broyden": MappingProxyType({"m": 50}),
+})
 
 #: SciPy's default step factor: alpha = 0.5·max(‖x0‖, 1)/‖F(x0)‖ (scipy.optimize.broyden1, parameter alpha).
 ALPHA_FACTOR = 0.5
