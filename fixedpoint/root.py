@@ -42,7 +42,7 @@ def root(F: Callable[..., Any], x0: Any, method: str | Method = "anderson", *,  
          batch: bool = DEFAULTS["batch"], check_every: int | None = DEFAULTS["check_every"],
          callback: Callable[..., Any] | None = DEFAULTS["callback"], backend: Any = DEFAULTS["backend"],
          **method_options: Any) -> FixedPointResult:
-    """Find x with F(x) = 0 by limited-memory Broyden (default) or Anderson, with a backtracking line search on ‖F‖.
+    """Find x with F(x) = 0 by Anderson acceleration (default) or Broyden, optionally with a line search on ‖F‖.
 
     The solve runs the driver loop of :func:`fixedpoint.solve` on the fixed-point map
     g(y) = y + F(s y)/c in the scaled variable y = x/s, whose residual g(y) − y is F/c: with
@@ -57,14 +57,16 @@ def root(F: Callable[..., Any], x0: Any, method: str | Method = "anderson", *,  
         sample's rows of F depend on that sample's rows of x only.
     x0 : array or sequence of numbers
         Initial guess: a NumPy, CuPy or PyTorch array (or a list, taken as a NumPy array).
-    method : str or Method, default "broyden"
-        ``"broyden"``, ``"anderson"``, ``"forward"`` (with their options as further keyword arguments) or a
-        method object.  Given by name, Broyden takes ``m=50`` and Anderson ``m=10`` unless told otherwise
-        (:data:`ROOT_DEFAULTS`; docs/root.md says why).
-    line_search : {"armijo", None}, default "armijo"
-        "armijo": :class:`fixedpoint.linesearch.Backtracking` around the method, a derivative-free Armijo
-        search on ‖F‖ (Kelley 1995, ch. 8); it costs nothing while the method's steps decrease ‖F‖ and
-        one evaluation per backtrack otherwise.  None: the method's steps as they are.
+    method : str or Method, default "anderson"
+        ``"anderson"``, ``"broyden"``, ``"forward"`` (with their options as further keyword arguments) or a
+        method object.  Given by name, Anderson takes ``m=25, lam=1e-12, beta=0.7`` and Broyden ``m=50``
+        unless told otherwise (:data:`ROOT_DEFAULTS`; docs/root.md gives the measurements behind them).
+    line_search : {None, "armijo"}, default None
+        "armijo": :class:`fixedpoint.Backtracking` around the method, a derivative-free Armijo search on
+        ‖F‖ (Kelley 1995, ch. 8); it costs nothing while the method's steps decrease ‖F‖ and one
+        evaluation per backtrack otherwise.  It rescues problems on which full steps overshoot (a flat
+        F), and it slows or stalls secant methods on problems whose residual must rise before it falls
+        (SciPy's 20×20 linear test system): hence not the default.  None: the method's steps as they are.
     alpha : float, optional
         Step of the first iteration, x1 = x0 + alpha·F(x0) (> 0).  Default, per sample, SciPy's
         0.5·max(‖x0‖₂, 1)/‖F(x0)‖₂ (1 where F(x0) = 0), which makes badly scaled problems work.
