@@ -288,3 +288,19 @@ def test_forward_iteration_on_cupy_complex():
     np.testing.assert_allclose(cupy.asnumpy(mv), np.einsum("kbn,bn->bk", S.conj(), v), rtol=1e-12)
     np.testing.assert_allclose(cupy.asnumpy(sq), np.linalg.norm(v, axis=1) ** 2, rtol=1e-12)
     np.testing.assert_allclose(cupy.asnumpy(sd), np.linalg.norm(S[0] - v, axis=1) ** 2, rtol=1e-12)
+
+
+def test_the_standards_kernels_and_loop_take_complex():
+    xs = pytest.importorskip("array_api_strict")
+    rng = np.random.default_rng(6)
+    S, v = _cnormal(rng, 3, 2, 4), _cnormal(rng, 2, 4)
+    mv, sq, sd = Kernels(xs).sums(("matvec", xs.asarray(S), xs.asarray(v)), ("sqnorm", xs.asarray(v)),
+                                  ("sqdiff", xs.asarray(S[0]), xs.asarray(v)))
+    assert mv.dtype == xs.complex128 and sq.dtype == sd.dtype == xs.float64
+    np.testing.assert_allclose(np.asarray(mv), np.einsum("kbn,bn->bk", S.conj(), v), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(sd), np.linalg.norm(S[0] - v, axis=1) ** 2, rtol=1e-12)
+    A, b, exact = _contraction(5, seed=5)
+    res = fixedpoint.solve(lambda x: A @ x + b, np.zeros(5, complex), method="forward", tol=1e-11,
+                           backend="array_api_strict")
+    assert res.x.dtype == np.complex128
+    np.testing.assert_allclose(res.x, exact, atol=1e-9)
