@@ -26,9 +26,10 @@ LINE_SEARCHES = ("armijo", None)
 
 #: The options in which :func:`root` differs from the method's own defaults, per method name (measured on SciPy's
 #: test problems, docs/root.md): a window as long as the problems of SciPy's tests (n <= 20), so that the 20x20 linear
-#: system is solved in about n + 5 evaluations as by GMRES; a damped first step (beta); Broyden with a long memory.
+#: system is solved in about n + 5 evaluations as by GMRES; a damped first step (beta); extrapolation from the second
+#: evaluation on (delay=0: a linear F is solved in 3); Broyden with a long memory.
 ROOT_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
-    "anderson": MappingProxyType({"m": 25, "lam": 1e-12, "beta": 0.7}),
+    "anderson": MappingProxyType({"m": 25, "lam": 1e-12, "beta": 0.7, "delay": 0}),
     "broyden": MappingProxyType({"m": 50}),
 })
 
@@ -59,7 +60,7 @@ def root(F: Callable[..., Any], x0: Any, method: str | Method = "anderson", *,  
         Initial guess: a NumPy, CuPy or PyTorch array (or a list, taken as a NumPy array).
     method : str or Method, default "anderson"
         ``"anderson"``, ``"broyden"``, ``"forward"`` (with their options as further keyword arguments) or a
-        method object.  Given by name, Anderson takes ``m=25, lam=1e-12, beta=0.7`` and Broyden ``m=50``
+        method object.  Given by name, Anderson takes ``m=25, lam=1e-12, beta=0.7, delay=0`` and Broyden ``m=50``
         unless told otherwise (:data:`ROOT_DEFAULTS`; docs/root.md gives the measurements behind them).
     line_search : {None, "armijo"}, default None
         "armijo": :class:`fixedpoint.Backtracking` around the method, a derivative-free Armijo search on
