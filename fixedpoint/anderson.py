@@ -38,10 +38,13 @@ from .kernels import LDL_MAX_K, SHORT_ROWS, Kernels, ReductionTerm, ldl_solve_on
 from .method import Method, MethodState, ObservedNorms
 from .registry import register_method
 
-__all__ = ["Anderson", "AndersonHistory", "LAM_MODES"]
+__all__ = ["Anderson", "AndersonHistory", "LAM_MODES", "SOLVE_DELAY"]
 
 #: How the regularisation λ is measured (see :class:`Anderson`).
 LAM_MODES = ("relative", "relative_max", "absolute")
+
+#: The plain steps that ``Anderson(delay=None)`` (the default) takes first (see :class:`Anderson`).
+SOLVE_DELAY = 2
 
 # The one-sample restart flags _weights_one returns, indexed by whether the sample restarted (read-only).
 _RESTARTED = (np.zeros(1, dtype=bool), np.ones(1, dtype=bool))
@@ -79,10 +82,27 @@ class Anderson(Method):
         optimizer wrapper); "absolute": exactly λ is added to the diagonal, as in
         arXiv 2410.19460 (it dominates H once ‖f‖² < λ and stalls high-accuracy
         solves).
-    delay : int, default 0
+    delay : int or None, default None
         Number of first iterations that take plain mixing steps
         x_{k+1} = x_k + β f_k before extrapolating (the history is still
         recorded).  The first step is always plain, so ``delay=1`` is the same as 0.
+        None (the default) is :data:`SOLVE_DELAY` = 2, kept apart from an explicit 2 so that a
+        driver with its own notion of delay (the optimizer wrapper
+        :class:`fixedpoint.torch.AndersonAcceleration`) can tell "not set" from a request.
+        With 2 the first extrapolation combines three iterates (two secant pairs) instead of
+        two: the one-difference step from x_0, x_1 is replaced by a plain step.  When it acts:
+        at the second step of every solve (not after a restart).  What it costs: no work, and in
+        evaluations at most that one plain step where the one-difference step would have
+        helped (H-equation c = 0.5: 7 instead of 6; none on the other problems of
+        benchmarks/compare_peers.py and benchmarks/bench_solvers.py).  What it buys: on
+        Chandrasekhar's H-equation near c = 1 the extrapolations from one and two differences
+        overshoot past the turning point between the two roots and the solve ends on the
+        non-physical one (``delay=0``: 6 of the 16 cases c >= 0.9 of
+        benchmarks/h_equation_study.py and 21 of its 72-case grid; the default: none).
+        ``delay=0`` switches it off (fixedpoint's behaviour before issue 22).  Why: the
+        higher-order terms of Anderson's error bound grow with the distance between the
+        combined iterates (Evans, Pollock, Rebholz & Xiao 2020), largest at the first steps;
+        docs/algorithm.md.
     restart_growth : float, default 1e4
         Restart the history of a sample whose residual norm ‖f_k‖₂ (whatever
         ``stop_mode``) exceeds this factor times its smallest ‖f_j‖₂ since the
@@ -105,7 +125,8 @@ class Anderson(Method):
     References
     ----------
     D. G. Anderson, J. ACM 12 (1965).  H. F. Walker & P. Ni, SIAM J. Numer. Anal.
-    49 (2011).  M. Al Dajani & D. Keyes, arXiv 2410.19460 (2024).
+    49 (2011).  M. Al Dajani & D. Keyes, arXiv 2410.19460 (2024).  C. Evans, S. Pollock,
+    L. G. Rebholz & M. Xiao, SIAM J. Numer. Anal. 58 (2020), 788–810 (``delay``).
 
     Examples
     --------
@@ -121,7 +142,7 @@ class Anderson(Method):
     beta: float = 1.0
     lam: float = 1e-5
     lam_mode: str = "relative"
-    delay: int = 0
+    delay: int | None = None
     restart_growth: float = 1e4
     restart_weight: float = 1e6
 
@@ -132,7 +153,7 @@ class Anderson(Method):
             beta=check_real("beta", self.beta, 0.0, 1.0, low_open=True),
             lam=check_real("lam", self.lam, 0.0, None),
             lam_mode=check_choice("lam_mode", self.lam_mode, LAM_MODES),
-            delay=check_int("delay", self.delay, 0),
+            delay=None if self.delay is None else check_int("delay", self.delay, 0),
             restart_growth=check_real("restart_growth", self.restart_growth, 1.0, None, low_open=True,
                                       allow_inf=True),
             restart_weight=check_real("restart_weight", self.restart_weight, 1.0, None, low_open=True,
@@ -179,6 +200,7 @@ class AndersonHistory(MethodState):
         self.kern, self.n, self.dtype, self.method = kern, n, dtype, method
         self.m = m = method.m
         self.beta, self.lam, self.lam_mode = method.beta, method.lam, method.lam_mode
+        self.delay = SOLVE_DELAY if method.delay is None else method.delay  # plain steps first
         self.lam_factor = 1.0 + method.lam  # "relative": each diagonal entry times 1 + λ
         xp, dev, sxp, sdev, sdt = kern.xp, kern.device, kern.sxp, kern.sdevice, kern.sdtype
         # Buffers for B samples; after pack() the state works on views of their first rows.  The small state
@@ -325,7 +347,8 @@ class AndersonHistory(MethodState):
         (history cleared to the newest pair, plain step α = e_k) when a weight is
         non-finite or exceeds ``restart_weight`` in magnitude, or when ‖f_k‖ exceeds
         ``restart_growth`` times its smallest residual norm since the last restart.
-        During the first ``delay`` iterations the weights are those of a plain step
+        During the first ``delay`` iterations (:class:`Anderson`; None: :data:`SOLVE_DELAY`) the weights
+        are those of a plain step
         (the safeguards still run).  Part of :meth:`extrapolate`; updates the restart
         bookkeeping, so call it once per pushed pair.
 
@@ -349,7 +372,7 @@ class AndersonHistory(MethodState):
         restart = active & ~ok  # NaN weights fail the comparison, hence restart
         self.valid = xp.where(restart[:, None], self.onehot_b[s], self.valid)
         self.ref_r = xp.where(restart, self.r, xp.minimum(self.ref_r, self.r))
-        weights: Array = (xp.broadcast_to(self.onehot[s], alpha.shape) if self.k <= method.delay
+        weights: Array = (xp.broadcast_to(self.onehot[s], alpha.shape) if self.k <= self.delay
                           else xp.where(restart[:, None], self.onehot[s], alpha))
         return weights, restart
 
@@ -415,7 +438,7 @@ class AndersonHistory(MethodState):
             self.valid[0] = self.onehot_b[s]
         self.ref_r[0] = r if restart else (math.nan if r != r or ref != ref else min(ref, r))
         alpha = self._alpha_one
-        if restart or self.k <= method.delay:
+        if restart or self.k <= self.delay:
             alpha[0] = self.onehot[s]
         else:
             alpha[0] = ys

@@ -70,11 +70,13 @@ def chandrasekhar(n: int = 100, c: float = 0.9, *, rule: str = "gauss-legendre",
     1 + √(1 − c) (exactly, for the discrete solutions of either rule: summing the
     equation gives (c/4) a² − a + 1 = 0 for a = Σ w_i H_i).  Near c = 1 the two are
     close and an extrapolating solver can land on the non-physical one: from H = 1 at
-    tol 1e-10, the default Anderson (m = 5, β = 1) reaches the non-physical root in
-    6 of the 8 cases c ∈ {0.999, 0.9999}, n ∈ {100, 1000}, both rules (midpoint
-    c = 0.9999; Gauss–Legendre c = 0.999 and 0.9999; at n = 100, c = 0.9999
-    Gauss–Legendre, H(1) = 2.959 instead of 2.858); ``delay=3``, β = 0.5, Broyden
-    and forward iteration find the physical root.  ``params["root"](h)``
+    tol 1e-10, Anderson extrapolating from the second iterate on (``delay=0``, the
+    default before issue 22; m = 5, β = 1) reaches the non-physical root in 6 of the
+    8 cases c ∈ {0.999, 0.9999}, n ∈ {100, 1000}, both rules (midpoint c = 0.9999;
+    Gauss–Legendre c = 0.999 and 0.9999; at n = 100, c = 0.9999 Gauss–Legendre,
+    H(1) = 2.959 instead of 2.858).  The default Anderson (two plain steps first,
+    :class:`fixedpoint.Anderson`'s ``delay``), ``delay=3``, β = 0.5, Broyden and
+    forward iteration find the physical root (benchmarks/h_equation_study.py).  ``params["root"](h)``
     says which one a solution is (:func:`h_equation_root`).
 
     Returns
