@@ -81,29 +81,33 @@ def test_a_method_without_complex_support_refuses_complex_x0():
 def _kernels_case(lib, B, n, dtype, seed=1):
     rng = np.random.default_rng(seed)
     A, v = _cnormal(rng, 4, B, n, dtype=dtype), _cnormal(rng, B, n, dtype=dtype)
-    if lib == "torch":
+    if lib.startswith("torch"):
         import torch
 
-        return Kernels(resolve_namespace("torch")), torch.from_numpy(A), torch.from_numpy(v), A, v
+        with emulate_accelerator() if lib == "torch-emulated" else contextlib.nullcontext():
+            kern = Kernels(resolve_namespace("torch"))  # emulated: PyTorch's own kernels, small state in torch
+        return kern, torch.from_numpy(A), torch.from_numpy(v), A, v
     return Kernels(np), A, v, A, v
 
 
-@pytest.mark.parametrize("lib", ["numpy", pytest.param("torch", marks=needs_torch)])
+@pytest.mark.parametrize("lib", ["numpy", pytest.param("torch", marks=needs_torch),
+                                 pytest.param("torch-emulated", marks=needs_torch)])
 @pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
 @pytest.mark.parametrize("B, n", [(1, 7), (3, 7), (1, SHORT_ROWS + 5), (3, SHORT_ROWS + 5)])
 def test_products_are_hermitian_and_norms_real(lib, dtype, B, n):
     kern, A, v, An, vn = _kernels_case(lib, B, n, dtype)
     mv, d, dr, sq, sd = kern.sums(("matvec", A, v), ("dot", A[0], v), ("dot", v, A[0]), ("sqnorm", v),
                                   ("sqdiff", A[1], v))
+    assert mv.dtype == kern.small_dtype(v.dtype) == kern.csdtype and sq.dtype == sd.dtype == kern.sdtype
+    mv, d, dr, sq, sd = (to_numpy(a) for a in (mv, d, dr, sq, sd))
     An, vn = An.astype(np.complex128), vn.astype(np.complex128)
     tol = 1e-12 if dtype == np.complex128 else 2e-5
-    assert mv.dtype == kern.small_dtype(v.dtype) == np.complex128 and sq.dtype == sd.dtype == kern.sdtype
     np.testing.assert_allclose(mv, np.einsum("kbn,bn->bk", An.conj(), vn), rtol=tol)
     np.testing.assert_allclose(d, [np.vdot(An[0, b], vn[b]) for b in range(B)], rtol=tol)
     np.testing.assert_allclose(dr, np.conj(d), rtol=tol)  # <a, b> = conj(<b, a>)
     np.testing.assert_allclose(sq, np.linalg.norm(vn, axis=1) ** 2, rtol=tol)
     np.testing.assert_allclose(sd, np.linalg.norm(An[1] - vn, axis=1) ** 2, rtol=tol)
-    np.testing.assert_allclose(kern.norms(v), np.linalg.norm(vn, axis=1), rtol=tol)
+    np.testing.assert_allclose(to_numpy(kern.norms(v)), np.linalg.norm(vn, axis=1), rtol=tol)
 
 
 @pytest.mark.parametrize("n", [7, SHORT_ROWS + 5])
