@@ -28,12 +28,19 @@ Three problems (``--problems``; synthetic and deq by default):
    randomly initialised cell is strongly contractive; at the demo's 1e-2 a sample
    takes about 11 iterations, too few for Broyden's pairs to fill), cap 1000.  Samples stop at different
    iterations, so the rows (and the pairs in use) shrink as the solve goes on.
-3. **hard** (iterations, not time) — the hard DEQ-like map of the Broyden robustness
+3. **small** (issue 22, item 4) — the library's fixed cost per iteration: g(x) = tanh(A x) + b, n = 5, A a
+   Gaussian matrix (seed 0) scaled to ‖A‖₂ = 0.95, b ~ N(0, 1), float64, one vector, x0 = 0, absolute
+   tolerance 1e-12 on ‖g(x) − x‖₂: ``fixedpoint.solve(..., method="broyden")`` with its defaults against
+   ``scipy.optimize.broyden1`` given F(x) = g(x) − x with ``f_tol`` = 1e-12, ``tol_norm`` the 2-norm and its
+   defaults otherwise (``line_search="armijo"``).  Each timed run makes ``--small-inner`` solves; the two
+   alternate over ``--repeats`` × 3 runs (interleaved), and the medians give µs per evaluation of g and per
+   solve.
+4. **hard** (iterations, not time) — the hard DEQ-like map of the Broyden robustness
    question: B = 10 samples of n = ``--hard-n``, g_i(z) = tanh(W z + u_i), W symmetric
    (a Gaussian matrix's symmetric part) scaled to ‖W‖₂ = 0.99, u_i ~ 0.01 N(0, 1) (so
    that tanh is nearly linear and the slow modes of W dominate), float32, relative
-   tolerance 1e-6, cap 300: Anderson, and Broyden with m = 20 and with memory for
-   every iteration (m = 300), each with ``restart_growth`` 10 (the default) and 1e3;
+   tolerance 1e-6, cap 300: Anderson, and Broyden with its defaults (m = 20, ``restart_growth`` = 1e3),
+   with ``restart_growth`` 10, with m = 10 and with memory for every iteration (m = 300);
    then a plain NumPy study of the limited memory (one sample at a time, float32
    vectors): the library's scheme (H = −βI + Σ u_i v_iᵀ, the oldest rank-one term
    dropped) against the consistent one (the last m secant pairs applied to −βI, the
@@ -45,6 +52,7 @@ Run from the repository root::
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \\
         python -m benchmarks.bench_broyden --out benchmarks/results/broyden_after.json
     python -m benchmarks.bench_broyden --problems hard --out benchmarks/results/broyden_hard.json
+    python -m benchmarks.bench_broyden --problems small --out benchmarks/results/broyden_small.json
 """
 
 from __future__ import annotations
@@ -222,14 +230,72 @@ def plain_broyden(g, x0, m: int, consistent: bool, growth: float, tol=1e-6, max_
     return max_iter, restarts, False
 
 
+def small_map():
+    """g(x) = tanh(A x) + b, n = 5, ‖A‖₂ = 0.95 (A Gaussian, seed 0), b ~ N(0, 1), float64, and x0 = 0."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5, 5))
+    a *= 0.95 / np.linalg.norm(a, 2)
+    b = rng.standard_normal(5)
+    at = np.ascontiguousarray(a.T)
+
+    def g(x):
+        return np.tanh(x @ at) + b
+
+    return g, np.zeros(5)
+
+
+def small(repeats: int, inner: int) -> dict:
+    """Item 4: µs per evaluation and per solve, ours (defaults) against scipy.optimize.broyden1 (interleaved)."""
+    import time
+
+    from scipy import optimize
+
+    g, x0 = small_map()
+    calls = [0]
+
+    def counted(x):
+        calls[0] += 1
+        return g(x)
+
+    def ours():
+        return fixedpoint.solve(counted, x0, method="broyden", tol=1e-12, stop_mode="abs", max_iter=100)
+
+    def scipy_broyden1():
+        return optimize.broyden1(lambda x: counted(x) - x, x0, f_tol=1e-12, tol_norm=lambda v: float(np.linalg.norm(v)),
+                                 maxiter=100)
+
+    runs = {"fixedpoint broyden": ours, "scipy.optimize.broyden1": scipy_broyden1}
+    times: dict = {k: [] for k in runs}
+    evals: dict = {}
+    for fn in runs.values():  # warm-up
+        fn()
+    for _ in range(3 * repeats):
+        for name, fn in runs.items():
+            calls[0] = 0
+            t = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - t) / inner)
+            evals[name] = calls[0] // inner
+    out: dict = {}
+    for name in runs:
+        med = statistics.median(times[name])
+        out[name] = dict(n_fev=evals[name], us_per_solve=1e6 * med, us_per_eval=1e6 * med / evals[name],
+                         q1_q3_us_per_solve=[1e6 * q for q in statistics.quantiles(times[name], n=4)[::2]])
+    ours_r, sp_r = out["fixedpoint broyden"], out["scipy.optimize.broyden1"]
+    out["ratio_per_eval"] = ours_r["us_per_eval"] / sp_r["us_per_eval"]
+    out["ratio_per_solve"] = ours_r["us_per_solve"] / sp_r["us_per_solve"]
+    return out
+
+
 def hard(n: int, seed: int) -> dict:
     """Item 3: iterations of the library's methods and of the plain limited-memory variants on the hard map."""
     g, x0 = hard_map(n, 10, seed)
     out: dict = {}
-    for name, method in (("anderson", fixedpoint.Anderson()), ("broyden", fixedpoint.Broyden()),
-                         ("broyden restart_growth=1e3", fixedpoint.Broyden(restart_growth=1e3)),
-                         ("broyden m=300", fixedpoint.Broyden(m=300)),
-                         ("broyden m=300 restart_growth=1e3", fixedpoint.Broyden(m=300, restart_growth=1e3))):
+    for name, method in (("anderson", fixedpoint.Anderson()), ("broyden (defaults)", fixedpoint.Broyden()),
+                         ("broyden restart_growth=10", fixedpoint.Broyden(restart_growth=10.0)),
+                         ("broyden m=10", fixedpoint.Broyden(m=10)),
+                         ("broyden m=300", fixedpoint.Broyden(m=300))):
         res = fixedpoint.solve(g, x0, method=method, batch=True, tol=1e-6, max_iter=300)
         out[name] = dict(converged=int(np.sum(res.converged)), iterations_mean=float(np.mean(res.n_iter)),
                          iterations_max=int(np.max(res.n_iter)), restarts=int(np.sum(res.n_restarts)))
@@ -271,8 +337,10 @@ def main(argv=None) -> int:
                    "(default 1e-4)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--hard-n", type=timing.positive_int, default=400, help="hard: entries per sample (default 400)")
-    p.add_argument("--problems", nargs="+", choices=("synthetic", "deq", "hard"), default=["synthetic", "deq"],
-                   help="default: synthetic deq (hard counts iterations only)")
+    p.add_argument("--problems", nargs="+", choices=("synthetic", "deq", "small", "hard"),
+                   default=["synthetic", "deq"], help="default: synthetic deq (hard counts iterations only)")
+    p.add_argument("--small-inner", type=timing.positive_int, default=50, help="small: solves per timed run "
+                   "(default 50)")
     p.add_argument("--repeats", type=timing.positive_int, default=5, help="timed runs (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -284,7 +352,7 @@ def main(argv=None) -> int:
     if libs:
         timing.set_threads("torch", args.threads)
     results: dict = dict(settings=dict(vars(args), out=str(args.out), rho=RHO, dtype="float32", backend="numpy"),
-                         machine=timing.machine_info(libs), synthetic={}, deq={}, hard={})
+                         machine=timing.machine_info(libs), synthetic={}, deq={}, small={}, hard={})
     env = results["machine"]["thread_env"]
     print(f"threads: {env}" + (f", torch {results['machine'].get('torch_threads')}" if libs else ""))
     if "synthetic" in args.problems:
@@ -301,6 +369,14 @@ def main(argv=None) -> int:
         for method in args.methods:
             results["deq"][method] = deq(method, f, x, args.deq_tol, args.repeats, args.warmup)
         table(results["deq"])
+    if "small" in args.problems:
+        print("small: g(x) = tanh(A x) + b, n = 5, ||A||_2 = 0.95, float64, tol 1e-12 (absolute 2-norm); "
+              f"medians of {3 * args.repeats} interleaved runs of {args.small_inner} solves")
+        results["small"] = s = small(args.repeats, args.small_inner)
+        timing.print_table([dict(r, method=k) for k, r in s.items() if isinstance(r, dict)],
+                           [("method", "solver", "{}"), ("n_fev", "evaluations", "{:d}"),
+                            ("us_per_eval", "µs/evaluation", "{:.1f}"), ("us_per_solve", "µs/solve", "{:.0f}")])
+        print(f"ours/SciPy: {s['ratio_per_eval']:.2f} per evaluation, {s['ratio_per_solve']:.2f} per solve")
     if "hard" in args.problems:
         print(f"hard: B = 10, n = {args.hard_n}, g(z) = tanh(W z + u), ||W|| = 0.99, u ~ 0.01 N(0, 1), float32, "
               "tol 1e-6 (rel), cap 300")
