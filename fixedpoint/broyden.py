@@ -213,16 +213,19 @@ class _BroydenState(MethodState):
         self.x_prev, self.fk = self.P[0, ...], self.P[1, ...]
         self.f = self.fk
         self.f_prev = self._f_prev[:B, ...]
-        #: One sample on the host: the NumPy calls of :meth:`_observe_one` and :meth:`_step_one` on views.
+        #: One sample on the host: the NumPy calls of :meth:`_observe_host` and :meth:`_step_one` on views.
         self.one = B == 1 and kern.mode == "numpy" and kern.comm is None
-        if self.one:
+        #: NumPy vector work on long rows without a communicator: the products of :meth:`_observe_host`.
+        self.host_long = kern.mode == "numpy" and kern.comm is None and self.n > SHORT_ROWS
+        if self.one or self.host_long:
             view = kern.numpy_view
-            self._Pn, self._fprev_n = view(self.P)[:, 0, :], view(self.f_prev)[0]
-            m, dt = self.m, self._Pn.dtype
-            # the raw products (‖f‖², Sᵀf), (Yᵀs, Sᵀs interleaved), Sᵀy and the weights, in the vectors' dtype
-            self._prod_one = (np.empty((1, m + 1), dtype=dt), np.empty((1, 2 * m), dtype=dt),
-                              np.empty((1, m), dtype=dt))
-            self._w_one = np.empty(2 * m + 2, dtype=dt)
+            self._Pn3, self._fprev_n = view(self.P), view(self.f_prev)
+            m, dt = self.m, self._Pn3.dtype
+            if getattr(self, "_prod", None) is None:  # (B rows at the start: pack() keeps them)
+                # the raw products (‖f‖², Sᵀf), (Yᵀs, Sᵀs interleaved), Sᵀy, in the vectors' dtype
+                self._prod = (np.empty((B, m + 1), dtype=dt), np.empty((B, 2 * m), dtype=dt),
+                              np.empty((B, m), dtype=dt))
+                self._w_one = np.empty(2 * m + 2, dtype=dt)
 
     def _mask(self, kind: str, i: int) -> Array:
         """Return a constant of small state (:func:`_constant`).
@@ -269,8 +272,8 @@ class _BroydenState(MethodState):
         The same reduction takes Sᵀf_k, Sᵀs, Yᵀs (interleaved) and Sᵀy for :meth:`step`.
         """
         assert f is not None  # the loop passes the residual_buffer(), which is never None here
-        if self.one and self.k > 0:
-            return self._observe_one(x, gx, need_gnorm)
+        if self.k > 0 and (self.one or self.host_long):
+            return self._observe_host(x, gx, f, need_gnorm)
         kern, stack = self.kern, self.P
         terms: list[ReductionTerm] = []
         u = 0
@@ -291,7 +294,8 @@ class _BroydenState(MethodState):
         if self.k == 0:
             self.ff = sums[0]
         else:
-            self.ff, self.sf, self.ys_ss, self.sy = sums[0][:, 0], sums[0][:, 1:], sums[1], sums[2]
+            self.ff, self.sf, self.sy = sums[0][:, 0], sums[0][:, 1:], sums[2]
+            self.ys, self.ss = sums[1][:, 0::2], sums[1][:, 1::2]  # y_jᵀs, s_jᵀs
         self.u = u
         self.r = r = kern.root(self.ff, ("sqnorm", f))
         self.k += 1
@@ -304,8 +308,8 @@ class _BroydenState(MethodState):
         assert f is not None  # the loop passes the residual_buffer(), which is never None here
         kern, sxp, beta = self.kern, self.kern.sxp, self.beta
         kern.copy(self.x_prev, x)  # row 0 of the stack: x_k, in the combination below with weight 1
-        if self.one and self.k > 1:
-            return self._step_one(active, out)
+        if self.k > 1 and (self.one or self.host_long):
+            return self._step_host(active, out)
         if self.k == 1:  # no pair yet: the mixing step from H_0 = -beta I
             self.ref_r = self.r
             kern.add_scaled(out, x, beta, f)
@@ -336,9 +340,9 @@ class _BroydenState(MethodState):
         and column q has none: M[q, j] = −β s_qᵀy_j − s_qᵀs_j (j ≠ q), M[j, q] = −β s_jᵀy_q; entries between
         older slots keep their age order, hence their values.
         """
-        ys_ss, beta = self.ys_ss, self.beta  # (B, 2u): y_jᵀs, s_jᵀs interleaved
+        beta = self.beta
         # conj: with complex vectors, s_qᴴy_j = conj(y_jᴴs_q) and s_qᴴs_j = conj(s_jᴴs_q) here
-        self.M[:, q, :u] = -beta * ys_ss[:, 0::2] - ys_ss[:, 1::2]
+        self.M[:, q, :u] = -beta * self.ys - self.ss  # (B, u): y_jᵀs and s_jᵀs
         self.M[:, :u, q] = -beta * self.sy
 
     def _weights(self, q: int, u: int, valid: Array) -> tuple[Array, Array]:
@@ -353,33 +357,48 @@ class _BroydenState(MethodState):
 
     # --- one sample on the host: the same operations in direct NumPy calls on views ---------------------------
 
-    def _observe_one(self, x: Array, gx: Array, need_gnorm: bool) -> ObservedNorms:
-        """:meth:`observe` for one sample on the host, with :meth:`Kernels.matvec`'s one-sample kernels (same bits)."""
-        kern, stack = self.kern, self._Pn
+    def _observe_host(self, x: Array, gx: Array, f: Array, need_gnorm: bool) -> ObservedNorms:
+        """:meth:`observe` in direct NumPy calls on views: one sample, or NumPy vector work on long rows.
+
+        Writes the new pair.  On short rows (one sample) it takes the products here, with
+        :meth:`Kernels.matvec`'s one-sample kernel (the batch path's bits); on long rows :meth:`_step_host`
+        takes them sample by sample beside the combination that reads the same rows, and only the norms are
+        taken here.
+        """
+        kern, view = self.kern, self.kern.numpy_view
+        stack = view(self.P)
         q, u = self.n_pairs % self.m, min(self.n_pairs + 1, self.m)
-        f, y, s = stack[1], stack[2 + 2 * q], stack[3 + 2 * q]
-        np.subtract(f, self._fprev_n, out=y)
-        np.subtract(kern.numpy_view(x)[0], stack[0], out=s)
-        pf, pys, psy = self._prod_one
-        # conj: Sᴴf, [Y S]ᴴs, Sᴴy with complex vectors
-        short = self.n <= SHORT_ROWS
-        for rows, v, out in ((stack[1:2 + 2 * u:2], f, pf[0, :u + 1]), (stack[2:2 + 2 * u], s, pys[0, :2 * u]),
-                             (stack[3:2 + 2 * u:2], y, psy[0, :u])):
-            if short:
-                np.matmul(rows[:, None, :], v[:, None], out=out[:, None, None])
-            else:  # gemv through matmul, which takes the strided rows as they are (np.dot would copy them)
-                np.matmul(rows, v[:, None], out=out[:, None])
-        sdt = kern.sdtype
-        sums = np.asarray(pf[:, :u + 1], dtype=sdt)
-        self.sf, self.ys_ss = sums[:, 1:], np.asarray(pys[:, :2 * u], dtype=sdt)
-        self.sy = np.asarray(psy[:, :u], dtype=sdt)
+        fn, y, s = stack[1], stack[2 + 2 * q], stack[3 + 2 * q]
+        np.subtract(fn, view(self.f_prev), out=y)
+        np.subtract(view(x), stack[0], out=s)
         self.u = u
         self.k += 1
-        self.r = r = self._sqrt_one(float(sums[0, 0]), self.fk)
+        if self.host_long:
+            terms: list[ReductionTerm] = [("sqnorm", f)]
+            if need_gnorm:
+                terms.append(("sqnorm", gx))
+            sums = kern.sums(*terms)
+            self.r = r = kern.root(sums[0], ("sqnorm", f))
+            return (r, kern.root(sums[1], ("sqnorm", gx))) if need_gnorm else r
+        self._products(0, q, u)
+        self.r = r = self._sqrt_one(float(self._prod[0][0, 0]), f)
         if need_gnorm:
-            g1 = kern.numpy_view(gx)[0]
+            g1 = view(gx)[0]
             return r, self._sqrt_one(float(np.dot(g1, g1)), gx)
         return r
+
+    def _products(self, b: int, q: int, u: int) -> None:
+        """Take sample ``b``'s raw products (‖f‖², Sᵀf), (Yᵀs, Sᵀs interleaved) and Sᵀy into ``_prod``."""
+        stack = self._Pn3
+        f, y, s = stack[1, b], stack[2 + 2 * q, b], stack[3 + 2 * q, b]
+        pf, pys, psy = self._prod
+        # conj: Sᴴf, [Y S]ᴴs, Sᴴy with complex vectors
+        for rows, v, out in ((stack[1:2 + 2 * u:2, b], f, pf[b, :u + 1]), (stack[2:2 + 2 * u, b], s, pys[b, :2 * u]),
+                             (stack[3:2 + 2 * u:2, b], y, psy[b, :u])):
+            if self.host_long:  # gemv through matmul, which takes the strided rows as they are (np.dot copies them)
+                np.matmul(rows, v[:, None], out=out[:, None])
+            else:
+                np.matmul(rows[:, None, :], v[:, None], out=out[:, None, None])
 
     def _sqrt_one(self, sq: float, v: Array) -> Array:
         """Return the norm of the one-sample vector ``v`` from its square ``sq`` (rescued if the square overflowed)."""
@@ -387,43 +406,58 @@ class _BroydenState(MethodState):
             return np.array([math.sqrt(sq)], dtype=self.kern.sdtype)
         return self.kern.root(np.array([sq], dtype=self.kern.sdtype), ("sqnorm", v))
 
-    def _step_one(self, active: Array, out: Array) -> Array:
-        """:meth:`step` for one sample on the host (after x_k is kept): the same operations, hence the same bits.
+    def _step_host(self, active: Array, out: Array) -> Array:
+        """:meth:`step` sample by sample on the host (after x_k is kept), in the batch path's operations.
 
-        The masks of a restarted sample's slots are applied only where some slot is masked (where none is they
+        Per sample: on long rows its products (:meth:`_products`), then its row and column of M, its restart
+        tests, its solve and its combination, so that the combination finds the sample's rows in cache.  The
+        masks of a restarted sample's slots are applied only where some slot is masked (where none is they
         change nothing).
         """
-        kern, stack, beta = self.kern, self._Pn, self.beta
+        kern, stack, beta, B = self.kern, self._Pn3, self.beta, self.B
         q, u = self.n_pairs % self.m, self.u
-        r, ref = float(self.r[0]), float(self.ref_r[0])
-        growth = r > self.restart_growth * ref
-        self._update_small(q, u)
-        mat: Any = self.M[0, :u, :u]  # host small state: NumPy
-        sf: Any = self.sf[0]
-        valid = self.valid[0] | self._mask("onehot", q)
-        if growth:
-            valid[:] = False
-        v = valid[:u]
-        if not v.all():
-            eye: Any = self._mask("eye", u)
-            mat = np.where(v[:, None] & v[None, :], mat, eye)
-            sf = np.where(v, sf, 0.0)
-        z: Any = kern.solve(mat[None], sf[None])[0]
-        ok = not growth and bool(np.abs(z).max() <= self.zmax)  # False for NaN
-        if ok:
-            self.valid[0] = valid
-            self.ref_r[0] = min(ref, r)
-        else:
-            self.valid[0] = False
-            self.ref_r[0] = r
-            z[:] = 0.0
-        w = self._w_one[:2 + 2 * u]
-        w[0], w[1] = 1.0, beta
-        w[2::2], w[3::2] = (beta * beta) * z, beta * z
-        np.matmul(w, stack[:2 + 2 * u], out=kern.numpy_view(out)[0])  # Kernels.vecmat's one-sample product
-        np.copyto(self._fprev_n, stack[1])
+        outn, sdt = kern.numpy_view(out), kern.sdtype
+        pf, pys, psy = self._prod
+        restarted = np.zeros(B, dtype=bool) if B > 1 else None
+        for b in range(B):
+            if self.host_long:
+                self._products(b, q, u)
+            ys_ss = np.asarray(pys[b, :2 * u], dtype=sdt)
+            mat: Any = self.M[b]  # host small state: NumPy
+            mat[q, :u] = -beta * ys_ss[0::2] - ys_ss[1::2]  # as _update_small
+            mat[:u, q] = -beta * np.asarray(psy[b, :u], dtype=sdt)
+            mat = mat[:u, :u]
+            sf: Any = np.asarray(pf[b, 1:u + 1], dtype=sdt)
+            r, ref = float(self.r[b]), float(self.ref_r[b])
+            growth = r > self.restart_growth * ref
+            valid = self.valid[b] | self._mask("onehot", q)
+            if growth:
+                valid[:] = False
+            v = valid[:u]
+            if not v.all():
+                eye: Any = self._mask("eye", u)
+                mat = np.where(v[:, None] & v[None, :], mat, eye)
+                sf = np.where(v, sf, 0.0)
+            z: Any = kern.solve(mat[None], sf[None])[0]
+            ok = not growth and bool(np.abs(z).max() <= self.zmax)  # False for NaN
+            if ok:
+                self.valid[b] = valid
+                self.ref_r[b] = min(ref, r)
+            else:
+                self.valid[b] = False
+                self.ref_r[b] = r
+                z[:] = 0.0
+                if restarted is not None:
+                    restarted[b] = True
+            w = self._w_one[:2 + 2 * u]
+            w[0], w[1] = 1.0, beta
+            w[2::2], w[3::2] = (beta * beta) * z, beta * z
+            np.matmul(w, stack[:2 + 2 * u, b], out=outn[b])  # Kernels.vecmat's one-sample product
+            np.copyto(self._fprev_n[b], stack[1, b])
         self.n_pairs += 1
-        return _RESTARTED[bool(active[0]) and not ok]
-
+        if restarted is None:
+            return _RESTARTED[bool(active[0]) and not ok]
+        flags: Array = restarted & active
+        return flags
 
 register_method("broyden", Broyden)
