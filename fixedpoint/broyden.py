@@ -13,11 +13,11 @@ pair s_k = x_{k+1} − x_k, y_k = F(x_{k+1}) − F(x_k):
 Limited memory.  Only the last m secant pairs are kept, and H is *the* matrix that m
 good Broyden updates with those pairs make from H_0 = −β I (so that the first step, and
 the first after a restart, is the mixing step x + β F, forward iteration for β = 1).
-Byrd, Nocedal & Schnabel (Math. Program. 63, 1994), Theorem 6.1, write the direct
-matrix after k updates as B_k = B_0 + (Y − B_0 S) N⁻¹ Sᵀ, S = [s_0 … s_{k−1}],
-Y = [y_0 … y_{k−1}], N the upper triangle (diagonal included) of SᵀS; the
-Sherman–Morrison–Woodbury formula then gives the inverse used here (their Section 6,
-the inverse form of the same representation):
+Byrd, Nocedal & Schnabel (Math. Program. 63, 1994), Section 6, Theorem 6.1, write the
+direct matrix after k updates as B_k = B_0 + (Y − B_0 S) N⁻¹ Sᵀ, S = [s_0 … s_{k−1}],
+Y = [y_0 … y_{k−1}], N the upper triangle (diagonal included) of SᵀS.  The
+Sherman–Morrison–Woodbury formula turns it into the inverse used here (derived here,
+not copied: N − SᵀS = −L and Sᵀ H_0 B_0 S = SᵀS):
 
     H = H_0 + (S − H_0 Y) (Sᵀ H_0 Y − L)⁻¹ Sᵀ H_0
       = −β I + (S + β Y) M⁻¹ (−β Sᵀ),      M = −β SᵀY − L,
@@ -29,20 +29,31 @@ was computed with the forgotten term in H.  The step is
 
     p = −H f = β (f + S z + β Y z),        M z = Sᵀ f.
 
-Work per iteration (B samples, u ≤ m pairs in use).  The products with vectors are
-taken in one :meth:`fixedpoint.Kernels.sums` call (one collective when sharded): ‖f‖²
-and Sᵀf, Sᵀs and Yᵀs for the new s (the new row of SᵀS and of SᵀY), and Sᵀy for the new
-y (the new column of SᵀY): 4u + 1 inner products of length n.  The step is one
-combination of the stack [x, f, y_0, s_0, y_1, s_1, …] (2u + 2 vectors): in all
-O(u·n), each stored vector read twice.  The small matrices SᵀS and SᵀY are kept by slot
-and updated with one row and column per iteration; M is built from them (O(m²)) and
-solved per sample in :attr:`fixedpoint.Kernels.sdtype` with :meth:`fixedpoint.Kernels.solve`
-(LAPACK's LU with partial pivoting, one small system per sample; O(m³), m = 20: a few µs).
+Work per iteration (B samples, u ≤ m pairs in use).  The products with vectors: ‖f‖²,
+Sᵀf, Sᵀs and Yᵀs for the new s (the new row of M) and Sᵀy for the new y (its new
+column), 4u + 1 inner products of length n; the step is one combination of the stack
+[x, f, y_0, s_0, y_1, s_1, …] (2u + 2 vectors): O(u·n) in all, only the pairs in use
+are read, and nothing of size n is allocated.  M itself is kept by slot and updated with
+one row and one column per iteration (the new pair is always the newest, so the rest of
+L keeps its entries); it is solved per sample in :attr:`fixedpoint.Kernels.sdtype` with
+:meth:`fixedpoint.Kernels.solve` (LAPACK's LU with partial pivoting, one small system
+per sample, O(u³): a few µs for u = 20).  Two ways to run it:
+
+* Batch path (PyTorch or CuPy devices, NumPy on short rows, sharded vectors): the
+  products are one :meth:`fixedpoint.Kernels.sums` call (one collective when sharded),
+  the solves one batched call, the step one batched combination; no host
+  synchronisation.
+* Host path (NumPy vector work on rows longer than :data:`fixedpoint.kernels.SHORT_ROWS`
+  without a communicator, and one sample on the host): sample by sample, its products,
+  its row and column of M, its solve and its combination in direct NumPy calls on views,
+  so that the combination finds the sample's rows in cache and a tiny problem pays a few
+  NumPy calls per iteration.  The operations are the batch path's (the same kernels, in
+  the same order), so one sample's iterates are the same to the bit alone or in a batch.
 
 The secant pair is the difference of the iterates the loop hands over (x_k − x_{k−1},
 f_k − f_{k−1}, with x_{k−1} and f_{k−1} kept in the method's own buffers), never the step
 the method proposed: a caller that replaces rows of the proposed x_{k+1} (a line search
-backtracking along p) gets a correct update.
+backtracking along p) gets the update of the pair actually taken.
 """
 
 from __future__ import annotations
@@ -78,7 +89,7 @@ def _constant(m: int, kind: str, i: int) -> np.ndarray:
     return out
 
 
-# The one-sample restart flags _step_one returns, indexed by whether the sample restarted (read-only).
+# The one-sample restart flags _step_host returns, indexed by whether the sample restarted (read-only).
 _RESTARTED = (np.zeros(1, dtype=bool), np.ones(1, dtype=bool))
 for _flag in _RESTARTED:
     _flag.flags.writeable = False
@@ -90,16 +101,18 @@ class Broyden(Method):
 
     A quasi-Newton method (module docstring): the inverse Jacobian of F is the matrix
     that the good Broyden updates with the last ``m`` secant pairs make from −β I, kept
-    in the compact representation of Byrd, Nocedal & Schnabel (1994, Theorem 6.1 and
-    Section 6); each step is x_{k+1} = x_k − H_k F(x_k) (no line search).  Superlinear
-    local convergence for smooth maps with unlimited memory (Broyden, Dennis & Moré
-    1973); with m pairs the oldest is dropped, and H stays a product of Broyden updates.
+    in the compact representation of Byrd, Nocedal & Schnabel (1994, Section 6,
+    Theorem 6.1, inverted with Sherman–Morrison–Woodbury); each step is
+    x_{k+1} = x_k − H_k F(x_k) (no line search).  Superlinear local convergence for
+    smooth maps with unlimited memory (Broyden, Dennis & Moré 1973); with m pairs the
+    oldest is dropped, and H stays a product of Broyden updates.
 
     Parameters
     ----------
     m : int, default 20
         Number of secant pairs kept, >= 1.  Memory: 2m + 3 vectors of size n per sample (the pairs,
-        x_{k−1}, f_k and f_{k−1}) and two m×m matrices (SᵀS, SᵀY) of small state.
+        x_{k−1}, f_k and f_{k−1}) and one m×m matrix M of small state.  With 10 pairs the hard map below
+        needed 122 iterations on average, with 20 97, with 300 (no pair ever dropped) 102.
     beta : float, default 1.0
         Initial inverse Jacobian −β I, i.e. the first step (and the first after a
         restart) is the mixing step x + β f; in (0, 1].
@@ -110,10 +123,14 @@ class Broyden(Method):
     restart_growth : float, default 1000
         Restart a sample whose residual norm ‖f_k‖₂ exceeds this factor times its
         smallest residual norm since the last restart (the quasi-Newton model has gone
-        wrong); > 1.  The compact form needs few restarts: on the hard map of
-        ``benchmarks/bench_broyden.py --problems hard`` (z = tanh(W z + u), W symmetric,
-        ‖W‖₂ = 0.99, float32) 10 of 10 samples converge with 1e3, where the restarts of
-        10 cost many iterations (``benchmarks/results/broyden_hard.txt``).
+        wrong); > 1.  A restart forgets every pair and takes the mixing step.  The
+        compact form needs few: on the hard map of ``benchmarks/bench_broyden.py
+        --problems hard`` (z = tanh(W z + u), W symmetric, ‖W‖₂ = 0.99, float32, 10
+        samples, tol 1e-6) all 10 converge in 97 iterations on average (118 at most)
+        without a restart, against 8 of 10 with 10, whose restarts undo the model
+        (``benchmarks/results/broyden_hard.txt``).  The product form used before needed
+        10 (7 of 10 converged).  No value makes the 1-D Poisson–Jacobi sweep of
+        ``benchmarks/bench_solvers.py`` converge with m = 20 (nor did the product form).
 
     Raises
     ------
@@ -123,14 +140,16 @@ class Broyden(Method):
     Notes
     -----
     Work per iteration besides g (module docstring): 4u + 1 inner products of length n
-    (u ≤ m pairs in use) in one reduction, one combination of 2u + 2 vectors, O(n) copies,
-    and per sample O(m²) small updates and an m×m solve in float64 (float32 on a device
-    without float64).  Nothing of size n is allocated and nothing is read on the host
-    inside the loop.  Batch mode keeps separate pairs, restarts and steps for each sample
-    (a sample's iterates do not depend on its batch), and a sample that stops costs
-    nothing more (its rows are packed out).  One sample on the host takes a path in plain
-    NumPy calls on views (``_OneSample`` below) with the same operations, hence the same
-    iterates, as the batch path.
+    (u ≤ m pairs in use; one reduction, one collective when sharded), one combination of
+    2u + 2 vectors, O(n) copies, and per sample O(u²) small updates and a u×u solve in
+    float64 (float32 on a device without float64).  Nothing of size n is allocated and
+    nothing is read on the host inside the loop on a device.  Batch mode keeps separate
+    pairs, restarts and steps for each sample (a sample's iterates do not depend on its
+    batch), and a sample that stops costs nothing more (its rows are packed out).  One
+    sample on the host, and NumPy on long rows, take a path in direct NumPy calls on views,
+    sample by sample, with the batch path's operations (hence the same iterates): at
+    n = 5 an iteration costs about what one of ``scipy.optimize.broyden1`` costs
+    (``benchmarks/results/broyden_small.txt``).
 
     The secant pair of each iteration is s = x_k − x_{k−1}, y = f_k − f_{k−1} from the
     iterates the loop passes (x_{k−1} and f_{k−1} are kept), not from the proposed step:
