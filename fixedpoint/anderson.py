@@ -91,10 +91,11 @@ class Anderson(Method):
         :class:`fixedpoint.torch.AndersonAcceleration`) can tell "not set" from a request.
         With 2 the first extrapolation combines three iterates (two secant pairs) instead of
         two: the one-difference step from x_0, x_1 is replaced by a plain step.  When it acts:
-        at the second step of every solve (not after a restart).  What it costs: no work, and in
-        evaluations at most that one plain step where the one-difference step would have
-        helped (H-equation c = 0.5: 7 instead of 6; none on the other problems of
-        benchmarks/compare_peers.py and benchmarks/bench_solvers.py).  What it buys: on
+        at the second step of every solve (not after a restart).  What it costs: no work; in
+        evaluations, the one-difference step where it would have helped (H-equation c = 0.5:
+        7 instead of 6; none on the other problems of benchmarks/compare_peers.py; a few
+        either way where AA stagnates, e.g. shifted Poisson–Jacobi, n = 1000/10⁴: 31/27
+        instead of 34/24; docs/algorithm.md).  What it buys: on
         Chandrasekhar's H-equation near c = 1 the extrapolations from one and two differences
         overshoot past the turning point between the two roots and the solve ends on the
         non-physical one (``delay=0``: 6 of the 16 cases c >= 0.9 of
