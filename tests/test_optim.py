@@ -363,7 +363,9 @@ def test_method_object_is_the_same_as_keywords():
     assert by_kw == by_obj < steps_to_target(X, y, lmin, lr)
     w = torch.zeros(3, requires_grad=True)
     sgd = torch.optim.SGD([w], lr=0.1)
-    assert AndersonAcceleration(sgd).method == fixedpoint.Anderson(lam=1e-2, lam_mode="relative_max")  # its defaults
+    assert AndersonAcceleration(sgd).method == fixedpoint.Anderson(lam=1e-2, lam_mode="relative_max", delay=0)
+    # Anderson's own default delay (None: plain steps first in a solve) means no delay here
+    assert AndersonAcceleration(sgd, method=fixedpoint.Anderson(m=4)).method.delay == 0
     with pytest.raises(TypeError, match="not both"):
         AndersonAcceleration(sgd, method=fixedpoint.Anderson(), m=3)
     with pytest.raises(TypeError, match="fixedpoint.Anderson"):

@@ -62,7 +62,7 @@ def test_anderson_matches_textbook_implementation():
         x = sum(a * (beta * gv + (1 - beta) * xv) for a, gv, xv in zip(alpha, gs, xs))
         naive.append(x)
     seen = []
-    fixedpoint.anderson(p.g, np.zeros(30), m=m, beta=beta, lam=0.0, max_iter=9, tol=1e-300,
+    fixedpoint.anderson(p.g, np.zeros(30), m=m, beta=beta, lam=0.0, delay=0, max_iter=9, tol=1e-300,
                         callback=lambda info: seen.append(np.array(info.x)))
     np.testing.assert_allclose(np.array(seen), np.array(naive), rtol=1e-8, atol=1e-10)
 

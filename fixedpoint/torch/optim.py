@@ -103,8 +103,8 @@ class AndersonAcceleration:
         ``.grad`` is None at an extrapolation are not written (the optimizer did not move them).
     method : fixedpoint.Anderson, optional
         The Anderson options as one object, e.g. ``Anderson(m=10, lam=1e-3)`` (its ``delay`` must be
-        0: this wrapper's own ``delay`` counts optimizer steps).  Default:
-        ``Anderson(lam=1e-2, lam_mode="relative_max", **anderson_options)``.
+        0 or None, read as 0: this wrapper's own ``delay`` counts optimizer steps).  Default:
+        ``Anderson(lam=1e-2, lam_mode="relative_max", delay=0, **anderson_options)``.
     **anderson_options
         Instead of ``method``: the options of :class:`fixedpoint.Anderson`, with the defaults below.
     m : int, default 5
@@ -191,7 +191,7 @@ class AndersonAcceleration:
         if method is None:
             check_options("AndersonAcceleration", anderson_options,
                           tuple(f.name for f in dataclasses.fields(Anderson) if f.name != "delay"))
-            method = Anderson(**{"lam": DEFAULT_LAM, "lam_mode": DEFAULT_LAM_MODE, **anderson_options})
+            method = Anderson(**{"lam": DEFAULT_LAM, "lam_mode": DEFAULT_LAM_MODE, **anderson_options, "delay": 0})
         elif not isinstance(method, Anderson):
             raise TypeError(f"method must be a fixedpoint.Anderson, got {method!r}")
         elif anderson_options:
@@ -200,6 +200,8 @@ class AndersonAcceleration:
         if method.m < 2:
             raise ValueError(f"m must be an integer >= 2 (an extrapolation combines at least two iterates), "
                              f"got {method.m}")
+        if method.delay is None:  # Anderson's solve default (SOLVE_DELAY plain steps) is not for optimizer steps
+            method = dataclasses.replace(method, delay=0)
         if method.delay:
             raise ValueError(f"method.delay must be 0 here, got {method.delay}: the wrapper's own delay= counts "
                              "optimizer steps")
