@@ -26,12 +26,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import array_api_compat
 import numpy as np
 
-from .backend import Array, namespace_of
+from .backend import Array, is_complex_dtype, namespace_of
 from .checks import check_choice, check_int, check_real
 from .interop import convert
 from .kernels import LDL_MAX_K, SHORT_ROWS, Kernels, ReductionTerm, ldl_solve_one
@@ -123,6 +123,11 @@ class Anderson(Method):
     products), one combination of m (2m when β < 1) vectors, O(n) copies, and an
     m×m solve of the normal equations in float64 (float32 on a device without float64).
 
+    Complex vectors (complex64, complex128): the Gram matrix is Hermitian, H_ij = ⟨f_i, f_j⟩ =
+    Σ conj(f_i) f_j, its solve is an LDLᴴ (or LAPACK's) in complex128 (complex64 without float64),
+    and the weights are complex: the same least-squares problem, min ‖Σ α_j f_j‖₂ with Σ α_j = 1,
+    over ℂ.  Residual norms, the safeguards and the stopping test stay real.
+
     References
     ----------
     D. G. Anderson, J. ACM 12 (1965).  H. F. Walker & P. Ni, SIAM J. Numer. Anal.
@@ -138,6 +143,9 @@ class Anderson(Method):
     """
 
     name = "anderson"
+    #: Complex vectors are accepted: the Gram matrix is Hermitian, ⟨f_i, f_j⟩ = Σ conj(f_i) f_j, and the
+    #: weights α = y / Σ y with H y = 1 are complex (the same least-squares problem over ℂ).
+    supports_complex: ClassVar[bool] = True
 
     m: int = 5
     beta: float = 1.0
@@ -204,24 +212,27 @@ class AndersonHistory(MethodState):
         self.delay = SOLVE_DELAY if method.delay is None else method.delay  # plain steps first
         self.lam_factor = 1.0 + method.lam  # "relative": each diagonal entry times 1 + λ
         xp, dev, sxp, sdev, sdt = kern.xp, kern.device, kern.sxp, kern.sdevice, kern.sdtype
+        #: Complex vectors: a Hermitian Gram matrix and complex weights in ``cdt``; the norms stay real (``sdt``).
+        self.complex = is_complex_dtype(dtype)
+        cdt = kern.small_dtype(dtype)
         # Buffers for B samples; after pack() the state works on views of their first rows.  The small state
         # (kern.sxp arrays: NumPy on the host, else the vectors' library) is typed by that namespace.
         self.R: Array = xp.zeros((2 * m, B, n), dtype=dtype, device=dev)  # a stack: [:m] the g_j, [m:] the f_j
         self._R_flat: Array = xp.reshape(self.R, (-1,))  # pack() keeps the stack contiguous at its start
         self._row: Array = xp.zeros((B, m), dtype=dtype, device=dev)
         self._w: Array = xp.zeros((B, 2 * m), dtype=dtype, device=dev)
-        self._H = sxp.zeros((B, m, m), dtype=sdt, device=sdev)  # the regularised, normalised Gram matrices
-        self._ones = sxp.ones((B, m), dtype=sdt, device=sdev)
-        self.G = sxp.zeros((B, m, m), dtype=sdt, device=sdev)
+        self._H = sxp.zeros((B, m, m), dtype=cdt, device=sdev)  # the regularised, normalised Gram matrices
+        self._ones = sxp.ones((B, m), dtype=cdt, device=sdev)
+        self.G = sxp.zeros((B, m, m), dtype=cdt, device=sdev)
         self.valid = sxp.zeros((B, m), dtype=sxp.bool, device=sdev)
         self.ref_r = sxp.full((B,), float("inf"), dtype=sdt, device=sdev)
         self.r = sxp.zeros((B,), dtype=sdt, device=sdev)
         self.k = 0  # number of pairs pushed so far
-        self._alpha_one = sxp.zeros((1, m), dtype=sdt, device=sdev)  # the weights of _weights_one
+        self._alpha_one = sxp.zeros((1, m), dtype=cdt, device=sdev)  # the weights of _weights_one
         self._ones_one = [1.0] * m
         slots = sxp.arange(m, device=sdev)
         self.onehot_b = [slots == s for s in range(m)]
-        self.onehot = [sxp.astype(h, sdt) for h in self.onehot_b]
+        self.onehot = [sxp.astype(h, cdt) for h in self.onehot_b]
         self.eye = sxp.eye(m, dtype=sdt, device=sdev)
         self.eye_b = self.eye > 0.5
         self._bind(B)
@@ -286,17 +297,22 @@ class AndersonHistory(MethodState):
         if f is not self.f_slots[s]:
             kern.copy(self.f_slots[s], f)
         kern.copy(self.g_slots[s], g)
-        if self.B == 1 and kern.mode == "numpy" and kern.comm is None:
+        if self.B == 1 and kern.mode == "numpy" and kern.comm is None and not self.complex:
             return self._push_one(s, g, gnorm)
         terms: list[ReductionTerm] = [("matvec", self.R[self.m:, ...], self.f_slots[s], self.row)]
         if gnorm:
             terms.append(("sqnorm", g))
         sums = kern.sums(*terms)
         row: Any = sums[0]  # small state: NumPy (with its .sum()) where kern.small_on_host
-        if kern.small_on_host and not math.isfinite(float(row[:, s].sum())):  # |f|^2 overflowed, so may the row
+        if kern.small_on_host and not math.isfinite(float(row[:, s].real.sum())):  # |f|^2 overflowed, so may the row
             row = kern.rescued(terms[0], row)
-        self.r = r = kern.root(row[:, s], ("sqnorm", self.f_slots[s]))
-        self.G[:, s, :] = row
+        if self.complex:  # row_j = ⟨f_j, f_k⟩ is column k of the Hermitian G; row k is its conjugate
+            sq = kern.sxp.real(row[:, s])
+            self.G[:, s, :] = kern.sxp.conj(row)
+        else:
+            sq = row[:, s]
+            self.G[:, s, :] = row
+        self.r = r = kern.root(sq, ("sqnorm", self.f_slots[s]))
         self.G[:, :, s] = row
         self.valid[:, s] = True
         self.k += 1
@@ -357,8 +373,8 @@ class AndersonHistory(MethodState):
         batch (:meth:`fixedpoint.kernels.Kernels.solve_spd`; the one-sample path does the same
         operations in Python floats).
         """
-        if self.B == 1 and self.kern.small_on_host and self.m <= LDL_MAX_K:
-            return self._weights_one(active)
+        if self.B == 1 and self.kern.small_on_host and self.m <= LDL_MAX_K and not self.complex:
+            return self._weights_one(active)  # (complex: the batch path, whose bits do not depend on B)
         rhs = self._system()
         xp, s, method = self.kern.sxp, (self.k - 1) % self.m, self.method
         y: Any = self.kern.solve_spd(self.H, rhs)  # small state: NumPy (with its .copy()) where kern.small_on_host
@@ -389,9 +405,10 @@ class AndersonHistory(MethodState):
         full = self.kern.small_on_host and bool(v.all())
         if full:
             B, m, H = self.B, self.m, self.H
-            scale = self.G.reshape(B, m * m)[:, :: m + 1].max(axis=1)
+            scale = self.G.reshape(B, m * m)[:, :: m + 1].real.max(axis=1)
         else:
-            scale = xp.max(xp.where(v, xp.linalg.diagonal(self.G), 0.0), axis=1)
+            gdiag = xp.linalg.diagonal(self.G)
+            scale = xp.max(xp.where(v, xp.real(gdiag) if self.complex else gdiag, 0.0), axis=1)
         scale = xp.where(scale > 0.0, scale, 1.0)  # also for NaN
         if full:
             np.divide(self.G, scale[:, None, None], out=H)
@@ -413,7 +430,7 @@ class AndersonHistory(MethodState):
         else:
             diag = diag + lam / scale[:, None]
         self.H[...] = xp.where(self.eye_b, xp.where(v, diag, 1.0)[:, None, :], H)
-        rhs: Array = xp.astype(v, self.kern.sdtype)
+        rhs: Array = xp.astype(v, self.H.dtype)
         return rhs
 
     def _weights_one(self, active: Array) -> tuple[Array, Array]:

@@ -262,6 +262,88 @@ def test_a_batch_sample_equals_its_solve_alone():
     assert one.n_iter[0] == res.n_iter[1] and np.array_equal(one.x[0], res.x[1])
 
 
+# --- every method ---------------------------------------------------------------------------------------------
+
+#: The methods that declare complex support, with options that take each of their code paths.
+COMPLEX_METHODS = [
+    ("forward", {}),
+    ("anderson", {}),
+    ("anderson", {"beta": 0.5, "lam_mode": "absolute", "lam": 1e-12}),
+    ("anderson", {"m": 8}),  # beyond the LDLᴴ sizes: LAPACK's Hermitian solve
+]
+
+
+@pytest.mark.parametrize("method, options", COMPLEX_METHODS)
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_every_method_finds_the_fixed_point_of_a_complex_contraction(method, options, dtype):
+    A, b, exact = _contraction(30, radius=0.9, seed=5)
+    A, b = A.astype(dtype), b.astype(dtype)
+    tol = 1e-11 if dtype == np.complex128 else 1e-5
+    res = fixedpoint.solve(lambda x: A @ x + b, np.zeros(30, dtype), method=method, tol=tol, max_iter=2000,
+                           **options)
+    assert res.converged and res.x.dtype == dtype and res.residual_history.dtype == np.float64
+    np.testing.assert_allclose(res.x, exact, atol=50 * tol * np.linalg.norm(exact))
+    if method != "forward" and "beta" not in options:  # complex weights: fewer evaluations than forward's
+        plain = fixedpoint.solve(lambda x: A @ x + b, np.zeros(30, dtype), method="forward", tol=tol, max_iter=2000)
+        assert res.n_iter < plain.n_iter
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.6])
+def test_complex_anderson_iterates_are_the_least_squares_ones_over_the_complex_numbers(beta):
+    """Type-II AA textbook form: min ‖Σ α_j f_j‖ over complex α with Σ α_j = 1, by complex lstsq (no ridge)."""
+    A, b, _ = _contraction(20, radius=0.95, seed=11)
+    m, x, xs, gs, weights = 4, np.zeros(20, complex), [], [], []
+    textbook = [x]
+    for _ in range(8):
+        gx = A @ x + b
+        xs, gs = (xs + [x])[-m:], (gs + [gx])[-m:]
+        F = np.stack([gv - xv for gv, xv in zip(gs, xs)], axis=1)
+        if F.shape[1] == 1:
+            alpha = np.ones(1, complex)
+        else:
+            coef = np.linalg.lstsq(F[:, :-1] - F[:, -1:], -F[:, -1], rcond=None)[0]
+            alpha = np.append(coef, 1 - coef.sum())
+        weights.append(alpha)
+        x = sum(a * (beta * gv + (1 - beta) * xv) for a, gv, xv in zip(alpha, gs, xs))
+        textbook.append(x)
+    seen = []
+    fixedpoint.solve(lambda v: A @ v + b, np.zeros(20, complex), method="anderson", m=m, beta=beta, lam=0.0,
+                     delay=0, max_iter=9, tol=1e-300, callback=lambda info: seen.append(np.array(info.x)))
+    assert max(np.abs(w.imag).max() for w in weights) > 0.1  # complex weights: not a real combination
+    np.testing.assert_allclose(np.array(seen), np.array(textbook), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("method, options", COMPLEX_METHODS)
+def test_every_method_gives_a_complex_sample_the_bits_it_gets_alone(method, options):
+    n, B = 12, 3
+    A, _, _ = _contraction(n, radius=0.9, seed=8)
+    bs = _cnormal(np.random.default_rng(9), B, n)
+
+    def g(X, b=bs):
+        return (A[None] @ X[:, :, None])[:, :, 0] + b  # each sample's product alone
+
+    res = fixedpoint.solve(g, np.zeros((B, n), complex), method=method, tol=1e-12, batch=True, **options)
+    one = fixedpoint.solve(lambda X: g(X, bs[1:2]), np.zeros((1, n), complex), method=method, tol=1e-12,
+                           batch=True, **options)
+    assert res.converged.all()
+    assert one.n_iter[0] == res.n_iter[1] and np.array_equal(one.x[0], res.x[1])
+
+
+@needs_torch
+@pytest.mark.parametrize("emulated", [False, True])
+@pytest.mark.parametrize("method, options", COMPLEX_METHODS[1:2])
+def test_every_method_on_torch_complex(method, options, emulated):
+    import torch
+
+    A, b, exact = _contraction(16, radius=0.9, seed=10)
+    At, bt = torch.from_numpy(A), torch.from_numpy(b)
+    with emulate_accelerator() if emulated else contextlib.nullcontext():
+        res = fixedpoint.solve(lambda x: At @ x + bt, torch.zeros(16, dtype=At.dtype), method=method, tol=1e-11,
+                               **options)
+    assert res.converged and res.x.dtype == torch.complex128
+    np.testing.assert_allclose(res.x.numpy(), exact, atol=1e-9)
+
+
 @needs_torch
 def test_a_numpy_complex_problem_solved_through_torch():
     A, b, exact = _contraction(5, seed=3)
@@ -281,9 +363,10 @@ def test_forward_iteration_on_cupy_complex():
         pytest.skip("cupy is installed but no CUDA device is usable")
     A, b, exact = _contraction(8, seed=4)
     Ac, bc = cupy.asarray(A), cupy.asarray(b)
-    res = fixedpoint.solve(lambda x: Ac @ x + bc, cupy.zeros(8, complex), method="forward", tol=1e-11)
-    assert res.converged and isinstance(res.x, cupy.ndarray) and res.x.dtype == cupy.complex128
-    np.testing.assert_allclose(to_numpy(res.x), exact, atol=1e-9)
+    for method, options in COMPLEX_METHODS:
+        res = fixedpoint.solve(lambda x: Ac @ x + bc, cupy.zeros(8, complex), method=method, tol=1e-11, **options)
+        assert res.converged and isinstance(res.x, cupy.ndarray) and res.x.dtype == cupy.complex128
+        np.testing.assert_allclose(to_numpy(res.x), exact, atol=1e-9)
     kern = Kernels(resolve_namespace("cupy"))
     rng = np.random.default_rng(0)
     S, v = _cnormal(rng, 3, 2, 50), _cnormal(rng, 2, 50)
