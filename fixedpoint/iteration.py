@@ -43,6 +43,7 @@ from .interop import call_map, check_unmodified, convert, lend, read_only_messag
 from .kernels import Kernels, NormTerm, ReductionTerm
 from .method import Method, MethodState
 from .options import check_common
+from .registry import METHODS
 from .result import ConvergenceWarning, FixedPointResult
 from .samples import INACTIVE, SampleRecord
 
@@ -133,9 +134,10 @@ def _check_complex(method: Method, dtype: Any) -> None:
     real norms for complex vectors, but its own small state (dtypes, comparisons, Python-float paths) must
     be written for them: it says so by the class attribute.
     """
-    if is_complex_dtype(dtype) and not getattr(method, "supports_complex", False):
+    if is_complex_dtype(dtype) and not method.supports_complex:
+        able = ", ".join(repr(name) for name, cls in METHODS.items() if cls.supports_complex)
         raise TypeError(f"x0 has the complex dtype {dtype}, which method {method.name!r} does not support; "
-                        "method='forward' iterates complex x0")
+                        f"these methods iterate complex x0: {able}")
 
 
 def _settings(method: Method | None, x0: Array, opts: dict[str, Any]) -> str:

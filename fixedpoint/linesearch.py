@@ -93,6 +93,8 @@ class Backtracking(Method):
         self._set(sigma=check_real("sigma", self.sigma, 0.0, 1.0, low_open=True, high_open=True),
                   eta=check_real("eta", self.eta, 0.0, None),
                   max_backtracks=check_int("max_backtracks", self.max_backtracks, 1))
+        # complex vectors wherever the inner method takes them (the search itself compares norms only)
+        object.__setattr__(self, "supports_complex", self.inner.supports_complex)
 
     def init(self, kern: Kernels, B: int, n: int, dtype: Any) -> MethodState:
         """Allocate the inner method's state and the line search's buffers (three vectors per sample)."""

@@ -166,6 +166,11 @@ class Method:
 
     #: Short name, used in results (:attr:`fixedpoint.FixedPointResult.method`) and as the string alias.
     name: ClassVar[str] = "method"
+    #: Whether the method takes complex vectors (complex64, complex128).  False: the loop refuses a complex
+    #: ``x0`` with a TypeError naming the method.  A method that sets it True works with the Hermitian
+    #: products of :meth:`Kernels.sums` and small state in :meth:`Kernels.small_dtype`, and compares only
+    #: real quantities (norms, moduli).
+    supports_complex: ClassVar[bool] = False
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Method:
         """Refuse an unknown keyword option, listing the valid ones (``Anderson(window=5)``).
