@@ -47,7 +47,8 @@ per sample, O(u³): a few µs for u = 20).  Two ways to run it:
   without a communicator, and one sample on the host): sample by sample, its products,
   its row and column of M, its solve and its combination in direct NumPy calls on views,
   so that the combination finds the sample's rows in cache and a tiny problem pays a few
-  NumPy calls per iteration.  The operations are the batch path's (the same kernels, in
+  NumPy calls per iteration.  On long rows each sample's pairs are one contiguous block,
+  which samples that stop only renumber.  The operations are the batch path's (the same kernels, in
   the same order), so one sample's iterates are the same to the bit alone or in a batch.
 
 The secant pair is the difference of the iterates the loop hands over (x_k − x_{k−1},
@@ -197,11 +198,21 @@ class Broyden(Method):
 class _BroydenState(MethodState):
     """The secant pairs, x_{k−1}, f_{k−1} and the small matrices of one solve (module docstring).
 
-    The vectors are one stack ``P`` of shape ``(2m + 2, B, n)``: row 0 is x_{k−1} (x_k once the step
-    is taken), row 1 is f_k (the loop's residual buffer), and slot j of the ring buffer is y_j in row
-    2 + 2j and s_j in row 3 + 2j.  Slots are filled in order, so the u slots in use are the first rows
-    and nothing unwritten is read; the new pair goes to slot q = (pairs written) mod m, over the
-    oldest.  The small state keeps M = −β SᵀY − L itself by slot, (B, m, m): the new pair is always the
+    Two layouts of the vectors, chosen by the kernels and n alone (never by B, so that a sample's
+    iterates do not depend on its batch):
+
+    * *stacked* (the batch path, and one sample on short rows): one stack ``P`` of shape
+      ``(2m + 2, B, n)``: row 0 is x_{k−1} (x_k once the step is taken), row 1 is f_k (the loop's
+      residual buffer), slot j of the ring buffer is y_j in row 2 + 2j and s_j in row 3 + 2j, so the
+      step is one combination of the first 2u + 2 rows; :meth:`pack` moves the rows in use to the
+      front in place.
+    * *per sample* (NumPy vector work on long rows without a communicator): ``Pb`` of shape
+      ``(B, 2m, n)``, each sample's pairs one contiguous block [y_0, s_0, y_1, …], x_{k−1} and f_k
+      in their own ``(B, n)`` buffers; :meth:`pack` renumbers the blocks (``blocks``) instead of
+      moving them.
+
+    Slots are filled in order, so the u slots in use are the first ones and nothing unwritten is
+    read; the new pair goes to slot q = (pairs written) mod m, over the oldest.  The small state keeps M = −β SᵀY − L itself by slot, (B, m, m): the new pair is always the
     newest, so its row and column are all that change (:meth:`_update_small`), and the pairs left keep
     their age order, hence their entries of L; M indexed by slot is M in age order with rows and
     columns permuted alike, which changes no solution.  A restart only clears the sample's ``valid``
@@ -214,9 +225,17 @@ class _BroydenState(MethodState):
         self.restart_growth = method.restart_growth
         self.zmax = 1.0 / method.degenerate_tol if method.degenerate_tol > 0 else float("inf")
         xp, dev, sxp, sdev, sdt = kern.xp, kern.device, kern.sxp, kern.sdevice, kern.sdtype
-        # zeros: the slots not yet written are never read, but a zero stack costs nothing to be sure of it
-        self.P: Array = xp.zeros((2 * m + 2, B, n), dtype=dtype, device=dev)
-        self._P_flat: Array = xp.reshape(self.P, (-1,))  # pack() keeps the stack contiguous at its start
+        #: NumPy vector work on long rows without a communicator: per-sample blocks of pairs (class docstring).
+        self.host_long = kern.mode == "numpy" and kern.comm is None and n > SHORT_ROWS
+        # zeros: the slots not yet written are never read, but zeros cost nothing to be sure of it
+        if self.host_long:
+            self.Pb: Array = xp.zeros((B, 2 * m, n), dtype=dtype, device=dev)  # sample i's pairs: block blocks[i]
+            self.blocks = list(range(B))
+            self._x_prev: Array = xp.zeros((B, n), dtype=dtype, device=dev)
+            self._fk: Array = xp.zeros((B, n), dtype=dtype, device=dev)
+        else:
+            self.P: Array = xp.zeros((2 * m + 2, B, n), dtype=dtype, device=dev)
+            self._P_flat: Array = xp.reshape(self.P, (-1,))  # pack() keeps the stack contiguous at its start
         self._f_prev: Array = xp.zeros((B, n), dtype=dtype, device=dev)
         self.M = sxp.zeros((B, m, m), dtype=sdt, device=sdev)  # M = −β SᵀY − L by slot (class docstring)
         self.valid = sxp.zeros((B, m), dtype=sxp.bool, device=sdev)
@@ -229,17 +248,22 @@ class _BroydenState(MethodState):
     def _bind(self, B: int) -> None:
         """Work on ``B`` samples: views of the stack's rows and of the first ``B`` rows of the buffers."""
         self.B, kern = B, self.kern
-        self.x_prev, self.fk = self.P[0, ...], self.P[1, ...]
+        if self.host_long:
+            self.x_prev, self.fk = self._x_prev[:B, ...], self._fk[:B, ...]
+        else:
+            self.x_prev, self.fk = self.P[0, ...], self.P[1, ...]
         self.f = self.fk
         self.f_prev = self._f_prev[:B, ...]
-        #: One sample on the host: the NumPy calls of :meth:`_observe_host` and :meth:`_step_one` on views.
+        #: One sample on the host: the NumPy calls of :meth:`_observe_host` and :meth:`_step_host` on views.
         self.one = B == 1 and kern.mode == "numpy" and kern.comm is None
-        #: NumPy vector work on long rows without a communicator: the products of :meth:`_observe_host`.
-        self.host_long = kern.mode == "numpy" and kern.comm is None and self.n > SHORT_ROWS
         if self.one or self.host_long:
             view = kern.numpy_view
-            self._Pn3, self._fprev_n = view(self.P), view(self.f_prev)
-            m, dt = self.m, self._Pn3.dtype
+            self._fprev_n, self._xprev_n, self._fk_n = view(self.f_prev), view(self.x_prev), view(self.fk)
+            if self.host_long:
+                self._Pbn = view(self.Pb)
+            else:
+                self._Pn3 = view(self.P)
+            m, dt = self.m, self._fprev_n.dtype
             if getattr(self, "_prod", None) is None:  # (B rows at the start: pack() keeps them)
                 # the raw products (‖f‖², Sᵀf), (Yᵀs, Sᵀs interleaved), Sᵀy, in the vectors' dtype
                 self._prod = (np.empty((B, m + 1), dtype=dt), np.empty((B, 2 * m), dtype=dt),
@@ -275,9 +299,13 @@ class _BroydenState(MethodState):
         """
         kern, sxp, used = self.kern, self.kern.sxp, min(self.n_pairs, self.m)
         k = len(keep)
-        rows_, w, n = tuple(self.P.shape)
-        kern.pack_stack(self._P_flat, (2 + 2 * used, w, n), keep)
-        self.P = kern.xp.reshape(self._P_flat[: rows_ * k * n], (rows_, k, n))
+        if self.host_long:  # the blocks are renumbered, not moved
+            self.blocks = [self.blocks[i] for i in np.asarray(keep).tolist()]
+            kern.pack_rows(self.x_prev, keep)
+        else:
+            rows_, w, n = tuple(self.P.shape)
+            kern.pack_stack(self._P_flat, (2 + 2 * used, w, n), keep)
+            self.P = kern.xp.reshape(self._P_flat[: rows_ * k * n], (rows_, k, n))
         kern.pack_rows(self.f_prev, keep)
         rows = kern.small_index(keep)
         self.M = sxp.take(self.M, rows, axis=0)
@@ -293,12 +321,13 @@ class _BroydenState(MethodState):
         assert f is not None  # the loop passes the residual_buffer(), which is never None here
         if self.k > 0 and (self.one or self.host_long):
             return self._observe_host(x, gx, f, need_gnorm)
-        kern, stack = self.kern, self.P
+        kern = self.kern
         terms: list[ReductionTerm] = []
         u = 0
         if self.k == 0:
             terms.append(("sqnorm", f))
         else:
+            stack = self.P
             q, u = self.n_pairs % self.m, min(self.n_pairs + 1, self.m)
             y, s = stack[2 + 2 * q, ...], stack[3 + 2 * q, ...]
             kern.sub(y, f, self.f_prev)
@@ -385,11 +414,16 @@ class _BroydenState(MethodState):
         taken here.
         """
         kern, view = self.kern, self.kern.numpy_view
-        stack = view(self.P)
         q, u = self.n_pairs % self.m, min(self.n_pairs + 1, self.m)
-        fn, y, s = stack[1], stack[2 + 2 * q], stack[3 + 2 * q]
-        np.subtract(fn, view(self.f_prev), out=y)
-        np.subtract(view(x), stack[0], out=s)
+        fn, fp, xn, xp_ = self._fk_n, self._fprev_n, view(x), self._xprev_n
+        if self.host_long:
+            for b, blk in enumerate(self.blocks):
+                np.subtract(fn[b], fp[b], out=self._Pbn[blk, 2 * q])
+                np.subtract(xn[b], xp_[b], out=self._Pbn[blk, 2 * q + 1])
+        else:
+            stack = self._Pn3
+            np.subtract(fn, fp, out=stack[2 + 2 * q])
+            np.subtract(xn, xp_, out=stack[3 + 2 * q])
         self.u = u
         self.k += 1
         if self.host_long:
@@ -408,22 +442,42 @@ class _BroydenState(MethodState):
 
     def _products(self, b: int, q: int, u: int) -> None:
         """Take sample ``b``'s raw products (‖f‖², Sᵀf), (Yᵀs, Sᵀs interleaved) and Sᵀy into ``_prod``."""
-        stack = self._Pn3
-        f, y, s = stack[1, b], stack[2 + 2 * q, b], stack[3 + 2 * q, b]
         pf, pys, psy = self._prod
         # conj: Sᴴf, [Y S]ᴴs, Sᴴy with complex vectors
+        if self.host_long:  # the sample's block [y_0, s_0, y_1, ...]; gemv through matmul (strided rows as they are)
+            blk, f = self._Pbn[self.blocks[b]], self._fk_n[b]
+            y, s = blk[2 * q], blk[2 * q + 1]
+            for rows, v, out in ((blk[1:2 * u:2], f, pf[b, 1:u + 1]), (blk[:2 * u], s, pys[b, :2 * u]),
+                                 (blk[1:2 * u:2], y, psy[b, :u])):
+                np.matmul(rows, v[:, None], out=out[:, None])
+            return
+        stack = self._Pn3
+        f, y, s = stack[1, b], stack[2 + 2 * q, b], stack[3 + 2 * q, b]
         for rows, v, out in ((stack[1:2 + 2 * u:2, b], f, pf[b, :u + 1]), (stack[2:2 + 2 * u, b], s, pys[b, :2 * u]),
                              (stack[3:2 + 2 * u:2, b], y, psy[b, :u])):
-            if self.host_long:  # gemv through matmul, which takes the strided rows as they are (np.dot copies them)
-                np.matmul(rows, v[:, None], out=out[:, None])
-            else:
-                np.matmul(rows[:, None, :], v[:, None], out=out[:, None, None])
+            np.matmul(rows[:, None, :], v[:, None], out=out[:, None, None])
 
     def _sqrt_one(self, sq: float, v: Array) -> Array:
         """Return the norm of the one-sample vector ``v`` from its square ``sq`` (rescued if the square overflowed)."""
         if math.isfinite(sq):
             return np.array([math.sqrt(sq)], dtype=self.kern.sdtype)
         return self.kern.root(np.array([sq], dtype=self.kern.sdtype), ("sqnorm", v))
+
+    def _combine_host(self, b: int, u: int, out: np.ndarray) -> None:
+        """Write sample ``b``'s x_{k+1} = x_k + β f + Σ_j w_j (pair j) into ``out`` (weights ``_w_one``), f_{k−1}."""
+        w, fprev, f = self._w_one[:2 + 2 * u], self._fprev_n[b], self._fk_n[b]
+        if not self.host_long:  # Kernels.vecmat's one-sample product over [x, f, y_0, s_0, ...]
+            np.matmul(w, self._Pn3[:2 + 2 * u, b], out=out)
+            np.copyto(fprev, f)
+            return
+        np.matmul(w[2:], self._Pbn[self.blocks[b], :2 * u], out=out)
+        np.add(out, self._xprev_n[b], out=out)
+        if self.beta != 1.0:  # f_{k−1}'s row as scratch for β f before it takes f_k
+            np.multiply(f, self.beta, out=fprev)
+            np.add(out, fprev, out=out)
+        else:
+            np.add(out, f, out=out)
+        np.copyto(fprev, f)
 
     def _step_host(self, active: Array, out: Array) -> Array:
         """:meth:`step` sample by sample on the host (after x_k is kept), in the batch path's operations.
@@ -433,7 +487,7 @@ class _BroydenState(MethodState):
         masks of a restarted sample's slots are applied only where some slot is masked (where none is they
         change nothing).
         """
-        kern, stack, beta, B = self.kern, self._Pn3, self.beta, self.B
+        kern, beta, B = self.kern, self.beta, self.B
         q, u = self.n_pairs % self.m, self.u
         outn, sdt = kern.numpy_view(out), kern.sdtype
         pf, pys, psy = self._prod
@@ -471,8 +525,7 @@ class _BroydenState(MethodState):
             w = self._w_one[:2 + 2 * u]
             w[0], w[1] = 1.0, beta
             w[2::2], w[3::2] = (beta * beta) * z, beta * z
-            np.matmul(w, stack[:2 + 2 * u, b], out=outn[b])  # Kernels.vecmat's one-sample product
-            np.copyto(self._fprev_n[b], stack[1, b])
+            self._combine_host(b, u, outn[b])
         self.n_pairs += 1
         if restarted is None:
             return _RESTARTED[bool(active[0]) and not ok]
