@@ -212,7 +212,8 @@ class _BroydenState(MethodState):
       moving them.
 
     Slots are filled in order, so the u slots in use are the first ones and nothing unwritten is
-    read; the new pair goes to slot q = (pairs written) mod m, over the oldest.  The small state keeps M = −β SᵀY − L itself by slot, (B, m, m): the new pair is always the
+    read; the new pair goes to slot q = (pairs written) mod m, over the oldest.  The small state keeps
+    M = −β SᵀY − L itself by slot, (B, m, m): the new pair is always the
     newest, so its row and column are all that change (:meth:`_update_small`), and the pairs left keep
     their age order, hence their entries of L; M indexed by slot is M in age order with rows and
     columns permuted alike, which changes no solution.  A restart only clears the sample's ``valid``
