@@ -62,11 +62,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from .backend import Array
+from .backend import Array, is_complex_dtype
 from .checks import check_int, check_real
 from .kernels import SHORT_ROWS, Kernels, ReductionTerm
 from .method import Method, MethodState, ObservedNorms
@@ -157,6 +157,10 @@ class Broyden(Method):
     a wrapper may replace the proposed x_{k+1} (e.g. a backtracking line search along the
     step) and the update stays the Broyden update of the pair actually taken.
 
+    Complex vectors (complex64, complex128): every ᵀ above is a Hermitian transpose ᴴ (the
+    products of :meth:`fixedpoint.Kernels.sums`), M and the weights are complex, and the
+    norms and restart tests real; such solves take the batch path.
+
     References
     ----------
     C. G. Broyden, "A class of methods for solving nonlinear simultaneous equations",
@@ -174,6 +178,9 @@ class Broyden(Method):
     """
 
     name = "broyden"
+    #: Complex vectors are accepted: the secant products are Hermitian (Sᴴf, Sᴴs, …), M = −β SᴴY − L with L
+    #: the strict lower triangle of SᴴS, and the weights z are complex; norms and restart tests stay real.
+    supports_complex: ClassVar[bool] = True
 
     m: int = 20
     beta: float = 1.0
@@ -226,8 +233,11 @@ class _BroydenState(MethodState):
         self.restart_growth = method.restart_growth
         self.zmax = 1.0 / method.degenerate_tol if method.degenerate_tol > 0 else float("inf")
         xp, dev, sxp, sdev, sdt = kern.xp, kern.device, kern.sxp, kern.sdevice, kern.sdtype
+        #: Complex vectors: M and the weights in ``cdt`` (the host paths' direct products do not conjugate: the
+        #: batch path serves them, whose bits do not depend on B either).
+        self.complex, self.cdt = is_complex_dtype(dtype), kern.small_dtype(dtype)
         #: NumPy vector work on long rows without a communicator: per-sample blocks of pairs (class docstring).
-        self.host_long = kern.mode == "numpy" and kern.comm is None and n > SHORT_ROWS
+        self.host_long = kern.mode == "numpy" and kern.comm is None and n > SHORT_ROWS and not self.complex
         # zeros: the slots not yet written are never read, but zeros cost nothing to be sure of it
         if self.host_long:
             self.Pb: Array = xp.zeros((B, 2 * m, n), dtype=dtype, device=dev)  # sample i's pairs: block blocks[i]
@@ -238,7 +248,7 @@ class _BroydenState(MethodState):
             self.P: Array = xp.zeros((2 * m + 2, B, n), dtype=dtype, device=dev)
             self._P_flat: Array = xp.reshape(self.P, (-1,))  # pack() keeps the stack contiguous at its start
         self._f_prev: Array = xp.zeros((B, n), dtype=dtype, device=dev)
-        self.M = sxp.zeros((B, m, m), dtype=sdt, device=sdev)  # M = −β SᵀY − L by slot (class docstring)
+        self.M = sxp.zeros((B, m, m), dtype=self.cdt, device=sdev)  # M = −β SᵀY − L by slot (class docstring)
         self.valid = sxp.zeros((B, m), dtype=sxp.bool, device=sdev)
         self.ref_r = sxp.full((B,), float("inf"), dtype=sdt, device=sdev)
         self._masks: dict[tuple[str, int], Array] = {}  # the masks of _mask, made when first needed
@@ -256,7 +266,7 @@ class _BroydenState(MethodState):
         self.f = self.fk
         self.f_prev = self._f_prev[:B, ...]
         #: One sample on the host: the NumPy calls of :meth:`_observe_host` and :meth:`_step_host` on views.
-        self.one = B == 1 and kern.mode == "numpy" and kern.comm is None
+        self.one = B == 1 and kern.mode == "numpy" and kern.comm is None and not self.complex
         if self.one or self.host_long:
             view = kern.numpy_view
             self._fprev_n, self._xprev_n, self._fk_n = view(self.f_prev), view(self.x_prev), view(self.fk)
@@ -284,7 +294,7 @@ class _BroydenState(MethodState):
         if mask is None:
             mask = kern.sxp.asarray(np.array(_constant(self.m, kind, i)), device=kern.sdevice)  # a writable copy
             if kind == "eye":
-                mask = kern.sxp.astype(mask, kern.sdtype)
+                mask = kern.sxp.astype(mask, self.cdt)
             self._masks[key] = mask
         return mask
 
@@ -333,7 +343,7 @@ class _BroydenState(MethodState):
             y, s = stack[2 + 2 * q, ...], stack[3 + 2 * q, ...]
             kern.sub(y, f, self.f_prev)
             kern.sub(s, x, self.x_prev)
-            # conj: each "matvec" below is ⟨row, vector⟩ with the stack's rows conjugated (Sᴴf, Sᴴs, Yᴴs, Sᴴy)
+            # each "matvec" is ⟨row, vector⟩, the rows conjugated for complex vectors (Sᴴf, Sᴴs, Yᴴs, Sᴴy)
             terms += [("matvec", stack[1:2 + 2 * u:2, ...], f),       # ‖f‖², s_jᵀf
                       ("matvec", stack[2:2 + 2 * u, ...], s),         # y_0ᵀs, s_0ᵀs, y_1ᵀs, ...
                       ("matvec", stack[3:2 + 2 * u:2, ...], y)]       # s_jᵀy
@@ -344,6 +354,8 @@ class _BroydenState(MethodState):
             self.ff = sums[0]
         else:
             self.ff, self.sf, self.sy = sums[0][:, 0], sums[0][:, 1:], sums[2]
+            if self.complex:  # ⟨f, f⟩ is real (up to rounding in its imaginary part)
+                self.ff = kern.sxp.real(self.ff)
             self.ys, self.ss = sums[1][:, 0::2], sums[1][:, 1::2]  # y_jᵀs, s_jᵀs
         self.u = u
         self.r = r = kern.root(self.ff, ("sqnorm", f))
@@ -374,7 +386,7 @@ class _BroydenState(MethodState):
         self.valid = sxp.where(ok[:, None], valid, False)
         self.ref_r = sxp.where(ok, sxp.minimum(self.ref_r, self.r), self.r)
         # x_{k+1} = x_k + β f + Σ_j (β² z_j y_j + β z_j s_j): one combination of the stack's first 2u + 2 rows
-        w = sxp.empty((self.B, 2 + 2 * u), dtype=kern.sdtype, device=kern.sdevice)
+        w = sxp.empty((self.B, 2 + 2 * u), dtype=self.cdt, device=kern.sdevice)
         w[:, 0], w[:, 1] = 1.0, beta
         w[:, 2::2], w[:, 3::2] = (beta * beta) * z, beta * z
         kern.vecmat(out, kern.big(w, self.dtype), self.P[:2 + 2 * u, ...])
@@ -390,8 +402,9 @@ class _BroydenState(MethodState):
         older slots keep their age order, hence their values.
         """
         beta = self.beta
-        # conj: with complex vectors, s_qᴴy_j = conj(y_jᴴs_q) and s_qᴴs_j = conj(s_jᴴs_q) here
-        self.M[:, q, :u] = -beta * self.ys - self.ss  # (B, u): y_jᵀs and s_jᵀs
+        row = -beta * self.ys - self.ss  # (B, u): from y_jᵀs and s_jᵀs
+        # complex vectors: s_qᴴy_j = conj(y_jᴴs_q) and s_qᴴs_j = conj(s_jᴴs_q)
+        self.M[:, q, :u] = self.kern.sxp.conj(row) if self.complex else row
         self.M[:, :u, q] = -beta * self.sy
 
     def _weights(self, q: int, u: int, valid: Array) -> tuple[Array, Array]:
@@ -399,7 +412,7 @@ class _BroydenState(MethodState):
         kern, sxp = self.kern, self.kern.sxp
         both = valid[:, :, None] & valid[:, None, :]
         mat = sxp.where(both, self.M[:, :u, :u], self._mask("eye", u))
-        z = kern.solve(mat, sxp.where(valid, self.sf, 0.0))  # conj: Sᴴf
+        z = kern.solve(mat, sxp.where(valid, self.sf, 0.0))  # Sᴴf
         ok = sxp.all(sxp.abs(z) <= self.zmax, axis=1)  # False for NaN
         return sxp.where(ok[:, None], z, 0.0), ok
 
@@ -444,7 +457,7 @@ class _BroydenState(MethodState):
     def _products(self, b: int, q: int, u: int) -> None:
         """Take sample ``b``'s raw products (‖f‖², Sᵀf), (Yᵀs, Sᵀs interleaved) and Sᵀy into ``_prod``."""
         pf, pys, psy = self._prod
-        # conj: Sᴴf, [Y S]ᴴs, Sᴴy with complex vectors
+        # (real vectors only: complex ones take the batch path, whose products conjugate)
         if self.host_long:  # the sample's block [y_0, s_0, y_1, ...]; gemv through matmul (strided rows as they are)
             blk, f = self._Pbn[self.blocks[b]], self._fk_n[b]
             y, s = blk[2 * q], blk[2 * q + 1]
