@@ -228,6 +228,7 @@ class AndersonHistory(MethodState):
         self.ref_r = sxp.full((B,), float("inf"), dtype=sdt, device=sdev)
         self.r = sxp.zeros((B,), dtype=sdt, device=sdev)
         self.k = 0  # number of pairs pushed so far
+        self._held: Array | None = None  # the samples hold() marked, until the next weights()
         self._alpha_one = sxp.zeros((1, m), dtype=cdt, device=sdev)  # the weights of _weights_one
         self._ones_one = [1.0] * m
         slots = sxp.arange(m, device=sdev)
@@ -387,8 +388,13 @@ class AndersonHistory(MethodState):
         alpha = y / total[:, None]  # a singular system: non-finite, hence a restart below
         ok = (xp.max(xp.abs(alpha), axis=1) <= method.restart_weight) & (self.r <= method.restart_growth * self.ref_r)
         restart = active & ~ok  # NaN weights fail the comparison, hence restart
+        ref_r = xp.where(restart, self.r, xp.minimum(self.ref_r, self.r))
+        held, self._held = self._held, None
+        if held is not None:  # held samples (hold()): no restart, no bookkeeping; their weights are not used
+            restart = restart & ~held
+            ref_r = xp.where(held, self.ref_r, ref_r)
         self.valid = xp.where(restart[:, None], self.onehot_b[s], self.valid)
-        self.ref_r = xp.where(restart, self.r, xp.minimum(self.ref_r, self.r))
+        self.ref_r = ref_r
         weights: Array = (xp.broadcast_to(self.onehot[s], alpha.shape) if self.k <= self.delay
                           else xp.where(restart[:, None], self.onehot[s], alpha))
         return weights, restart
@@ -442,6 +448,10 @@ class AndersonHistory(MethodState):
         (:meth:`_normalised_one`), then the safeguards.
         """
         s, method = (self.k - 1) % self.m, self.method
+        held, self._held = self._held, None
+        if held is not None and bool(held[0]):  # host small state; hold(): a step nobody reads, nothing learnt
+            self._alpha_one[0] = self.onehot[s]
+            return self._alpha_one, _RESTARTED[False]
         on: list[bool] = self.valid[0].tolist()
         every = all(on)
         y = ldl_solve_one(self._system_one(on, every), self._ones_one if every else [1.0 if v else 0.0 for v in on])
@@ -546,6 +556,19 @@ class AndersonHistory(MethodState):
         """Push the pair (g_k, f_k) (:meth:`push`); return ‖f_k‖₂ (and ‖g_k‖₂ with ``need_gnorm``)."""
         assert f is not None  # the loop passes the residual_buffer(), which is never None here
         return self.push(gx, f, gnorm=need_gnorm)
+
+    def hold(self, held: Array) -> None:
+        """Drop the held samples' newest pair (:meth:`fixedpoint.method.MethodState.hold`); for the next step only.
+
+        Their slot of the pair just pushed is marked invalid (the pair takes no part in any later
+        extrapolation and is overwritten in turn), and the following :meth:`extrapolate` neither restarts
+        them nor updates their restart bookkeeping; what it writes into their rows is not meant to be used.
+        The window still counts pushes: a held pair takes a slot until overwritten.  Samples not held are
+        unaffected, to the bit.  O(B·m) small-state work; nothing read on the host.
+        """
+        s, xp = (self.k - 1) % self.m, self.kern.sxp
+        self.valid = xp.where(held[:, None] & self.onehot_b[s], False, self.valid)
+        self._held = held
 
     def step(self, x: Array, gx: Array, f: Array | None, active: Array, out: Array) -> Array:
         """Write the extrapolate into ``out`` (:meth:`extrapolate`); return the samples that restarted."""

@@ -253,6 +253,7 @@ class _BroydenState(MethodState):
         self.ref_r = sxp.full((B,), float("inf"), dtype=sdt, device=sdev)
         self._masks: dict[tuple[str, int], Array] = {}  # the masks of _mask, made when first needed
         self.k = 0  # iterations observed
+        self._held: Array | None = None  # the samples hold() marked, until the next step()
         self.n_pairs = 0  # secant pairs written (the next goes to slot n_pairs % m)
         self._bind(B)
 
@@ -364,13 +365,30 @@ class _BroydenState(MethodState):
             return r, kern.root(sums[-1], ("sqnorm", gx))
         return r
 
+    def hold(self, held: Array) -> None:
+        """Learn nothing from the held samples' current point (:meth:`fixedpoint.method.MethodState.hold`).
+
+        For the following :meth:`step` only: a held sample keeps x_{k−1}, f_{k−1} (its base point) instead
+        of taking x_k, f_k, the slot of the pair just formed becomes invalid for it (its weight 0 from then
+        on), its restart tests are skipped, and its row of ``out`` is not meant to be used (on the host
+        paths it is not written).  So when a later point x is not held, its secant pair is
+        (x − x_base, f(x) − f(x_base)): the update of the step actually taken, as Broyden's method with a
+        line search makes it (Kelley 1995, §8.3).  The memory still counts iterations: a held pair takes a
+        slot until overwritten.  Samples not held are unaffected, to the bit; nothing read on the host.
+        """
+        self._held = held
+
     def step(self, x: Array, gx: Array, f: Array | None, active: Array, out: Array) -> Array | None:
         """Write x_{k+1} = x_k − H_k f_k into ``out``; keep x_k, f_k; return the samples that restarted."""
         assert f is not None  # the loop passes the residual_buffer(), which is never None here
         kern, sxp, beta = self.kern, self.kern.sxp, self.beta
-        kern.copy(self.x_prev, x)  # row 0 of the stack: x_k, in the combination below with weight 1
+        held, self._held = self._held, None
+        if held is None or self.k == 1:  # (the first point is every sample's base: never held)
+            kern.copy(self.x_prev, x)  # row 0 of the stack: x_k, in the combination below with weight 1
+        else:  # held samples keep their base x_{k-1}, f_{k-1} (hold())
+            kern.copy_rows_where(self.x_prev, x, ~held)
         if self.k > 1 and (self.one or self.host_long):
-            return self._step_host(active, out)
+            return self._step_host(active, out, held)
         if self.k == 1:  # no pair yet: the mixing step from H_0 = -beta I
             self.ref_r = self.r
             kern.add_scaled(out, x, beta, f)
@@ -379,18 +397,33 @@ class _BroydenState(MethodState):
         q, u = self.n_pairs % self.m, self.u
         growth = self.r > self.restart_growth * self.ref_r  # False for NaN (caught by the solve below)
         self._update_small(q, u)
-        valid = sxp.where(growth[:, None], False, self.valid | self._mask("onehot", q))
+        onehot = self._mask("onehot", q)
+        if held is not None:  # the pair of a held sample's trial point enters nothing (its slot: invalid)
+            growth = growth & ~held
+            valid = sxp.where(held[:, None], self.valid & ~onehot, self.valid | onehot)
+            valid = sxp.where(growth[:, None], False, valid)
+        else:
+            valid = sxp.where(growth[:, None], False, self.valid | onehot)
         z, ok = self._weights(q, u, valid[:, :u])
         ok = ok & ~growth
         restart: Array = active & ~ok
-        self.valid = sxp.where(ok[:, None], valid, False)
-        self.ref_r = sxp.where(ok, sxp.minimum(self.ref_r, self.r), self.r)
+        ref_r = sxp.where(ok, sxp.minimum(self.ref_r, self.r), self.r)
+        if held is None:
+            self.valid = sxp.where(ok[:, None], valid, False)
+        else:  # no restart, no bookkeeping: their step is not used
+            restart = restart & ~held
+            self.valid = sxp.where((ok | held)[:, None], valid, False)
+            ref_r = sxp.where(held, self.ref_r, ref_r)
+        self.ref_r = ref_r
         # x_{k+1} = x_k + β f + Σ_j (β² z_j y_j + β z_j s_j): one combination of the stack's first 2u + 2 rows
         w = sxp.empty((self.B, 2 + 2 * u), dtype=self.cdt, device=kern.sdevice)
         w[:, 0], w[:, 1] = 1.0, beta
         w[:, 2::2], w[:, 3::2] = (beta * beta) * z, beta * z
         kern.vecmat(out, kern.big(w, self.dtype), self.P[:2 + 2 * u, ...])
-        kern.copy(self.f_prev, f)
+        if held is None:
+            kern.copy(self.f_prev, f)
+        else:
+            kern.copy_rows_where(self.f_prev, f, ~held)
         self.n_pairs += 1
         return restart
 
@@ -493,7 +526,7 @@ class _BroydenState(MethodState):
             np.add(out, f, out=out)
         np.copyto(fprev, f)
 
-    def _step_host(self, active: Array, out: Array) -> Array:
+    def _step_host(self, active: Array, out: Array, held: Array | None = None) -> Array:
         """:meth:`step` sample by sample on the host (after x_k is kept), in the batch path's operations.
 
         Per sample: on long rows its products (:meth:`_products`), then its row and column of M, its restart
@@ -506,7 +539,11 @@ class _BroydenState(MethodState):
         outn, sdt = kern.numpy_view(out), kern.sdtype
         pf, pys, psy = self._prod
         restarted = np.zeros(B, dtype=bool) if B > 1 else None
+        ok = False
         for b in range(B):
+            if held is not None and held[b]:  # hold(): slot q invalid, nothing else learnt, no step (not used)
+                self.valid[b, q] = False
+                continue
             if self.host_long:
                 self._products(b, q, u)
             ys_ss = np.asarray(pys[b, :2 * u], dtype=sdt)
@@ -542,7 +579,7 @@ class _BroydenState(MethodState):
             self._combine_host(b, u, outn[b])
         self.n_pairs += 1
         if restarted is None:
-            return _RESTARTED[bool(active[0]) and not ok]
+            return _RESTARTED[bool(active[0]) and not ok and not (held is not None and held[0])]
         flags: Array = restarted & active
         return flags
 

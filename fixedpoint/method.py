@@ -12,6 +12,7 @@ bridge and the result.  Each iteration k it does, with x = x_k of shape ``(B, n)
     f[...] = gx - x                             # the loop writes f_k = g(x_k) - x_k there (f not None)
     norm = state.observe(x, gx, f, need_gnorm)  # ‖f_k‖ (and ‖g_k‖) per sample, or None: the loop computes
     ...                                         # stopping test, best iterate, per-sample flags
+    state.hold(held)                            # not by the loop: a wrapper's rejected points (MethodState.hold)
     restarted = state.step(x, gx, f, active, out)   # the method writes x_{k+1} into out
 
 Rows of ``out`` whose sample is no longer ``active`` are overwritten by the loop with
@@ -131,6 +132,29 @@ class MethodState:
             setattr(self, name, a[:k, ...])
         self.B = k
         return True
+
+    def hold(self, held: Array) -> None:
+        """Mark the samples whose point just observed is a trial point, not to be learnt from (this iteration only).
+
+        Called, if at all, by a wrapper between :meth:`observe` and :meth:`step` of one iteration (e.g.
+        :class:`fixedpoint.Backtracking`, whose rejected trial points are such points).  For a held sample
+        the following :meth:`step` must leave what the method has learnt as it was before :meth:`observe`:
+        the point x_k and its residual f_k enter no secant pair, Gram row or restart test, and the next
+        point observed is related to the sample's last point not held (the one a line search backtracks
+        from).  What ``step`` writes into a held sample's row of ``out`` is discarded by the caller and
+        may be anything (it is not read).  Samples not held are unaffected, to the bit.
+
+        Parameters
+        ----------
+        held : small-state bool array, shape (B,)
+            True for the samples whose current point is not to be learnt from.
+
+        Notes
+        -----
+        The default does nothing: the method then learns from every point it observes, held or not
+        (forward iteration learns nothing anyway).  :class:`fixedpoint.Anderson` and
+        :class:`fixedpoint.Broyden` implement it.  The mask must not be read on the host on a device.
+        """
 
     def step(self, x: Array, gx: Array, f: Array | None, active: Array, out: Array) -> Array | None:
         """Write the next iterate x_{k+1} into ``out`` (shape ``(B, n)``).

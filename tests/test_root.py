@@ -161,3 +161,108 @@ def test_the_benchmark_reports_every_problem_quickly():
     for name, t in targets.items():
         if name != "linear_20_complex":
             assert t["converged"], name
+
+
+def _dense_broyden_armijo(F, x0, n_eval, min_step=0.01, max_backtracks=8, sigma=1e-4):
+    """Good Broyden with a dense inverse Jacobian (H_0 = −I) and Kelley's derivative-free Armijo search, written
+    from the textbook (Kelley 1995, ch. 7-8): H is updated only at accepted points, with the pair from the last
+    accepted point; a failed search takes the full step, evaluated anew and accepted.  Returns the evaluated points."""
+    x = np.array(x0, dtype=float)
+    f = F(x)
+    points = [x]
+    H = -np.eye(len(x))
+    xb, fb, p, t, back, forced = x, f, -H @ f, 1.0, 0, False
+    while len(points) < n_eval:
+        x = xb + t * p
+        f = F(x)
+        points.append(x)
+        nb, nx = np.linalg.norm(fb), np.linalg.norm(f)
+        accept = forced or nx <= (1.0 - sigma * t) * nb
+        lam = nb**2 * t * t / (nx**2 - nb**2 * (1.0 - 2.0 * t))  # the parabola's minimiser
+        shorter = min(max(lam if np.isfinite(lam) and lam > 0 else 0.5 * t, 0.1 * t), 0.5 * t)
+        if accept:
+            s, y = x - xb, f - fb
+            Hy = H @ y
+            H = H + np.outer(s - Hy, s @ H) / (s @ Hy)
+            xb, fb, p, t, back, forced = x, f, -H @ f, 1.0, 0, False
+        elif back >= max_backtracks or shorter < min_step:
+            t, back, forced = 1.0, back + 1, True
+        else:
+            t, back = shorter, back + 1
+    return np.array(points)
+
+
+def _flat3(x):
+    return np.array([np.arctan(5.0 * (x[0] - 1.0)) + 0.1 * x[1], np.arctan(3.0 * (x[1] + 0.5)) + 0.2 * x[0] ** 2,
+                     np.arctan(x[2] - 2.0) + 0.1 * x[0] * x[1]])
+
+
+def _root_points(F, x0, inner, n_eval):
+    points = []
+    fixedpoint.root(F, x0, method=Backtracking(inner=inner), alpha=1.0, tol=1e-14, max_iter=n_eval,
+                    callback=lambda info: points.append(np.array(info.x)))
+    return np.array(points)
+
+
+def test_a_rejected_trial_point_is_not_learnt_from():
+    # alpha=1: root iterates x itself with F as the residual, Broyden's H_0 = −I; no pair dropped, no restart
+    x0, n_eval = np.array([6.0, -4.0, 9.0]), 30
+    ref = _dense_broyden_armijo(_flat3, x0, n_eval)
+    inner = fixedpoint.Broyden(m=100, restart_growth=float("inf"), degenerate_tol=0.0)
+    ours = _root_points(_flat3, x0, inner, n_eval)
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-8)
+    # the search backtracked and failed on the way (the reference's full steps are repeated points)
+    norms = np.linalg.norm([_flat3(x) for x in ref], axis=1)
+    assert (np.diff(norms) > 0).sum() >= 3 and any((ref[i] == ref[j]).all() for i in range(5, n_eval)
+                                                    for j in range(1, i))
+
+    class LearnsEverything(fixedpoint.Broyden):  # the same method without hold(): it learns from trial points
+        def init(self, kern, B, n, dtype):
+            state = super().init(kern, B, n, dtype)
+            state.hold = lambda held: None
+            return state
+
+    everything = _root_points(_flat3, x0, LearnsEverything(m=100, restart_growth=float("inf"), degenerate_tol=0.0),
+                              n_eval)
+    assert np.abs(everything - ref).max() > 1e-3
+
+
+@pytest.mark.parametrize("name, options, most", [
+    ("F4_powell", {}, 200),                                          # badly scaled: Anderson (root's m=25)
+    ("F4_powell", {"method": "broyden"}, 250),
+    ("linear_20", {"m": 50}, 120),                                   # the 20x20 system: a window of 50
+    ("linear_20", {"method": "broyden", "m": 200}, 250),
+    ("linear_20_complex", {"m": 50}, 120),
+])
+def test_the_line_search_converges_where_scipys_does(name, options, most):
+    p = PROBLEMS[name]
+    res = fixedpoint.root(p.F, p.x0, tol=p.tol, line_search="armijo", **options)
+    assert res.converged and res.n_fev <= most
+    assert _norm_F(p, res.x) <= p.tol
+    if name.startswith("linear"):
+        zero = np.zeros_like(p.x0)
+        A = np.array([p.F(e) - p.F(zero) for e in np.eye(len(p.x0), dtype=p.x0.dtype)]).T
+        np.testing.assert_allclose(res.x, np.linalg.solve(A, -p.F(zero)), rtol=0, atol=1e-5)
+
+
+def _rowwise_F(X):  # each row's values by elementwise operations only: the same bits whatever the batch
+    return -(3.0 * X + 0.5 * np.roll(X, 1, axis=-1) + 0.1 * X * X * X) + np.array([0.3, -0.2, 0.1])
+
+
+@pytest.mark.parametrize("method", ["anderson", "broyden"])
+def test_the_line_search_keeps_each_samples_answer_independent_of_its_batch(method):
+    X0 = np.random.default_rng(3).standard_normal((5, 3)) * np.array([[0.1], [3.0], [0.5], [8.0], [1.0]])
+    batch = fixedpoint.root(_rowwise_F, X0, method=method, batch=True, tol=1e-12, line_search="armijo")
+    assert batch.converged.all() and len(set(batch.n_iter.tolist())) > 1
+    assert batch.n_restarts[3] > 0  # sample 3 (the farthest) failed a search, the others did not all
+    # the same samples with other companions, in another order: the same iterates to the bit
+    order = [3, 0, 4]
+    other = fixedpoint.root(_rowwise_F, np.concatenate([X0[order], -X0[:2]]), method=method, batch=True, tol=1e-12,
+                            line_search="armijo")
+    for j, i in enumerate(order):
+        assert other.n_iter[j] == batch.n_iter[i] and other.n_restarts[j] == batch.n_restarts[i]
+        np.testing.assert_array_equal(other.x[j], batch.x[i])
+        alone = fixedpoint.root(_rowwise_F, X0[i], method=method, tol=1e-12, line_search="armijo")  # host path
+        assert alone.converged
+        np.testing.assert_allclose(alone.x, batch.x[i], rtol=0, atol=1e-10)
