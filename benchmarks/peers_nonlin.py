@@ -229,13 +229,18 @@ def nonlin_targets(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-#: The alternatives measured for the choice of root's defaults (docs/root.md): method and line search.
+#: The alternatives measured for the choice of root's defaults (docs/root.md): method, window and line search
+#: (with a line search the window counts the rejected trial points too, hence the longer ones).
 VARIANTS: dict[str, dict[str, Any]] = {
     "anderson (defaults)": {},
     "anderson + armijo": {"line_search": "armijo"},
+    "anderson m=50 + armijo": {"m": 50, "line_search": "armijo"},
+    "anderson + armijo, fallback current": {"method": fixedpoint.Backtracking(
+        inner=fixedpoint.Anderson(m=25, lam=1e-12, beta=0.7, delay=0), fallback="current", min_step=0.0)},
     "anderson m=5": {"m": 5, "lam": 1e-5, "beta": 1.0},
     "broyden": {"method": "broyden"},
     "broyden + armijo": {"method": "broyden", "line_search": "armijo"},
+    "broyden m=200 + armijo": {"method": "broyden", "m": 200, "line_search": "armijo"},
 }
 
 
@@ -245,10 +250,12 @@ def variant_counts() -> dict[str, dict[str, str]]:
     for label, options in VARIANTS.items():
         out[label] = {}
         for p in problems():
-            if np.iscomplexobj(p.x0):
-                continue
             F = _Counted(p.F)
-            res = fixedpoint.root(F, p.x0, tol=p.tol, **options)
+            try:
+                res = fixedpoint.root(F, p.x0, tol=p.tol, **options)
+            except TypeError:  # complex x0 refused by the method
+                out[label][p.name] = "refused"
+                continue
             ok = bool(res.converged) and float(np.linalg.norm(p.F(np.asarray(res.x)))) <= p.tol
             out[label][p.name] = str(F.calls) if ok else f"- ({F.calls})"
     return out
@@ -285,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"targets met: {met}/{len(targets)}")
     names = list(next(iter(variants.values())))
     print("| root variant | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
     for label, counts in variants.items():
         print(f"| {label} | " + " | ".join(counts[n] for n in names) + " |")
     if args.out:
