@@ -404,7 +404,7 @@ class Kernels:
         """Return complex vectors ``a`` ``(B, n)`` as real ``(B, 2n)`` (real and imaginary parts interleaved).
 
         A view (no copy) for NumPy, CuPy and PyTorch when each row is contiguous; the sums of squares of
-        these rows are the squared moduli Σ|a|² of ``a``'s.  Other libraries: a copy.
+        these rows are the squared moduli Σ abs(a)² of ``a``'s.  Other libraries: a copy.
         """
         if self.lib == "torch":
             if TYPE_CHECKING:
@@ -572,7 +572,7 @@ class Kernels:
         ``(k, B, n)``: shape ``(B, k)``), ``("dot", a, b)``, ``("sqnorm", a)`` or
         ``("sqdiff", a, b)`` (‖a − b‖², without a temporary of size n): shape ``(B,)``.  For
         complex vectors ⟨a, b⟩ = Σ conj(a) b (Hermitian, conjugate-linear in the stack or first
-        argument: ⟨a, b⟩ = conj(⟨b, a⟩)), and ‖a‖² = Σ |a|² is real.  The local sums run in the
+        argument: ⟨a, b⟩ = conj(⟨b, a⟩)), and ‖a‖² = Σ abs(a)² is real.  The local sums run in the
         vectors' dtype and are converted to small state in :meth:`small_dtype` of that dtype
         (:attr:`sdtype` for real vectors and for the norms, :attr:`csdtype` for the complex
         products); with a communicator (:mod:`fixedpoint.comm`) all the terms of one call

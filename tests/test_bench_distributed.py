@@ -44,8 +44,8 @@ def test_one_allreduce_per_iteration_whose_size_does_not_depend_on_n(tmp_path):
             assert nbytes == [8 * B * (M + 1)] * r["iterations"], r
         elif r["method"] == "forward":   # |g - x|^2 and |g|^2
             assert nbytes == [8 * B * 2] * r["iterations"], r
-        else:                            # |f|^2, |g|^2; then p.f, |p|^2 and V^T f, U^T f over the pairs in use
-            assert nbytes[0] == 8 * B * 2 and nbytes[-1] == 8 * B * (2 * M + 4), r
+        else:  # |f|^2, |g|^2; then S^T f, [Y S]^T s and S^T y over the pairs in use (4u + 1 products) and |g|^2
+            assert nbytes[0] == 8 * B * 2 and nbytes[-1] == 8 * B * (4 * M + 2), r
             assert nbytes == sorted(nbytes), r
     by_case = {}
     for r in rows:  # the same bytes for every n at a given method and B
