@@ -146,28 +146,28 @@ def test_history_driven_by_hand_equals_the_solve_loop():
 # ---------------------------------------------------------------- Broyden
 
 def _broyden_reference(g, x0, iters, m, beta=1.0):
-    """Good Broyden on F = g - x with H = -beta I + sum u v^T over the last m pairs, computed plainly:
-    H applied as a function, H ΔF formed directly (not through the solver's identities)."""
+    """Limited-memory good Broyden by its definition: H is -beta I updated by the good Broyden formula
+    H <- H + (s - H y) s^T H / (s^T H y) with each of the last m secant pairs in turn, oldest first, as a
+    dense matrix rebuilt every iteration (not the compact representation the solver keeps)."""
     pairs = []
-
-    def H(v):
-        return -beta * v + sum(u * (w @ v) for u, w in pairs)
-
-    def Ht(v):
-        return -beta * v + sum(w * (u @ v) for u, w in pairs)
-
     x = np.array(x0, dtype=float)
     xs, f = [x], g(x) - x
-    x_new = x - H(f)
+    n = x.size
+
+    def H():
+        Hm = -beta * np.eye(n)
+        for s_, y_ in pairs:
+            Hy = Hm @ y_
+            Hm = Hm + np.outer(s_ - Hy, s_ @ Hm) / (s_ @ Hy)
+        return Hm
+
+    x_new = x - H() @ f
     for _ in range(iters - 1):
         xs.append(x_new)
         f_new = g(x_new) - x_new
-        dx, df = x_new - x, f_new - f
-        a = H(df)
-        u, v = (dx - a) / (dx @ a), Ht(dx)
-        pairs = (pairs + [(u, v)])[-m:]
+        pairs = (pairs + [(x_new - x, f_new - f)])[-m:]
         x, f = x_new, f_new
-        x_new = x - H(f)
+        x_new = x - H() @ f
     return np.array(xs)
 
 
