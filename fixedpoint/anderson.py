@@ -34,7 +34,7 @@ import numpy as np
 from .backend import Array, is_complex_dtype, namespace_of
 from .checks import check_choice, check_int, check_real
 from .interop import convert
-from .kernels import LDL_MAX_K, SHORT_ROWS, Kernels, ReductionTerm, ldl_solve_one
+from .kernels import LDL_MAX_K, SHORT_ROWS, TINY_ROWS, Kernels, ReductionTerm, ldl_solve_one
 from .method import Method, MethodState, ObservedNorms
 from .registry import register_method
 
@@ -257,7 +257,8 @@ class AndersonHistory(MethodState):
                                   self._row_one[:, None, None], np.matmul)
             else:
                 self._gram_one = (stack[m:, 0, :], [stack[m + s, 0] for s in range(m)], self._row_one, np.dot)
-            if self.beta == 1.0 and stack.dtype == np.float64 == np.dtype(kern.sdtype):  # α needs no cast
+            if (self.beta == 1.0 and stack.dtype == np.float64 == np.dtype(kern.sdtype)  # α needs no cast
+                    and self.n > TINY_ROWS):  # (tiny rows: Kernels.vecmat's kernel, whatever B)
                 self._gstack_one = stack[:m, 0, :]
 
     def pack(self, keep: np.ndarray) -> bool:

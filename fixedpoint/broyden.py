@@ -68,7 +68,7 @@ import numpy as np
 
 from .backend import Array, is_complex_dtype
 from .checks import check_int, check_real
-from .kernels import SHORT_ROWS, Kernels, ReductionTerm
+from .kernels import SHORT_ROWS, TINY_ROWS, Kernels, ReductionTerm
 from .method import Method, MethodState, ObservedNorms
 from .registry import register_method
 
@@ -514,7 +514,10 @@ class _BroydenState(MethodState):
         """Write sample ``b``'s x_{k+1} = x_k + β f + Σ_j w_j (pair j) into ``out`` (weights ``_w_one``), f_{k−1}."""
         w, fprev, f = self._w_one[:2 + 2 * u], self._fprev_n[b], self._fk_n[b]
         if not self.host_long:  # Kernels.vecmat's one-sample product over [x, f, y_0, s_0, ...]
-            np.matmul(w, self._Pn3[:2 + 2 * u, b], out=out)
+            if self.n <= TINY_ROWS:  # (its kernel for tiny rows, whatever B)
+                self.kern.vecmat_tiny(out[None], w[None], self._Pn3[:2 + 2 * u, b:b + 1])
+            else:
+                np.matmul(w, self._Pn3[:2 + 2 * u, b], out=out)
             np.copyto(fprev, f)
             return
         np.matmul(w[2:], self._Pbn[self.blocks[b], :2 * u], out=out)

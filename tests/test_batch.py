@@ -139,3 +139,24 @@ def test_thousands_of_samples_take_the_one_sample_steps():
         one = fixedpoint.solve(gi, p.x0[i], tol=1e-11)
         assert one.n_iter == res.n_iter[i]
         np.testing.assert_allclose(res.x[i], one.x, rtol=1e-9, atol=1e-12)  # g's rows differ in the last bits
+
+
+@pytest.mark.parametrize("method", ["anderson", "broyden"])
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_a_tiny_sample_alone_has_the_bits_it_has_in_a_batch(method, n):
+    """Rows of two or three entries, where NumPy's matmul rounds by batch size (kernels.TINY_ROWS)."""
+    rng = np.random.default_rng(n)
+    A = rng.standard_normal((n, n))
+    A *= 0.9 / np.linalg.norm(A, 2)
+    b = rng.standard_normal((4, n))
+
+    def g(X, bb=b):  # each sample's row alone, the same bits in any batch
+        return np.stack([np.tanh(A @ r) for r in X]) + bb
+
+    res = fixedpoint.solve(g, np.zeros((4, n)), method=method, tol=1e-13, batch=True)
+    assert res.converged.all()
+    for i in range(4):
+        one = fixedpoint.solve(lambda X, i=i: g(X, b[i:i + 1]), np.zeros((1, n)), method=method, tol=1e-13,
+                               batch=True)
+        assert one.n_iter[0] == res.n_iter[i]
+        np.testing.assert_array_equal(one.x[0], res.x[i])
