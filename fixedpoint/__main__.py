@@ -54,13 +54,13 @@ class _OneDefault(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def compare(prob: Problem, tol: float, m: int = 5, max_iter: int = 10000) -> dict[str, FixedPointResult]:
-    """Solve ``prob`` by forward iteration, Anderson (window ``m``, ``delay=3``) and Broyden: {name: result}.
+    """Solve ``prob`` by forward iteration, Anderson (window ``m``, its default delay) and Broyden: {name: result}.
 
     The settings of ``python -m fixedpoint``; ``tooling/doc_figures.py`` uses them for the README's figure.
+    Anderson's default two plain steps first keep it on the physical root near c = 1.
     """
-    # delay=3: three plain steps first, so that Anderson settles on the physical root near c = 1
     methods: dict[str, ForwardIteration | Anderson | Broyden] = {
-        "forward": ForwardIteration(), "anderson": Anderson(m=m, delay=3), "broyden": Broyden()}
+        "forward": ForwardIteration(), "anderson": Anderson(m=m), "broyden": Broyden()}
     return {name: solve(prob.g, prob.x0, method=method, tol=tol, max_iter=max_iter)
             for name, method in methods.items()}
 

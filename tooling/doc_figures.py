@@ -17,7 +17,7 @@ small problems of the record and checks that every block in the docs is what the
 The figure sets:
 
 - ``cli``: ``python -m fixedpoint`` with its defaults (H-equation, n = 400, c = 0.99, float64,
-  tolerance 1e-10; forward iteration, Anderson m = 5 with delay 3, Broyden): the README's claim.
+  tolerance 1e-10; forward iteration, Anderson m = 5 with its defaults, Broyden): the README's claim.
 - ``cpu_vs_gpu``: the problems and sizes of ``demos/cpu_vs_gpu.py``'s default sweep, float32,
   tolerance 1e-5, on NumPy and PyTorch (CPU), forward iteration and Anderson; plus the conv DEQ
   at n = 1e5 of its residual trace.
