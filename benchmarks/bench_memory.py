@@ -18,7 +18,10 @@ Targets (issues 10 and 13): forward iteration <= 4 vectors, Anderson <= 2m + 4,
 Broyden <= 2m + 10 (with m its own window).  A target counts as met within
 ``SLACK`` (0.05) vectors: the O(1) state that is not a vector of size n (the
 per-sample small state, and the 2**16-element block in which forward iteration
-forms its residual norm) adds a few hundred kilobytes.
+forms its residual norm) adds a few hundred kilobytes.  Broyden in its compact
+form holds 2m + 3 vectors of its own (the m secant pairs, x_{k-1}, f_k and
+f_{k-1}) and measures 2m + 7 here, g's output and the loop's vectors included
+(the product form it replaced measured 2m + 8).
 
 Run from the repository root, e.g.::
 
