@@ -370,8 +370,9 @@ def launcher(engine, processes):
 
 
 def payload_bytes(counts, method):
-    """The largest number of bytes one iteration of ``method`` reduces at B = 1."""
-    return max(max(r["bytes_per_iteration"]) for r in counts if r["method"] == method and r["B"] == 1)
+    """The bytes one iteration of ``method`` reduces at B = 1 once its memory is full (the last iteration's:
+    the first iteration's also carry the 24-byte agreement on g's first evaluation)."""
+    return max(r["bytes_per_iteration"][-1] for r in counts if r["method"] == method and r["B"] == 1)
 
 
 #: Largest size of the fit of the in-cache per-entry cost (Anderson's (2m + 6)·n float64 stay within the
