@@ -390,7 +390,9 @@ class _BroydenState(MethodState):
         if self.k > 1 and (self.one or self.host_long):
             return self._step_host(active, out, held)
         if self.k == 1:  # no pair yet: the mixing step from H_0 = -beta I
-            self.ref_r = self.r
+            # a copy: self.r is the norm array observe() returned to the loop, which keeps it (the first one as
+            # the relative test's reference); the host path updates ref_r in place
+            self.ref_r = kern.sxp.asarray(self.r, copy=True)
             kern.add_scaled(out, x, beta, f)
             kern.copy(self.f_prev, f)
             return None

@@ -25,6 +25,7 @@ overrides it; one that does neither keeps all B samples, and the loop keeps them
 every iteration then costs what the whole batch costs (except g, with ``compact``).
 
 ``observe`` and ``step`` must not keep references to ``x``, ``gx`` or ``out`` beyond the call (the loop reuses them),
+must not modify the norm arrays ``observe`` returned afterwards (the loop keeps them),
 must not allocate arrays of size n (use the buffers made in ``init``) and must not
 read values on the host (that would synchronise a GPU); per-sample quantities are
 *small state*: arrays of ``kern.sxp`` of shape ``(B,)`` in ``kern.sdtype``

@@ -269,3 +269,16 @@ def test_hard_batch_converges_with_bounded_memory():
     g64 = W.astype(np.float64)
     x = res.x.astype(np.float64)
     assert np.all(np.linalg.norm(np.tanh(x @ g64 + u) - x, axis=1) <= 1e-5 * np.linalg.norm(x, axis=1))
+
+
+def test_the_loop_keeps_the_norms_observe_returned():
+    """Long rows (per-sample blocks): the relative test's reference ‖f_0‖ is the array the first observe()
+    returned, which the method must not change afterwards (it once became the restart reference, updated in
+    place, and the batch's recorded residuals went wrong where the sample's alone did not)."""
+    from fixedpoint.problems import poisson_jacobi
+
+    p = poisson_jacobi(SHORT_ROWS + 4, 0.5)
+    one = fixedpoint.solve(p.g, np.zeros((1, SHORT_ROWS + 4)), method="broyden", tol=1e-4, batch=True)
+    two = fixedpoint.solve(p.g, np.zeros((2, SHORT_ROWS + 4)), method="broyden", tol=1e-4, batch=True)
+    np.testing.assert_array_equal(two.residual_history[:, 0], one.residual_history[:, 0])
+    np.testing.assert_array_equal(two.residual_history[:, 1], one.residual_history[:, 0])
