@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     flagged = 0
     for (prob, solver, method), peer_new in sorted(new.items()):
         ours = OURS.get(solver)
+        if ours is None:
+            continue
         keys = [(prob, solver, method), (prob, ours, method)]
-        if ours is None or not all(k in old and k in new for k in keys):
+        if not all(k in old and k in new for k in keys):
             continue
         peer_old, us_old, us_new = old[keys[0]], old[keys[1]], new[keys[1]]
         t_old = us_old["time_s"]["median"] / peer_old["time_s"]["median"]

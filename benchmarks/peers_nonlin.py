@@ -108,13 +108,13 @@ def _linear(complex_: bool) -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: A @ x - b
 
 
-_LINEAR_SCIPY = {"broyden1": {"alpha": 1.0, "line_search": None}, "broyden2": {"alpha": 1.0, "line_search": None},
-                 "anderson": {"M": 50, "alpha": 1.0, "line_search": None},
-                 "newton_krylov": {"inner_m": 10, "line_search": None}}
+_LINEAR_SCIPY: dict[str, dict[str, Any]] = {
+    "broyden1": {"alpha": 1.0, "line_search": None}, "broyden2": {"alpha": 1.0, "line_search": None},
+    "anderson": {"M": 50, "alpha": 1.0, "line_search": None}, "newton_krylov": {"inner_m": 10, "line_search": None}}
 
 
 def problems() -> list[Problem]:
-    """The ten problems, with SciPy's x0, tolerance and solvers (module docstring)."""
+    """The nine problems, with SciPy's x0, tolerance and solvers (module docstring)."""
     bad = ("linearmixing", "excitingmixing", "diagbroyden")
     return [
         Problem("F", _f, np.ones(5), 1e-2, _solvers()),

@@ -154,7 +154,8 @@ def _as_array(x0: Any) -> Array:
             raise TypeError(f"x0 must be an array or a sequence of numbers, got {x0!r}") from exc
     if not hasattr(x0, "shape") or not hasattr(x0, "dtype"):
         raise TypeError(f"x0 must be an array or a sequence of numbers, got {type(x0).__name__}")
-    return x0  # type: ignore[no-any-return]
+    arr: Array = x0
+    return arr
 
 
 class _ScaledProblem:
@@ -199,7 +200,8 @@ class _ScaledProblem:
             fx = np.asarray(fx, dtype=x.dtype)
         if tuple(fx.shape) != self.shape and int(np.prod(fx.shape)) == int(np.prod(self.shape)):
             fx = self.xp.reshape(fx, self.shape)
-        return fx  # type: ignore[no-any-return]
+        out: Array = fx
+        return out
 
     def __call__(self, y: Array) -> Array:
         """Return g(y) = y + F(s y)/c (F(x0) on the first call, which is at y0)."""
@@ -207,7 +209,8 @@ class _ScaledProblem:
         if fx is None:
             fx = self._call(y * self.s)
         self.F0 = None
-        return y + fx / self.c  # type: ignore[no-any-return]
+        out: Array = y + fx / self.c
+        return out
 
     def verify(self, res: FixedPointResult, tol: float) -> FixedPointResult:
         """Re-evaluate F where the loop's residual g(y) − y cannot resolve F/c ≤ tol; correct those samples.
@@ -235,7 +238,8 @@ class _ScaledProblem:
 
     def x_of(self, y: Array) -> Array:
         """Return the iterate x = s·y (in the result's library: the solver converts back before this)."""
-        return y * self.s  # type: ignore[no-any-return]
+        x: Array = y * self.s
+        return x
 
     def callback(self, callback: Callable[..., Any]) -> Callable[[IterationInfo], Any]:
         """Wrap a user's callback so that it sees x rather than y."""

@@ -109,6 +109,7 @@ def test_root_label_tells_the_two_roots_apart() -> None:
     case = compare_peers.build_case("h-mid100-c0.5", True, {"numpy"})
     g = case.maps["numpy"][0]
     physical = case.solution
+    assert physical is not None
     other = optimize.fsolve(lambda h: g(h) - h, 5 * physical, xtol=1e-13)
     weights = compare_peers.chandrasekhar(100, 0.5, rule="midpoint").params["weights"]
     # closed form of the moments (c/2) Σ w_i H_i = 1 ∓ √(1 − c): the root SciPy found is the other one
