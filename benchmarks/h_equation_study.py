@@ -118,21 +118,16 @@ def ours(p: Any, method: fixedpoint.Anderson) -> dict[str, Any]:
 def scipy_anderson(p: Any) -> dict[str, Any]:
     from scipy import optimize
 
-    from benchmarks.compare_peers import ScipyRelativeNorm
+    from benchmarks.compare_peers import Counted, ScipyRelativeNorm
 
-    calls = [0]
-
-    def g(x: np.ndarray) -> Any:
-        calls[0] += 1
-        return p.g(x)
-
+    g = Counted(p.g)
     norm = ScipyRelativeNorm(g, tuple(p.x0.shape), 1)
     try:
         x = optimize.anderson(norm.residual, p.x0, f_tol=TOL, tol_norm=norm, maxiter=MAX_ITER)
         status = "converged"
     except optimize.NoConvergence as exc:
         x, status = exc.args[0], "max_iter"
-    return dict(n_fev=calls[0], status=status, root=p.params["root"](x))
+    return dict(n_fev=g.calls, status=status, root=p.params["root"](x))
 
 
 def cases(rules: tuple[str, ...], ns: tuple[int, ...], cs: tuple[float, ...]) -> list[tuple[str, int, float]]:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 import fixedpoint
+from benchmarks.compare_peers import Counted
 from tooling import timing
 
 #: Target of issue 22: converged, with at most this many times the best SciPy solver's evaluations.
@@ -129,19 +130,8 @@ def problems() -> list[Problem]:
     ]
 
 
-class _Counted:
-    """F with its calls counted."""
-
-    def __init__(self, F: Callable[[np.ndarray], np.ndarray]) -> None:
-        self.F, self.calls = F, 0
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        self.calls += 1
-        return self.F(x)
-
-
 def _ours(p: Problem) -> dict[str, Any]:
-    F = _Counted(p.F)
+    F = Counted(p.F)
     try:
         res = fixedpoint.root(F, p.x0, tol=p.tol)
     except (TypeError, ValueError) as exc:  # complex dtypes not (yet) taken by every method
@@ -158,7 +148,7 @@ def _ours(p: Problem) -> dict[str, Any]:
 def _scipy(p: Problem, solver: str, options: dict[str, Any]) -> dict[str, Any]:
     from scipy import optimize
 
-    F = _Counted(p.F)
+    F = Counted(p.F)
     try:
         x = getattr(optimize, solver)(F, p.x0, f_tol=p.tol, tol_norm=np.linalg.norm, maxiter=200, **options)
     except optimize.NoConvergence as exc:
@@ -250,7 +240,7 @@ def variant_counts() -> dict[str, dict[str, str]]:
     for label, options in VARIANTS.items():
         out[label] = {}
         for p in problems():
-            F = _Counted(p.F)
+            F = Counted(p.F)
             try:
                 res = fixedpoint.root(F, p.x0, tol=p.tol, **options)
             except TypeError:  # complex x0 refused by the method

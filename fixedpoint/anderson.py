@@ -35,7 +35,7 @@ from .backend import Array, is_complex_dtype, namespace_of
 from .checks import check_choice, check_int, check_real
 from .interop import convert
 from .kernels import LDL_MAX_K, SHORT_ROWS, TINY_ROWS, Kernels, ReductionTerm, ldl_solve_one
-from .method import Method, MethodState, ObservedNorms
+from .method import ONE_SAMPLE_RESTARTED, Method, MethodState, ObservedNorms
 from .registry import register_method
 
 __all__ = ["Anderson", "AndersonHistory", "LAM_MODES", "SOLVE_DELAY"]
@@ -45,11 +45,6 @@ LAM_MODES = ("relative", "relative_max", "absolute")
 
 #: The plain steps that ``Anderson(delay=None)`` (the default) takes first (see :class:`Anderson`).
 SOLVE_DELAY = 2
-
-# The one-sample restart flags _weights_one returns, indexed by whether the sample restarted (read-only).
-_RESTARTED = (np.zeros(1, dtype=bool), np.ones(1, dtype=bool))
-for _flag in _RESTARTED:
-    _flag.flags.writeable = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -452,7 +447,7 @@ class AndersonHistory(MethodState):
         held, self._held = self._held, None
         if held is not None and bool(held[0]):  # host small state; hold(): a step nobody reads, nothing learnt
             self._alpha_one[0] = self.onehot[s]
-            return self._alpha_one, _RESTARTED[False]
+            return self._alpha_one, ONE_SAMPLE_RESTARTED[False]
         on: list[bool] = self.valid[0].tolist()
         every = all(on)
         y = ldl_solve_one(self._system_one(on, every), self._ones_one if every else [1.0 if v else 0.0 for v in on])
@@ -471,7 +466,7 @@ class AndersonHistory(MethodState):
             alpha[0] = self.onehot[s]
         else:
             alpha[0] = ys
-        return alpha, _RESTARTED[restart]
+        return alpha, ONE_SAMPLE_RESTARTED[restart]
 
     def _system_one(self, on: list[bool], every: bool) -> list[float]:
         """Return the regularised, normalised Gram matrix of :meth:`_system` for one sample, row-major in floats.

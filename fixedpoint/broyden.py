@@ -69,7 +69,7 @@ import numpy as np
 from .backend import Array, is_complex_dtype
 from .checks import check_int, check_real
 from .kernels import SHORT_ROWS, TINY_ROWS, Kernels, ReductionTerm
-from .method import Method, MethodState, ObservedNorms
+from .method import ONE_SAMPLE_RESTARTED, Method, MethodState, ObservedNorms
 from .registry import register_method
 
 __all__ = ["Broyden"]
@@ -88,12 +88,6 @@ def _constant(m: int, kind: str, i: int) -> np.ndarray:
         out = np.eye(i)
     out.flags.writeable = False
     return out
-
-
-# The one-sample restart flags _step_host returns, indexed by whether the sample restarted (read-only).
-_RESTARTED = (np.zeros(1, dtype=bool), np.ones(1, dtype=bool))
-for _flag in _RESTARTED:
-    _flag.flags.writeable = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -584,7 +578,7 @@ class _BroydenState(MethodState):
             self._combine_host(b, u, outn[b])
         self.n_pairs += 1
         if restarted is None:
-            return _RESTARTED[bool(active[0]) and not ok and not (held is not None and held[0])]
+            return ONE_SAMPLE_RESTARTED[bool(active[0]) and not ok and not (held is not None and held[0])]
         flags: Array = restarted & active
         return flags
 

@@ -577,7 +577,7 @@ class Kernels:
             self.matvec(out, a, term[2])
             if self.mode == "numpy":
                 o = self.numpy_view(out)
-                return np.asarray(o, dtype=self.csdtype if o.dtype.kind == "c" else self.sdtype)
+                return np.asarray(o, dtype=self.small_dtype(o.dtype))
             local: Array = self.sxp.astype(self.small(out), self.small_dtype(out.dtype))
             return local
         if term[0] == "dot":
@@ -902,7 +902,7 @@ def _ldl_solve_hermitian(A: np.ndarray, b: np.ndarray) -> np.ndarray:
 
     The real and imaginary parts are kept in separate float64 arrays and every complex product is written out
     in real operations (no fused multiply-add, which NumPy's complex loops may use), in the order of the source
-    of :func:`_ldl_one_source` with ``hermitian=True``: sample i's result is the one :func:`ldl_solve_one`
+    of :func:`_ldl_hermitian_source`: sample i's result is the one :func:`ldl_solve_one_hermitian`
     computes for it alone, to the bit.
     """
     k, B = A.shape[-1], A.shape[0]

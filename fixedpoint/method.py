@@ -50,6 +50,12 @@ __all__ = ["Method", "MethodState"]
 #: small-state arrays of shape ``(B,)``.
 ObservedNorms: TypeAlias = "Array | tuple[Array, Array]"
 
+#: The restart flags a one-sample host path returns from :meth:`MethodState.step`, indexed by whether the
+#: sample restarted: read-only NumPy bool arrays of shape (1,), made once (host small state).
+ONE_SAMPLE_RESTARTED = (np.zeros(1, dtype=bool), np.ones(1, dtype=bool))
+for _flag in ONE_SAMPLE_RESTARTED:
+    _flag.flags.writeable = False
+
 
 class MethodState:
     """The per-solve state of a method: its buffers and what it remembers between iterations.

@@ -209,7 +209,10 @@ class _ScaledProblem:
         if fx is None:
             fx = self._call(y * self.s)
         self.F0 = None
-        out: Array = y + fx / self.c
+        if isinstance(self.c, float) and self.c == 1.0:  # "abs", one problem: no division (nor its temporary)
+            out: Array = y + fx
+        else:
+            out = y + fx / self.c
         return out
 
     def verify(self, res: FixedPointResult, tol: float) -> FixedPointResult:
